@@ -1,0 +1,48 @@
+"""One exception hierarchy for everything gpubroker raises on purpose."""
+
+from __future__ import annotations
+
+
+class GpuBrokerError(Exception):
+    """Base class: every error gpubroker raises deliberately derives from it."""
+
+
+class InvalidRequest(GpuBrokerError, ValueError):
+    """Input was refused before anything was written. ``problems`` maps field -> reason."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = dict(problems)
+        text = "; ".join(f"{field}: {reason}" for field, reason in self.problems.items())
+        super().__init__(f"invalid request: {text}")
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.problems)
+
+
+class Unsatisfiable(InvalidRequest):
+    """No registered node could ever run the request, whatever else finishes."""
+
+
+class TaskNotFound(GpuBrokerError, KeyError):
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task with id {task_id!r} in this pool")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NodeRejected(GpuBrokerError):
+    """A node registration or heartbeat was refused by the pool's state."""
+
+
+class BrokerUnavailable(GpuBrokerError, ConnectionError):
+    """Redis could not be reached; nothing was changed by the failed call."""
+
+
+class WaitTimeout(GpuBrokerError, TimeoutError):
+    def __init__(self, task_id: str, timeout: float, state: str) -> None:
+        super().__init__(f"task {task_id} still {state} after waiting {timeout:g}s")
+        self.task_id = task_id
+        self.state = state

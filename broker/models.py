@@ -1,0 +1,274 @@
+"""What users submit and what they read back, validated before anything touches Redis."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from broker.errors import InvalidRequest
+from broker.keys import MAX_PRIORITY, NAME_PATTERN, NAME_RULE
+
+MILLI = 1000
+TASK_NAME_MAX = 200
+IDEMPOTENCY_KEY_MAX = 256
+TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z", re.ASCII)
+
+
+class TaskState(str, enum.Enum):
+    PENDING = "PENDING"
+    RESERVED = "RESERVED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+def _check_name(value: str, what: str = "name") -> str:
+    if not NAME_PATTERN.match(value):
+        raise ValueError(f"{value[:80]!r} is not a valid {what} ({NAME_RULE})")
+    return value
+
+
+def _check_labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        _check_name(key, "label key")
+        _check_name(value, "label value")
+    return labels
+
+
+def _whole_milli(value: float, what: str) -> int:
+    milli = round(value * MILLI)
+    if not math.isclose(milli, value * MILLI, abs_tol=1e-6):
+        raise ValueError(f"{what} must be a multiple of 0.001 (got {value!r})")
+    return milli
+
+
+def _problems(exc: pydantic.ValidationError) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"]) or "request"
+        nested = err.get("ctx", {}).get("error")
+        if isinstance(nested, InvalidRequest):
+            # A nested model's own __init__ already named its fields; keep the full path.
+            problems.update({f"{loc}.{field}": why for field, why in nested.problems.items()})
+        else:
+            problems[loc] = err["msg"].removeprefix("Value error, ")
+    return problems
+
+
+class _Strict(BaseModel):
+    """Strict input model: constructing it with bad values raises InvalidRequest."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise InvalidRequest(_problems(exc)) from None
+
+
+class Resources(_Strict):
+    """What one task needs. See the README's resource model for the rules."""
+
+    gpus: float = Field(0, ge=0, le=1024, allow_inf_nan=False)
+    gpu_memory_mb: int | None = Field(None, gt=0, le=16 * 1024 * 1024)
+    cpus: float = Field(0, ge=0, le=100_000, allow_inf_nan=False)
+    memory_mb: int = Field(0, ge=0, le=1 << 40)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_shape(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"must be a whole number of GPUs when 1 or more (got {value!r})")
+        if 0 < value < 1:
+            _whole_milli(value, "a GPU share")
+        return value
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_shape(cls, value: float) -> float:
+        _whole_milli(value, "cpus")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_labels(value)
+
+    @field_validator("gpu_memory_mb")
+    @classmethod
+    def _memory_needs_gpu(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("gpus", 1) == 0:
+            raise ValueError("needs gpus > 0 (a CPU task sees no GPU)")
+        return value
+
+    @property
+    def whole_gpus(self) -> int:
+        return int(self.gpus) if self.gpus >= 1 else 0
+
+    @property
+    def gpu_milli(self) -> int:
+        """The share of one GPU, in thousandths, for a fractional request; else 0."""
+        return round(self.gpus * MILLI) if 0 < self.gpus < 1 else 0
+
+    @property
+    def cpu_milli(self) -> int:
+        return round(self.cpus * MILLI)
+
+
+class SubmitRequest(_Strict):
+    """Everything ``Client.submit`` accepts, checked field by field."""
+
+    task_name: str = Field(min_length=1, max_length=TASK_NAME_MAX)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    tenant: str = "default"
+    estimated_runtime_s: float | None = Field(None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX)
+    max_retries: int = Field(3, ge=0, le=100)
+
+    @field_validator("task_name")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        if not TASK_NAME_PATTERN.match(value):
+            raise ValueError(f"{value[:80]!r} is not a dotted Python name like 'workers.tasks.probe'")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return _check_name(value, "tenant")
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _tuple_args(cls, value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    @field_validator("args", "kwargs")
+    @classmethod
+    def _json_only(cls, value: Any) -> Any:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be JSON-serialisable ({exc})") from None
+        return value
+
+
+class NodeSpec(_Strict):
+    """The shape a worker registers for its node."""
+
+    node_id: str
+    gpus: int = Field(0, ge=0, le=64)
+    gpu_memory_mb: int = Field(0, ge=0, le=16 * 1024 * 1024)
+    cpus: float = Field(1, gt=0, le=100_000, allow_inf_nan=False)
+    memory_mb: int = Field(0, ge=0, le=1 << 40)
+    slots: int = Field(1, ge=1, le=1024)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        return _check_name(value, "node id")
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_shape(cls, value: float) -> float:
+        _whole_milli(value, "cpus")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_labels(value)
+
+    @field_validator("gpu_memory_mb")
+    @classmethod
+    def _gpu_memory(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("gpus", 0) > 0 and value <= 0:
+            raise ValueError("must be > 0 when the node has GPUs")
+        return value
+
+    @property
+    def cpu_milli(self) -> int:
+        return round(self.cpus * MILLI)
+
+
+# ---- read models -----------------------------------------------------------------
+
+
+class GpuView(BaseModel):
+    index: int
+    memory_mb: int
+    free_milli: int
+    free_memory_mb: int
+
+    @property
+    def used_fraction(self) -> float:
+        return 1 - self.free_milli / MILLI
+
+
+class NodeView(BaseModel):
+    id: str
+    state: str
+    lease_expires_at: float | None
+    gpus: list[GpuView]
+    gpu_memory_mb: int
+    cpus: float
+    memory_mb: int
+    slots: int
+    labels: dict[str, str]
+    free_cpus: float
+    free_memory_mb: int
+    free_slots: int
+    tasks: int
+
+    @property
+    def free_gpus(self) -> int:
+        """GPUs nobody holds any share of."""
+        return sum(1 for g in self.gpus if g.free_milli == MILLI)
+
+
+class TaskStatus(BaseModel):
+    id: str
+    name: str
+    state: TaskState
+    tenant: str
+    priority: int
+    resources: Resources
+    node: str | None = None
+    gpus: list[int] = Field(default_factory=list)
+    attempts: int = 0
+    result: Any = None
+    error: str | None = None
+    submitted_at: float
+    reserved_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class QueueEntry(BaseModel):
+    position: int
+    id: str
+    name: str
+    tenant: str
+    priority: int
+    resources: Resources
+    submitted_at: float
+    estimated_runtime_s: float | None = None

@@ -1,0 +1,36 @@
+"""Runtime settings: one pydantic-settings model, read from ``GPUBROKER_*`` at the edge."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.keys import NAME_PATTERN, NAME_RULE
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPUBROKER_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    pool: str = "default"
+    # A node whose worker has not heartbeated for lease_s is reaped and its tasks requeued.
+    lease_s: float = Field(15.0, gt=0)
+    heartbeat_s: float = Field(3.0, gt=0)
+    # Submitted messages (args + kwargs as Celery encodes them) above this are refused.
+    max_payload_bytes: int = Field(1024 * 1024, gt=0)
+    # How many pending tasks one dispatcher cycle looks at, and placements per reserve call.
+    dispatch_window: int = Field(10_000, gt=0)
+    commit_batch: int = Field(500, gt=0)
+    # Longest a dispatcher sleeps without a wake-up before it reaps expired leases anyway.
+    reap_interval_s: float = Field(2.0, gt=0)
+    # kombu only restores unacked messages after this; the lease reaper recovers first,
+    # so long GPU tasks are never redelivered by kombu (celery#5935).
+    visibility_timeout_s: int = Field(30 * 24 * 3600, gt=0)
+    socket_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(NAME_RULE)
+        return value

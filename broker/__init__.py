@@ -1,0 +1,30 @@
+"""gpubroker: a GPU-aware task broker on Redis and Celery."""
+
+from broker.client import Client, TaskHandle
+from broker.errors import (
+    BrokerUnavailable,
+    GpuBrokerError,
+    InvalidRequest,
+    TaskNotFound,
+    Unsatisfiable,
+    WaitTimeout,
+)
+from broker.models import NodeView, QueueEntry, Resources, TaskState, TaskStatus
+from broker.settings import Settings
+
+__all__ = [
+    "BrokerUnavailable",
+    "Client",
+    "GpuBrokerError",
+    "InvalidRequest",
+    "NodeView",
+    "QueueEntry",
+    "Resources",
+    "Settings",
+    "TaskHandle",
+    "TaskNotFound",
+    "TaskState",
+    "TaskStatus",
+    "Unsatisfiable",
+    "WaitTimeout",
+]

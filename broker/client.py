@@ -1,0 +1,269 @@
+"""The Python client: submit, inspect, wait for and cancel GPU tasks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from broker import state
+from broker.celery_conf import monitor_app
+from broker.errors import BrokerUnavailable, TaskNotFound, Unsatisfiable, WaitTimeout
+from broker.keys import PoolKeys
+from broker.message import build_message, new_task_id
+from broker.models import (
+    MILLI,
+    NodeView,
+    QueueEntry,
+    Resources,
+    SubmitRequest,
+    TaskState,
+    TaskStatus,
+)
+from broker.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PENDING_QUEUE_LABEL = "gpubroker:pending"
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client that retries briefly with backoff, then fails instead of hanging."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis is unreachable ({exc}); nothing was changed") from exc
+    return wrapper
+
+
+def request_wire(req: SubmitRequest, now_ms: int) -> dict[str, Any]:
+    """The compact request stored for the dispatcher and reserve.lua (keys are short on purpose)."""
+    r = req.resources
+    return {"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
+            "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
+            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "at": now_ms}
+
+
+def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:
+    """Why no registered node could ever run ``resources``; empty if one could."""
+    matching = [n for n in nodes if all(n.labels.get(k) == v for k, v in resources.labels.items())]
+    if not matching:
+        return {"resources.labels": f"no registered node has labels {resources.labels}"}
+
+    def gpus_ok(n: NodeView) -> bool:
+        if resources.gpus == 0:
+            return True
+        if resources.whole_gpus:
+            return len(n.gpus) >= resources.whole_gpus and n.gpu_memory_mb >= (resources.gpu_memory_mb or 0)
+        return len(n.gpus) >= 1
+
+    def gpu_memory_ok(n: NodeView) -> bool:
+        return resources.gpu_memory_mb is None or n.gpu_memory_mb >= resources.gpu_memory_mb
+
+    checks: dict[str, tuple[Callable[[NodeView], bool], str]] = {
+        "resources.gpus": (gpus_ok, f"asks {resources.gpus:g} GPUs on one node; the largest node has "
+                           f"{max(len(n.gpus) for n in matching)}"),
+        "resources.gpu_memory_mb": (gpu_memory_ok, f"asks {resources.gpu_memory_mb} MiB per GPU; the largest "
+                                    f"GPU has {max(n.gpu_memory_mb for n in matching)} MiB"),
+        "resources.cpus": (lambda n: n.cpus >= resources.cpus,
+                           f"asks {resources.cpus:g} CPUs; the largest node has {max(n.cpus for n in matching):g}"),
+        "resources.memory_mb": (lambda n: n.memory_mb >= resources.memory_mb,
+                                f"asks {resources.memory_mb} MiB RAM; the largest node has "
+                                f"{max(n.memory_mb for n in matching)} MiB"),
+    }
+    if any(all(ok(n) for ok, _ in checks.values()) for n in matching):
+        return {}
+    short = {field: why for field, (ok, why) in checks.items() if not any(ok(n) for n in matching)}
+    return short or {"resources": "no single registered node has all of these resources together"}
+
+
+class TaskHandle:
+    """What ``submit`` returns: the task id, with shortcuts to its status."""
+
+    def __init__(self, client: Client, task_id: str, created: bool) -> None:
+        self.id = task_id
+        self.created = created
+        self._client = client
+
+    def status(self) -> TaskStatus:
+        return self._client.status(self.id)
+
+    def wait(self, timeout: float | None = None) -> TaskStatus:
+        return self._client.wait(self.id, timeout)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id!r})"
+
+
+class Client:
+    """Submit and inspect GPU tasks in one pool. ``Client(redis_url)`` is all most users need."""
+
+    def __init__(self, redis_url: str | None = None, *, pool: str | None = None,
+                 settings: Settings | None = None, clock: Clock = wall_clock_ms) -> None:
+        settings = settings or Settings()
+        updates = {k: v for k, v in {"redis_url": redis_url, "pool": pool}.items() if v is not None}
+        self.settings = Settings(**{**settings.model_dump(), **updates})
+        self.keys = PoolKeys(self.settings.pool)
+        self.redis = connect(self.settings)
+        self.scripts = Scripts(self.redis, self.keys, clock)
+        self.clock = clock
+        self._events_lock = threading.Lock()
+        self._celery: Celery | None = None
+        self._events: Any = None
+
+    # ---- writing --------------------------------------------------------------
+
+    @unavailable_as_error
+    def submit(self, task_name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+               resources: Resources | None = None, priority: int = 0, tenant: str = "default",
+               estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
+               max_retries: int = 3) -> TaskHandle:
+        """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
+
+        Every field is validated before anything is written; a request that no
+        registered node could ever satisfy is refused, naming the short resource.
+        """
+        req = SubmitRequest(task_name=task_name, args=args, kwargs=kwargs if kwargs is not None else {},
+                            resources=resources if resources is not None else Resources(),
+                            priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
+                            idempotency_key=idempotency_key, max_retries=max_retries)
+        nodes = self.nodes()
+        if nodes and (short := shortfall(req.resources, nodes)):
+            raise Unsatisfiable(short)
+        task_id = new_task_id()
+        message = build_message(task_id, req.task_name, req.args, req.kwargs, self.settings.max_payload_bytes)
+        now = self.clock()
+        code, existing = self.scripts.submit(
+            task_id, req.idempotency_key, req.priority, json.dumps(request_wire(req, now), separators=(",", ":")),
+            message, req.task_name, req.tenant, req.max_retries)
+        if code is SubmitCode.DUPLICATE:
+            return TaskHandle(self, existing, created=False)
+        if code is not SubmitCode.CREATED:
+            raise RuntimeError(f"submit.lua refused fresh task id {task_id}: {code.name}")
+        self._announce_sent(message, task_id, req.task_name)
+        return TaskHandle(self, task_id, created=True)
+
+    @unavailable_as_error
+    def cancel(self, task_id: str) -> TaskStatus:
+        """Cancel a pending, reserved or running task (a running one is terminated).
+
+        Cancelling a task that already ended changes nothing and returns its status.
+        """
+        node = self.redis.hget(self.keys.task(task_id), "node")
+        for _ in range(10):
+            code, detail = self.scripts.cancel(task_id, node.decode() if node else None)
+            if code is CancelCode.NOT_FOUND:
+                raise TaskNotFound(task_id)
+            if code is not CancelCode.MOVED:
+                break
+            node = detail.encode() if detail else None
+        if code is CancelCode.CANCELLED and detail in (TaskState.RESERVED, TaskState.RUNNING):
+            # The reservation is released already; stop the process and drop the queued message.
+            self._celery_app().control.revoke(task_id, terminate=True, signal="SIGTERM")
+        return self.status(task_id)
+
+    # ---- reading --------------------------------------------------------------
+
+    @unavailable_as_error
+    def status(self, task_id: str) -> TaskStatus:
+        h = self.redis.hgetall(self.keys.task(task_id))
+        if not h:
+            raise TaskNotFound(task_id)
+        t = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
+        wire = json.loads(t["req"])
+
+        def seconds(field: str) -> float | None:
+            return int(t[field]) / 1000 if t.get(field) else None
+
+        return TaskStatus(
+            id=task_id, name=t["name"], state=TaskState(t["state"]), tenant=t["tenant"],
+            priority=int(t["priority"]), resources=state.resources_from_wire(wire),
+            node=t.get("node") or None, gpus=[int(g) for g in t["gpus"].split(",")] if t.get("gpus") else [],
+            attempts=int(t.get("attempts", 0)), result=json.loads(t["result"]) if "result" in t else None,
+            error=t.get("error"), submitted_at=seconds("submitted_at") or 0.0,
+            reserved_at=seconds("reserved_at"), started_at=seconds("started_at"), finished_at=seconds("finished_at"),
+        )
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskStatus:
+        """Block until the task is SUCCEEDED, FAILED or CANCELLED and return its status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            status = self.status(task_id)
+            if status.state.is_final:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(task_id, timeout or 0, status.state.value)
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            delay = min(delay * 1.5, 0.5)
+
+    @unavailable_as_error
+    def nodes(self) -> list[NodeView]:
+        """Every registered node with its capacity and what is free, per GPU."""
+        return state.read_nodes(self.redis, self.keys)
+
+    @unavailable_as_error
+    def queue(self, limit: int = 10_000) -> list[QueueEntry]:
+        """Pending tasks in dispatch order, with their position (1 = next)."""
+        return state.queue_entries(self.redis, self.keys, limit)
+
+    def close(self) -> None:
+        with self._events_lock:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- Celery side ----------------------------------------------------------
+
+    def _celery_app(self) -> Celery:
+        if self._celery is None:
+            self._celery = monitor_app(self.settings)
+        return self._celery
+
+    def _announce_sent(self, message: str, task_id: str, name: str) -> None:
+        """Emit Celery's task-sent event so Flower lists the task while it waits."""
+        headers = json.loads(message)["headers"]
+        try:
+            with self._events_lock:
+                if self._events is None:
+                    self._events = self._celery_app().events.Dispatcher(
+                        self._celery_app().connection_for_write(), enabled=True)
+                self._events.send("task-sent", uuid=task_id, name=name, args=headers["argsrepr"],
+                                  kwargs=headers["kwargsrepr"], retries=0, eta=None, expires=None,
+                                  root_id=task_id, parent_id=None, queue=PENDING_QUEUE_LABEL,
+                                  exchange="", routing_key=PENDING_QUEUE_LABEL)
+        except Exception:  # noqa: BLE001 - monitoring must never fail an acknowledged submit
+            log.warning("could not emit task-sent for %s", task_id, exc_info=True)

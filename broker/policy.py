@@ -1,0 +1,195 @@
+"""Ordering and placement: pure functions, no Redis, no Celery, no clock.
+
+The dispatcher feeds these a snapshot and commits what they propose through
+reserve.lua, which re-checks every placement; a bug here can waste a cycle but
+cannot over-commit a node. The simulator drives the same code.
+
+Spine policy:
+- order: higher priority first, then submit order (``seq``);
+- skip-ahead: a task that does not fit now does not block smaller ones behind it;
+- placement, best fit: whole-GPU tasks go to the node with the fewest wholly free
+  GPUs that still has enough (fills busy nodes, keeps empty ones whole); GPU
+  shares go to the GPU they fill best (least share left over); CPU tasks prefer
+  nodes without GPUs, then the tightest CPU fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MILLI = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A proposal: run ``task_id`` on ``node_id`` using these GPU indices."""
+
+    task_id: str
+    node_id: str
+    gpu_indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """A pending task as the policy sees it."""
+
+    id: str
+    whole_gpus: int = 0
+    gpu_milli: int = 0  # share of one GPU for a fractional request, else 0
+    gpu_memory_mb: int = 0  # 0: unspecified (a share then takes the same fraction of memory)
+    cpu_milli: int = 0
+    memory_mb: int = 0
+    labels: tuple[tuple[str, str], ...] = ()
+    priority: int = 0
+    seq: int = 0
+
+    @classmethod
+    def from_wire(cls, task_id: str, wire: dict[str, Any], seq: int = 0) -> TaskRequest:
+        """Build from the compact request stored in Redis (see ``client.request_wire``)."""
+        return cls(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"],
+                   tuple(sorted(wire["l"].items())), wire["p"], seq)
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        return (self.whole_gpus, self.gpu_milli, self.gpu_memory_mb, self.cpu_milli,
+                self.memory_mb, self.labels)
+
+
+@dataclass(slots=True)
+class NodeFree:
+    """What is free on one schedulable node, per GPU index."""
+
+    id: str
+    gpu_memory_mb: int
+    free_milli: list[int]
+    free_mem: list[int]
+    free_cpu_milli: int
+    free_memory_mb: int
+    free_slots: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> NodeFree:
+        return NodeFree(self.id, self.gpu_memory_mb, list(self.free_milli), list(self.free_mem),
+                        self.free_cpu_milli, self.free_memory_mb, self.free_slots, dict(self.labels))
+
+    def gpu_is_whole(self, i: int) -> bool:
+        return self.free_milli[i] == MILLI and self.free_mem[i] == self.gpu_memory_mb
+
+    def whole_free(self) -> int:
+        return sum(1 for i in range(len(self.free_milli)) if self.gpu_is_whole(i))
+
+    def host_fits(self, task: TaskRequest) -> bool:
+        return (self.free_slots >= 1 and self.free_cpu_milli >= task.cpu_milli
+                and self.free_memory_mb >= task.memory_mb
+                and all(self.labels.get(k) == v for k, v in task.labels))
+
+    def share_memory(self, task: TaskRequest) -> int:
+        """GPU memory a fractional task takes on this node's GPUs."""
+        return task.gpu_memory_mb or task.gpu_milli * self.gpu_memory_mb // MILLI
+
+    def take(self, task: TaskRequest, gpus: Sequence[int]) -> None:
+        for i in gpus:
+            if task.gpu_milli:
+                self.free_milli[i] -= task.gpu_milli
+                self.free_mem[i] -= self.share_memory(task)
+            else:
+                self.free_milli[i] = 0
+                self.free_mem[i] = 0
+        self.free_cpu_milli -= task.cpu_milli
+        self.free_memory_mb -= task.memory_mb
+        self.free_slots -= 1
+
+
+def order(tasks: Iterable[TaskRequest]) -> list[TaskRequest]:
+    """Dispatch order: higher priority first, then submit order."""
+    return sorted(tasks, key=lambda t: (-t.priority, t.seq))
+
+
+class BestFit:
+    """Places tasks one at a time onto a private copy of the cluster's free capacity."""
+
+    def __init__(self, nodes: Iterable[NodeFree]) -> None:
+        self.nodes = {n.id: n.copy() for n in nodes}
+        # Wholly free GPU count -> node ids, insertion-ordered so ties break the same way each run.
+        self.by_whole: dict[int, dict[str, None]] = {}
+        self.whole: dict[str, int] = {}
+        for node in self.nodes.values():
+            self._file(node)
+        self.free_slots = sum(n.free_slots for n in self.nodes.values())
+
+    def _file(self, node: NodeFree) -> None:
+        count = node.whole_free()
+        self.whole[node.id] = count
+        self.by_whole.setdefault(count, {})[node.id] = None
+
+    def _refile(self, node: NodeFree) -> None:
+        del self.by_whole[self.whole[node.id]][node.id]
+        self._file(node)
+
+    def place(self, task: TaskRequest) -> Placement | None:
+        if self.free_slots <= 0:
+            return None
+        if task.whole_gpus:
+            choice = self._whole(task)
+        elif task.gpu_milli:
+            choice = self._share(task)
+        else:
+            choice = self._cpu(task)
+        if choice is None:
+            return None
+        node, gpus = choice
+        node.take(task, gpus)
+        self._refile(node)
+        self.free_slots -= 1
+        return Placement(task.id, node.id, tuple(gpus))
+
+    def _whole(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
+        for count in sorted(c for c in self.by_whole if c >= task.whole_gpus):
+            for node_id in self.by_whole[count]:
+                node = self.nodes[node_id]
+                if node.gpu_memory_mb >= task.gpu_memory_mb and node.host_fits(task):
+                    free = [i for i in range(len(node.free_milli)) if node.gpu_is_whole(i)]
+                    return node, free[: task.whole_gpus]
+        return None
+
+    def _share(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
+        best: tuple[tuple[int, int], NodeFree, int] | None = None
+        for node in self.nodes.values():
+            if not node.free_milli or not node.host_fits(task):
+                continue
+            memory = node.share_memory(task)
+            for i, milli in enumerate(node.free_milli):
+                if milli < task.gpu_milli or node.free_mem[i] < memory:
+                    continue
+                # Least share left on the GPU; among whole GPUs, the node with fewest whole ones.
+                key = (milli - task.gpu_milli, self.whole[node.id])
+                if best is None or key < best[0]:
+                    best = (key, node, i)
+        return None if best is None else (best[1], [best[2]])
+
+    def _cpu(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
+        candidates = [n for n in self.nodes.values() if n.host_fits(task)]
+        if not candidates:
+            return None
+        node = min(candidates, key=lambda n: (len(n.free_milli) > 0, n.free_cpu_milli - task.cpu_milli))
+        return node, []
+
+
+def plan(tasks: Sequence[TaskRequest], nodes: Iterable[NodeFree]) -> list[Placement]:
+    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``."""
+    fit = BestFit(nodes)
+    failed: set[tuple[Any, ...]] = set()
+    placements: list[Placement] = []
+    for task in tasks:
+        if fit.free_slots <= 0:
+            break
+        if task.shape in failed:  # capacity only shrinks within a plan
+            continue
+        placement = fit.place(task)
+        if placement is None:
+            failed.add(task.shape)
+        else:
+            placements.append(placement)
+    return placements

@@ -1,0 +1,208 @@
+"""The ``gpubroker`` command line (Typer + Rich). ``workers.cli`` adds ``worker``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from broker import views
+from broker.client import Client
+from broker.errors import GpuBrokerError, InvalidRequest
+from broker.models import Resources
+from broker.settings import Settings
+
+app = typer.Typer(help="gpubroker: a GPU-aware task broker on Redis and Celery.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env GPUBROKER_REDIS_URL]")]
+Pool = Annotated[str | None, typer.Option("--pool", help="Pool name [env GPUBROKER_POOL]")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+
+
+def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> Settings:
+    values = {"redis_url": redis_url, "pool": pool, **overrides}
+    try:
+        return Settings(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidRequest({"label": f"{pair!r} is not key=value"})
+        labels[key] = value
+    return labels
+
+
+def parse_json(text: str | None, field: str, kind: type) -> Any:
+    if text is None:
+        return kind()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest({field: f"not valid JSON ({exc.msg} at {exc.pos})"}) from None
+    if not isinstance(value, kind):
+        raise InvalidRequest({field: f"must be a JSON {'array' if kind is list else 'object'}"})
+    return value
+
+
+def run_cli(fn: Any) -> Any:
+    """Turn gpubroker errors into a message and an exit code instead of a traceback."""
+    try:
+        return fn()
+    except InvalidRequest as exc:
+        err.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(2) from None
+    except GpuBrokerError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(3) from None
+
+
+def client_for(redis_url: str | None, pool: str | None) -> Client:
+    return Client(settings=settings_for(redis_url, pool))
+
+
+@app.command()
+def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
+               metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics here")] = None,
+               log_level: Annotated[str, typer.Option(help="Python log level")] = "INFO") -> None:
+    """Run a dispatcher: order pending tasks and reserve capacity for them."""
+    from broker.dispatcher import Dispatcher  # noqa: PLC0415 - keep other commands light
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_for(redis_url, pool)
+    if metrics_port:
+        from prometheus_client import start_http_server  # noqa: PLC0415
+
+        start_http_server(metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, settings.redis_url)
+    Dispatcher(settings).run_forever(stop)
+
+
+@app.command()
+def submit(
+    task_name: Annotated[str, typer.Argument(help="Celery task name, e.g. workers.tasks.probe")],
+    args: Annotated[str | None, typer.Option(help="JSON array of positional arguments")] = None,
+    kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments")] = None,
+    gpus: Annotated[float, typer.Option(help="Whole GPUs (>= 1) or a share of one (0 < g < 1)")] = 0,
+    gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB of GPU memory per GPU")] = None,
+    cpus: Annotated[float, typer.Option()] = 0,
+    memory_mb: Annotated[int, typer.Option()] = 0,
+    label: Annotated[list[str] | None, typer.Option(help="Node label to require, key=value")] = None,
+    priority: Annotated[int, typer.Option()] = 0,
+    tenant: Annotated[str, typer.Option()] = "default",
+    estimated_runtime_s: Annotated[float | None, typer.Option("--estimate")] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    wait: Annotated[float | None, typer.Option(help="Wait up to this many seconds for the result")] = None,
+    redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
+) -> None:
+    """Submit a task; prints its id (or its final status with --wait)."""
+
+    def go() -> None:
+        resources = Resources(gpus=gpus, gpu_memory_mb=gpu_memory_mb, cpus=cpus, memory_mb=memory_mb,
+                              labels=parse_labels(label or []))
+        with client_for(redis_url, pool) as client:
+            handle = client.submit(task_name, args=parse_json(args, "args", list),
+                                   kwargs=parse_json(kwargs, "kwargs", dict), resources=resources,
+                                   priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
+                                   idempotency_key=idempotency_key)
+            if wait is None:
+                console.print(json.dumps({"id": handle.id}) if as_json else handle.id)
+                return
+            _show_status(client.wait(handle.id, wait), as_json)
+
+    run_cli(go)
+
+
+def _show_status(status: Any, as_json: bool) -> None:
+    if as_json:
+        console.print_json(status.model_dump_json())
+    else:
+        console.print(views.status_table(status))
+
+
+@app.command()
+def status(task_id: str, redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Show a task's state, node, GPUs and result."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            _show_status(client.status(task_id), as_json)
+
+    run_cli(go)
+
+
+@app.command()
+def queue(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
+          limit: Annotated[int, typer.Option(help="Rows to show")] = 50) -> None:
+    """Pending tasks in dispatch order."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            entries = client.queue()
+        if as_json:
+            console.print_json(json.dumps([e.model_dump() for e in entries]))
+        else:
+            console.print(views.queue_table(entries, limit))
+
+    run_cli(go)
+
+
+@app.command()
+def nodes(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Nodes with their capacity and what is in use, per GPU."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            found = client.nodes()
+        if as_json:
+            console.print_json(json.dumps([n.model_dump() for n in found]))
+        else:
+            console.print(views.nodes_table(found))
+
+    run_cli(go)
+
+
+@app.command()
+def cancel(task_id: str, redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Cancel a task; a running one is terminated. Harmless on a finished task."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            _show_status(client.cancel(task_id), as_json)
+
+    run_cli(go)
+
+
+@app.command()
+def demo(
+    redis_url: Annotated[str | None, typer.Option(help="Use this Redis instead of starting a private one")] = None,
+    tasks: Annotated[int, typer.Option(help="How many tasks to submit")] = 60,
+    flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
+    live: Annotated[bool, typer.Option(help="Live view (off: print a line per second)")] = True,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 300,
+) -> None:
+    """Run a local demo cluster: Redis, dispatcher, three simulated nodes, Flower, a mixed workload."""
+    from broker.demo import run_demo  # noqa: PLC0415
+
+    sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live, timeout=timeout))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,78 @@
+"""Rich renderings of pool state for the CLI and the demo."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from rich.table import Table
+from rich.text import Text
+
+from broker.models import MILLI, NodeView, QueueEntry, Resources, TaskStatus
+
+
+def describe(resources: Resources) -> str:
+    parts = []
+    if resources.whole_gpus:
+        parts.append(f"{resources.whole_gpus} GPU")
+    elif resources.gpu_milli:
+        parts.append(f"{resources.gpus:g} GPU")
+    if resources.gpu_memory_mb:
+        parts.append(f"{resources.gpu_memory_mb} MiB/GPU")
+    if resources.cpus:
+        parts.append(f"{resources.cpus:g} CPU")
+    if resources.memory_mb:
+        parts.append(f"{resources.memory_mb} MiB")
+    parts += [f"{k}={v}" for k, v in resources.labels.items()]
+    return ", ".join(parts) or "nothing"
+
+
+def _bar(used_fraction: float, width: int = 10) -> Text:
+    filled = round(used_fraction * width)
+    colour = "green" if used_fraction < 0.5 else "yellow" if used_fraction < 1 else "red"
+    return Text("█" * filled, style=colour) + Text("░" * (width - filled), style="dim")
+
+
+def nodes_table(nodes: Sequence[NodeView]) -> Table:
+    table = Table(title="Nodes", expand=False)
+    for column in ("node", "state", "GPUs in use (per index)", "CPU free", "RAM free MiB", "slots free", "labels"):
+        table.add_column(column)
+    for node in nodes:
+        gpus = Text(" ").join(
+            Text(f"{g.index}:") + _bar(1 - g.free_milli / MILLI, 4) for g in node.gpus) if node.gpus else Text("-")
+        table.add_row(
+            node.id, Text(node.state, style="green" if node.state == "up" else "red"), gpus,
+            f"{node.free_cpus:g}/{node.cpus:g}", f"{node.free_memory_mb}/{node.memory_mb}",
+            f"{node.free_slots}/{node.slots}", ",".join(f"{k}={v}" for k, v in node.labels.items()))
+    return table
+
+
+def queue_table(entries: Sequence[QueueEntry], limit: int = 20, now: float | None = None) -> Table:
+    now = now or time.time()
+    table = Table(title=f"Pending ({len(entries)})")
+    for column in ("#", "task", "name", "tenant", "prio", "asks", "waiting"):
+        table.add_column(column)
+    for entry in entries[:limit]:
+        table.add_row(str(entry.position), entry.id[:8], entry.name, entry.tenant, str(entry.priority),
+                      describe(entry.resources), f"{now - entry.submitted_at:.1f}s")
+    if len(entries) > limit:
+        table.add_row("…", f"{len(entries) - limit} more", "", "", "", "", "")
+    return table
+
+
+def status_table(status: TaskStatus) -> Table:
+    table = Table(show_header=False, title=f"Task {status.id}")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = {
+        "name": status.name, "state": status.state.value, "tenant": status.tenant,
+        "priority": str(status.priority), "asks": describe(status.resources), "node": status.node or "-",
+        "gpus": ",".join(map(str, status.gpus)) or "-", "attempts": str(status.attempts),
+    }
+    if status.result is not None:
+        rows["result"] = repr(status.result)
+    if status.error:
+        rows["error"] = status.error
+    for field, value in rows.items():
+        table.add_row(field, value)
+    return table

@@ -1,0 +1,141 @@
+"""Real processes for tests: a private redis-server, dispatchers and workers.
+
+Nothing here fakes Redis or Celery; the suite starts, kills and restarts these
+processes itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+GPUBROKER = [sys.executable, "-m", "workers"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server of our own on a free loopback port, in its own directory."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: apt-get install redis-server (make test does it)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "no", "--protected-mode", "no", *self.extra]
+        self.proc = subprocess.Popen(args, stdout=(self.workdir / "redis.log").open("ab"), stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        wait_until(lambda: self._pings(client), 10, what="redis-server to accept connections")
+
+    @staticmethod
+    def _pings(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Processes:
+    """Starts gpubroker processes with logs in a directory, and stops them all at the end."""
+
+    def __init__(self, logdir: Path, redis_url: str, pool: str, env: dict[str, str] | None = None) -> None:
+        self.logdir = logdir
+        self.env = {**os.environ, "GPUBROKER_REDIS_URL": redis_url, "GPUBROKER_POOL": pool,
+                    "PYTHONPATH": str(ROOT), **(env or {})}
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.logdir / f"{name}.log").open("ab")
+        proc = subprocess.Popen([*GPUBROKER, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**self.env, **(env or {})}, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def dispatcher(self, name: str = "dispatcher") -> subprocess.Popen[bytes]:
+        return self.spawn(name, "dispatcher", "--log-level", "INFO")
+
+    def worker(self, node: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.spawn(f"worker-{node}", "worker", "--node", node, *args)
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a worker and its pool children)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
+
+
+@contextmanager
+def processes(logdir: Path, redis_url: str, pool: str) -> Iterator[Processes]:
+    procs = Processes(logdir, redis_url, pool)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()

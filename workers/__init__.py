@@ -1,0 +1,1 @@
+"""gpubroker's worker side: the Celery app, the node agent and the built-in tasks."""

@@ -1,0 +1,132 @@
+"""The node agent: register the node, keep its lease, run a Celery worker pinned to it.
+
+The worker consumes only its node's queue (worker name = node id, task events on,
+late ack, prefetch 1, JSON only) with a prefork pool whose children each run one
+task (``max_tasks_per_child=1``), so every task starts in a fresh process where
+CUDA_VISIBLE_DEVICES can still decide what CUDA sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+
+from celery import Celery
+
+from broker.celery_conf import celery_settings
+from broker.client import connect
+from broker.errors import NodeRejected
+from broker.keys import PoolKeys
+from broker.models import NodeSpec
+from broker.scripts import HeartbeatCode, RegisterCode, Scripts
+from broker.settings import Settings
+from workers import context
+
+log = logging.getLogger(__name__)
+
+
+class NodeAgent:
+    """Owns one node id for the life of this worker process (one incarnation)."""
+
+    def __init__(self, settings: Settings, spec: NodeSpec) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.keys = PoolKeys(settings.pool)
+        self.incarnation = uuid.uuid4().hex
+        self.scripts = Scripts(connect(settings), self.keys)
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.settings.lease_s * 1000)
+
+    def register(self) -> RegisterCode:
+        s = self.spec
+        code, reclaimed = self.scripts.register(
+            s.node_id, self.incarnation, self.lease_ms, s.gpus, s.gpu_memory_mb, s.cpu_milli,
+            s.memory_mb, s.slots, s.labels)
+        if code is RegisterCode.SHAPE_CHANGED:
+            raise NodeRejected(f"node {s.node_id} is registered with another shape by this process")
+        if reclaimed:
+            log.warning("node %s: reclaimed %d tasks of its previous incarnation", s.node_id, reclaimed)
+        log.info("node %s registered (%s): %d GPUs x %d MiB, %g CPUs, %d MiB, %d slots, labels %s",
+                 s.node_id, code.name, s.gpus, s.gpu_memory_mb, s.cpus, s.memory_mb, s.slots, s.labels)
+        return code
+
+    def heartbeat_once(self) -> HeartbeatCode:
+        code = self.scripts.heartbeat(self.spec.node_id, self.incarnation, self.lease_ms)
+        if code is HeartbeatCode.NOT_REGISTERED:
+            log.warning("node %s unknown to Redis (data lost?); registering again", self.spec.node_id)
+            self.register()
+        elif code is HeartbeatCode.REAPED:
+            # Our tasks were requeued elsewhere: stop them here so none runs twice at once.
+            log.error("node %s was reaped (lease expired); terminating its running tasks", self.spec.node_id)
+            terminate_active_tasks()
+            self.register()
+        elif code is HeartbeatCode.FENCED:
+            log.error("node %s was taken over by another worker process; shutting down", self.spec.node_id)
+            self.stop.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return code
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.settings.heartbeat_s):
+            try:
+                self.heartbeat_once()
+            except Exception:  # noqa: BLE001 - keep beating through Redis outages
+                log.warning("heartbeat failed; retrying", exc_info=True)
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="gpubroker-heartbeat", daemon=True)
+        self._thread.start()
+
+    def configure(self, app: Celery) -> list[str]:
+        """Point ``app`` at this node and return the worker's argv."""
+        node = self.spec.node_id
+        os.environ[context.NODE_ENV] = node
+        os.environ["GPUBROKER_REDIS_URL"] = self.settings.redis_url
+        os.environ["GPUBROKER_POOL"] = self.settings.pool
+        if "CUDA_VISIBLE_DEVICES" in os.environ and context.DEVICE_MAP_ENV not in os.environ:
+            os.environ[context.DEVICE_MAP_ENV] = os.environ["CUDA_VISIBLE_DEVICES"]
+        conf = celery_settings(self.settings)
+        # This node's own unacked bookkeeping: nodes never restore each other's messages.
+        conf["broker_transport_options"].update(
+            unacked_key=self.keys.unacked(node), unacked_index_key=self.keys.unacked_index(node),
+            unacked_mutex_key=self.keys.unacked_mutex(node))
+        conf["worker_max_tasks_per_child"] = 1
+        app.conf.update(conf)
+        return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
+                "--concurrency", str(self.spec.slots), "--pool", "prefork", "--task-events",
+                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+
+
+def terminate_active_tasks() -> None:
+    """SIGKILL the pool children of every task this worker is running."""
+    from celery.worker import state  # noqa: PLC0415 - only meaningful inside a running worker
+
+    for request in list(state.active_requests):
+        if request.worker_pid:
+            try:
+                os.kill(request.worker_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = ()) -> None:
+    from workers.app import app  # noqa: PLC0415 - configure before the app finalizes
+
+    agent = NodeAgent(settings, spec)
+    argv = agent.configure(app)
+    app.conf.include = ["workers.tasks", *task_modules]
+    agent.register()
+    agent.start_heartbeat()
+    try:
+        app.worker_main(argv)
+    finally:
+        agent.stop.set()

@@ -1,0 +1,53 @@
+"""Entry point of ``gpubroker``: the broker's commands plus ``worker`` (which needs task code)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from broker.cli import Pool, RedisUrl, app, parse_labels, run_cli, settings_for
+from broker.models import NodeSpec
+
+
+@app.command()
+def worker(
+    node: Annotated[str, typer.Option("--node", help="Node id (also the Celery worker name)")],
+    gpus: Annotated[str, typer.Option(help="GPU count, or 'auto' to read them through NVML")] = "0",
+    gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB per GPU (auto: from NVML)")] = None,
+    cpus: Annotated[float, typer.Option()] = 1,
+    memory_mb: Annotated[int, typer.Option()] = 0,
+    slots: Annotated[int, typer.Option(help="Tasks that may run at once")] = 1,
+    label: Annotated[list[str] | None, typer.Option(help="Node label key=value (repeatable)")] = None,
+    tasks: Annotated[list[str] | None, typer.Option(help="Module with your tasks (repeatable)")] = None,
+    redis_url: RedisUrl = None, pool: Pool = None,
+) -> None:
+    """Run a Celery worker pinned to one node; it runs only what was reserved for it."""
+    from workers.agent import run_worker  # noqa: PLC0415
+
+    def go() -> None:
+        labels = parse_labels(label or [])
+        if gpus == "auto":
+            from workers.gpus import detect  # noqa: PLC0415
+
+            found = detect()
+            count, memory = found.count, gpu_memory_mb or found.memory_mb
+            if found.model:
+                labels.setdefault("gpu_model", found.model.replace(" ", "-"))
+        else:
+            try:
+                count = int(gpus)
+            except ValueError:
+                raise typer.BadParameter(f"{gpus!r} is not a whole number or 'auto'", param_hint="--gpus") from None
+            memory = gpu_memory_mb if gpu_memory_mb is not None else (80 * 1024 if count else 0)
+        spec = NodeSpec(node_id=node, gpus=count, gpu_memory_mb=memory, cpus=cpus, memory_mb=memory_mb,
+                        slots=slots, labels=labels)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_worker(settings_for(redis_url, pool), spec, tasks or [])
+
+    run_cli(go)
+
+
+def main() -> None:
+    app()

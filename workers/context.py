@@ -1,0 +1,46 @@
+"""Who this worker process is: read from the environment the node agent sets.
+
+The agent exports the node id and settings before Celery starts, so pool
+children get them whether they were forked or spawned.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from broker.client import connect
+from broker.keys import PoolKeys
+from broker.scripts import Scripts
+from broker.settings import Settings
+
+NODE_ENV = "GPUBROKER_NODE_ID"
+# The CUDA_VISIBLE_DEVICES the worker itself was started with: node GPU index i is
+# the i-th entry of it (a node may be a subset of a machine's GPUs).
+DEVICE_MAP_ENV = "GPUBROKER_DEVICE_MAP"
+
+
+def node_id() -> str:
+    try:
+        return os.environ[NODE_ENV]
+    except KeyError:
+        raise RuntimeError(f"{NODE_ENV} is not set: start workers with `gpubroker worker --node ID`") from None
+
+
+@functools.cache
+def _scripts(pid: int) -> Scripts:
+    settings = Settings()
+    return Scripts(connect(settings), PoolKeys(settings.pool))
+
+
+def scripts() -> Scripts:
+    """The transition scripts for this process (one connection per process, fork-safe)."""
+    return _scripts(os.getpid())
+
+
+def visible_devices(indices: str) -> str:
+    """CUDA_VISIBLE_DEVICES for reserved node GPU indices like "0,3" ("" for none)."""
+    mapping = [d for d in os.environ.get(DEVICE_MAP_ENV, "").split(",") if d]
+    if not indices:
+        return ""
+    return ",".join(mapping[int(i)] if mapping else i for i in indices.split(","))

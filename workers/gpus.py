@@ -1,0 +1,35 @@
+"""Discover a machine's GPUs through NVML (``--gpus auto``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    count: int
+    memory_mb: int  # of the smallest GPU, so every index can honour it
+    model: str
+
+
+def detect() -> GpuInventory:
+    """Count the GPUs NVML sees; raises RuntimeError with the reason when it cannot."""
+    try:
+        import pynvml  # noqa: PLC0415 - optional at import time: CPU-only machines lack the driver
+    except ImportError as exc:
+        raise RuntimeError("--gpus auto needs nvidia-ml-py (pip install nvidia-ml-py)") from exc
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise RuntimeError(f"--gpus auto: NVML is not available here ({exc}); give --gpus N instead") from exc
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        if count == 0:
+            return GpuInventory(0, 0, "")
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        memory = min(pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles) // (1024 * 1024)
+        model = pynvml.nvmlDeviceGetName(handles[0])
+        model = model.decode() if isinstance(model, bytes) else model
+        return GpuInventory(count, int(memory), model)
+    finally:
+        pynvml.nvmlShutdown()

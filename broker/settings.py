@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(1024 * 1024, gt=0)
     # How many pending tasks one dispatcher cycle looks at, and placements per reserve call.
     dispatch_window: int = Field(10_000, gt=0)
-    commit_batch: int = Field(500, gt=0)
+    commit_batch: int = Field(500, gt=0, le=5000)
     # Longest a dispatcher sleeps without a wake-up before it reaps expired leases anyway.
     reap_interval_s: float = Field(2.0, gt=0)
     # kombu only restores unacked messages after this; the lease reaper recovers first,

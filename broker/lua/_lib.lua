@@ -97,3 +97,44 @@ local function reclaim_node(prefix, node_id, pending_key, requests_key, now, rea
   return #ids
 end
 
+
+-- Run a variadic command over a long list in chunks: Lua's unpack has a stack limit.
+local function call_chunked(command, key, items)
+  for first = 1, #items, 1000 do
+    redis.call(command, key, unpack(items, first, math.min(first + 999, #items)))
+  end
+end
+
+-- reserve.lua's per-batch view of a node: read once, updated in memory, written once.
+-- false when the node is not up or its lease (ZSCORE in leases_key) is before now.
+local function batch_node(cache, leases_key, now, key, id, tasks_key, queue_key)
+  if cache[id] == nil then
+    local lease = redis.call('ZSCORE', leases_key, id)
+    local h = redis.call('HMGET', key, 'state', 'free_cpu_m', 'free_mem', 'free_slots', 'cap_gpus', 'gpu_mem')
+    cache[id] = h[1] == 'up' and lease and tonumber(lease) >= now and {key = key, cpu = num(h[2]),
+      mem = num(h[3]), slots = num(h[4]), gpus = num(h[5]), gpu_mem = num(h[6]), milli = {}, gmem = {},
+      labels = {}, tasks = {}, messages = {}, tasks_key = tasks_key, queue = queue_key}
+  end
+  return cache[id]
+end
+
+-- Free share (milli) and memory of GPU i in a batch_node view, read on first use.
+local function batch_gpu(n, i)
+  if n.milli[i] == nil then
+    local f = redis.call('HMGET', n.key, 'g' .. i .. '_milli', 'g' .. i .. '_mem')
+    n.milli[i], n.gmem[i] = num(f[1]), num(f[2])
+  end
+  return n.milli[i], n.gmem[i]
+end
+
+-- Write a batch_node view back: free amounts, task set, queued messages.
+local function batch_flush(n)
+  local fields = {'free_cpu_m', int(n.cpu), 'free_mem', int(n.mem), 'free_slots', int(n.slots)}
+  for i, milli in pairs(n.milli) do
+    table.insert(fields, 'g' .. i .. '_milli'); table.insert(fields, int(milli))
+    table.insert(fields, 'g' .. i .. '_mem'); table.insert(fields, int(n.gmem[i]))
+  end
+  call_chunked('HSET', n.key, fields)
+  call_chunked('SADD', n.tasks_key, n.tasks)
+  call_chunked('LPUSH', n.queue, n.messages)
+end

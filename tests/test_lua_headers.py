@@ -1,0 +1,127 @@
+"""Each Lua script's header agrees with its wrapper in broker/scripts.py (STYLE.md rule 2).
+
+The header is the contract: KEYS and ARGV in order with their names, and every
+return code. ``SIGNATURES`` and the IntEnums are what Python relies on; if the two
+drift apart, a call passes keys in the wrong slots or misreads a code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+
+from broker.keys import PoolKeys
+from broker.policy import Placement
+from broker.scripts import LUA, SIGNATURES, Scripts
+from tests.invariants import ControlledClock
+
+MAX_LINES = 90
+SCRIPTS = sorted(p.name.removesuffix(".lua") for p in LUA.iterdir()
+                 if p.name.endswith(".lua") and p.name != "_lib.lua")
+BATCHED = {"reserve"}  # takes a fixed prefix of KEYS/ARGV, then one group per placement
+
+_KEY = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
+_ARG = re.compile(r"^-- ARGV\[(\d+)\]\s+(\w+)")
+_CODE = re.compile(r"^--\s+(\d+)\s+([A-Z][A-Z_]*)\b")
+
+
+@dataclass
+class Header:
+    lines: list[str]
+    keys: list[tuple[int, str]] = field(default_factory=list)
+    argv: list[tuple[int, str]] = field(default_factory=list)
+    returns: list[tuple[int, str]] = field(default_factory=list)
+
+
+def source(name: str) -> list[str]:
+    return (LUA / f"{name}.lua").read_text().splitlines()
+
+
+def parse_header(lines: list[str]) -> Header:
+    """The leading block of ``--`` lines: KEYS, ARGV, and the codes listed after ``-- Returns``."""
+    block: list[str] = []
+    for line in lines:
+        if not line.startswith("--"):
+            break
+        block.append(line)
+    header, in_returns = Header(block), False
+    for line in block:
+        if line.startswith("-- Returns"):
+            in_returns = True
+        elif in_returns and (m := _CODE.match(line)):
+            header.returns.append((int(m.group(1)), m.group(2)))
+        elif m := _KEY.match(line):
+            header.keys.append((int(m.group(1)), m.group(2)))
+        elif m := _ARG.match(line):
+            header.argv.append((int(m.group(1)), m.group(2)))
+    return header
+
+
+def numbered(names: Sequence[str]) -> list[tuple[int, str]]:
+    return list(enumerate(names, start=1))
+
+
+def test_every_script_has_a_wrapper_signature() -> None:
+    assert SCRIPTS and set(SCRIPTS) == set(SIGNATURES)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_file_is_short_and_opens_with_its_header(name: str) -> None:
+    lines = source(name)
+    assert len(lines) <= MAX_LINES, f"{name}.lua has {len(lines)} lines; split it or move helpers to _lib.lua"
+    assert re.match(rf"^-- {name}\.lua: \S", lines[0]), f"{name}.lua must open with '-- {name}.lua: <what it does>'"
+    header = parse_header(lines)
+    prose = [line for line in header.lines[1:] if not (_KEY.match(line) or _ARG.match(line))]
+    assert any(len(line) > 10 for line in prose[:3]), f"{name}.lua: say what it does and the invariant it keeps"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_keys_and_argv_match_the_wrapper(name: str) -> None:
+    _, keys, argv = SIGNATURES[name]
+    header = parse_header(source(name))
+    assert header.keys == numbered(keys), f"{name}.lua KEYS"
+    assert header.argv == numbered(argv), f"{name}.lua ARGV"
+    if name in BATCHED:
+        text = "\n".join(header.lines)
+        assert f"KEYS[{len(keys) + 1}+" in text and f"ARGV[{len(argv) + 1}+" in text, "document the per-item groups"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_returns_match_the_code_enum(name: str) -> None:
+    codes = SIGNATURES[name][0]
+    header = parse_header(source(name))
+    assert header.returns == [(c.value, c.name) for c in codes], f"{name}.lua Returns vs {codes.__name__}"
+
+
+class RecordingScripts(Scripts):
+    """The real wrappers, noting how many KEYS and ARGV each call passes."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.calls: dict[str, tuple[int, int]] = {}
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self.calls[name] = (len(keys), len(args))
+        return super()._run(name, keys, args)
+
+
+def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys: PoolKeys,
+                                                clock: ControlledClock) -> None:
+    s = RecordingScripts(redis_client, keys, clock)
+    s.register("n1", "inc-1", 10_000, 1, 1000, 1000, 1000, 1, {"zone": "a"})
+    s.heartbeat("n1", "inc-1", 10_000)
+    s.submit("t1", None, 0, '{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":{}}', '{"properties":{"a":1}}', "x.y", "default", 0)
+    s.reserve([Placement("t1", "n1"), Placement("t2", "n1")])
+    s.start("t1", "n1", "t1.1")
+    s.finish("t1", "n1", "t1.1", "succeeded", "null")
+    s.cancel("t1", "n1")
+    s.reap()
+
+    expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
+    expected["reserve"] = (3 + 2 * 4, 1 + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
+    assert s.calls == expected

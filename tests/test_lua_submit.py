@@ -1,0 +1,103 @@
+"""submit.lua against a real Redis: CREATED, DUPLICATE, ID_TAKEN, and the pending order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from broker.keys import MAX_PRIORITY, SEQ_BITS, PoolKeys
+from broker.models import Resources
+from broker.scripts import Scripts, SubmitCode
+from tests.invariants import (
+    PROBE,
+    pending_ids,
+    pending_score,
+    request_of,
+    submission,
+    submit_raw,
+    submit_task,
+    task_hash,
+)
+
+
+def test_created_writes_the_whole_task(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    resources = Resources(gpus=0.5, gpu_memory_mb=8000, cpus=2, memory_mb=4096, labels={"zone": "eu"})
+    _, wire, message = submission("t1", resources=resources, priority=7, tenant="lab", max_retries=2)
+
+    assert submit_raw(scripts, "t1", resources=resources, priority=7, tenant="lab",
+                      max_retries=2) == (SubmitCode.CREATED, "t1")
+
+    score = -7 * 2**SEQ_BITS + 1
+    assert task_hash(redis_client, keys, "t1") == {
+        "id": "t1", "name": PROBE, "tenant": "lab", "priority": "7", "state": "PENDING", "seq": "1",
+        "score": str(score), "submitted_at": str(scripts.clock()), "req": wire, "message": message,
+        "max_retries": "2", "retries": "0", "attempts": "0"}
+    wire_fields = json.loads(wire)  # what reserve.lua reads from the stored request
+    assert {k: wire_fields[k] for k in ("g", "m", "gm", "c", "r", "l")} == {
+        "g": 0, "m": 500, "gm": 8000, "c": 2000, "r": 4096, "l": {"zone": "eu"}}
+    assert pending_score(redis_client, keys, "t1") == score
+    assert request_of(redis_client, keys, "t1") == wire
+    assert redis_client.get(keys.seq) == b"1"
+    assert redis_client.hlen(keys.idempotency) == 0
+
+
+def test_publishes_a_wake_up(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.wake)
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    submit_task(scripts)
+    message = pubsub.get_message(timeout=1)
+    pubsub.close()
+    assert message is not None and message["data"] == b"submit"
+
+
+def test_pending_order_is_priority_then_submit_order(scripts: Scripts, redis_client: redis.Redis,
+                                                     keys: PoolKeys) -> None:
+    priorities = {"low": -3, "mid-a": 0, "top-a": MAX_PRIORITY, "mid-b": 0, "top-b": MAX_PRIORITY,
+                  "bottom": -MAX_PRIORITY}
+    for task_id, priority in priorities.items():
+        submit_task(scripts, task_id=task_id, priority=priority)
+
+    assert pending_ids(redis_client, keys) == ["top-a", "top-b", "mid-a", "mid-b", "low", "bottom"]
+    for seq, (task_id, priority) in enumerate(priorities.items(), start=1):
+        # Scores reach 2**52: they must come back exact, not rounded by Lua's %.14g.
+        assert pending_score(redis_client, keys, task_id) == -priority * 2**SEQ_BITS + seq
+        assert task_hash(redis_client, keys, task_id)["score"] == str(-priority * 2**SEQ_BITS + seq)
+
+
+def test_duplicate_idempotency_key_returns_the_first_task(scripts: Scripts, redis_client: redis.Redis,
+                                                          keys: PoolKeys) -> None:
+    first = submit_task(scripts, task_id="first", idempotency_key="job-42")
+    assert redis_client.hget(keys.idempotency, "job-42") == b"first"
+
+    assert submit_raw(scripts, "second", idempotency_key="job-42", priority=9) == (SubmitCode.DUPLICATE, first)
+
+    assert not redis_client.exists(keys.task("second"))
+    assert pending_ids(redis_client, keys) == ["first"]
+    assert request_of(redis_client, keys, "second") is None
+    assert redis_client.get(keys.seq) == b"1"
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "fresh-key"])
+def test_id_taken_writes_nothing(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                 idempotency_key: str | None) -> None:
+    submit_task(scripts, task_id="t1")
+    before = task_hash(redis_client, keys, "t1")
+
+    code = submit_raw(scripts, "t1", idempotency_key=idempotency_key, priority=5, tenant="other")
+
+    assert code == (SubmitCode.ID_TAKEN, "t1")
+    assert task_hash(redis_client, keys, "t1") == before
+    assert pending_ids(redis_client, keys) == ["t1"]
+    assert pending_score(redis_client, keys, "t1") == 1
+    assert redis_client.get(keys.seq) == b"1"
+    assert redis_client.hlen(keys.idempotency) == 0  # the key stays free for a real submit
+
+
+def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    submit_task(scripts, task_id="t1")
+    redis_client.script_flush()
+    assert submit_raw(scripts, "t2") == (SubmitCode.CREATED, "t2")
+    assert pending_ids(redis_client, keys) == ["t1", "t2"]

@@ -80,12 +80,12 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
                metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics here")] = None,
                log_level: Annotated[str, typer.Option(help="Python log level")] = "INFO") -> None:
     """Run a dispatcher: order pending tasks and reserve capacity for them."""
-    from broker.dispatcher import Dispatcher  # noqa: PLC0415 - keep other commands light
+    from broker.dispatcher import Dispatcher  # keep other commands light
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_for(redis_url, pool)
     if metrics_port:
-        from prometheus_client import start_http_server  # noqa: PLC0415
+        from prometheus_client import start_http_server
 
         start_http_server(metrics_port)
     stop = threading.Event()
@@ -199,7 +199,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 300,
 ) -> None:
     """Run a local demo cluster: Redis, dispatcher, three simulated nodes, Flower, a mixed workload."""
-    from broker.demo import run_demo  # noqa: PLC0415
+    from broker.demo import run_demo
 
     sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live, timeout=timeout))
 

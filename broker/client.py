@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
 from celery import Celery
@@ -21,7 +21,6 @@ from broker.errors import BrokerUnavailable, TaskNotFound, Unsatisfiable, WaitTi
 from broker.keys import PoolKeys
 from broker.message import build_message, new_task_id
 from broker.models import (
-    MILLI,
     NodeView,
     QueueEntry,
     Resources,
@@ -61,12 +60,15 @@ def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def request_wire(req: SubmitRequest, now_ms: int) -> dict[str, Any]:
-    """The compact request stored for the dispatcher and reserve.lua (keys are short on purpose)."""
+def request_wire(req: SubmitRequest) -> dict[str, Any]:
+    """The compact request stored for the dispatcher and reserve.lua (keys are short on purpose).
+
+    Requests of the same shape serialise to the same text, which the dispatcher and
+    reserve.lua decode once per cycle/batch."""
     r = req.resources
     return {"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
             "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
-            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "at": now_ms}
+            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s}
 
 
 def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:
@@ -123,6 +125,8 @@ class TaskHandle:
 class Client:
     """Submit and inspect GPU tasks in one pool. ``Client(redis_url)`` is all most users need."""
 
+    SHAPE_CACHE_S = 5.0
+
     def __init__(self, redis_url: str | None = None, *, pool: str | None = None,
                  settings: Settings | None = None, clock: Clock = wall_clock_ms) -> None:
         settings = settings or Settings()
@@ -135,6 +139,7 @@ class Client:
         self._events_lock = threading.Lock()
         self._celery: Celery | None = None
         self._events: Any = None
+        self._shapes: tuple[float, list[NodeView]] | None = None
 
     # ---- writing --------------------------------------------------------------
 
@@ -148,18 +153,17 @@ class Client:
         Every field is validated before anything is written; a request that no
         registered node could ever satisfy is refused, naming the short resource.
         """
-        req = SubmitRequest(task_name=task_name, args=args, kwargs=kwargs if kwargs is not None else {},
+        # SubmitRequest takes a list or tuple for args and refuses anything else.
+        req = SubmitRequest(task_name=task_name, args=cast(list[Any], args),
+                            kwargs=kwargs if kwargs is not None else {},
                             resources=resources if resources is not None else Resources(),
                             priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
                             idempotency_key=idempotency_key, max_retries=max_retries)
-        nodes = self.nodes()
-        if nodes and (short := shortfall(req.resources, nodes)):
-            raise Unsatisfiable(short)
+        self._check_satisfiable(req.resources)
         task_id = new_task_id()
         message = build_message(task_id, req.task_name, req.args, req.kwargs, self.settings.max_payload_bytes)
-        now = self.clock()
         code, existing = self.scripts.submit(
-            task_id, req.idempotency_key, req.priority, json.dumps(request_wire(req, now), separators=(",", ":")),
+            task_id, req.idempotency_key, req.priority, json.dumps(request_wire(req), separators=(",", ":")),
             message, req.task_name, req.tenant, req.max_retries)
         if code is SubmitCode.DUPLICATE:
             return TaskHandle(self, existing, created=False)
@@ -168,20 +172,33 @@ class Client:
         self._announce_sent(message, task_id, req.task_name)
         return TaskHandle(self, task_id, created=True)
 
+    def _check_satisfiable(self, resources: Resources) -> None:
+        """Refuse what no registered node could ever run. Node shapes are cached briefly to
+        keep submit cheap; a refusal is always confirmed against a fresh read."""
+        now = time.monotonic()
+        if self._shapes is None or now - self._shapes[0] > self.SHAPE_CACHE_S:
+            self._shapes = (now, self.nodes())
+        if not self._shapes[1] or not shortfall(resources, self._shapes[1]):
+            return
+        self._shapes = (now, self.nodes())
+        if self._shapes[1] and (short := shortfall(resources, self._shapes[1])):
+            raise Unsatisfiable(short)
+
     @unavailable_as_error
     def cancel(self, task_id: str) -> TaskStatus:
         """Cancel a pending, reserved or running task (a running one is terminated).
 
         Cancelling a task that already ended changes nothing and returns its status.
         """
-        node = self.redis.hget(self.keys.task(task_id), "node")
+        held_by = cast(bytes | None, self.redis.hget(self.keys.task(task_id), "node"))
+        node = held_by.decode() if held_by else None
         for _ in range(10):
-            code, detail = self.scripts.cancel(task_id, node.decode() if node else None)
+            code, detail = self.scripts.cancel(task_id, node)
             if code is CancelCode.NOT_FOUND:
                 raise TaskNotFound(task_id)
             if code is not CancelCode.MOVED:
                 break
-            node = detail.encode() if detail else None
+            node = detail or None
         if code is CancelCode.CANCELLED and detail in (TaskState.RESERVED, TaskState.RUNNING):
             # The reservation is released already; stop the process and drop the queued message.
             self._celery_app().control.revoke(task_id, terminate=True, signal="SIGTERM")
@@ -191,7 +208,7 @@ class Client:
 
     @unavailable_as_error
     def status(self, task_id: str) -> TaskStatus:
-        h = self.redis.hgetall(self.keys.task(task_id))
+        h = cast(dict[bytes, bytes], self.redis.hgetall(self.keys.task(task_id)))
         if not h:
             raise TaskNotFound(task_id)
         t = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
@@ -265,5 +282,5 @@ class Client:
                                   kwargs=headers["kwargsrepr"], retries=0, eta=None, expires=None,
                                   root_id=task_id, parent_id=None, queue=PENDING_QUEUE_LABEL,
                                   exchange="", routing_key=PENDING_QUEUE_LABEL)
-        except Exception:  # noqa: BLE001 - monitoring must never fail an acknowledged submit
+        except Exception:
             log.warning("could not emit task-sent for %s", task_id, exc_info=True)

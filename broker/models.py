@@ -20,7 +20,7 @@ IDEMPOTENCY_KEY_MAX = 256
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z", re.ASCII)
 
 
-class TaskState(str, enum.Enum):
+class TaskState(enum.StrEnum):
     PENDING = "PENDING"
     RESERVED = "RESERVED"
     RUNNING = "RUNNING"

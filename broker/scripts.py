@@ -155,7 +155,7 @@ class Scripts:
 
     def reap(self, limit: int = 100) -> list[str]:
         k = self.keys
-        code, *nodes = self._run("reap", (k.prefix, k.leases, k.pending, k.requests, k.wake),
+        _ok, *nodes = self._run("reap", (k.prefix, k.leases, k.pending, k.requests, k.wake),
                                  (self.clock(), limit))
         return [_text(n) for n in nodes]
 

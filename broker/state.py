@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -42,7 +42,7 @@ def node_from_hash(node_id: str, h: dict[bytes, bytes], lease: float | None, tas
 
 
 def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
-    ids = sorted(_s(n) for n in client.smembers(keys.nodes))
+    ids = sorted(_s(n) for n in cast(set[bytes], client.smembers(keys.nodes)))
     pipe = client.pipeline(transaction=False)
     for node_id in ids:
         pipe.hgetall(keys.node(node_id))
@@ -54,15 +54,22 @@ def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
 
 
 def read_pending(client: redis.Redis, keys: PoolKeys, limit: int) -> list[tuple[str, int, dict[str, Any]]]:
-    """The first ``limit`` pending tasks in dispatch order: (id, seq, request wire)."""
-    head = client.zrange(keys.pending, 0, limit - 1, withscores=True)
+    """The first ``limit`` pending tasks in dispatch order: (id, seq, request wire).
+
+    Tasks of one shape share their request text, so each distinct text is parsed once;
+    the returned dicts may be shared and must not be mutated."""
+    head = cast(list[tuple[bytes, float]], client.zrange(keys.pending, 0, limit - 1, withscores=True))
     if not head:
         return []
-    wires = client.hmget(keys.requests, [task_id for task_id, _ in head])
+    wires = cast(list[bytes | None], client.hmget(keys.requests, [task_id for task_id, _ in head]))
+    parsed: dict[bytes, dict[str, Any]] = {}
     out = []
     for (task_id, score), wire in zip(head, wires, strict=True):
-        if wire is not None:  # placed or cancelled between the two reads
-            out.append((task_id.decode(), int(score) % (1 << SEQ_BITS), json.loads(wire)))
+        if wire is None:  # placed or cancelled between the two reads
+            continue
+        if wire not in parsed:
+            parsed[wire] = json.loads(wire)
+        out.append((task_id.decode(), int(score) % (1 << SEQ_BITS), parsed[wire]))
     return out
 
 
@@ -71,17 +78,23 @@ def pending_requests(client: redis.Redis, keys: PoolKeys, limit: int) -> list[Ta
 
 
 def queue_entries(client: redis.Redis, keys: PoolKeys, limit: int) -> list[QueueEntry]:
+    pending = read_pending(client, keys, limit)
+    pipe = client.pipeline(transaction=False)
+    for task_id, _seq, _wire in pending:
+        pipe.hget(keys.task(task_id), "submitted_at")
+    submitted = pipe.execute()
     return [
         QueueEntry(position=pos, id=task_id, name=wire["n"], tenant=wire["t"], priority=wire["p"],
-                   resources=resources_from_wire(wire), submitted_at=wire["at"] / 1000,
+                   resources=resources_from_wire(wire), submitted_at=_i(at) / 1000,
                    estimated_runtime_s=wire.get("e"))
-        for pos, (task_id, _seq, wire) in enumerate(read_pending(client, keys, limit), start=1)
+        for pos, ((task_id, _seq, wire), at) in enumerate(zip(pending, submitted, strict=True), start=1)
     ]
 
 
 def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int) -> list[NodeFree]:
     """What is free on each schedulable node (up, lease valid), parsed straight for the planner."""
-    leases = {n.decode(): score for n, score in client.zrange(keys.leases, 0, -1, withscores=True)}
+    ranked = cast(list[tuple[bytes, float]], client.zrange(keys.leases, 0, -1, withscores=True))
+    leases = {n.decode(): score for n, score in ranked}
     ids = sorted(node_id for node_id, expires in leases.items() if expires >= now_ms)
     pipe = client.pipeline(transaction=False)
     for node_id in ids:

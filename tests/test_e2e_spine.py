@@ -76,7 +76,7 @@ def test_fifty_mixed_probes_run_where_reserved_on_exactly_their_gpus(procs: Proc
                 by_gpu[(s.node or "", g)].append(s)
         for holders in by_gpu.values():
             whole = [s for s in holders if s.resources.whole_gpus]
-            for i, a in enumerate(whole):
+            for a in whole:
                 assert not any(intervals_overlap(a, b) for b in holders if b is not a), (a, holders)
             for s in holders:  # at each reservation start, the shares then held fit in one GPU
                 held = sum(o.resources.gpu_milli or MILLI for o in holders

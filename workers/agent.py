@@ -79,7 +79,7 @@ class NodeAgent:
         while not self.stop.wait(self.settings.heartbeat_s):
             try:
                 self.heartbeat_once()
-            except Exception:  # noqa: BLE001 - keep beating through Redis outages
+            except Exception:
                 log.warning("heartbeat failed; retrying", exc_info=True)
 
     def start_heartbeat(self) -> None:
@@ -108,7 +108,7 @@ class NodeAgent:
 
 def terminate_active_tasks() -> None:
     """SIGKILL the pool children of every task this worker is running."""
-    from celery.worker import state  # noqa: PLC0415 - only meaningful inside a running worker
+    from celery.worker import state  # only meaningful inside a running worker
 
     for request in list(state.active_requests):
         if request.worker_pid:
@@ -119,7 +119,7 @@ def terminate_active_tasks() -> None:
 
 
 def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = ()) -> None:
-    from workers.app import app  # noqa: PLC0415 - configure before the app finalizes
+    from workers.app import app  # configure before the app finalizes
 
     agent = NodeAgent(settings, spec)
     argv = agent.configure(app)

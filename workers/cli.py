@@ -24,12 +24,12 @@ def worker(
     redis_url: RedisUrl = None, pool: Pool = None,
 ) -> None:
     """Run a Celery worker pinned to one node; it runs only what was reserved for it."""
-    from workers.agent import run_worker  # noqa: PLC0415
+    from workers.agent import run_worker
 
     def go() -> None:
         labels = parse_labels(label or [])
         if gpus == "auto":
-            from workers.gpus import detect  # noqa: PLC0415
+            from workers.gpus import detect
 
             found = detect()
             count, memory = found.count, gpu_memory_mb or found.memory_mb

@@ -15,7 +15,7 @@ class GpuInventory:
 def detect() -> GpuInventory:
     """Count the GPUs NVML sees; raises RuntimeError with the reason when it cannot."""
     try:
-        import pynvml  # noqa: PLC0415 - optional at import time: CPU-only machines lack the driver
+        import pynvml  # optional at import time: CPU-only machines lack the driver
     except ImportError as exc:
         raise RuntimeError("--gpus auto needs nvidia-ml-py (pip install nvidia-ml-py)") from exc
     try:

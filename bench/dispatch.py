@@ -1,0 +1,190 @@
+"""Dispatch throughput: 100,000 pending 1-GPU tasks onto 1,000 simulated 8-GPU nodes.
+
+No workers run. The dispatcher's real cycle (reap, snapshot, plan, commit through
+reserve.lua) places tasks until the cluster is full; then every reserved task is
+finished through finish.lua (timed separately: that is the workers' share) and the
+next cycle places more, until nothing is pending. Printed beside it, measured in
+the same run on the same redis-server: the rate of a trivial script, and of a
+minimal placement script doing the same batching — the ceiling a Lua-committed
+design can reach here.
+
+    python -m bench.dispatch [--tasks 100000] [--nodes 1000] [--gpus 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from broker.client import request_wire
+from broker.dispatcher import Dispatcher
+from broker.keys import PoolKeys
+from broker.message import build_message, new_task_id
+from broker.models import Resources, SubmitRequest
+from broker.scripts import Scripts
+from broker.settings import Settings
+
+TRIVIAL = "return 1"
+# The least a placement must do: check capacity, take it, move the task, push a message.
+MINIMAL_PLACEMENT = """
+for i = 1, #ARGV do
+  if tonumber(redis.call('HGET', KEYS[1], 'free')) > 0 then
+    redis.call('HINCRBY', KEYS[1], 'free', -1)
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('LPUSH', KEYS[3], ARGV[i])
+  end
+end
+return #ARGV
+"""
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed: apt-get install redis-server")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc, port
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+def submit_all(scripts: Scripts, n_tasks: int) -> float:
+    """Submit through submit.lua with Celery-built messages, pipelined; returns seconds."""
+    req = SubmitRequest(task_name="workers.tasks.probe", resources=Resources(gpus=1))
+    wire = json.dumps(request_wire(req), separators=(",", ":"))
+    script = scripts._scripts["submit"]
+    k = scripts.keys
+    t0 = time.perf_counter()
+    pipe = scripts.redis.pipeline(transaction=False)
+    for i in range(n_tasks):
+        task_id = new_task_id()
+        message = build_message(task_id, req.task_name, [], {}, 1 << 20)
+        script(keys=[k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake],
+               args=[task_id, "", 0, scripts.clock(), wire, message, req.task_name, "default", 3], client=pipe)
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    return time.perf_counter() - t0
+
+
+def finish_all_reserved(client: redis.Redis, scripts: Scripts, nodes: list[str]) -> int:
+    """What workers would do: finish every reserved task, releasing its capacity."""
+    k = scripts.keys
+    pipe = client.pipeline(transaction=False)
+    for node in nodes:
+        pipe.smembers(k.node_tasks(node))
+    held = [(node, task.decode()) for node, tasks in zip(nodes, pipe.execute(), strict=True) for task in tasks]
+    pipe = client.pipeline(transaction=False)
+    for _, task_id in held:
+        pipe.hget(k.task(task_id), "tag")
+    tags = pipe.execute()
+    script = scripts._scripts["finish"]
+    pipe = client.pipeline(transaction=False)
+    for (node, task_id), tag in zip(held, tags, strict=True):
+        script(keys=[k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake],
+               args=[task_id, node, tag, "succeeded", "null", scripts.clock()], client=pipe)
+    pipe.execute()
+    for node in nodes:
+        client.delete(k.queue(node))
+    return len(held)
+
+
+def ceiling(client: redis.Redis, batch: int, seconds: float = 2.0) -> tuple[float, float]:
+    """(trivial script calls/s unpipelined, minimal placements/s in batches of ``batch``)."""
+    trivial = client.register_script(TRIVIAL)
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        trivial()
+        calls += 1
+    trivial_rate = calls / (time.perf_counter() - t0)
+    place = client.register_script(MINIMAL_PLACEMENT)
+    client.hset("ceiling:node", "free", 10**12)
+    items, t0 = 0, time.perf_counter()
+    ids = [f"task-{i}" for i in range(batch)]
+    while time.perf_counter() - t0 < seconds:
+        place(keys=["ceiling:node", "ceiling:pending", "ceiling:queue"], args=ids)
+        client.delete("ceiling:queue")
+        items += batch
+    return trivial_rate, items / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--nodes", type=int, default=1_000)
+    parser.add_argument("--gpus", type=int, default=8)
+    opts = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_redis(Path(tmp))
+        try:
+            settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", pool="bench")
+            client = redis.Redis(port=port)
+            scripts = Scripts(client, PoolKeys("bench"))
+            nodes = [f"n{i:04d}" for i in range(opts.nodes)]
+            for node in nodes:
+                scripts.register(node, "bench", 24 * 3600 * 1000, opts.gpus, 81920, 128_000, 1 << 20, opts.gpus, {})
+            submit_s = submit_all(scripts, opts.tasks)
+
+            dispatcher = Dispatcher(settings, client=client)
+            placed, cycles, dispatch_s, finish_s, fill = 0, 0, 0.0, 0.0, None
+            phases: dict[str, float] = {}
+            while placed < opts.tasks:
+                t0 = time.perf_counter()
+                report = dispatcher.run_cycle()
+                elapsed = time.perf_counter() - t0
+                dispatch_s += elapsed
+                cycles += 1
+                placed += report.placed
+                for phase, s in report.seconds.items():
+                    phases[phase] = phases.get(phase, 0.0) + s
+                if fill is None:
+                    fill = (report.placed, elapsed)
+                if report.placed == 0 or report.refused:
+                    raise SystemExit(f"cycle {cycles} placed {report.placed}, refused {dict(report.refused)}")
+                t0 = time.perf_counter()
+                finish_all_reserved(client, scripts, nodes)
+                finish_s += time.perf_counter() - t0
+            trivial_rate, minimal_rate = ceiling(client, settings.commit_batch)
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"redis-server {redis.Redis.__module__ and ''}".rstrip(", "))
+    print(f"cluster: {opts.nodes} nodes x {opts.gpus} GPUs = {opts.nodes * opts.gpus} GPUs; "
+          f"{opts.tasks} pending 1-GPU tasks")
+    print(f"submit (submit.lua, pipelined, Celery-built messages): {opts.tasks / submit_s:,.0f} tasks/s")
+    print(f"dispatch: {placed} placed in {cycles} cycles, {dispatch_s:.2f}s of cycle time "
+          f"-> {placed / dispatch_s:,.0f} placements/s")
+    assert fill is not None
+    print(f"  first cycle (empty cluster): {fill[0]} placed in {fill[1]:.2f}s -> {fill[0] / fill[1]:,.0f}/s")
+    print("  time per phase: " + ", ".join(f"{p[2:]} {s:.2f}s" for p, s in sorted(phases.items())))
+    print(f"finishing (workers' share, finish.lua pipelined): {placed / finish_s:,.0f} tasks/s")
+    print(f"ceiling on this redis-server: trivial script {trivial_rate:,.0f} calls/s (one round trip each); "
+          f"minimal placement script {minimal_rate:,.0f} placements/s (batches of {settings.commit_batch})")
+    print(f"gpubroker dispatch reaches {placed / dispatch_s / minimal_rate:.0%} of the minimal placement ceiling")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+# Two commands on a fresh Debian/Ubuntu machine with Python 3.11+:
+#   make demo   - set up .venv and run a local demo cluster
+#   make test   - set up .venv and run the test suite
+# Both are idempotent. redis-server is installed with apt-get when run as root and missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench redis-server python-ok clean
+
+python-ok:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+	  { echo "gpubroker needs Python 3.11+; $(PYTHON) is $$($(PYTHON) --version 2>&1). Set PYTHON=python3.11"; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+	  else echo "Python's venv module is missing: run 'sudo apt-get install python3-venv'"; exit 1; fi; }
+
+$(STAMP): pyproject.toml | python-ok
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else echo "redis-server is missing: run 'sudo apt-get install redis-server' and retry"; exit 1; fi; }
+
+demo: $(STAMP) redis-server
+	$(BIN)/gpubroker demo
+
+test: $(STAMP) redis-server
+	$(BIN)/ruff check broker workers tests bench
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check broker workers tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP) redis-server
+	$(BIN)/python -m bench.dispatch
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 
-from celery import Celery
+from celery import Celery, concurrency
 
 from broker.celery_conf import celery_settings
 from broker.client import connect
@@ -28,6 +28,8 @@ from broker.settings import Settings
 from workers import context
 
 log = logging.getLogger(__name__)
+
+FRESH_PROCESS_POOL = "workers.pool:FreshProcessPool"
 
 
 class NodeAgent:
@@ -100,9 +102,12 @@ class NodeAgent:
             unacked_key=self.keys.unacked(node), unacked_index_key=self.keys.unacked_index(node),
             unacked_mutex_key=self.keys.unacked_mutex(node))
         conf["worker_max_tasks_per_child"] = 1
+        # Celery's documented hook for a pool class of one's own (`--pool custom`).
+        os.environ["CELERY_CUSTOM_WORKER_POOL"] = FRESH_PROCESS_POOL
+        concurrency.ALIASES["custom"] = FRESH_PROCESS_POOL
         app.conf.update(conf)
         return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
-                "--concurrency", str(self.spec.slots), "--pool", "prefork", "--task-events",
+                "--concurrency", str(self.spec.slots), "--pool", "custom", "--task-events",
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
 
 

@@ -77,13 +77,14 @@ class NodeFree:
     def gpu_is_whole(self, i: int) -> bool:
         return self.free_milli[i] == MILLI and self.free_mem[i] == self.gpu_memory_mb
 
-    def whole_free(self) -> int:
-        return sum(1 for i in range(len(self.free_milli)) if self.gpu_is_whole(i))
+    def whole_indices(self) -> list[int]:
+        """GPUs nobody holds any share of, lowest index first."""
+        return [i for i in range(len(self.free_milli)) if self.gpu_is_whole(i)]
 
     def host_fits(self, task: TaskRequest) -> bool:
-        return (self.free_slots >= 1 and self.free_cpu_milli >= task.cpu_milli
-                and self.free_memory_mb >= task.memory_mb
-                and all(self.labels.get(k) == v for k, v in task.labels))
+        if self.free_slots < 1 or self.free_cpu_milli < task.cpu_milli or self.free_memory_mb < task.memory_mb:
+            return False
+        return not task.labels or all(self.labels.get(k) == v for k, v in task.labels)
 
     def share_memory(self, task: TaskRequest) -> int:
         """GPU memory a fractional task takes on this node's GPUs."""
@@ -117,10 +118,11 @@ class BestFit:
         self.whole: dict[str, int] = {}
         for node in self.nodes.values():
             self._file(node)
+        self.max_gpus = max((len(n.free_milli) for n in self.nodes.values()), default=0)
         self.free_slots = sum(n.free_slots for n in self.nodes.values())
 
     def _file(self, node: NodeFree) -> None:
-        count = node.whole_free()
+        count = len(node.whole_indices())
         self.whole[node.id] = count
         self.by_whole.setdefault(count, {})[node.id] = None
 
@@ -146,12 +148,11 @@ class BestFit:
         return Placement(task.id, node.id, tuple(gpus))
 
     def _whole(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        for count in sorted(c for c in self.by_whole if c >= task.whole_gpus):
-            for node_id in self.by_whole[count]:
+        for count in range(task.whole_gpus, self.max_gpus + 1):
+            for node_id in self.by_whole.get(count, ()):
                 node = self.nodes[node_id]
                 if node.gpu_memory_mb >= task.gpu_memory_mb and node.host_fits(task):
-                    free = [i for i in range(len(node.free_milli)) if node.gpu_is_whole(i)]
-                    return node, free[: task.whole_gpus]
+                    return node, node.whole_indices()[: task.whole_gpus]
         return None
 
     def _share(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:

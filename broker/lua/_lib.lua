@@ -118,11 +118,19 @@ local function batch_node(cache, leases_key, now, key, id, tasks_key, queue_key)
   return cache[id]
 end
 
--- Free share (milli) and memory of GPU i in a batch_node view, read on first use.
+-- Free share (milli) and memory of GPU i in a batch_node view; all GPUs of the node
+-- are read in one call on first use.
 local function batch_gpu(n, i)
   if n.milli[i] == nil then
-    local f = redis.call('HMGET', n.key, 'g' .. i .. '_milli', 'g' .. i .. '_mem')
-    n.milli[i], n.gmem[i] = num(f[1]), num(f[2])
+    local fields = {}
+    for g = 0, n.gpus - 1 do
+      fields[#fields + 1] = 'g' .. g .. '_milli'
+      fields[#fields + 1] = 'g' .. g .. '_mem'
+    end
+    local f = redis.call('HMGET', n.key, unpack(fields))
+    for g = 0, n.gpus - 1 do
+      n.milli[g], n.gmem[g] = num(f[2 * g + 1]), num(f[2 * g + 2])
+    end
   end
   return n.milli[i], n.gmem[i]
 end

@@ -28,7 +28,7 @@ Lua scripts that act on a dynamic set of tasks or nodes (reap, register) get
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 NAME_RULE = "1-64 characters from letters, digits, '_', '.' and '-'"
@@ -48,14 +48,13 @@ class PoolKeys:
     """Key names of one pool. Build it once with the pool name and pass it down."""
 
     pool: str
+    prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.pool):
             raise ValueError(f"pool: {self.pool!r} is not a valid pool name ({NAME_RULE})")
-
-    @property
-    def prefix(self) -> str:
-        return f"gpb:{{{self.pool}}}:"
+        # Built once: every key below starts with it, and the dispatcher builds thousands per cycle.
+        object.__setattr__(self, "prefix", f"gpb:{{{self.pool}}}:")
 
     @property
     def nodes(self) -> str:

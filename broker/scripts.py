@@ -178,8 +178,9 @@ class Scripts:
         k = self.keys
         keys = [k.pending, k.requests, k.leases]
         args: list[Any] = [self.clock()]
+        task, node, node_tasks, queue = k.task, k.node, k.node_tasks, k.queue
         for p in placements:
-            keys += (k.task(p.task_id), k.node(p.node_id), k.node_tasks(p.node_id), k.queue(p.node_id))
+            keys += (task(p.task_id), node(p.node_id), node_tasks(p.node_id), queue(p.node_id))
             args += (p.task_id, p.node_id, ",".join(map(str, p.gpu_indices)))
         return [ReserveCode(c) for c in self._run("reserve", keys, args)]
 

@@ -201,7 +201,9 @@ def demo(
     """Run a local demo cluster: Redis, dispatcher, three simulated nodes, Flower, a mixed workload."""
     from broker.demo import run_demo
 
-    sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live, timeout=timeout))
+    # A live view needs a terminal; piped or in CI, print a progress line per second instead.
+    sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live and console.is_terminal,
+                      timeout=timeout))
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ SHAPES = [
 
 def start_cluster(procs: Processes, client: Client, *extra: str) -> None:
     procs.dispatcher()
+    procs.dispatcher("dispatcher-2")  # racing dispatchers must be harmless: reserve.lua re-checks
     for node, args in NODES.items():
         procs.worker(node, *args, *extra)
     wait_until(lambda: {n.id for n in client.nodes() if n.state == "up"} == set(NODES), 30, what="nodes to register")
@@ -99,3 +100,20 @@ def test_a_task_that_raises_still_releases_its_capacity(procs: Processes, settin
         assert (cpu.state, cpu.result) == (TaskState.SUCCEEDED, "")
         wait_until(lambda: all(n.tasks == 0 for n in client.nodes()), 10, what="reservations to be released")
         assert_all_capacity_free(client)
+
+
+def test_cancel_of_a_running_task_stops_it_and_frees_its_gpus(procs: Processes, settings: Settings) -> None:
+    with Client(settings=settings) as client:
+        start_cluster(procs, client)
+        task_id = client.submit("workers.tasks.probe", kwargs={"seconds": 60}, resources=Resources(gpus=2)).id
+        running = wait_until(lambda: (s := client.status(task_id)).state is TaskState.RUNNING and s, 30,
+                             what="the task to start")
+        cancelled = client.cancel(task_id)
+        assert cancelled.state is TaskState.CANCELLED and cancelled.result is None
+        wait_until(lambda: "Terminating " + task_id in procs.log(f"worker-{running.node}"), 15,
+                   what="the worker to terminate the task's process")
+        assert_all_capacity_free(client)
+        # The freed GPUs are usable at once, and the cancelled task never reports a result.
+        after = client.wait(client.submit("workers.tasks.probe", resources=Resources(gpus=2)).id, 60)
+        assert after.state is TaskState.SUCCEEDED
+        assert client.status(task_id).state is TaskState.CANCELLED

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.errors import GpuBrokerError
+
+
+class GpuDetectionError(GpuBrokerError):
+    """NVML could not tell what GPUs this machine has."""
+
 
 @dataclass(frozen=True)
 class GpuInventory:
@@ -13,15 +19,15 @@ class GpuInventory:
 
 
 def detect() -> GpuInventory:
-    """Count the GPUs NVML sees; raises RuntimeError with the reason when it cannot."""
+    """Count the GPUs NVML sees; raises GpuDetectionError with the reason when it cannot."""
     try:
         import pynvml  # optional at import time: CPU-only machines lack the driver
     except ImportError as exc:
-        raise RuntimeError("--gpus auto needs nvidia-ml-py (pip install nvidia-ml-py)") from exc
+        raise GpuDetectionError("--gpus auto needs nvidia-ml-py (pip install nvidia-ml-py)") from exc
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        raise RuntimeError(f"--gpus auto: NVML is not available here ({exc}); give --gpus N instead") from exc
+        raise GpuDetectionError(f"--gpus auto: NVML is not available here ({exc}); give --gpus N instead") from exc
     try:
         count = pynvml.nvmlDeviceGetCount()
         if count == 0:

@@ -1,0 +1,71 @@
+"""The CLI through Typer's runner against a real Redis: exit codes and messages a user sees."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from broker.settings import Settings
+from workers.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    return {"GPUBROKER_REDIS_URL": settings.redis_url, "GPUBROKER_POOL": settings.pool}
+
+
+def test_submit_status_queue_cancel(env: dict[str, str]) -> None:
+    submitted = runner.invoke(app, ["submit", "workers.tasks.probe", "--gpus", "0.5", "--priority", "3", "--json"],
+                              env=env)
+    assert submitted.exit_code == 0, submitted.output
+    task_id = json.loads(submitted.output)["id"]
+    queue = runner.invoke(app, ["queue", "--json"], env=env)
+    assert [(e["position"], e["id"], e["priority"]) for e in json.loads(queue.output)] == [(1, task_id, 3)]
+    status = runner.invoke(app, ["status", task_id, "--json"], env=env)
+    assert json.loads(status.output)["state"] == "PENDING"
+    cancelled = runner.invoke(app, ["cancel", task_id, "--json"], env=env)
+    assert json.loads(cancelled.output)["state"] == "CANCELLED"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "workers.tasks.probe", "--gpus", "1.5"], "gpus: must be a whole number"),
+        (["submit", "workers.tasks.probe", "--kwargs", "[1]"], "kwargs: must be a JSON object"),
+        (["submit", "workers.tasks.probe", "--args", "{oops"], "args: not valid JSON"),
+        (["submit", "workers.tasks.probe", "--label", "gpu_model"], "label: 'gpu_model' is not key=value"),
+        (["submit", "not a task"], "task_name"),
+    ],
+)
+def test_bad_input_is_refused_with_exit_code_2(env: dict[str, str], redis_client: redis.Redis, args: list[str],
+                                               message: str) -> None:
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 2
+    assert "refused" in result.output and message in result.output
+    assert redis_client.dbsize() == 0
+
+
+def test_unknown_task_is_an_error_with_exit_code_3(env: dict[str, str]) -> None:
+    result = runner.invoke(app, ["status", "nope"], env=env)
+    assert result.exit_code == 3
+    assert "no task with id 'nope'" in result.output
+
+
+def test_worker_gpus_auto_without_nvml_says_what_to_do(env: dict[str, str], redis_client: redis.Redis) -> None:
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:  # a real GPU machine would start a real worker here
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has NVML")
+    result = runner.invoke(app, ["worker", "--node", "n1", "--gpus", "auto"], env=env)
+    assert result.exit_code == 3
+    assert "--gpus auto" in result.output and "--gpus N" in result.output
+    assert redis_client.dbsize() == 0

@@ -77,6 +77,11 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
+    def restart(self) -> None:
+        """kill -9, then start again on the same port and directory: it loads what it persisted."""
+        self.kill()
+        self.start()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -117,6 +122,27 @@ class Processes:
             pass
         proc.wait(30)
 
+    @staticmethod
+    @contextmanager
+    def paused(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
+        """SIGSTOP these process groups and SIGCONT them afterwards, so that nothing they run
+        changes Redis while a test reads several keys (each Lua script ran wholly or not at all)."""
+        stopped = []
+        try:
+            for proc in procs:
+                try:
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                    stopped.append(proc)
+                except ProcessLookupError:
+                    pass
+            yield
+        finally:
+            for proc in stopped:
+                try:
+                    os.killpg(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -133,8 +159,8 @@ class Processes:
 
 
 @contextmanager
-def processes(logdir: Path, redis_url: str, pool: str) -> Iterator[Processes]:
-    procs = Processes(logdir, redis_url, pool)
+def processes(logdir: Path, redis_url: str, pool: str, env: dict[str, str] | None = None) -> Iterator[Processes]:
+    procs = Processes(logdir, redis_url, pool, env)
     try:
         yield procs
     finally:

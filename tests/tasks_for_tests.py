@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from typing import Any
 
+from workers import context
 from workers.app import app
 
 
@@ -15,3 +19,28 @@ def boom(message: str = "boom") -> None:
 @app.task(name="tests.visible")
 def visible() -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _attempt(task: Any) -> int:
+    """Which attempt this is: reserve.lua tags each attempt's message ``<task id>.<attempt>``."""
+    return int(task.request.properties["delivery_tag"].rsplit(".", 1)[1])
+
+
+@app.task(name="tests.killed_on_attempts", bind=True)
+def killed_on_attempts(self: Any, upto: int) -> dict[str, Any]:
+    """SIGKILL the process running this attempt, as the OOM killer would, while attempt <= upto."""
+    attempt = _attempt(self)
+    if attempt <= upto:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"attempt": attempt, "pid": os.getpid(), "node": context.node_id()}
+
+
+@app.task(name="tests.slow_on_attempts", bind=True)
+def slow_on_attempts(self: Any, upto: int, seconds: float) -> dict[str, Any]:
+    """Sleep ``seconds`` while attempt <= upto, then return at once: a long task that ends on retry."""
+    attempt = _attempt(self)
+    started = time.time()
+    if attempt <= upto:
+        time.sleep(seconds)
+    return {"attempt": attempt, "pid": os.getpid(), "node": context.node_id(), "started_at": started,
+            "finished_at": time.time()}

@@ -15,7 +15,9 @@ import socket
 import threading
 import uuid
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
+import redis
 from celery import Celery, concurrency
 
 from broker.celery_conf import celery_settings
@@ -26,10 +28,13 @@ from broker.models import NodeSpec
 from broker.scripts import HeartbeatCode, RegisterCode, Scripts
 from broker.settings import Settings
 from workers import context
+from workers.recovery import RedeliverUnacked
 
 log = logging.getLogger(__name__)
 
 FRESH_PROCESS_POOL = "workers.pool:FreshProcessPool"
+GUARDED_TRANSPORT = "workers.rejects:GuardedTransport"
+GUARDED_CONSUMER = "workers.rejects:GuardedConsumer"
 
 
 class NodeAgent:
@@ -72,15 +77,23 @@ class NodeAgent:
             terminate_active_tasks()
             self.register()
         elif code is HeartbeatCode.FENCED:
-            log.error("node %s was taken over by another worker process; shutting down", self.spec.node_id)
+            # The new incarnation has reclaimed our tasks and may be running them already: a
+            # warm shutdown alone would let ours run to the end beside them.
+            log.error("node %s was taken over by another worker process; terminating its running tasks "
+                      "and shutting down", self.spec.node_id)
             self.stop.set()
+            terminate_active_tasks()
             os.kill(os.getpid(), signal.SIGTERM)
         return code
 
     def _beat(self) -> None:
+        # Keep beating every heartbeat_s through a Redis outage (the client itself backs off
+        # within each try): the lease must be renewed the moment Redis is back.
         while not self.stop.wait(self.settings.heartbeat_s):
             try:
                 self.heartbeat_once()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("heartbeat failed: Redis unreachable (%s); retrying", exc)
             except Exception:
                 log.warning("heartbeat failed; retrying", exc_info=True)
 
@@ -102,10 +115,17 @@ class NodeAgent:
             unacked_key=self.keys.unacked(node), unacked_index_key=self.keys.unacked_index(node),
             unacked_mutex_key=self.keys.unacked_mutex(node))
         conf["worker_max_tasks_per_child"] = 1
+        # One poison message on the queue must not stop or wedge the node (workers.rejects).
+        conf["worker_consumer"] = GUARDED_CONSUMER
+        if urlsplit(self.settings.redis_url).scheme in ("redis", "rediss"):
+            # An explicit transport wins over the URL's scheme; other schemes keep kombu's own.
+            conf["broker_transport"] = GUARDED_TRANSPORT
         # Celery's documented hook for a pool class of one's own (`--pool custom`).
         os.environ["CELERY_CUSTOM_WORKER_POOL"] = FRESH_PROCESS_POOL
         concurrency.ALIASES["custom"] = FRESH_PROCESS_POOL
         app.conf.update(conf)
+        # Messages held when the Redis connection drops go back to the queue on reconnect.
+        app.steps["consumer"].add(RedeliverUnacked)
         return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
                 "--concurrency", str(self.spec.slots), "--pool", "custom", "--task-events",
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

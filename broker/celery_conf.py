@@ -6,16 +6,33 @@ Transport options must be identical everywhere that touches the node queues
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from celery import Celery
+from kombu.utils.url import parse_url
 
 from broker.settings import Settings
+
+
+def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
+    """kombu's TLS options for a ``rediss://`` URL: its ``ssl_*`` query parameters, verifying
+    the server certificate unless the URL says otherwise (``ssl_cert_reqs=none``).
+
+    redis-py reads the same parameters from the URL itself. Without this, kombu would fall
+    back to CERT_NONE when the URL has no ``ssl_cert_reqs``, and Flower's queue view (which
+    takes TLS options only from ``broker_use_ssl``) could not connect at all.
+    """
+    if not redis_url.startswith("rediss://"):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, **(parse_url(redis_url).get("ssl") or {})}
 
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
+        # TLS for rediss:// URLs (False, Celery's default, otherwise).
+        "broker_use_ssl": broker_use_ssl(settings.redis_url) or False,
         # JSON only: a message of another content type is rejected unread.
         "task_serializer": "json",
         "result_serializer": "json",

@@ -38,7 +38,16 @@ class NodeRejected(GpuBrokerError):
 
 
 class BrokerUnavailable(GpuBrokerError, ConnectionError):
-    """Redis could not be reached; nothing was changed by the failed call."""
+    """Redis could not be reached; the failed call changed nothing unless the connection dropped
+    after Redis received it (every call is safe to retry)."""
+
+
+class AuthenticationFailed(BrokerUnavailable):
+    """Redis refused the user or password in the Redis URL; nothing was changed."""
+
+
+class AccessDenied(GpuBrokerError, PermissionError):
+    """The Redis user in the URL lacks an ACL permission this call needs (NOPERM)."""
 
 
 class WaitTimeout(GpuBrokerError, TimeoutError):

@@ -18,6 +18,7 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 | ``P requests``               | hash   | task id -> compact request JSON, for PENDING tasks only          | none |
 | ``P idempotency``            | hash   | idempotency key -> task id                                       | none |
 | ``P seq``                    | string | submit counter (gives submit order)                              | none |
+| ``P rejected``               | hash   | node id -> poison messages its worker dropped unread (counter)   | none |
 | ``P wake``                   | pubsub | channel the scripts publish on so dispatchers wake               |  -   |
 
 Lua scripts that act on a dynamic set of tasks or nodes (reap, register) get
@@ -79,6 +80,11 @@ class PoolKeys:
     @property
     def seq(self) -> str:
         return self.prefix + "seq"
+
+    @property
+    def rejected(self) -> str:
+        """Counter per node of queue messages its worker refused without running them."""
+        return self.prefix + "rejected"
 
     @property
     def wake(self) -> str:

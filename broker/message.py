@@ -41,8 +41,11 @@ def build_message(task_id: str, task_name: str, args: Any, kwargs: dict[str, Any
     """Return the JSON envelope for ``task_name(*args, **kwargs)`` with id ``task_id``."""
     app = _capture_app()
     with _lock, app.connection_for_write() as conn:
-        app.send_task(task_name, args=list(args), kwargs=kwargs, task_id=task_id,
-                      queue=_CAPTURE_QUEUE, priority=0, connection=conn)
+        try:
+            app.send_task(task_name, args=list(args), kwargs=kwargs, task_id=task_id,
+                          queue=_CAPTURE_QUEUE, priority=0, connection=conn)
+        except RecursionError:  # Celery's encoder nests deeper than SubmitRequest's check
+            raise InvalidRequest({"args": "nested too deeply to encode"}) from None
         raw = conn.default_channel._get(_CAPTURE_QUEUE)
     properties = raw.pop("properties")
     properties.pop("delivery_tag", None)
@@ -50,7 +53,10 @@ def build_message(task_id: str, task_name: str, args: Any, kwargs: dict[str, Any
     # properties must close the document: reserve.lua appends the routing and the tag there.
     text = json.dumps({**raw, "properties": properties}, separators=(",", ":"), allow_nan=False)
     if len(text) > max_bytes:
-        raise InvalidRequest({"args": f"the encoded task is {len(text)} bytes; the limit is {max_bytes}"})
+        # Name the bigger of the two, so the user knows which one to shrink.
+        field = "kwargs" if len(json.dumps(kwargs)) > len(json.dumps(list(args))) else "args"
+        raise InvalidRequest({field: f"the encoded task (args and kwargs) is {len(text)} bytes; "
+                                     f"the limit is {max_bytes}"})
     return text
 
 

@@ -168,6 +168,8 @@ class SubmitRequest(_Strict):
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"must be JSON-serialisable ({exc})") from None
+        except RecursionError:  # uncaught, it would escape as a crash instead of naming the field
+            raise ValueError("must be JSON-serialisable (nested too deeply)") from None
         return value
 
 

@@ -74,5 +74,5 @@ def status_table(status: TaskStatus) -> Table:
     if status.error:
         rows["error"] = status.error
     for field, value in rows.items():
-        table.add_row(field, value)
+        table.add_row(field, Text(value))  # results and errors are user text: never Rich markup
     return table

@@ -3,6 +3,11 @@
 ``assert_capacity_invariant`` is DESIGN.md invariant 1 read straight from Redis:
 for every node, free + the ``alloc`` of the tasks in its ``:tasks`` set equals
 capacity, per GPU index, CPU, RAM and slots, and nothing free is negative.
+``assert_membership_invariant`` (one state per task, and the pending/requests/node
+sets agree with it), ``assert_queue_invariant`` (invariant 3: a RESERVED task's
+message is on its node's queue) and ``assert_progress`` (attempts and retries never
+go back, final states stay final) complete the set; ``assert_pool_invariants``
+runs the three read from Redis in one call.
 The builders go through the same path ``Client.submit`` and the worker agent use
 (Celery's own message builder, the compact request wire), so tests see real data.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import redis
@@ -27,6 +33,8 @@ MAX_PAYLOAD = 1 << 20
 LEASE_MS = 10_000
 DEFAULT_RESOURCES = Resources(cpus=1, memory_mb=1024)
 LIVE_STATES = ("RESERVED", "RUNNING")
+FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+ALL_STATES = ("PENDING", *LIVE_STATES, *FINAL_STATES)
 _GPU_FIELD = re.compile(r"^g(\d+)_(milli|mem)\Z")
 
 
@@ -190,8 +198,137 @@ def assert_capacity_invariant(client: redis.Redis, keys: PoolKeys) -> None:
             assert free + held[free_field] == int(node[cap_field]), (
                 f"node {node_id}: {free_field} {free} + held {held[free_field]} != {cap_field} {node[cap_field]}")
 
+    # One pipelined read for every task (pools in the end-to-end tests hold thousands).
+    pipe = client.pipeline(transaction=False)
     for key in client.scan_iter(match=keys.prefix + "task:*", count=1000):
-        task = hash_of(client, key.decode())
-        if "alloc" in task:
-            on = task.get("node", "")
-            assert task["id"] in node_task_ids(client, keys, on), f"task {task['id']} holds an alloc off node {on!r}"
+        pipe.hmget(key, "id", "alloc", "node")
+    on_node: dict[str, set[str]] = {}
+    for task_id, alloc, node in pipe.execute():
+        if alloc is not None:
+            on = text(node) or ""
+            if on not in on_node:
+                on_node[on] = node_task_ids(client, keys, on)
+            assert text(task_id) in on_node[on], f"task {text(task_id)} holds an alloc off node {on!r}"
+
+
+def all_tasks(client: redis.Redis, keys: PoolKeys) -> dict[str, dict[str, str]]:
+    """Every task hash of the pool by task id (the stored Celery message left out)."""
+    task_keys = sorted(k.decode() for k in client.scan_iter(match=keys.prefix + "task:*", count=1000))
+    pipe = client.pipeline(transaction=False)
+    for key in task_keys:
+        pipe.hgetall(key)
+    tasks = {}
+    for key, h in zip(task_keys, pipe.execute(), strict=True):
+        tasks[key.removeprefix(keys.task(""))] = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
+    return tasks
+
+
+def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str, dict[str, str]]:
+    """Each task is in exactly one state, and where it is listed agrees with that state.
+
+    PENDING: in ``pending`` (with its own score) and ``requests`` (with its own request),
+    on no node, holding nothing. RESERVED/RUNNING: on exactly its node's ``:tasks`` set,
+    holding an ``alloc`` and the tag of its current attempt, in neither pending list.
+    Final: listed nowhere, holding nothing. Nothing is listed for a task that does not
+    exist. Returns the task hashes it read, for further checks.
+    """
+    tasks = all_tasks(client, keys)
+    pending = {m.decode(): int(s) for m, s in client.zrange(keys.pending, 0, -1, withscores=True)}
+    requests = hash_of(client, keys.requests)
+    registered = {m.decode() for m in client.smembers(keys.nodes)}
+    held_on: dict[str, list[str]] = {}
+    for key in client.scan_iter(match=keys.prefix + "node:*:tasks", count=1000):
+        node_id = key.decode().removeprefix(keys.node("")).removesuffix(":tasks")
+        assert node_id in registered, f"task set of unregistered node {node_id}"
+        for task_id in node_task_ids(client, keys, node_id):
+            held_on.setdefault(task_id, []).append(node_id)
+
+    for task_id, t in tasks.items():
+        state, where = t.get("state"), f"task {task_id}"
+        assert state in ALL_STATES, f"{where} has state {state!r}"
+        assert t.get("id") == task_id, f"{where} names itself {t.get('id')!r}"
+        if state == "PENDING":
+            assert pending.get(task_id) == int(t["score"]), f"{where} is PENDING but pending has {pending.get(task_id)}"
+            assert requests.get(task_id) == t["req"], f"{where} is PENDING but its request is {requests.get(task_id)}"
+            assert task_id not in held_on, f"{where} is PENDING but held on {held_on[task_id]}"
+            assert "alloc" not in t and "tag" not in t and "node" not in t, f"{where} is PENDING but holds {t}"
+        elif state in LIVE_STATES:
+            assert held_on.get(task_id) == [t.get("node")], (
+                f"{where} is {state} on {t.get('node')}, held on {held_on.get(task_id)}")
+            assert t["node"] in registered, f"{where} is {state} on unregistered node {t['node']}"
+            assert "alloc" in t, f"{where} is {state} without an alloc"
+            assert t.get("tag") == f"{task_id}.{t['attempts']}", (
+                f"{where} has tag {t.get('tag')} at attempt {t['attempts']}")
+            assert task_id not in pending and task_id not in requests, f"{where} is {state} but still pending"
+        else:
+            assert task_id not in pending and task_id not in requests, f"{where} is {state} but still pending"
+            assert task_id not in held_on, f"{where} is {state} but held on {held_on[task_id]}"
+            assert "alloc" not in t, f"{where} is {state} but holds {t['alloc']}"
+    assert set(pending) <= set(tasks), f"pending lists unknown tasks {set(pending) - set(tasks)}"
+    assert set(requests) == set(pending), f"requests {sorted(requests)} != pending {sorted(pending)}"
+    assert set(held_on) <= set(tasks), f"node task sets list unknown tasks {set(held_on) - set(tasks)}"
+    return tasks
+
+
+def queued_envelopes(client: redis.Redis, keys: PoolKeys, node_id: str) -> list[dict[str, Any]]:
+    """The node queue's messages, parsed, in the order a worker takes them."""
+    return [json.loads(raw) for raw in queue_messages(client, keys, node_id)]
+
+
+def assert_queue_invariant(client: redis.Redis, keys: PoolKeys, tasks: dict[str, dict[str, str]],
+                           taken: Collection[tuple[str, str]] = ()) -> None:
+    """Atomic handoff (DESIGN.md invariant 3) read from Redis.
+
+    Every RESERVED task's message, with the tag of its current attempt, is on its node's
+    queue, or was ``taken`` by that node's worker (``(node, tag)`` pairs a test's worker
+    popped and has not finished). Every queued message is a Celery envelope for an
+    existing task, addressed to the queue it is on, its tag naming the task, and no tag
+    is queued twice. (Messages of tasks that moved on stay queued until a worker takes
+    them; start.lua's fence drops them.)
+    """
+    queued: dict[str, str] = {}
+    for node_id in sorted(m.decode() for m in client.smembers(keys.nodes)):
+        for envelope in queued_envelopes(client, keys, node_id):
+            properties = envelope["properties"]
+            tag, task_id = properties["delivery_tag"], envelope["headers"]["id"]
+            where = f"message {tag} on {node_id}"
+            assert properties["delivery_info"]["routing_key"] == keys.queue(node_id), f"{where} is misaddressed"
+            assert tag.rpartition(".")[0] == task_id, f"{where} carries task {task_id}"
+            assert task_id in tasks, f"{where} is for a task that does not exist"
+            assert tag not in queued, f"{where} is queued on {queued[tag]} too"
+            queued[tag] = node_id
+    held = set(taken)
+    for task_id, t in tasks.items():
+        if t["state"] == "RESERVED":
+            node_id, tag = t["node"], t["tag"]
+            assert queued.get(tag) == node_id or (node_id, tag) in held, (
+                f"task {task_id} is RESERVED on {node_id} but its message {tag} is nowhere")
+
+
+def assert_pool_invariants(client: redis.Redis, keys: PoolKeys,
+                           taken: Collection[tuple[str, str]] = ()) -> dict[str, dict[str, str]]:
+    """Membership, capacity and handoff invariants at once; returns the task hashes read."""
+    tasks = assert_membership_invariant(client, keys)
+    assert_capacity_invariant(client, keys)
+    assert_queue_invariant(client, keys, tasks, taken)
+    return tasks
+
+
+Progress = dict[str, tuple[str, int, int]]
+
+
+def progress_of(tasks: dict[str, dict[str, str]]) -> Progress:
+    """task id -> (state, attempts, retries), for ``assert_progress``."""
+    return {task_id: (t["state"], int(t["attempts"]), int(t["retries"])) for task_id, t in tasks.items()}
+
+
+def assert_progress(before: Progress, after: Progress) -> None:
+    """No task vanished, attempts and retries never went back, and a final state never changed."""
+    for task_id, (state, attempts, retries) in before.items():
+        assert task_id in after, f"task {task_id} ({state}) vanished"
+        new_state, new_attempts, new_retries = after[task_id]
+        assert new_attempts >= attempts, f"task {task_id} attempts went back {attempts} -> {new_attempts}"
+        assert new_retries >= retries, f"task {task_id} retries went back {retries} -> {new_retries}"
+        if state in FINAL_STATES:
+            assert (new_state, new_attempts, new_retries) == (state, attempts, retries), (
+                f"task {task_id} left final state {state} for {after[task_id]}")

@@ -11,12 +11,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from broker import views
 from broker.client import Client
 from broker.errors import GpuBrokerError, InvalidRequest
 from broker.models import Resources
-from broker.settings import Settings
+from broker.settings import Settings, redacted_url
 
 app = typer.Typer(help="gpubroker: a GPU-aware task broker on Redis and Celery.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -33,7 +34,7 @@ def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> S
     try:
         return Settings(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -64,10 +65,10 @@ def run_cli(fn: Any) -> Any:
     try:
         return fn()
     except InvalidRequest as exc:
-        err.print(f"[red]refused:[/] {exc}")
+        err.print(f"[red]refused:[/] {escape(str(exc))}")  # user text: never markup
         raise typer.Exit(2) from None
     except GpuBrokerError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(3) from None
 
 
@@ -91,7 +92,7 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, settings.redis_url)
+    logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, redacted_url(settings.redis_url))
     Dispatcher(settings).run_forever(stop)
 
 

@@ -13,11 +13,19 @@ from typing import Any, ParamSpec, TypeVar, cast
 import redis
 from celery import Celery
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 
 from broker import state
 from broker.celery_conf import monitor_app
-from broker.errors import BrokerUnavailable, TaskNotFound, Unsatisfiable, WaitTimeout
+from broker.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BrokerUnavailable,
+    TaskNotFound,
+    Unsatisfiable,
+    WaitTimeout,
+)
 from broker.keys import PoolKeys
 from broker.message import build_message, new_task_id
 from broker.models import (
@@ -38,14 +46,31 @@ R = TypeVar("R")
 PENDING_QUEUE_LABEL = "gpubroker:pending"
 
 
+class _Retry(Retry):
+    """Retries a lost connection briefly, but never refused credentials (AuthenticationError
+    is a ConnectionError to redis-py): no retry can fix a wrong password."""
+
+    def call_with_retry(self, do: Callable[[], R], fail: Callable[..., Any], *args: Any, **kwargs: Any) -> R:
+        def fail_fast(error: Exception, *count: int) -> None:
+            fail(error, *count)  # redis-py's own clean-up (disconnect) first
+            if isinstance(error, redis.AuthenticationError):
+                raise error
+
+        return super().call_with_retry(do, fail_fast, *args, **kwargs)
+
+
 def connect(settings: Settings) -> redis.Redis:
-    """A Redis client that retries briefly with backoff, then fails instead of hanging."""
+    """A Redis client that retries briefly with backoff, then fails instead of hanging.
+
+    Credentials and TLS come from the URL: ``redis://USER:PASSWORD@HOST:PORT/DB`` (an ACL
+    user, see config/redis-acl.conf), ``redis://:PASSWORD@...`` (requirepass), and
+    ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` for TLS."""
     return redis.Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
@@ -55,8 +80,18 @@ def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
+        except redis.AuthenticationError as exc:  # a ConnectionError too: test it first
+            raise AuthenticationFailed(
+                f"Redis refused the credentials in the Redis URL ({exc}); give them as "
+                "redis://USER:PASSWORD@HOST:PORT/DB; nothing was changed") from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Redis is unreachable ({exc}); nothing was changed") from exc
+            raise BrokerUnavailable(
+                f"Redis is unreachable ({exc}); nothing was changed, unless the connection dropped after Redis "
+                "received the call: retrying is safe (a submit retried with the same idempotency_key is not "
+                "duplicated)") from exc
+        except NoPermissionError as exc:
+            raise AccessDenied(f"the Redis user in the Redis URL may not do this ({exc}); see "
+                               "config/redis-acl.conf for what each role may do") from exc
     return wrapper
 
 
@@ -166,8 +201,10 @@ class Client:
             task_id, req.idempotency_key, req.priority, json.dumps(request_wire(req), separators=(",", ":")),
             message, req.task_name, req.tenant, req.max_retries)
         if code is SubmitCode.DUPLICATE:
-            return TaskHandle(self, existing, created=False)
-        if code is not SubmitCode.CREATED:
+            return TaskHandle(self, existing, created=existing == task_id)
+        # The id is a fresh uuid4: only this call can have taken it, when the reply to the
+        # script was lost and redis-py sent it again (connection dropped, socket timeout).
+        if code is not SubmitCode.CREATED and code is not SubmitCode.ID_TAKEN:
             raise RuntimeError(f"submit.lua refused fresh task id {task_id}: {code.name}")
         self._announce_sent(message, task_id, req.task_name)
         return TaskHandle(self, task_id, created=True)
@@ -193,7 +230,15 @@ class Client:
         held_by = cast(bytes | None, self.redis.hget(self.keys.task(task_id), "node"))
         node = held_by.decode() if held_by else None
         for _ in range(10):
-            code, detail = self.scripts.cancel(task_id, node)
+            try:
+                code, detail = self.scripts.cancel(task_id, node)
+            except NoPermissionError as exc:
+                if node is None:
+                    raise
+                raise AccessDenied(
+                    f"task {task_id} is held by node {node}: cancelling it releases that node's capacity, "
+                    f"which the Redis user in the Redis URL may not write ({exc}); nothing was changed. "
+                    "Cancel it as a user with node access (admin in config/redis-acl.conf)") from exc
             if code is CancelCode.NOT_FOUND:
                 raise TaskNotFound(task_id)
             if code is not CancelCode.MOVED:

@@ -129,3 +129,20 @@ def test_unreachable_redis_is_a_clear_error_not_a_hang() -> None:
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5)
     with Client(settings=settings) as client, pytest.raises(BrokerUnavailable, match="nothing was changed"):
         client.submit("workers.tasks.probe")
+
+
+def test_a_submit_that_redis_py_sent_twice_is_one_task(client: Client, redis_client: redis.Redis,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply to submit.lua was lost (connection dropped, socket timeout) and redis-py's
+    retry ran the script again: the caller gets its task, which exists once."""
+    run = client.scripts._run
+
+    def run_twice(name: str, keys: list[str], args: list[object]) -> object:
+        if name == "submit":
+            run(name, keys, args)
+        return run(name, keys, args)
+
+    monkeypatch.setattr(client.scripts, "_run", run_twice)
+    handle = client.submit("workers.tasks.probe")
+    assert handle.created and client.status(handle.id).state is TaskState.PENDING
+    assert [m.decode() for m in redis_client.zrange(client.keys.pending, 0, -1)] == [handle.id]

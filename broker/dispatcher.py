@@ -6,6 +6,10 @@
     4 commit    reserve.lua re-checks and commits them in batches
     5 record    log and export what the cycle did and how long each phase took
 
+Phases 3 and 4 interleave batch by batch: while Redis runs one reserve.lua batch,
+the dispatcher plans the next, so Redis and Python each keep a core busy. Each
+phase's time is the sum over its turns.
+
 Several dispatchers may run on one pool: correctness comes from reserve.lua,
 which refuses a placement that no longer fits; a losing dispatcher just wastes
 a cycle.
@@ -13,10 +17,13 @@ a cycle.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -26,6 +33,7 @@ from prometheus_client import Histogram
 from broker import policy, state
 from broker.client import connect
 from broker.keys import PoolKeys
+from broker.policy import Placement
 from broker.scripts import Clock, ReserveCode, Scripts, wall_clock_ms
 from broker.settings import Settings
 
@@ -56,7 +64,8 @@ class _Timer:
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.report.seconds[self.phase] = time.perf_counter() - self.t0
+        seconds = self.report.seconds
+        seconds[self.phase] = seconds.get(self.phase, 0.0) + time.perf_counter() - self.t0
 
 
 class Dispatcher:
@@ -67,31 +76,51 @@ class Dispatcher:
         self.redis = client or connect(settings)
         self.scripts = Scripts(self.redis, self.keys, clock)
         self.clock = clock
+        self._node_shapes: dict[str, state.NodeShape] = {}  # read_free's memory of what nodes registered with
 
     def run_cycle(self) -> CycleReport:
         report = CycleReport()
-        window = self.settings.dispatch_window
         with _Timer(report, "1_reap"):
             report.reaped = self.scripts.reap()
         with _Timer(report, "2_snapshot"):
-            nodes = state.read_free(self.redis, self.keys, self.clock())
-            tasks = state.pending_requests(self.redis, self.keys, window)
-        report.nodes_seen, report.pending_seen = len(nodes), len(tasks)
-        report.window_full = len(tasks) >= window
-        with _Timer(report, "3_plan"):
-            placements = policy.plan(policy.order(tasks), nodes)
-        report.proposed = len(placements)
-        with _Timer(report, "4_commit"):
-            batch = self.settings.commit_batch
-            for start in range(0, len(placements), batch):
-                for code in self.scripts.reserve(placements[start:start + batch]):
-                    if code is ReserveCode.OK:
-                        report.placed += 1
-                    else:
-                        report.refused[code.name] += 1
+            nodes = state.read_free(self.redis, self.keys, self.clock(), self._node_shapes)
+            head = state.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
+                                     first=sum(n.free_slots for n in nodes))
+        report.nodes_seen = len(nodes)
+        tasks = (task for chunk in head.chunks() for task in policy.order(chunk))
+        self._plan_and_commit(report, policy.propose(tasks, nodes))
+        report.pending_seen, report.window_full = head.read, head.window_full
         with _Timer(report, "5_record"):
             self._record(report)
         return report
+
+    def _plan_and_commit(self, report: CycleReport, proposals: Iterator[Placement]) -> None:
+        """Phases 3 and 4: plan batch i+1 while reserve.lua runs batch i, then read i and send i+1."""
+        size, in_flight = self.settings.commit_batch, None
+        try:
+            while True:
+                with _Timer(report, "3_plan"):
+                    batch = list(itertools.islice(proposals, size))
+                with _Timer(report, "4_commit"):
+                    if in_flight is not None:
+                        read, in_flight = in_flight, None
+                        self._tally(report, read())
+                    if not batch:
+                        return
+                    in_flight = self.scripts.send_reserve(batch)
+                    report.proposed += len(batch)
+        finally:
+            if in_flight is not None:  # planning failed: still read the reply, freeing its connection
+                with contextlib.suppress(redis.RedisError):
+                    self._tally(report, in_flight())
+
+    @staticmethod
+    def _tally(report: CycleReport, codes: list[ReserveCode]) -> None:
+        for code in codes:
+            if code is ReserveCode.OK:
+                report.placed += 1
+            else:
+                report.refused[code.name] += 1
 
     def _record(self, report: CycleReport) -> None:
         pool = self.settings.pool

@@ -15,14 +15,17 @@ Spine policy:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 MILLI = 1000
 
 
-@dataclass(frozen=True, slots=True)
+# Placement and TaskRequest are value objects, but not frozen: the dispatcher builds tens of
+# thousands per cycle, and a frozen dataclass's __init__ (object.__setattr__ per field) took
+# four times as long. unsafe_hash keeps them hashable by value, as frozen ones are.
+@dataclass(slots=True, unsafe_hash=True)
 class Placement:
     """A proposal: run ``task_id`` on ``node_id`` using these GPU indices."""
 
@@ -31,7 +34,7 @@ class Placement:
     gpu_indices: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TaskRequest:
     """A pending task as the policy sees it."""
 
@@ -79,7 +82,9 @@ class NodeFree:
 
     def whole_indices(self) -> list[int]:
         """GPUs nobody holds any share of, lowest index first."""
-        return [i for i in range(len(self.free_milli)) if self.gpu_is_whole(i)]
+        memory = self.gpu_memory_mb  # gpu_is_whole inlined: this runs for every placement
+        return [i for i, (milli, mem) in enumerate(zip(self.free_milli, self.free_mem, strict=True))
+                if milli == MILLI and mem == memory]
 
     def host_fits(self, task: TaskRequest) -> bool:
         if self.free_slots < 1 or self.free_cpu_milli < task.cpu_milli or self.free_memory_mb < task.memory_mb:
@@ -113,22 +118,27 @@ class BestFit:
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
         self.nodes = {n.id: n.copy() for n in nodes}
-        # Wholly free GPU count -> node ids, insertion-ordered so ties break the same way each run.
-        self.by_whole: dict[int, dict[str, None]] = {}
-        self.whole: dict[str, int] = {}
-        for node in self.nodes.values():
-            self._file(node)
         self.max_gpus = max((len(n.free_milli) for n in self.nodes.values()), default=0)
+        # Wholly free GPU count -> node ids, insertion-ordered so ties break the same way each run.
+        self.by_whole: list[dict[str, None]] = [{} for _ in range(self.max_gpus + 1)]
+        self.whole: dict[str, int] = {}
+        # Node id -> its wholly free GPU indices, ascending: kept up to date as tasks are placed
+        # rather than recounted, since every placement needs them.
+        self.whole_gpus: dict[str, list[int]] = {}
+        for node in self.nodes.values():
+            self.whole_gpus[node.id] = node.whole_indices()
+            self._file(node, len(self.whole_gpus[node.id]))
         self.free_slots = sum(n.free_slots for n in self.nodes.values())
 
-    def _file(self, node: NodeFree) -> None:
-        count = len(node.whole_indices())
+    def _file(self, node: NodeFree, count: int) -> None:
         self.whole[node.id] = count
-        self.by_whole.setdefault(count, {})[node.id] = None
+        self.by_whole[count][node.id] = None
 
-    def _refile(self, node: NodeFree) -> None:
+    def _refile(self, node: NodeFree, count: int) -> None:
+        """Move the node to the back of the bucket for ``count``, even when that is its own bucket."""
         del self.by_whole[self.whole[node.id]][node.id]
-        self._file(node)
+        self.whole[node.id] = count
+        self.by_whole[count][node.id] = None
 
     def place(self, task: TaskRequest) -> Placement | None:
         if self.free_slots <= 0:
@@ -142,17 +152,22 @@ class BestFit:
         if choice is None:
             return None
         node, gpus = choice
+        whole = self.whole_gpus[node.id]
+        if task.whole_gpus:
+            del whole[: len(gpus)]  # _whole hands out the lowest wholly free indices
+        elif gpus and gpus[0] in whole:
+            whole.remove(gpus[0])  # a share leaves its GPU partly used
         node.take(task, gpus)
-        self._refile(node)
+        self._refile(node, len(whole))
         self.free_slots -= 1
         return Placement(task.id, node.id, tuple(gpus))
 
     def _whole(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        for count in range(task.whole_gpus, self.max_gpus + 1):
-            for node_id in self.by_whole.get(count, ()):
+        for bucket in self.by_whole[task.whole_gpus:]:
+            for node_id in bucket:
                 node = self.nodes[node_id]
                 if node.gpu_memory_mb >= task.gpu_memory_mb and node.host_fits(task):
-                    return node, node.whole_indices()[: task.whole_gpus]
+                    return node, self.whole_gpus[node_id][: task.whole_gpus]
         return None
 
     def _share(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
@@ -178,19 +193,27 @@ class BestFit:
         return node, []
 
 
-def plan(tasks: Sequence[TaskRequest], nodes: Iterable[NodeFree]) -> list[Placement]:
-    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``."""
+def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree]) -> Iterator[Placement]:
+    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``, one at a time.
+
+    Lazy on both sides: the dispatcher commits each batch while the next is planned, and
+    ``tasks`` is not read past the point where every free slot is taken."""
     fit = BestFit(nodes)
     failed: set[tuple[Any, ...]] = set()
-    placements: list[Placement] = []
-    for task in tasks:
-        if fit.free_slots <= 0:
-            break
-        if task.shape in failed:  # capacity only shrinks within a plan
+    pending = iter(tasks)
+    while fit.free_slots > 0:  # checked before taking a task: the next one may cost a Redis read
+        task = next(pending, None)
+        if task is None:
+            return
+        if failed and task.shape in failed:  # capacity only shrinks within a plan
             continue
         placement = fit.place(task)
         if placement is None:
             failed.add(task.shape)
         else:
-            placements.append(placement)
-    return placements
+            yield placement
+
+
+def plan(tasks: Sequence[TaskRequest], nodes: Iterable[NodeFree]) -> list[Placement]:
+    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``."""
+    return list(propose(tasks, nodes))

@@ -108,6 +108,65 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
 }
 
 
+_RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
+
+
+def _bulk(data: bytes) -> bytes:
+    """One bulk string of the Redis protocol (RESP)."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def encode_command(*args: bytes) -> bytes:
+    """A command in the Redis protocol, to send as is (see ``send_reserve``, ``state.read_free``)."""
+    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+class _ReserveEncoder:
+    """Encodes reserve.lua batches straight into the Redis protocol, for ``send_reserve``.
+
+    redis-py's generic packing (a Python pass over every argument, then a sprintf per
+    argument in hiredis) cost the dispatcher more than planning the batch did: a placement
+    is 7 arguments, and 5 of them (node keys, node id, GPU list) repeat for every task the
+    batch puts on that node. Those parts are encoded once here and reused."""
+
+    MAX_NODES = 100_000  # node parts kept; a long-lived dispatcher sees nodes come and go
+
+    def __init__(self, keys: PoolKeys) -> None:
+        self.keys = keys
+        self.task_prefix = keys.task("").encode()
+        self.fixed_keys = b"".join(_bulk(key.encode()) for key in (keys.pending, keys.requests, keys.leases))
+        self.nodes: dict[str, tuple[bytes, bytes]] = {}  # node id -> (its 3 KEYS, its id as ARGV)
+        self.gpus: dict[tuple[int, ...], bytes] = {}  # GPU indices -> their ARGV
+
+    def _node(self, node_id: str) -> tuple[bytes, bytes]:
+        if len(self.nodes) >= self.MAX_NODES:
+            self.nodes.clear()
+        k = self.keys
+        part = self.nodes[node_id] = (
+            b"".join(_bulk(key.encode()) for key in (k.node(node_id), k.node_tasks(node_id), k.queue(node_id))),
+            _bulk(node_id.encode()))
+        return part
+
+    def _gpus(self, gpus: tuple[int, ...]) -> bytes:
+        if len(self.gpus) >= self.MAX_NODES:
+            self.gpus.clear()
+        part = self.gpus[gpus] = _bulk(",".join(map(str, gpus)).encode())
+        return part
+
+    def command(self, sha: str, now: int, placements: Sequence[Placement]) -> bytes:
+        """EVALSHA sha with what ``Scripts._reserve_call`` would pass, encoded."""
+        prefix, nodes, gpus = self.task_prefix, self.nodes, self.gpus
+        keys, args = [self.fixed_keys], [_bulk(b"%d" % now)]
+        for p in placements:
+            node = nodes.get(p.node_id) or self._node(p.node_id)
+            task_id = p.task_id.encode()
+            keys += (b"$%d\r\n%s%s\r\n" % (len(prefix) + len(task_id), prefix, task_id), node[0])
+            args += (_bulk(task_id), node[1], gpus.get(p.gpu_indices) or self._gpus(p.gpu_indices))
+        n = len(placements)
+        head = b"*%d\r\n" % (3 + 3 + 4 * n + 1 + 3 * n) + _bulk(b"EVALSHA") + _bulk(sha.encode())
+        return b"".join([head, _bulk(b"%d" % (3 + 4 * n)), *keys, *args])
+
+
 def script_source(name: str) -> str:
     return (LUA / "_lib.lua").read_text() + (LUA / f"{name}.lua").read_text()
 
@@ -131,6 +190,7 @@ class Scripts:
         self.keys = keys
         self.clock = clock
         self._scripts = {name: client.register_script(script_source(name)) for name in SIGNATURES}
+        self._reserve_encoder = _ReserveEncoder(keys)
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return self._scripts[name](keys=list(keys), args=list(args))
@@ -175,14 +235,53 @@ class Scripts:
         """Commit a batch; returns one code per placement, in order."""
         if not placements:
             return []
+        return [_RESERVE_CODES[c] for c in self._run("reserve", *self._reserve_call(placements))]
+
+    def send_reserve(self, placements: Sequence[Placement]) -> Callable[[], list[ReserveCode]]:
+        """``reserve`` in two halves: send the batch now, call the result to read its codes.
+
+        Redis runs the batch while the dispatcher plans the next one, so Redis and Python
+        each keep a core busy. Until the codes are read the batch holds a pooled connection."""
+        now = self.clock()
+        command = self._reserve_encoder.command(self._scripts["reserve"].sha, now, placements)
+        read = self._send(command, lambda: self._run("reserve", *self._reserve_call(placements, now)))
+        return lambda: [_RESERVE_CODES[c] for c in read()]
+
+    def _reserve_call(self, placements: Sequence[Placement], now: int | None = None) -> tuple[list[str], list[Any]]:
         k = self.keys
         keys = [k.pending, k.requests, k.leases]
-        args: list[Any] = [self.clock()]
-        task, node, node_tasks, queue = k.task, k.node, k.node_tasks, k.queue
+        args: list[Any] = [self.clock() if now is None else now]
         for p in placements:
-            keys += (task(p.task_id), node(p.node_id), node_tasks(p.node_id), queue(p.node_id))
+            keys += (k.task(p.task_id), k.node(p.node_id), k.node_tasks(p.node_id), k.queue(p.node_id))
             args += (p.task_id, p.node_id, ",".join(map(str, p.gpu_indices)))
-        return [ReserveCode(c) for c in self._run("reserve", keys, args)]
+        return keys, args
+
+    def _send(self, command: bytes, on_noscript: Callable[[], Any]) -> Callable[[], Any]:
+        """Send an encoded EVALSHA without waiting; the returned function reads the reply (once).
+        ``on_noscript`` runs the call the usual way if the script cache was flushed (nothing ran)."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([command])
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+
+        def read() -> Any:
+            try:
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                return on_noscript()
+            except redis.ResponseError:
+                raise
+            except BaseException:  # the reply may be half read: the connection is unusable
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+
+        return read
 
     def start(self, task_id: str, node_id: str, tag: str) -> tuple[StartCode, str]:
         code, gpus = self._run("start", (self.keys.task(task_id),), (node_id, tag, self.clock()))
@@ -200,9 +299,12 @@ class Scripts:
     def cancel(self, task_id: str, node_id: str | None) -> tuple[CancelCode, str]:
         k = self.keys
         node = node_id or ""
+        # With no node, KEYS[2]/[3] are never touched: pass the task's own key rather than
+        # a node key, so a Redis user without node access (producer ACL) may cancel.
+        node_key, tasks_key = (k.node(node), k.node_tasks(node)) if node else (k.task(task_id), k.task(task_id))
         code, detail = self._run(
             "cancel",
-            (k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake),
+            (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake),
             (task_id, node, self.clock()),
         )
         return CancelCode(code), _text(detail)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
 from typing import Any, cast
 
 import redis
 
-from broker.keys import SEQ_BITS, PoolKeys
+from broker.keys import PoolKeys
 from broker.models import MILLI, GpuView, NodeView, QueueEntry, Resources
 from broker.policy import NodeFree, TaskRequest
+from broker.scripts import encode_command
 
 
 def _s(value: bytes | None) -> str:
@@ -53,28 +56,98 @@ def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
             for i, node_id in enumerate(ids) if replies[3 * i]]
 
 
-def read_pending(client: redis.Redis, keys: PoolKeys, limit: int) -> list[tuple[str, int, dict[str, Any]]]:
-    """The first ``limit`` pending tasks in dispatch order: (id, seq, request wire).
+_Pending = list[tuple[str, int, dict[str, Any]]]  # (task id, rank, request wire)
 
-    Tasks of one shape share their request text, so each distinct text is parsed once;
-    the returned dicts may be shared and must not be mutated."""
-    head = cast(list[tuple[bytes, float]], client.zrange(keys.pending, 0, limit - 1, withscores=True))
-    if not head:
-        return []
-    wires = cast(list[bytes | None], client.hmget(keys.requests, [task_id for task_id, _ in head]))
+
+def read_pending(client: redis.Redis, keys: PoolKeys, limit: int) -> _Pending:
+    """The first ``limit`` pending tasks in dispatch order: (id, rank, request wire).
+
+    The pending score orders by priority, then submit sequence, so the rank stands in for
+    both (reading the scores back as floats cost more than the rest of the read). Tasks of
+    one shape share their request text, so each distinct text is parsed once; the returned
+    dicts may be shared and must not be mutated."""
+    head = cast(list[bytes], client.zrange(keys.pending, 0, limit - 1))
+    return _with_requests(head, cast(list[bytes | None], client.hmget(keys.requests, head)) if head else [], 0)
+
+
+def _with_requests(head: list[bytes], wires: list[bytes | None], first_rank: int) -> _Pending:
     parsed: dict[bytes, dict[str, Any]] = {}
     out = []
-    for (task_id, score), wire in zip(head, wires, strict=True):
+    for rank, (task_id, wire) in enumerate(zip(head, wires, strict=True), first_rank):
         if wire is None:  # placed or cancelled between the two reads
             continue
-        if wire not in parsed:
-            parsed[wire] = json.loads(wire)
-        out.append((task_id.decode(), int(score) % (1 << SEQ_BITS), parsed[wire]))
+        request = parsed.get(wire)
+        if request is None:
+            request = parsed[wire] = json.loads(wire)
+        out.append((task_id.decode(), rank, request))
+    return out
+
+
+# TaskRequest's fields between id and seq: the same for every task of one request text.
+_RequestShape = tuple[int, int, int, int, int, tuple[tuple[str, str], ...], int]
+
+
+def _requests(pending: _Pending) -> list[TaskRequest]:
+    shapes: dict[int, _RequestShape] = {}  # id of a shared request dict -> its shape
+    out = []
+    for task_id, rank, wire in pending:
+        shape = shapes.get(id(wire))
+        if shape is None:
+            shape = shapes[id(wire)] = cast(_RequestShape, astuple(TaskRequest.from_wire("", wire))[1:-1])
+        out.append(TaskRequest(task_id, *shape, rank))
     return out
 
 
 def pending_requests(client: redis.Redis, keys: PoolKeys, limit: int) -> list[TaskRequest]:
-    return [TaskRequest.from_wire(task_id, wire, seq) for task_id, seq, wire in read_pending(client, keys, limit)]
+    """``read_pending`` as the policy sees it; ``seq`` is the rank in the pending queue."""
+    return _requests(read_pending(client, keys, limit))
+
+
+class PendingHead:
+    """The first ``limit`` pending tasks in dispatch order, read only as far as the planner gets.
+
+    The first ``first`` tasks (the cycle's free slots: no more can be placed) are read at
+    once, in the snapshot; more, in doubling chunks, only when the planner asks for them
+    because tasks at the head fit nowhere. A chunk starts after the score of the last task
+    read, not at a rank: the dispatcher's own commits remove tasks from the head meanwhile."""
+
+    def __init__(self, client: redis.Redis, keys: PoolKeys, limit: int, first: int) -> None:
+        self._client, self._keys, self.limit = client, keys, limit
+        self._size = max(1, min(first, limit))
+        self.read, self._after = 0, cast(float | None, None)  # _after: where the next chunk starts
+        self._head = self._read(self._size, None)
+
+    @property
+    def window_full(self) -> bool:
+        """The whole window was read: more may be pending behind it."""
+        return self.read >= self.limit
+
+    def chunks(self) -> Iterator[list[TaskRequest]]:
+        yield _requests(self._head)
+        size = self._size
+        while self._after is not None and self.read < self.limit:
+            size = min(2 * size, self.limit - self.read)
+            yield _requests(self._read(size, self._after))
+
+    def _read(self, size: int, after: float | None) -> _Pending:
+        """``size`` ids from the head (or scored above ``after``), their requests, and the last one's score."""
+        if after is None:
+            head = cast(list[bytes], self._client.zrange(self._keys.pending, 0, size - 1))
+        else:
+            head = cast(list[bytes], self._client.zrange(self._keys.pending, f"({after!r}", "+inf",
+                                                         byscore=True, offset=0, num=size))
+        self._after = None
+        if not head:
+            return []
+        wires, last_score = _raw_pipeline(self._client, [
+            encode_command(b"HMGET", self._keys.requests.encode(), *head),
+            encode_command(b"ZSCORE", self._keys.pending.encode(), head[-1])])
+        # A short read is the end of the queue; a last task gone meanwhile (placed by another
+        # dispatcher) leaves no score to go on from, so the rest waits for the next cycle.
+        if len(head) == size and last_score is not None:
+            self._after = float(last_score)
+        first_rank, self.read = self.read, self.read + len(head)
+        return _with_requests(head, wires, first_rank)
 
 
 def queue_entries(client: redis.Redis, keys: PoolKeys, limit: int) -> list[QueueEntry]:
@@ -91,25 +164,86 @@ def queue_entries(client: redis.Redis, keys: PoolKeys, limit: int) -> list[Queue
     ]
 
 
-def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int) -> list[NodeFree]:
-    """What is free on each schedulable node (up, lease valid), parsed straight for the planner."""
-    ranked = cast(list[tuple[bytes, float]], client.zrange(keys.leases, 0, -1, withscores=True))
-    leases = {n.decode(): score for n, score in ranked}
-    ids = sorted(node_id for node_id, expires in leases.items() if expires >= now_ms)
-    pipe = client.pipeline(transaction=False)
-    for node_id in ids:
-        pipe.hgetall(keys.node(node_id))
+def _raw_pipeline(client: redis.Redis, commands: list[bytes]) -> list[Any]:
+    """Send encoded ``commands`` in one write and read their replies as parsed off the wire.
+
+    For a thousand small reads, redis-py's Pipeline bookkeeping (per-command options,
+    response callbacks, encoding each argument) costs more than the replies themselves."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([b"".join(commands)])
+        return [conn.read_response() for _ in commands]
+    except BaseException:  # a reply may be half read: the connection is unusable
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeShape:
+    """What a node registered with, fixed until it registers afresh (register.lua rewrites the
+    whole hash, with a new ``registered_at``): ``read_free`` then reads only what changes."""
+
+    registration: tuple[bytes | None, ...]  # incarnation, registered_at, cap_gpus, gpu_mem
+    gpus: int
+    gpu_memory_mb: int
+    labels: dict[str, str]
+    read: bytes  # HMGET of what changes, encoded: the fields are _FREE_FIELDS, then per GPU milli, then mem
+
+
+_FREE_FIELDS = (b"state", b"incarnation", b"registered_at", b"cap_gpus", b"gpu_mem", b"free_cpu_m", b"free_mem",
+                b"free_slots")
+
+
+def _free_fields(gpus: int) -> tuple[bytes, ...]:
+    return _FREE_FIELDS + tuple(b"g%d_milli" % i for i in range(gpus)) + tuple(b"g%d_mem" % i for i in range(gpus))
+
+
+def _shape_of(node_key: str, h: dict[bytes, bytes]) -> NodeShape:
+    gpus = int(h.get(b"cap_gpus", 0))
+    return NodeShape(
+        tuple(h.get(field) for field in _FREE_FIELDS[1:5]), gpus, int(h.get(b"gpu_mem", 0)),
+        {k[6:].decode(): v.decode() for k, v in h.items() if k[:6] == b"label:"},
+        encode_command(b"HMGET", node_key.encode(), *_free_fields(gpus)))
+
+
+def _node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> NodeFree:
+    n = shape.gpus
+    return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
+                    [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
+                    int(values[7] or 0), dict(shape.labels))
+
+
+def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int,
+              shapes: dict[str, NodeShape] | None = None) -> list[NodeFree]:
+    """What is free on each schedulable node (up, lease valid), parsed straight for the planner.
+
+    ``shapes``, kept by the caller from cycle to cycle, spares re-reading what each node
+    registered with: the whole hash is read only for nodes not in it (or registered anew)."""
+    live = cast(list[bytes], client.zrange(keys.leases, now_ms, "+inf", byscore=True))
+    ids = sorted(node_id.decode() for node_id in live)
+    known = {} if shapes is None else shapes
+    replies = _raw_pipeline(client, [known[node_id].read if node_id in known
+                                     else encode_command(b"HGETALL", keys.node(node_id).encode()) for node_id in ids])
     out = []
-    for node_id, h in zip(ids, pipe.execute(), strict=True):
-        if h.get(b"state") != b"up":
-            continue
-        count = _i(h.get(b"cap_gpus"))
-        out.append(NodeFree(
-            id=node_id, gpu_memory_mb=_i(h.get(b"gpu_mem")),
-            free_milli=[_i(h.get(b"g%d_milli" % i)) for i in range(count)],
-            free_mem=[_i(h.get(b"g%d_mem" % i)) for i in range(count)],
-            free_cpu_milli=_i(h.get(b"free_cpu_m")), free_memory_mb=_i(h.get(b"free_mem")),
-            free_slots=_i(h.get(b"free_slots")),
-            labels={k[6:].decode(): v.decode() for k, v in h.items() if k.startswith(b"label:")},
-        ))
+    for node_id, reply in zip(ids, replies, strict=True):
+        shape = known.get(node_id)
+        if shape is None:
+            # RESP3 sends a hash as a map, RESP2 as a flat list
+            h = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+            shape = known[node_id] = _shape_of(keys.node(node_id), h)
+            values = [h.get(field) for field in _free_fields(shape.gpus)]
+        elif tuple(reply[1:5]) != shape.registration:  # registered afresh: read it all again
+            del known[node_id]
+            return read_free(client, keys, now_ms, shapes)
+        else:
+            values = reply
+        if values[0] == b"up":
+            out.append(_node_free(node_id, shape, values))
+    if len(known) > 2 * len(ids) + 64:  # forget nodes long gone
+        live_ids = set(ids)
+        for node_id in [n for n in known if n not in live_ids]:
+            del known[node_id]
     return out

@@ -22,53 +22,48 @@
 --   4 NO_CAPACITY    not enough free CPU, RAM, slots or GPU share/memory now
 --   5 BAD_PLACEMENT  wrong number of GPU indices, unknown or repeated index
 
-local now, nodes, taken, requests = tonumber(ARGV[1]), {}, {}, {}
+local now, nodes, taken, text = tonumber(ARGV[1]), {}, {}, batch_text
 
 local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, indices)
   local t = redis.call('HMGET', task_key, 'state', 'req', 'message', 'attempts')
   if t[1] ~= 'PENDING' then return 1 end
-  local n = batch_node(nodes, KEYS[3], now, node_key, node_id, tasks_key, queue_key)
+  local n = nodes[node_id]
+  if n == nil then n = batch_node(nodes, KEYS[3], now, node_key, node_id, tasks_key, queue_key) end
   if not n then return 2 end
-  requests[t[2]] = requests[t[2]] or cjson.decode(t[2]) -- one shape, one text: decode once per batch
-  local r, listed, seen, alloc = requests[t[2]], {}, {}, {}
-  for index in string.gmatch(indices, '[^,]+') do
-    local i = tonumber(index)
-    if not i or i < 0 or i >= n.gpus or i ~= math.floor(i) or seen[i] then return 5 end
-    seen[i], listed[#listed + 1] = true, i
+  local r, listed = batch_request[t[2]], batch_indices[indices]
+  if not listed or #listed ~= r.count then return 5 end
+  for k = 1, #listed do
+    if listed[k] < 0 or listed[k] >= n.gpus then return 5 end
   end
-  if #listed ~= ((r.m > 0) and 1 or r.g) then return 5 end
-  for key, value in pairs(r.l) do
-    if n.labels[key] == nil then n.labels[key] = redis.call('HGET', n.key, 'label:' .. key) end
-    if n.labels[key] ~= value then return 3 end
+  if r.labelled then
+    for key, value in pairs(r.l) do
+      if n.labels[key] == nil then n.labels[key] = redis.call('HGET', n.key, 'label:' .. key) end
+      if n.labels[key] ~= value then return 3 end
+    end
   end
   if n.slots < 1 or n.cpu < r.c or n.mem < r.r then return 4 end
-  for _, i in ipairs(listed) do
-    local free_milli, free_mem = batch_gpu(n, i)
-    local milli, mem = MILLI, n.gpu_mem -- a whole GPU: all of it, and it must be wholly free
-    if r.m > 0 then
-      milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI)
-    elseif n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem then
-      return 4
-    end
+  local whole, milli, mem = r.m == 0, MILLI, n.gpu_mem -- a whole GPU: all of it, and wholly free
+  if not whole then milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI) end
+  for k = 1, #listed do
+    local free_milli, free_mem = batch_gpu(n, listed[k])
     if free_milli < milli or free_mem < mem then return 4 end
-    alloc[#alloc + 1] = {i, milli, mem}
+    if whole and (n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem) then return 4 end
   end
 
-  for k, g in ipairs(alloc) do
-    n.milli[g[1]], n.gmem[g[1]] = n.milli[g[1]] - g[2], n.gmem[g[1]] - g[3]
-    alloc[k] = string.format('[%d,%d,%d]', g[1], g[2], g[3])
+  for k = 1, #listed do
+    local i = listed[k]
+    n.milli[i], n.gmem[i] = n.milli[i] - milli, n.gmem[i] - mem
   end
-  n.cpu, n.mem, n.slots = n.cpu - r.c, n.mem - r.r, n.slots - 1
+  n.cpu, n.mem, n.slots, n.count = n.cpu - r.c, n.mem - r.r, n.slots - 1, n.count + 1
   -- The delivery tag names the attempt: start.lua fences on it, and kombu keys unacked by it.
-  local attempts = num(t[4]) + 1
+  local attempts = text[batch_num[t[4]] + 1]
   local tag = id .. '.' .. attempts
-  redis.call('HSET', task_key, 'state', 'RESERVED', 'node', node_id, 'gpus', indices, 'tag', tag, 'attempts',
-    attempts, 'reserved_at', now, 'alloc', string.format('{"g":[%s],"c":%d,"r":%d}', table.concat(alloc, ','), r.c, r.r))
-  taken[#taken + 1], n.tasks[#n.tasks + 1] = id, id
+  redis.call('HSET', task_key, 'state', 'RESERVED', 'node', node_id, 'gpus', indices, 'tag', tag,
+    'attempts', attempts, 'reserved_at', ARGV[1], 'alloc', batch_alloc(r, listed, indices, milli, mem))
+  taken[#taken + 1], n.tasks[n.count] = id, id
   -- Celery's own JSON ends in its properties object; only the routing and the tag are
   -- added, as kombu's Redis transport would (never decoded and re-encoded).
-  n.messages[#n.messages + 1] = string.sub(t[3], 1, -3) .. ',"delivery_info":{"exchange":"","routing_key":"'
-    .. queue_key .. '"},"delivery_tag":"' .. tag .. '"}}'
+  n.messages[n.count] = string.sub(t[3], 1, -3) .. n.route .. tag .. '"}}'
   return 0
 end
 
@@ -78,7 +73,7 @@ for i = 0, (#ARGV - 1) / 3 - 1 do
     ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i])
 end
 for _, n in pairs(nodes) do
-  if n and #n.tasks > 0 then batch_flush(n) end
+  if n and n.count > 0 then batch_flush(n) end
 end
 call_chunked('ZREM', KEYS[1], taken)
 call_chunked('HDEL', KEYS[2], taken)

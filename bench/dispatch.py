@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -109,6 +110,12 @@ def finish_all_reserved(client: redis.Redis, scripts: Scripts, nodes: list[str])
     return len(held)
 
 
+def redis_cpu_s(client: redis.Redis) -> float:
+    """CPU seconds the redis-server process has used so far."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def ceiling(client: redis.Redis, batch: int, seconds: float = 2.0) -> tuple[float, float]:
     """(trivial script calls/s unpipelined, minimal placements/s in batches of ``batch``)."""
     trivial = client.register_script(TRIVIAL)
@@ -128,6 +135,47 @@ def ceiling(client: redis.Redis, batch: int, seconds: float = 2.0) -> tuple[floa
     return trivial_rate, items / (time.perf_counter() - t0)
 
 
+@dataclass
+class DispatchRun:
+    """What the dispatch rounds measured. CPU seconds, unlike wall time, are not inflated by
+    other load on the machine, so they compare across busy runs."""
+
+    placed: int = 0
+    cycles: int = 0
+    dispatch_s: float = 0.0
+    finish_s: float = 0.0
+    python_cpu_s: float = 0.0
+    redis_cpu_s: float = 0.0
+    first_cycle: tuple[int, float] = (0, 0.0)
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def dispatch_all(dispatcher: Dispatcher, client: redis.Redis, scripts: Scripts, nodes: list[str],
+                 tasks: int) -> DispatchRun:
+    """Dispatcher cycles until every task was placed, finishing all reserved tasks between them."""
+    run = DispatchRun()
+    while run.placed < tasks:
+        c0, r0 = time.process_time(), redis_cpu_s(client)
+        t0 = time.perf_counter()
+        report = dispatcher.run_cycle()
+        elapsed = time.perf_counter() - t0
+        run.python_cpu_s += time.process_time() - c0
+        run.redis_cpu_s += redis_cpu_s(client) - r0
+        run.dispatch_s += elapsed
+        run.cycles += 1
+        run.placed += report.placed
+        for phase, s in report.seconds.items():
+            run.phases[phase] = run.phases.get(phase, 0.0) + s
+        if run.cycles == 1:
+            run.first_cycle = (report.placed, elapsed)
+        if report.placed == 0 or report.refused:
+            raise SystemExit(f"cycle {run.cycles} placed {report.placed}, refused {dict(report.refused)}")
+        t0 = time.perf_counter()
+        finish_all_reserved(client, scripts, nodes)
+        run.finish_s += time.perf_counter() - t0
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100_000)
@@ -145,45 +193,29 @@ def main() -> None:
             for node in nodes:
                 scripts.register(node, "bench", 24 * 3600 * 1000, opts.gpus, 81920, 128_000, 1 << 20, opts.gpus, {})
             submit_s = submit_all(scripts, opts.tasks)
-
-            dispatcher = Dispatcher(settings, client=client)
-            placed, cycles, dispatch_s, finish_s, fill = 0, 0, 0.0, 0.0, None
-            phases: dict[str, float] = {}
-            while placed < opts.tasks:
-                t0 = time.perf_counter()
-                report = dispatcher.run_cycle()
-                elapsed = time.perf_counter() - t0
-                dispatch_s += elapsed
-                cycles += 1
-                placed += report.placed
-                for phase, s in report.seconds.items():
-                    phases[phase] = phases.get(phase, 0.0) + s
-                if fill is None:
-                    fill = (report.placed, elapsed)
-                if report.placed == 0 or report.refused:
-                    raise SystemExit(f"cycle {cycles} placed {report.placed}, refused {dict(report.refused)}")
-                t0 = time.perf_counter()
-                finish_all_reserved(client, scripts, nodes)
-                finish_s += time.perf_counter() - t0
+            run = dispatch_all(Dispatcher(settings, client=client), client, scripts, nodes, opts.tasks)
             trivial_rate, minimal_rate = ceiling(client, settings.commit_batch)
+            version = client.info("server")["redis_version"]
         finally:
             proc.terminate()
             proc.wait()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"redis-server {redis.Redis.__module__ and ''}".rstrip(", "))
+    rate = run.placed / run.dispatch_s
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, redis-server {version}")
     print(f"cluster: {opts.nodes} nodes x {opts.gpus} GPUs = {opts.nodes * opts.gpus} GPUs; "
           f"{opts.tasks} pending 1-GPU tasks")
     print(f"submit (submit.lua, pipelined, Celery-built messages): {opts.tasks / submit_s:,.0f} tasks/s")
-    print(f"dispatch: {placed} placed in {cycles} cycles, {dispatch_s:.2f}s of cycle time "
-          f"-> {placed / dispatch_s:,.0f} placements/s")
-    assert fill is not None
-    print(f"  first cycle (empty cluster): {fill[0]} placed in {fill[1]:.2f}s -> {fill[0] / fill[1]:,.0f}/s")
-    print("  time per phase: " + ", ".join(f"{p[2:]} {s:.2f}s" for p, s in sorted(phases.items())))
-    print(f"finishing (workers' share, finish.lua pipelined): {placed / finish_s:,.0f} tasks/s")
+    print(f"dispatch: {run.placed} placed in {run.cycles} cycles, {run.dispatch_s:.2f}s of cycle time "
+          f"-> {rate:,.0f} placements/s")
+    first_placed, first_s = run.first_cycle
+    print(f"  first cycle (empty cluster): {first_placed} placed in {first_s:.2f}s -> {first_placed / first_s:,.0f}/s")
+    print("  time per phase: " + ", ".join(f"{p[2:]} {s:.2f}s" for p, s in sorted(run.phases.items())))
+    print(f"  CPU per placement: dispatcher (Python) {run.python_cpu_s / run.placed * 1e6:.1f} us, "
+          f"redis-server {run.redis_cpu_s / run.placed * 1e6:.1f} us (on two cores the two overlap)")
+    print(f"finishing (workers' share, finish.lua pipelined): {run.placed / run.finish_s:,.0f} tasks/s")
     print(f"ceiling on this redis-server: trivial script {trivial_rate:,.0f} calls/s (one round trip each); "
           f"minimal placement script {minimal_rate:,.0f} placements/s (batches of {settings.commit_batch})")
-    print(f"gpubroker dispatch reaches {placed / dispatch_s / minimal_rate:.0%} of the minimal placement ceiling")
+    print(f"gpubroker dispatch reaches {rate / minimal_rate:.0%} of the minimal placement ceiling")
 
 
 if __name__ == "__main__":

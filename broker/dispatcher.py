@@ -95,24 +95,27 @@ class Dispatcher:
         return report
 
     def _plan_and_commit(self, report: CycleReport, proposals: Iterator[Placement]) -> None:
-        """Phases 3 and 4: plan batch i+1 while reserve.lua runs batch i, then read i and send i+1."""
+        """Phases 3 and 4: plan and encode batch i+1 while reserve.lua runs batch i, then read
+        i's codes and send i+1 at once."""
         size, in_flight = self.settings.commit_batch, None
         try:
             while True:
                 with _Timer(report, "3_plan"):
                     batch = list(itertools.islice(proposals, size))
+                    prepared = self.scripts.prepare_reserve(batch) if batch else None
                 with _Timer(report, "4_commit"):
                     if in_flight is not None:
-                        read, in_flight = in_flight, None
-                        self._tally(report, read())
-                    if not batch:
+                        done, in_flight = in_flight, None
+                        self._tally(report, done.codes())
+                    if prepared is None:
                         return
-                    in_flight = self.scripts.send_reserve(batch)
+                    prepared.send()
+                    in_flight = prepared
                     report.proposed += len(batch)
         finally:
             if in_flight is not None:  # planning failed: still read the reply, freeing its connection
                 with contextlib.suppress(redis.RedisError):
-                    self._tally(report, in_flight())
+                    self._tally(report, in_flight.codes())
 
     @staticmethod
     def _tally(report: CycleReport, codes: list[ReserveCode]) -> None:

@@ -117,17 +117,17 @@ def _bulk(data: bytes) -> bytes:
 
 
 def encode_command(*args: bytes) -> bytes:
-    """A command in the Redis protocol, to send as is (see ``send_reserve``, ``state.read_free``)."""
+    """A command in the Redis protocol, to send as is (see ``prepare_reserve``, ``state.read_free``)."""
     return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
 
 
 class _ReserveEncoder:
-    """Encodes reserve.lua batches straight into the Redis protocol, for ``send_reserve``.
+    """Encodes reserve.lua batches straight into the Redis protocol, for ``prepare_reserve``.
 
     redis-py's generic packing (a Python pass over every argument, then a sprintf per
     argument in hiredis) cost the dispatcher more than planning the batch did: a placement
-    is 7 arguments, and 5 of them (node keys, node id, GPU list) repeat for every task the
-    batch puts on that node. Those parts are encoded once here and reused."""
+    is 7 arguments, and 5 of them (the node's 3 keys and its id, the GPU list) recur all
+    through a batch. Those parts are encoded once here and reused."""
 
     MAX_NODES = 100_000  # node parts kept; a long-lived dispatcher sees nodes come and go
 
@@ -165,6 +165,45 @@ class _ReserveEncoder:
         n = len(placements)
         head = b"*%d\r\n" % (3 + 3 + 4 * n + 1 + 3 * n) + _bulk(b"EVALSHA") + _bulk(sha.encode())
         return b"".join([head, _bulk(b"%d" % (3 + 4 * n)), *keys, *args])
+
+
+class PreparedReserve:
+    """One reserve.lua call, encoded: ``send()`` it, then ``codes()`` reads the reply (once).
+
+    Between the two it holds a pooled connection of its own. ``run_as_usual`` makes the call
+    the ordinary way if the script cache was flushed meanwhile (then nothing ran)."""
+
+    def __init__(self, client: redis.Redis, command: bytes, run_as_usual: Callable[[], Any]) -> None:
+        self.pool, self.command, self.run_as_usual = client.connection_pool, command, run_as_usual
+        self.conn: Any = None
+
+    def send(self) -> None:
+        self.conn = self.pool.get_connection()
+        try:
+            self.conn.send_packed_command([self.command])
+        except BaseException:
+            self._drop()
+            raise
+
+    def codes(self) -> list[ReserveCode]:
+        try:
+            reply = self.conn.read_response()
+        except redis.exceptions.NoScriptError:
+            self.pool.release(self.conn)
+            reply = self.run_as_usual()
+        except redis.ResponseError:
+            self.pool.release(self.conn)
+            raise
+        except BaseException:  # the reply may be half read: the connection is unusable
+            self._drop()
+            raise
+        else:
+            self.pool.release(self.conn)
+        return [_RESERVE_CODES[c] for c in reply]
+
+    def _drop(self) -> None:
+        self.conn.disconnect()
+        self.pool.release(self.conn)
 
 
 def script_source(name: str) -> str:
@@ -237,15 +276,14 @@ class Scripts:
             return []
         return [_RESERVE_CODES[c] for c in self._run("reserve", *self._reserve_call(placements))]
 
-    def send_reserve(self, placements: Sequence[Placement]) -> Callable[[], list[ReserveCode]]:
-        """``reserve`` in two halves: send the batch now, call the result to read its codes.
+    def prepare_reserve(self, placements: Sequence[Placement]) -> PreparedReserve:
+        """``reserve`` in parts: encode the batch now, ``send()`` it later, then read its ``codes()``.
 
-        Redis runs the batch while the dispatcher plans the next one, so Redis and Python
-        each keep a core busy. Until the codes are read the batch holds a pooled connection."""
+        The dispatcher encodes and plans the next batch while Redis runs this one, so Redis
+        and Python each keep a core busy and Redis never waits for the encoding."""
         now = self.clock()
         command = self._reserve_encoder.command(self._scripts["reserve"].sha, now, placements)
-        read = self._send(command, lambda: self._run("reserve", *self._reserve_call(placements, now)))
-        return lambda: [_RESERVE_CODES[c] for c in read()]
+        return PreparedReserve(self.redis, command, lambda: self._run("reserve", *self._reserve_call(placements, now)))
 
     def _reserve_call(self, placements: Sequence[Placement], now: int | None = None) -> tuple[list[str], list[Any]]:
         k = self.keys
@@ -255,33 +293,6 @@ class Scripts:
             keys += (k.task(p.task_id), k.node(p.node_id), k.node_tasks(p.node_id), k.queue(p.node_id))
             args += (p.task_id, p.node_id, ",".join(map(str, p.gpu_indices)))
         return keys, args
-
-    def _send(self, command: bytes, on_noscript: Callable[[], Any]) -> Callable[[], Any]:
-        """Send an encoded EVALSHA without waiting; the returned function reads the reply (once).
-        ``on_noscript`` runs the call the usual way if the script cache was flushed (nothing ran)."""
-        pool = self.redis.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([command])
-        except BaseException:
-            conn.disconnect()
-            pool.release(conn)
-            raise
-
-        def read() -> Any:
-            try:
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
-                return on_noscript()
-            except redis.ResponseError:
-                raise
-            except BaseException:  # the reply may be half read: the connection is unusable
-                conn.disconnect()
-                raise
-            finally:
-                pool.release(conn)
-
-        return read
 
     def start(self, task_id: str, node_id: str, tag: str) -> tuple[StartCode, str]:
         code, gpus = self._run("start", (self.keys.task(task_id),), (node_id, tag, self.clock()))

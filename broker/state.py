@@ -83,8 +83,8 @@ def _with_requests(head: list[bytes], wires: list[bytes | None], first_rank: int
     return out
 
 
-# TaskRequest's fields between id and seq: the same for every task of one request text.
-_RequestShape = tuple[int, int, int, int, int, tuple[tuple[str, str], ...], int]
+# The same for every task of one request text.
+_RequestShape = tuple[tuple[Any, ...], tuple[Any, ...]]  # TaskRequest's fields before seq (less id), after seq
 
 
 def _requests(pending: _Pending) -> list[TaskRequest]:
@@ -93,8 +93,9 @@ def _requests(pending: _Pending) -> list[TaskRequest]:
     for task_id, rank, wire in pending:
         shape = shapes.get(id(wire))
         if shape is None:
-            shape = shapes[id(wire)] = cast(_RequestShape, astuple(TaskRequest.from_wire("", wire))[1:-1])
-        out.append(TaskRequest(task_id, *shape, rank))
+            fields = astuple(TaskRequest.from_wire("", wire))
+            shape = shapes[id(wire)] = (fields[1:8], fields[9:])
+        out.append(TaskRequest(task_id, *shape[0], rank, *shape[1]))
     return out
 
 
@@ -122,12 +123,19 @@ class PendingHead:
         """The whole window was read: more may be pending behind it."""
         return self.read >= self.limit
 
+    PIECE = 256  # tasks turned into TaskRequests at a time, as the planner gets to them
+
     def chunks(self) -> Iterator[list[TaskRequest]]:
-        yield _requests(self._head)
-        size = self._size
-        while self._after is not None and self.read < self.limit:
+        """Consecutive runs of the head, in dispatch order. The runs are short so that the
+        planner's first batch does not wait for a whole chunk's TaskRequests to be built."""
+        pending, size = self._head, self._size
+        while True:
+            for first in range(0, len(pending), self.PIECE):
+                yield _requests(pending[first:first + self.PIECE])
+            if self._after is None or self.read >= self.limit:
+                return
             size = min(2 * size, self.limit - self.read)
-            yield _requests(self._read(size, self._after))
+            pending = self._read(size, self._after)
 
     def _read(self, size: int, after: float | None) -> _Pending:
         """``size`` ids from the head (or scored above ``after``), their requests, and the last one's score."""

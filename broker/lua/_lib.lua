@@ -114,36 +114,40 @@ local function memo(make)
   end})
 end
 
--- reserve.lua's per-batch memos: text -> number (strtod) and number -> text (sprintf) cost
--- more than the rest of a placement's Lua, and a batch converts the same few values over and over.
-local batch_num = memo(function(s) return tonumber(s) or 0 end) -- false (missing field) -> 0
-local batch_text = memo(int)
-local batch_gpu_fields = memo(function(count) -- GPU count -> {'g0_milli', 'g0_mem', 'g1_milli', ...}
-  local fields = {}
-  for g = 0, count - 1 do
-    fields[2 * g + 1], fields[2 * g + 2] = 'g' .. g .. '_milli', 'g' .. g .. '_mem'
-  end
-  return fields
-end)
--- GPU indices of a placement ("3", "0,3", or "" for none) -> list; false when one is not a
--- whole number or is repeated (range is checked per node).
-local batch_indices = memo(function(indices)
-  local listed, seen = {}, {}
-  for index in string.gmatch(indices, '[^,]+') do
-    local i = tonumber(index)
-    if not i or i ~= math.floor(i) or seen[i] then return false end
-    seen[i], listed[#listed + 1] = true, i
-  end
-  return listed
-end)
+-- reserve.lua's per-batch memos, made by batch_begin() (the other scripts never pay for them).
+-- Text -> number (strtod) and number -> text (sprintf) cost more than the rest of a placement's
+-- Lua, and a batch converts the same few values over and over.
+local batch_num, batch_text, batch_gpu_fields, batch_indices, batch_request
 
--- A task's request (one shape, one text: decoded once per batch), with what reserve.lua
--- derives from it: how many GPU indices a placement names, and whether it selects labels.
-local batch_request = memo(function(text)
-  local r = cjson.decode(text)
-  r.count, r.labelled, r.allocs = (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
-  return r
-end)
+local function batch_begin()
+  batch_num = memo(function(s) return tonumber(s) or 0 end) -- false (missing field) -> 0
+  batch_text = memo(int)
+  batch_gpu_fields = memo(function(count) -- GPU count -> {'g0_milli', 'g0_mem', 'g1_milli', ...}
+    local fields = {}
+    for g = 0, count - 1 do
+      fields[2 * g + 1], fields[2 * g + 2] = 'g' .. g .. '_milli', 'g' .. g .. '_mem'
+    end
+    return fields
+  end)
+  -- GPU indices of a placement ("3", "0,3", or "" for none) -> list; false when one is not
+  -- a whole number or is repeated (the range is checked per node).
+  batch_indices = memo(function(indices)
+    local listed, seen = {}, {}
+    for index in string.gmatch(indices, '[^,]+') do
+      local i = tonumber(index)
+      if not i or i ~= math.floor(i) or seen[i] then return false end
+      seen[i], listed[#listed + 1] = true, i
+    end
+    return listed
+  end)
+  -- A task's request (one shape, one text: decoded once per batch), with what reserve.lua
+  -- derives from it: how many GPU indices a placement names, and whether it selects labels.
+  batch_request = memo(function(text)
+    local r = cjson.decode(text)
+    r.count, r.labelled, r.allocs = (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
+    return r
+  end)
+end
 
 -- The `alloc` JSON of request r on GPUs `indices` (listed), each holding milli and mem:
 -- the same few texts over and over, so each is built once per batch.

@@ -22,6 +22,7 @@
 --   4 NO_CAPACITY    not enough free CPU, RAM, slots or GPU share/memory now
 --   5 BAD_PLACEMENT  wrong number of GPU indices, unknown or repeated index
 
+batch_begin()
 local now, nodes, taken, text = tonumber(ARGV[1]), {}, {}, batch_text
 
 local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, indices)

@@ -1,0 +1,75 @@
+"""The dispatcher's fast paths against a real Redis: they must read and commit exactly what
+the plain ones do (reserve through redis-py, a full HGETALL per node, one ZRANGE of the window)."""
+
+from __future__ import annotations
+
+import redis
+
+from broker import state
+from broker.keys import PoolKeys
+from broker.models import Resources
+from broker.policy import Placement
+from broker.scripts import ReserveCode, Scripts
+from tests.conftest import Clock
+from tests.invariants import assert_capacity_invariant, pending_ids, register_node, submit_task
+
+
+def test_prepared_batch_is_encoded_as_redis_py_would(scripts: Scripts, redis_client: redis.Redis) -> None:
+    placements = [Placement("t-1", "n1", (0,)), Placement("t-2", "n1", (1, 3)), Placement("tâche-3", "n-2", ()),
+                  Placement("t-4", "n1", (0,))]
+    prepared = scripts.prepare_reserve(placements)
+    keys, args = scripts._reserve_call(placements, scripts.clock())
+    conn = redis_client.connection_pool.get_connection()
+    try:
+        packed = b"".join(conn.pack_command("EVALSHA", scripts._scripts["reserve"].sha, len(keys), *keys, *args))
+    finally:
+        redis_client.connection_pool.release(conn)
+    assert prepared.command == packed
+
+
+def test_prepared_batch_commits_even_after_a_script_flush(scripts: Scripts, redis_client: redis.Redis,
+                                                          keys: PoolKeys) -> None:
+    register_node(scripts, "n1", gpus=2, gpu_mem=1000)
+    first, second = (submit_task(scripts, resources=Resources(gpus=1)) for _ in range(2))
+    redis_client.script_flush()  # reserve.lua is not loaded: the send is refused, then made the usual way
+    prepared = scripts.prepare_reserve([Placement(first, "n1", (0,)), Placement(second, "n1", (0,))])
+    prepared.send()
+    assert prepared.codes() == [ReserveCode.OK, ReserveCode.NO_CAPACITY]
+    assert pending_ids(redis_client, keys) == [second]
+    assert_capacity_invariant(redis_client, keys)
+
+
+def test_read_free_remembering_node_shapes_reads_what_a_full_read_does(scripts: Scripts, redis_client: redis.Redis,
+                                                                       keys: PoolKeys, clock: Clock) -> None:
+    shapes: dict[str, state.NodeShape] = {}
+
+    def assert_same() -> None:
+        assert state.read_free(redis_client, keys, clock(), shapes) == state.read_free(redis_client, keys, clock())
+
+    register_node(scripts, "a", gpus=2, gpu_mem=1000, labels={"zone": "x"})
+    register_node(scripts, "b", gpus=1, gpu_mem=500)
+    assert_same()
+    assert set(shapes) == {"a", "b"}
+    redis_client.hset(keys.node("a"), mapping={"g1_milli": 250, "free_slots": 1})
+    assert_same()
+    register_node(scripts, "a", gpus=4, gpu_mem=2000, labels={"zone": "y"}, incarnation="inc-2")  # a new worker
+    assert_same()
+    redis_client.hset(keys.node("b"), "state", "down")
+    assert_same()
+
+
+def test_pending_head_reads_what_free_slots_can_use_and_goes_on_after_the_last_task_read(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    register_node(scripts, "n1", gpus=8, gpu_mem=1000, slots=8)
+    tasks = [submit_task(scripts, resources=Resources(gpus=1), priority=p) for p in (0, 0, 0, 0, 0, 0, 5)]
+    in_order = [tasks[6], *tasks[:6]]  # higher priority first, then submit order
+    head = state.PendingHead(redis_client, keys, limit=6, first=2)
+    assert head.read == 2 and not head.window_full
+    chunks = head.chunks()
+    first = next(chunks)
+    assert [t.id for t in first] == in_order[:2]
+    # The dispatcher commits what it read before it asks for more: the ranks shift, the scores do not.
+    assert scripts.reserve([Placement(t.id, "n1", (i,)) for i, t in enumerate(first)]) == [ReserveCode.OK] * 2
+    rest = [t.id for chunk in chunks for t in chunk]
+    assert rest == in_order[2:6]  # up to the window, none skipped, none twice
+    assert head.read == 6 and head.window_full

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from broker.client import request_wire
+from broker.client import mix_key_of, request_wire
 from broker.dispatcher import Dispatcher
 from broker.keys import PoolKeys
 from broker.message import build_message, new_task_id
@@ -80,8 +80,9 @@ def submit_all(scripts: Scripts, n_tasks: int) -> float:
     for i in range(n_tasks):
         task_id = new_task_id()
         message = build_message(task_id, req.task_name, [], {}, 1 << 20)
-        script(keys=[k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake],
-               args=[task_id, "", 0, scripts.clock(), wire, message, req.task_name, "default", 3], client=pipe)
+        script(keys=[k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake, k.mix],
+               args=[task_id, "", 0, scripts.clock(), wire, message, req.task_name, "default", 3,
+                     mix_key_of(req.resources)], client=pipe)
         if i % 1000 == 999:
             pipe.execute()
     pipe.execute()
@@ -102,7 +103,7 @@ def finish_all_reserved(client: redis.Redis, scripts: Scripts, nodes: list[str])
     script = scripts._scripts["finish"]
     pipe = client.pipeline(transaction=False)
     for (node, task_id), tag in zip(held, tags, strict=True):
-        script(keys=[k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake],
+        script(keys=[k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake, k.runtimes],
                args=[task_id, node, tag, "succeeded", "null", scripts.clock()], client=pipe)
     pipe.execute()
     for node in nodes:

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +18,7 @@ from broker import views
 from broker.client import Client
 from broker.errors import GpuBrokerError, InvalidRequest
 from broker.models import Resources
+from broker.scheduling import SchedulingConfig
 from broker.settings import Settings, redacted_url
 
 app = typer.Typer(help="gpubroker: a GPU-aware task broker on Redis and Celery.", no_args_is_help=True,
@@ -46,6 +48,11 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
             raise InvalidRequest({"label": f"{pair!r} is not key=value"})
         labels[key] = value
     return labels
+
+
+def parse_selector(pairs: list[str]) -> dict[str, str | list[str]]:
+    """A task's labels: key=value, or key=a|b for a if possible, else b."""
+    return {k: v.split("|") if "|" in v else v for k, v in parse_labels(pairs).items()}
 
 
 def parse_json(text: str | None, field: str, kind: type) -> Any:
@@ -78,6 +85,9 @@ def client_for(redis_url: str | None, pool: str | None) -> Client:
 
 @app.command()
 def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
+               scheduling: Annotated[Path | None, typer.Option(
+                   help="Scheduling policy file, TOML or JSON (see docs/scheduling.md); "
+                        "default: GPUBROKER_SCHEDULING or priority order, best fit")] = None,
                metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics here")] = None,
                log_level: Annotated[str, typer.Option(help="Python log level")] = "INFO") -> None:
     """Run a dispatcher: order pending tasks and reserve capacity for them."""
@@ -85,6 +95,12 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_for(redis_url, pool)
+    if scheduling is not None:
+        try:
+            settings = settings.model_copy(update={"scheduling": SchedulingConfig.load(scheduling)})
+        except (InvalidRequest, OSError) as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
     if metrics_port:
         from prometheus_client import start_http_server
 
@@ -105,11 +121,14 @@ def submit(
     gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB of GPU memory per GPU")] = None,
     cpus: Annotated[float, typer.Option()] = 0,
     memory_mb: Annotated[int, typer.Option()] = 0,
-    label: Annotated[list[str] | None, typer.Option(help="Node label to require, key=value")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        help="Node label to require, key=value; key=a|b accepts a or b, preferring a")] = None,
     priority: Annotated[int, typer.Option()] = 0,
     tenant: Annotated[str, typer.Option()] = "default",
     estimated_runtime_s: Annotated[float | None, typer.Option("--estimate")] = None,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
+    preemptible: Annotated[bool | None, typer.Option(
+        "--preemptible/--not-preemptible", help="May be stopped and requeued for a more urgent task")] = None,
     wait: Annotated[float | None, typer.Option(help="Wait up to this many seconds for the result")] = None,
     redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
 ) -> None:
@@ -117,12 +136,12 @@ def submit(
 
     def go() -> None:
         resources = Resources(gpus=gpus, gpu_memory_mb=gpu_memory_mb, cpus=cpus, memory_mb=memory_mb,
-                              labels=parse_labels(label or []))
+                              labels=parse_selector(label or []))
         with client_for(redis_url, pool) as client:
             handle = client.submit(task_name, args=parse_json(args, "args", list),
                                    kwargs=parse_json(kwargs, "kwargs", dict), resources=resources,
                                    priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
-                                   idempotency_key=idempotency_key)
+                                   idempotency_key=idempotency_key, preemptible=preemptible)
             if wait is None:
                 console.print(json.dumps({"id": handle.id}) if as_json else handle.id)
                 return

@@ -35,6 +35,7 @@ from broker.models import (
     SubmitRequest,
     TaskState,
     TaskStatus,
+    selector_matches,
 )
 from broker.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
 from broker.settings import Settings
@@ -103,12 +104,17 @@ def request_wire(req: SubmitRequest) -> dict[str, Any]:
     r = req.resources
     return {"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
             "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
-            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s}
+            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible}
+
+
+def mix_key_of(resources: Resources) -> str:
+    """``policy.mix_key`` of a request: its GPU shape."""
+    return f"{resources.whole_gpus},{resources.gpu_milli}"
 
 
 def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:
     """Why no registered node could ever run ``resources``; empty if one could."""
-    matching = [n for n in nodes if all(n.labels.get(k) == v for k, v in resources.labels.items())]
+    matching = [n for n in nodes if selector_matches(resources.labels, n.labels)]
     if not matching:
         return {"resources.labels": f"no registered node has labels {resources.labels}"}
 
@@ -182,7 +188,7 @@ class Client:
     def submit(self, task_name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                resources: Resources | None = None, priority: int = 0, tenant: str = "default",
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
-               max_retries: int = 3) -> TaskHandle:
+               max_retries: int = 3, preemptible: bool | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
         Every field is validated before anything is written; a request that no
@@ -193,13 +199,13 @@ class Client:
                             kwargs=kwargs if kwargs is not None else {},
                             resources=resources if resources is not None else Resources(),
                             priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
-                            idempotency_key=idempotency_key, max_retries=max_retries)
+                            idempotency_key=idempotency_key, max_retries=max_retries, preemptible=preemptible)
         self._check_satisfiable(req.resources)
         task_id = new_task_id()
         message = build_message(task_id, req.task_name, req.args, req.kwargs, self.settings.max_payload_bytes)
         code, existing = self.scripts.submit(
             task_id, req.idempotency_key, req.priority, json.dumps(request_wire(req), separators=(",", ":")),
-            message, req.task_name, req.tenant, req.max_retries)
+            message, req.task_name, req.tenant, req.max_retries, mix_key_of(req.resources))
         if code is SubmitCode.DUPLICATE:
             return TaskHandle(self, existing, created=existing == task_id)
         # The id is a fresh uuid4: only this call can have taken it, when the reply to the
@@ -262,6 +268,7 @@ class Client:
         def seconds(field: str) -> float | None:
             return int(t[field]) / 1000 if t.get(field) else None
 
+        why = state.waiting_info(self.redis, self.keys, [task_id])[0] if t["state"] == TaskState.PENDING else None
         return TaskStatus(
             id=task_id, name=t["name"], state=TaskState(t["state"]), tenant=t["tenant"],
             priority=int(t["priority"]), resources=state.resources_from_wire(wire),
@@ -269,6 +276,9 @@ class Client:
             attempts=int(t.get("attempts", 0)), result=json.loads(t["result"]) if "result" in t else None,
             error=t.get("error"), submitted_at=seconds("submitted_at") or 0.0,
             reserved_at=seconds("reserved_at"), started_at=seconds("started_at"), finished_at=seconds("finished_at"),
+            preemptible=wire.get("x"), preemptions=int(t.get("preemptions", 0)),
+            position=why["position"] if why else None, reason=why["reason"] if why else None,
+            estimated_start_at=why["eta"] if why else None,
         )
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskStatus:
@@ -292,7 +302,8 @@ class Client:
 
     @unavailable_as_error
     def queue(self, limit: int = 10_000) -> list[QueueEntry]:
-        """Pending tasks in dispatch order, with their position (1 = next)."""
+        """Pending tasks in dispatch order, with their position (1 = next), and, as of the
+        dispatcher's last full pass, why each waits and when it is estimated to start."""
         return state.queue_entries(self.redis, self.keys, limit)
 
     def close(self) -> None:

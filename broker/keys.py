@@ -19,6 +19,12 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 | ``P idempotency``            | hash   | idempotency key -> task id                                       | none |
 | ``P seq``                    | string | submit counter (gives submit order)                              | none |
 | ``P rejected``               | hash   | node id -> poison messages its worker dropped unread (counter)   | none |
+| ``P mix``                    | hash   | GPU shape (``policy.mix_key``) -> tasks submitted of that shape  | none |
+| ``P runtimes``               | hash   | ``n:``/``s:`` + ``<task name>|<shape>`` (or ``|`` alone): count  | none |
+|                              |        | and total seconds of succeeded runs (learned runtime estimates)  |      |
+| ``P preempting``             | hash   | preemptor task id -> node whose victims it waits for             | none |
+| ``P queueinfo``              | hash   | pending task id -> {position, reason, eta} from the last pass    | none |
+| ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher runs with               | none |
 | ``P wake``                   | pubsub | channel the scripts publish on so dispatchers wake               |  -   |
 
 Lua scripts that act on a dynamic set of tasks or nodes (reap, register) get
@@ -89,6 +95,26 @@ class PoolKeys:
     @property
     def wake(self) -> str:
         return self.prefix + "wake"
+
+    @property
+    def mix(self) -> str:
+        return self.prefix + "mix"
+
+    @property
+    def runtimes(self) -> str:
+        return self.prefix + "runtimes"
+
+    @property
+    def preempting(self) -> str:
+        return self.prefix + "preempting"
+
+    @property
+    def queueinfo(self) -> str:
+        return self.prefix + "queueinfo"
+
+    @property
+    def scheduling(self) -> str:
+        return self.prefix + "scheduling"
 
     def node(self, node_id: str) -> str:
         return self.prefix + NODE + node_id

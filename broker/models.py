@@ -49,6 +49,30 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+MAX_PREFERENCES = 16
+
+
+def _check_selector(labels: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+    """A task's label selector: each key needs one value, or one of a list (earlier preferred)."""
+    for key, value in labels.items():
+        _check_name(key, "label key")
+        if isinstance(value, str):
+            _check_name(value, "label value")
+            continue
+        if not value or len(value) > MAX_PREFERENCES:
+            raise ValueError(f"label {key!r}: a preference list needs 1 to {MAX_PREFERENCES} values")
+        if len(set(value)) != len(value):
+            raise ValueError(f"label {key!r}: a preference list names a value twice")
+        for item in value:
+            _check_name(item, "label value")
+    return labels
+
+
+def selector_matches(selector: dict[str, str | list[str]], labels: dict[str, str]) -> bool:
+    """Whether a node with ``labels`` meets a task's label ``selector``."""
+    return all(labels.get(k) == v if isinstance(v, str) else labels.get(k) in v for k, v in selector.items())
+
+
 def _whole_milli(value: float, what: str) -> int:
     milli = round(value * MILLI)
     if not math.isclose(milli, value * MILLI, abs_tol=1e-6):
@@ -88,7 +112,9 @@ class Resources(_Strict):
     gpu_memory_mb: int | None = Field(None, gt=0, le=16 * 1024 * 1024)
     cpus: float = Field(0, ge=0, le=100_000, allow_inf_nan=False)
     memory_mb: int = Field(0, ge=0, le=1 << 40)
-    labels: dict[str, str] = Field(default_factory=dict)
+    # A value that is a list accepts any of its values, preferring earlier ones:
+    # {"gpu": ["H100", "A100"]} runs on an H100 node if one fits, else on an A100 node.
+    labels: dict[str, str | list[str]] = Field(default_factory=dict)
 
     @field_validator("gpus")
     @classmethod
@@ -105,10 +131,21 @@ class Resources(_Strict):
         _whole_milli(value, "cpus")
         return value
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_types(cls, value: Any) -> Any:
+        # Checked here so the error names the label, not the two arms of the union.
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(item, str) and not (isinstance(item, list) and all(isinstance(v, str) for v in item)):
+                    raise ValueError(f"label {str(key)[:80]!r}: must be a valid string or a list of strings "
+                                     f"(got {type(item).__name__})")
+        return value
+
     @field_validator("labels")
     @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_labels(value)
+    def _labels(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        return _check_selector(value)
 
     @field_validator("gpu_memory_mb")
     @classmethod
@@ -143,6 +180,9 @@ class SubmitRequest(_Strict):
     estimated_runtime_s: float | None = Field(None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
     idempotency_key: str | None = Field(None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX)
     max_retries: int = Field(3, ge=0, le=100)
+    # May the scheduler stop it (SIGTERM, a grace period, then SIGKILL) and requeue it for a more
+    # urgent task? None: the pool's scheduling.preemptible_default.
+    preemptible: bool | None = None
 
     @field_validator("task_name")
     @classmethod
@@ -263,10 +303,16 @@ class TaskStatus(BaseModel):
     reserved_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    preemptible: bool | None = None
+    preemptions: int = 0  # times it was stopped and requeued for a more urgent task
+    # While PENDING, as of the dispatcher's last pass:
+    position: int | None = None
+    reason: str | None = None
+    estimated_start_at: float | None = None
 
 
 class QueueEntry(BaseModel):
-    position: int
+    position: int  # in the order the dispatcher's policy ranks the queue, when it has published one
     id: str
     name: str
     tenant: str
@@ -274,3 +320,5 @@ class QueueEntry(BaseModel):
     resources: Resources
     submitted_at: float
     estimated_runtime_s: float | None = None
+    reason: str | None = None  # why it is not running yet, as of the dispatcher's last pass
+    estimated_start_at: float | None = None  # from running tasks' estimated ends; None if unknown

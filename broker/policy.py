@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 MILLI = 1000
 
@@ -36,7 +36,10 @@ class Placement:
 
 @dataclass(slots=True, unsafe_hash=True)
 class TaskRequest:
-    """A pending task as the policy sees it."""
+    """A pending task as the policy sees it.
+
+    ``labels`` must match exactly; ``prefer`` lists, per label key, the values accepted in
+    order of preference (``Resources(labels={"gpu": ["H100", "A100"]})``)."""
 
     id: str
     whole_gpus: int = 0
@@ -46,18 +49,106 @@ class TaskRequest:
     memory_mb: int = 0
     labels: tuple[tuple[str, str], ...] = ()
     priority: int = 0
-    seq: int = 0
+    seq: int = 0  # position in the pending queue (priority, then submit order)
+    tenant: str = "default"
+    name: str = ""
+    estimate_s: float | None = None  # the task's own estimate, else a learned one, else None
+    submitted_at: float = 0.0  # seconds
+    preemptible: bool = False
+    prefer: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def from_wire(cls, task_id: str, wire: dict[str, Any], seq: int = 0) -> TaskRequest:
         """Build from the compact request stored in Redis (see ``client.request_wire``)."""
-        return cls(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"],
-                   tuple(sorted(wire["l"].items())), wire["p"], seq)
+        labels = wire["l"]
+        exact = tuple(sorted((k, v) for k, v in labels.items() if isinstance(v, str)))
+        prefer = tuple(sorted((k, tuple(v)) for k, v in labels.items() if not isinstance(v, str)))
+        return cls(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"], exact, wire["p"], seq,
+                   wire.get("t", "default"), wire.get("n", ""), wire.get("e"), 0.0, bool(wire.get("x")), prefer)
 
     @property
     def shape(self) -> tuple[Any, ...]:
         return (self.whole_gpus, self.gpu_milli, self.gpu_memory_mb, self.cpu_milli,
-                self.memory_mb, self.labels)
+                self.memory_mb, self.labels, self.prefer)
+
+    @property
+    def gpus(self) -> float:
+        """GPUs asked for, a share counting as its fraction."""
+        return self.whole_gpus or self.gpu_milli / MILLI
+
+
+@dataclass(slots=True)
+class RunningTask:
+    """A RESERVED or RUNNING task: what it holds and what the policy knows of its end."""
+
+    id: str
+    node_id: str
+    gpu_indices: tuple[int, ...]
+    gpu_milli: int  # held on each of gpu_indices (1000 for a whole GPU)
+    gpu_mem: int  # MiB held on each of gpu_indices
+    cpu_milli: int
+    memory_mb: int
+    priority: int = 0
+    tenant: str = "default"
+    name: str = ""
+    started_at: float = 0.0  # seconds; when reserved, for a task not yet started
+    estimate_s: float | None = None
+    preemptible: bool = False
+    preempting: bool = False  # already asked to stop; its capacity is about to come back
+    seq: int = 0
+    submitted_at: float = 0.0
+
+    @property
+    def gpus(self) -> float:
+        return len(self.gpu_indices) * self.gpu_milli / MILLI
+
+    def expected_end(self, now: float) -> float | None:
+        """When it should end by its estimate (``now`` if already overdue); None if unknown."""
+        if self.estimate_s is None:
+            return None
+        return max(now, self.started_at + self.estimate_s)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything one planning pass sees; built by the dispatcher (or the simulator) from Redis."""
+
+    now: float  # seconds
+    nodes: list[NodeFree]
+    pending: list[TaskRequest]  # in queue order: priority, then submit order
+    running: list[RunningTask] = field(default_factory=list)
+    # Learned mean runtimes: (task name, shape key) and (task name, "") -> seconds.
+    runtimes: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Request mix for frag_aware: shape key -> how many such tasks were submitted.
+    mix: dict[str, int] = field(default_factory=dict)
+    # Pending tasks waiting for preempted victims to stop: preemptor id -> node id.
+    preempting_for: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Preemption:
+    """Stop ``victims`` (all on ``node_id``) so that ``task_id`` fits there."""
+
+    task_id: str
+    node_id: str
+    victims: tuple[str, ...]
+    reason: str  # e.g. "priority 10 > 5", "reclaim: tenant a under its guarantee", "srtf"
+
+
+@dataclass(slots=True)
+class Waiting:
+    """Why a pending task did not start this pass, and when it is expected to."""
+
+    position: int  # 1-based, in the order the policy ranked the queue
+    reason: str
+    estimated_start: float | None = None  # seconds; None when unknown
+
+
+@dataclass(slots=True)
+class Plan:
+    placements: list[Placement] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
+    waiting: dict[str, Waiting] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -72,10 +163,15 @@ class NodeFree:
     free_memory_mb: int
     free_slots: int
     labels: dict[str, str] = field(default_factory=dict)
+    # Registered capacity (0 when the reader did not fill it in); the GPU count is len(free_milli).
+    cap_cpu_milli: int = 0
+    cap_memory_mb: int = 0
+    cap_slots: int = 0
 
     def copy(self) -> NodeFree:
         return NodeFree(self.id, self.gpu_memory_mb, list(self.free_milli), list(self.free_mem),
-                        self.free_cpu_milli, self.free_memory_mb, self.free_slots, dict(self.labels))
+                        self.free_cpu_milli, self.free_memory_mb, self.free_slots, dict(self.labels),
+                        self.cap_cpu_milli, self.cap_memory_mb, self.cap_slots)
 
     def gpu_is_whole(self, i: int) -> bool:
         return self.free_milli[i] == MILLI and self.free_mem[i] == self.gpu_memory_mb
@@ -89,7 +185,13 @@ class NodeFree:
     def host_fits(self, task: TaskRequest) -> bool:
         if self.free_slots < 1 or self.free_cpu_milli < task.cpu_milli or self.free_memory_mb < task.memory_mb:
             return False
-        return not task.labels or all(self.labels.get(k) == v for k, v in task.labels)
+        if task.labels and not all(self.labels.get(k) == v for k, v in task.labels):
+            return False
+        return not task.prefer or all(self.labels.get(k) in values for k, values in task.prefer)
+
+    def preference(self, task: TaskRequest) -> int:
+        """0 for the node a task prefers most; higher for each step down its preference lists."""
+        return sum(values.index(self.labels[k]) for k, values in task.prefer if self.labels.get(k) in values)
 
     def share_memory(self, task: TaskRequest) -> int:
         """GPU memory a fractional task takes on this node's GPUs."""
@@ -106,6 +208,30 @@ class NodeFree:
         self.free_cpu_milli -= task.cpu_milli
         self.free_memory_mb -= task.memory_mb
         self.free_slots -= 1
+
+
+def mix_key(task: TaskRequest) -> str:
+    """The GPU shape of a request, as counted in the pool's request mix (frag_aware)."""
+    return f"{task.whole_gpus},{task.gpu_milli}"
+
+
+class Placer(Protocol):
+    """Chooses where tasks go, one at a time, on its own copy of the free capacity.
+
+    ``choose`` proposes without taking; ``take`` applies a placement (from ``choose`` or
+    not) to the copy. ``views`` (backfill holds) maps node ids to a NodeFree to judge
+    that node by instead of the placer's own copy (less what is held for others); the
+    placement chosen is still taken from the placer's own copy. A task's ``labels``
+    must match; among nodes meeting its ``prefer`` lists, lower ``NodeFree.preference``
+    wins before the placer's own criterion."""
+
+    nodes: dict[str, NodeFree]
+
+    def choose(self, task: TaskRequest, views: dict[str, NodeFree] | None = None) -> Placement | None: ...
+
+    def take(self, task: TaskRequest, placement: Placement) -> None: ...
+
+    def place(self, task: TaskRequest) -> Placement | None: ...
 
 
 def order(tasks: Iterable[TaskRequest]) -> list[TaskRequest]:

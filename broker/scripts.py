@@ -78,6 +78,14 @@ class ReapCode(enum.IntEnum):
     OK = 0
 
 
+class PreemptCode(enum.IntEnum):
+    REQUEUED = 0
+    STOPPING = 1
+    NOT_FOUND = 2
+    NOT_HELD = 3
+    ALREADY = 4
+
+
 #: script name -> (its return-code enum, the KEYS it takes in order, the ARGV it takes in order).
 #: The names must match the script headers; a batch script lists its fixed prefix only.
 SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]]] = {
@@ -89,14 +97,15 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "heartbeat": (HeartbeatCode, ("node", "leases"), ("node_id", "incarnation", "now", "lease_ms")),
     "submit": (
         SubmitCode,
-        ("task", "pending", "requests", "idempotency", "seq", "wake"),
-        ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries"),
+        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
+        ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
+         "shape"),
     ),
     "reserve": (ReserveCode, ("pending", "requests", "leases"), ("now",)),
     "start": (StartCode, ("task",), ("node_id", "tag", "now")),
     "finish": (
         FinishCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake"),
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes"),
         ("task_id", "node_id", "tag", "outcome", "payload", "now"),
     ),
     "cancel": (
@@ -105,6 +114,11 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         ("task_id", "node_id", "now"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake"), ("now", "limit")),
+    "preempt": (
+        PreemptCode,
+        ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake"),
+        ("task_id", "node_id", "preemptor", "grace_ms", "now"),
+    ),
 }
 
 
@@ -261,12 +275,13 @@ class Scripts:
     # ---- tasks ----------------------------------------------------------------
 
     def submit(self, task_id: str, idempotency_key: str | None, priority: int, request: str,
-               message: str, name: str, tenant: str, max_retries: int) -> tuple[SubmitCode, str]:
+               message: str, name: str, tenant: str, max_retries: int, shape: str = "0,0") -> tuple[SubmitCode, str]:
         k = self.keys
         code, existing = self._run(
             "submit",
-            (k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake),
-            (task_id, idempotency_key or "", priority, self.clock(), request, message, name, tenant, max_retries),
+            (k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake, k.mix),
+            (task_id, idempotency_key or "", priority, self.clock(), request, message, name, tenant, max_retries,
+             shape),
         )
         return SubmitCode(code), _text(existing)
 
@@ -302,10 +317,19 @@ class Scripts:
         k = self.keys
         code, state = self._run(
             "finish",
-            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.wake),
+            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.wake, k.runtimes),
             (task_id, node_id, tag, outcome, payload, self.clock()),
         )
         return FinishCode(code), _text(state)
+
+    def preempt(self, task_id: str, node_id: str, preemptor: str, grace_ms: int) -> PreemptCode:
+        k = self.keys
+        (code,) = self._run(
+            "preempt",
+            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.preempting, k.wake),
+            (task_id, node_id, preemptor, grace_ms, self.clock()),
+        )
+        return PreemptCode(code)
 
     def cancel(self, task_id: str, node_id: str | None) -> tuple[CancelCode, str]:
         k = self.keys

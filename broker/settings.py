@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.keys import NAME_PATTERN, NAME_RULE
+from broker.scheduling import SchedulingConfig
 
 
 class Settings(BaseSettings):
@@ -29,6 +30,10 @@ class Settings(BaseSettings):
     # so long GPU tasks are never redelivered by kombu (celery#5935).
     visibility_timeout_s: int = Field(30 * 24 * 3600, gt=0)
     socket_timeout_s: float = Field(5.0, gt=0)
+    # Ordering, placement and preemption (GPUBROKER_SCHEDULING='{"ordering": "fair", ...}').
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    # How often (at most) the dispatcher publishes each pending task's reason and estimated start.
+    explain_interval_s: float = Field(1.0, gt=0)
 
     @field_validator("pool")
     @classmethod

@@ -11,7 +11,7 @@ import redis
 
 from broker.keys import PoolKeys
 from broker.models import MILLI, GpuView, NodeView, QueueEntry, Resources
-from broker.policy import NodeFree, TaskRequest
+from broker.policy import NodeFree, RunningTask, Snapshot, TaskRequest
 from broker.scripts import encode_command
 
 
@@ -87,6 +87,9 @@ def _with_requests(head: list[bytes], wires: list[bytes | None], first_rank: int
 _RequestShape = tuple[tuple[Any, ...], tuple[Any, ...]]  # TaskRequest's fields before seq (less id), after seq
 
 
+_new_request = cast(Any, TaskRequest)  # called with the fields spread from a tuple
+
+
 def _requests(pending: _Pending) -> list[TaskRequest]:
     shapes: dict[int, _RequestShape] = {}  # id of a shared request dict -> its shape
     out = []
@@ -95,7 +98,7 @@ def _requests(pending: _Pending) -> list[TaskRequest]:
         if shape is None:
             fields = astuple(TaskRequest.from_wire("", wire))
             shape = shapes[id(wire)] = (fields[1:8], fields[9:])
-        out.append(TaskRequest(task_id, *shape[0], rank, *shape[1]))
+        out.append(_new_request(task_id, *shape[0], rank, *shape[1]))
     return out
 
 
@@ -158,17 +161,31 @@ class PendingHead:
         return _with_requests(head, wires, first_rank)
 
 
+def waiting_info(client: redis.Redis, keys: PoolKeys, task_ids: list[str]) -> list[dict[str, Any] | None]:
+    """What the dispatcher's last full pass said of each task: position, reason, eta (or None)."""
+    if not task_ids:
+        return []
+    raw = cast(list[bytes | None], client.hmget(keys.queueinfo, task_ids))
+    return [json.loads(r) if r is not None else None for r in raw]
+
+
 def queue_entries(client: redis.Redis, keys: PoolKeys, limit: int) -> list[QueueEntry]:
+    """Pending tasks in the order the dispatcher's policy ranked them on its last full pass
+    (with its reason and estimated start); tasks it has not ranked yet follow in queue order."""
     pending = read_pending(client, keys, limit)
     pipe = client.pipeline(transaction=False)
     for task_id, _seq, _wire in pending:
         pipe.hget(keys.task(task_id), "submitted_at")
     submitted = pipe.execute()
+    info = waiting_info(client, keys, [task_id for task_id, _seq, _wire in pending])
+    rows = sorted(zip(pending, submitted, info, strict=True),
+                  key=lambda row: (0, row[2]["position"]) if row[2] else (1, row[0][1]))
     return [
         QueueEntry(position=pos, id=task_id, name=wire["n"], tenant=wire["t"], priority=wire["p"],
                    resources=resources_from_wire(wire), submitted_at=_i(at) / 1000,
-                   estimated_runtime_s=wire.get("e"))
-        for pos, ((task_id, _seq, wire), at) in enumerate(zip(pending, submitted, strict=True), start=1)
+                   estimated_runtime_s=wire.get("e"), reason=why["reason"] if why else None,
+                   estimated_start_at=why["eta"] if why else None)
+        for pos, ((task_id, _seq, wire), at, why) in enumerate(rows, start=1)
     ]
 
 
@@ -198,6 +215,7 @@ class NodeShape:
     gpus: int
     gpu_memory_mb: int
     labels: dict[str, str]
+    capacity: tuple[int, int, int]  # cpu milli, RAM MiB, slots
     read: bytes  # HMGET of what changes, encoded: the fields are _FREE_FIELDS, then per GPU milli, then mem
 
 
@@ -214,6 +232,7 @@ def _shape_of(node_key: str, h: dict[bytes, bytes]) -> NodeShape:
     return NodeShape(
         tuple(h.get(field) for field in _FREE_FIELDS[1:5]), gpus, int(h.get(b"gpu_mem", 0)),
         {k[6:].decode(): v.decode() for k, v in h.items() if k[:6] == b"label:"},
+        (int(h.get(b"cap_cpu_m", 0)), int(h.get(b"cap_mem", 0)), int(h.get(b"cap_slots", 0))),
         encode_command(b"HMGET", node_key.encode(), *_free_fields(gpus)))
 
 
@@ -221,7 +240,7 @@ def _node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> No
     n = shape.gpus
     return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
                     [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
-                    int(values[7] or 0), dict(shape.labels))
+                    int(values[7] or 0), dict(shape.labels), *shape.capacity)
 
 
 def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int,
@@ -255,3 +274,87 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int,
         for node_id in [n for n in known if n not in live_ids]:
             del known[node_id]
     return out
+
+
+# ---- what the full planner sees (broker.planner) ---------------------------------------
+
+_RUNNING_FIELDS = (b"state", b"node", b"alloc", b"req", b"started_at", b"reserved_at", b"preempt_at", b"seq",
+                   b"submitted_at")
+
+
+def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
+                 preemptible_default: bool = False) -> list[RunningTask]:
+    """The RESERVED and RUNNING tasks on ``node_ids``, with what each holds (its ``alloc``)."""
+    if not node_ids:
+        return []
+    members = _raw_pipeline(client, [encode_command(b"SMEMBERS", keys.node_tasks(n).encode()) for n in node_ids])
+    ids = sorted({m for found in members for m in found})
+    if not ids:
+        return []
+    replies = _raw_pipeline(client, [encode_command(b"HMGET", keys.task(t.decode()).encode(), *_RUNNING_FIELDS)
+                                     for t in ids])
+    wires: dict[bytes, dict[str, Any]] = {}
+    out = []
+    for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted) in zip(
+            ids, replies, strict=True):
+        if state not in (b"RESERVED", b"RUNNING") or alloc is None or node is None or req is None:
+            continue  # finished or moved between the two reads
+        wire = wires.get(req)
+        if wire is None:
+            wire = wires[req] = json.loads(req)
+        held = json.loads(alloc)
+        gpus = held["g"]
+        x = wire.get("x")
+        out.append(RunningTask(
+            task_id.decode(), node.decode(), tuple(g[0] for g in gpus), gpus[0][1] if gpus else 0,
+            gpus[0][2] if gpus else 0, held["c"], held["r"], wire["p"], wire.get("t", "default"),
+            wire.get("n", ""), _i(started or reserved) / 1000, wire.get("e"),
+            preemptible_default if x is None else bool(x), preempt_at is not None, _i(seq), _i(submitted) / 1000))
+    return out
+
+
+def read_runtimes(client: redis.Redis, keys: PoolKeys) -> dict[tuple[str, str], float]:
+    """Mean seconds of succeeded runs per (task name, GPU shape), and per (task name, "")."""
+    raw = cast(dict[bytes, bytes], client.hgetall(keys.runtimes))
+    out = {}
+    for field, count in raw.items():
+        if field.startswith(b"n:") and int(count) > 0:
+            name, _, shape = field[2:].decode().rpartition("|")
+            total = raw.get(b"s:" + field[2:])
+            if total is not None:
+                out[(name, shape)] = float(total) / int(count)
+    return out
+
+
+def read_mix(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], client.hgetall(keys.mix)).items()}
+
+
+def read_preempting(client: redis.Redis, keys: PoolKeys) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], client.hgetall(keys.preempting)).items()}
+
+
+def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int,
+                      preemptible_default: bool = False) -> list[TaskRequest]:
+    """The first ``limit`` pending tasks in queue order, each with its submit time."""
+    pending = read_pending(client, keys, limit)
+    if not pending:
+        return []
+    submitted = _raw_pipeline(client, [encode_command(b"HGET", keys.task(t).encode(), b"submitted_at")
+                                       for t, _rank, _wire in pending])
+    tasks = _requests(pending)
+    for task, (_id, _rank, wire), at in zip(tasks, pending, submitted, strict=True):
+        task.submitted_at = _i(at) / 1000
+        if wire.get("x") is None:
+            task.preemptible = preemptible_default
+    return tasks
+
+
+def read_snapshot(client: redis.Redis, keys: PoolKeys, now_ms: int, limit: int, preemptible_default: bool,
+                  shapes: dict[str, NodeShape] | None = None) -> tuple[Snapshot, dict[str, str]]:
+    """Everything the planner needs, and which preemptors wait for which node."""
+    nodes = read_free(client, keys, now_ms, shapes)
+    snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default),
+                    read_running(client, keys, [n.id for n in nodes], preemptible_default),
+                    read_runtimes(client, keys), read_mix(client, keys))
+    return snap, read_preempting(client, keys)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from rich.table import Table
 from rich.text import Text
 
-from broker.models import MILLI, NodeView, QueueEntry, Resources, TaskStatus
+from broker.models import MILLI, NodeView, QueueEntry, Resources, TaskState, TaskStatus
 
 
 def describe(resources: Resources) -> str:
@@ -23,7 +23,7 @@ def describe(resources: Resources) -> str:
         parts.append(f"{resources.cpus:g} CPU")
     if resources.memory_mb:
         parts.append(f"{resources.memory_mb} MiB")
-    parts += [f"{k}={v}" for k, v in resources.labels.items()]
+    parts += [f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in resources.labels.items()]
     return ", ".join(parts) or "nothing"
 
 
@@ -50,14 +50,27 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
 def queue_table(entries: Sequence[QueueEntry], limit: int = 20, now: float | None = None) -> Table:
     now = now or time.time()
     table = Table(title=f"Pending ({len(entries)})")
-    for column in ("#", "task", "name", "tenant", "prio", "asks", "waiting"):
+    for column in ("#", "task", "name", "tenant", "prio", "asks", "waiting", "est. start", "reason"):
         table.add_column(column)
     for entry in entries[:limit]:
         table.add_row(str(entry.position), entry.id[:8], entry.name, entry.tenant, str(entry.priority),
-                      describe(entry.resources), f"{now - entry.submitted_at:.1f}s")
+                      describe(entry.resources), f"{now - entry.submitted_at:.1f}s",
+                      _eta(entry.estimated_start_at, now), Text(entry.reason or ""))
     if len(entries) > limit:
-        table.add_row("…", f"{len(entries) - limit} more", "", "", "", "", "")
+        table.add_row("…", f"{len(entries) - limit} more", "", "", "", "", "", "", "")
     return table
+
+
+def _eta(at: float | None, now: float) -> str:
+    """An estimated start as 'in 5m 3s' ('now' when due); '-' when unknown."""
+    if at is None:
+        return "-"
+    left = int(at - now)
+    if left <= 0:
+        return "now"
+    hours, rest = divmod(left, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return "in " + (f"{hours}h {minutes}m" if hours else f"{minutes}m {seconds}s" if minutes else f"{seconds}s")
 
 
 def status_table(status: TaskStatus) -> Table:
@@ -69,6 +82,14 @@ def status_table(status: TaskStatus) -> Table:
         "priority": str(status.priority), "asks": describe(status.resources), "node": status.node or "-",
         "gpus": ",".join(map(str, status.gpus)) or "-", "attempts": str(status.attempts),
     }
+    if status.preemptions:
+        rows["preempted"] = f"{status.preemptions} times"
+    if status.position is not None:
+        rows["position"] = str(status.position)
+    if status.reason:
+        rows["waiting for"] = status.reason
+    if status.state is TaskState.PENDING:
+        rows["est. start"] = _eta(status.estimated_start_at, time.time())
     if status.result is not None:
         rows["result"] = repr(status.result)
     if status.error:

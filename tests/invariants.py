@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import redis
 
-from broker.client import request_wire
+from broker.client import mix_key_of, request_wire
 from broker.keys import PoolKeys
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, Resources, SubmitRequest
@@ -122,7 +122,7 @@ def submission(task_id: str, *, resources: Resources = DEFAULT_RESOURCES, priori
 def submit_raw(scripts: Scripts, task_id: str, **options: Any) -> tuple[SubmitCode, str]:
     req, wire, message = submission(task_id, **options)
     return scripts.submit(task_id, req.idempotency_key, req.priority, wire, message, req.task_name, req.tenant,
-                          req.max_retries)
+                          req.max_retries, mix_key_of(req.resources))
 
 
 def submit_task(scripts: Scripts, *, task_id: str | None = None, **options: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from workers import context
@@ -44,3 +45,23 @@ def slow_on_attempts(self: Any, upto: int, seconds: float) -> dict[str, Any]:
         time.sleep(seconds)
     return {"attempt": attempt, "pid": os.getpid(), "node": context.node_id(), "started_at": started,
             "finished_at": time.time()}
+
+
+@app.task(name="tests.checkpointed", bind=True)
+def checkpointed(self: Any, seconds: float, path: str) -> dict[str, Any]:
+    """Sleep ``seconds`` in steps; when preempted, save how far it got to ``path`` and stop. A
+    later attempt resumes from the saved step: how a training loop checkpoints on SIGTERM."""
+    from workers.task import Preempted
+
+    saved = Path(path)
+    done = float(saved.read_text()) if saved.exists() else 0.0
+    resumed_from = done
+    try:
+        while done < seconds:
+            time.sleep(0.05)
+            done += 0.05
+    except Preempted:
+        saved.write_text(str(done))
+        raise
+    return {"attempt": _attempt(self), "resumed_from": resumed_from, "node": context.node_id(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "finished_at": time.time()}

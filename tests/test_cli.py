@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import redis
@@ -69,3 +70,22 @@ def test_worker_gpus_auto_without_nvml_says_what_to_do(env: dict[str, str], redi
     assert result.exit_code == 3
     assert "--gpus auto" in result.output and "--gpus N" in result.output
     assert redis_client.dbsize() == 0
+
+
+def test_dispatcher_refuses_a_bad_scheduling_file(env: dict[str, str], redis_client: redis.Redis,
+                                                  tmp_path: Path) -> None:
+    bad = tmp_path / "scheduling.toml"
+    bad.write_text('ordering = "lottery"\n[tenants.a]\nweight = -1\n')
+    result = runner.invoke(app, ["dispatcher", "--scheduling", str(bad)], env=env)
+    assert result.exit_code == 2
+    assert "ordering" in result.output and "tenants.a.weight" in result.output
+    assert redis_client.dbsize() == 0
+
+
+def test_submit_with_a_label_preference_list_and_preemptible(env: dict[str, str]) -> None:
+    submitted = runner.invoke(app, ["submit", "workers.tasks.probe", "--gpus", "1", "--label", "gpu=H100|A100",
+                                    "--label", "zone=eu", "--preemptible", "--json"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    status = json.loads(runner.invoke(app, ["status", json.loads(submitted.output)["id"], "--json"], env=env).output)
+    assert status["resources"]["labels"] == {"gpu": ["H100", "A100"], "zone": "eu"}
+    assert status["preemptible"] is True

@@ -33,7 +33,8 @@ def test_created_writes_the_whole_task(scripts: Scripts, redis_client: redis.Red
     assert task_hash(redis_client, keys, "t1") == {
         "id": "t1", "name": PROBE, "tenant": "lab", "priority": "7", "state": "PENDING", "seq": "1",
         "score": str(score), "submitted_at": str(scripts.clock()), "req": wire, "message": message,
-        "max_retries": "2", "retries": "0", "attempts": "0"}
+        "max_retries": "2", "retries": "0", "attempts": "0", "shape": "0,500"}
+    assert redis_client.hgetall(keys.mix) == {b"0,500": b"1"}  # the request mix frag_aware learns from
     wire_fields = json.loads(wire)  # what reserve.lua reads from the stored request
     assert {k: wire_fields[k] for k in ("g", "m", "gm", "c", "r", "l")} == {
         "g": 0, "m": 500, "gm": 8000, "c": 2000, "r": 4096, "l": {"zone": "eu"}}

@@ -217,6 +217,11 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "seq":           dict(zip(ROLES, ["rw", "-", "-", "r", "r"], strict=True)),
     "rejected":      dict(zip(ROLES, ["-", "-", "rw", "r", "r"], strict=True)),
     "wake":          dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
+    "mix":           dict(zip(ROLES, ["rw", "r", "-", "r", "r"], strict=True)),
+    "runtimes":      dict(zip(ROLES, ["-", "r", "rw", "r", "r"], strict=True)),
+    "preempting":    dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
+    "queueinfo":     dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
+    "scheduling":    dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
 }
 
 

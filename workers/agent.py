@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 FRESH_PROCESS_POOL = "workers.pool:FreshProcessPool"
 GUARDED_TRANSPORT = "workers.rejects:GuardedTransport"
 GUARDED_CONSUMER = "workers.rejects:GuardedConsumer"
+PREEMPT_CHECK_S = 0.5  # how often the agent looks for tasks of its own that the scheduler preempted
 
 
 class NodeAgent:
@@ -48,6 +50,7 @@ class NodeAgent:
         self.scripts = Scripts(connect(settings), self.keys)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stopping: dict[str, float] = {}  # preempted task id -> when it was sent SIGTERM (monotonic)
 
     @property
     def lease_ms(self) -> int:
@@ -86,12 +89,50 @@ class NodeAgent:
             os.kill(os.getpid(), signal.SIGTERM)
         return code
 
+    def stop_preempted(self) -> list[str]:
+        """SIGTERM the tasks here that the scheduler marked for preemption; SIGKILL those still
+        running once their grace period has passed. Returns the ids signalled."""
+        from celery.worker import state  # only meaningful inside a running worker
+
+        active = {r.id: r for r in list(state.active_requests) if r.worker_pid}
+        if not active:
+            self._stopping.clear()
+            return []
+        ids = list(active)
+        pipe = self.scripts.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self.keys.task(task_id), "preempt_at", "preempt_grace")
+        marks = pipe.execute()
+        now, signalled = time.monotonic(), []
+        for task_id, (at, grace) in zip(ids, marks, strict=True):
+            if at is None:
+                continue
+            pid = active[task_id].worker_pid
+            first = self._stopping.get(task_id)
+            if first is None:
+                log.warning("task %s preempted: SIGTERM to pid %d (grace %s ms)", task_id, pid, grace)
+                self._stopping[task_id] = now
+                _signal(pid, signal.SIGTERM)
+                signalled.append(task_id)
+            elif now - first >= int(grace or 0) / 1000:
+                log.warning("task %s preempted: grace over, SIGKILL to pid %d", task_id, pid)
+                _signal(pid, signal.SIGKILL)
+                signalled.append(task_id)
+        for task_id in [t for t in self._stopping if t not in active]:
+            del self._stopping[task_id]
+        return signalled
+
     def _beat(self) -> None:
         # Keep beating every heartbeat_s through a Redis outage (the client itself backs off
-        # within each try): the lease must be renewed the moment Redis is back.
-        while not self.stop.wait(self.settings.heartbeat_s):
+        # within each try): the lease must be renewed the moment Redis is back. Between beats,
+        # look for preempted tasks every PREEMPT_CHECK_S.
+        next_beat = time.monotonic() + self.settings.heartbeat_s
+        while not self.stop.wait(min(PREEMPT_CHECK_S, max(0.0, next_beat - time.monotonic()))):
             try:
-                self.heartbeat_once()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.settings.heartbeat_s
+                    self.heartbeat_once()
+                self.stop_preempted()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("heartbeat failed: Redis unreachable (%s); retrying", exc)
             except Exception:
@@ -131,16 +172,20 @@ class NodeAgent:
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
 
 
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 def terminate_active_tasks() -> None:
     """SIGKILL the pool children of every task this worker is running."""
     from celery.worker import state  # only meaningful inside a running worker
 
     for request in list(state.active_requests):
         if request.worker_pid:
-            try:
-                os.kill(request.worker_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal(request.worker_pid, signal.SIGKILL)
 
 
 def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = ()) -> None:

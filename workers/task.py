@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -41,6 +42,19 @@ RETRY_CAP_S = 2.0
 # Outcomes in the parent that mean "not a failure of this attempt": the fence refused
 # the message, or the task was cancelled.
 _NOT_OUTCOMES = (Ignore, Reject, Retry, Terminated, TaskRevokedError)
+
+
+class Preempted(BaseException):
+    """Raised inside a running task when the scheduler stops it for a more urgent one.
+
+    The worker sends SIGTERM, waits the pool's ``preempt_grace_s``, then SIGKILLs. Catch it
+    to save a checkpoint, then re-raise (or return): the task is requeued at its original
+    place in line, without counting against its retries, and runs again from the start.
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` does not swallow it."""
+
+
+def _raise_preempted(signum: int, frame: Any) -> None:
+    raise Preempted("stopped by the scheduler for a more urgent task (SIGTERM)")
 
 
 def encode_result(result: Any) -> str:
@@ -162,12 +176,15 @@ class GpuTask(Task):
                 rejects.count(f"message {tag} names unknown task {task_id}")
             raise Ignore()
         os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
+        previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
             result = self.run(*args, **kwargs)
             payload = encode_result(result)
         except BaseException as exc:
             report(task_id, tag, "failed", _describe(exc), patience_s=None)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         report(task_id, tag, "succeeded", payload, patience_s=None)
         return result
 

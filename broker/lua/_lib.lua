@@ -51,11 +51,21 @@ local function reset_free(node_key)
   redis.call('HSET', node_key, 'free_cpu_m', cap[3], 'free_mem', cap[4], 'free_slots', cap[5])
 end
 
+-- Does a node's label value meet a task's selector value (one value, or a list of acceptable ones)?
+local function label_ok(want, have)
+  if type(want) ~= 'table' then return want == have end
+  for _, v in ipairs(want) do
+    if v == have then return true end
+  end
+  return false
+end
+
 -- Back to PENDING at its original place in line (the score keeps its submit order).
 local function requeue(task_key, pending_key, requests_key, task_id, now)
   local t = redis.call('HMGET', task_key, 'score', 'req')
   redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now)
-  redis.call('HDEL', task_key, 'node', 'gpus', 'tag', 'reserved_at', 'started_at')
+  redis.call('HDEL', task_key, 'node', 'gpus', 'tag', 'reserved_at', 'started_at', 'preempt_at', 'preempt_by',
+    'preempt_grace')
   redis.call('ZADD', pending_key, t[1], task_id)
   redis.call('HSET', requests_key, task_id, t[2])
 end

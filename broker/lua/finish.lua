@@ -11,10 +11,12 @@
 -- KEYS[4] pending     zset of pending tasks
 -- KEYS[5] requests    hash task id -> request of pending tasks
 -- KEYS[6] wake        channel dispatchers listen on
+-- KEYS[7] runtimes    hash of succeeded runs' count and seconds per task name and shape
 -- ARGV[1] task_id
 -- ARGV[2] node_id
 -- ARGV[3] tag         delivery tag of the attempt
--- ARGV[4] outcome     'succeeded' | 'failed' | 'lost' (requeued while retries remain)
+-- ARGV[4] outcome     'succeeded' | 'failed' | 'lost' (requeued while retries remain);
+--                     a task being preempted that did not succeed is requeued uncharged
 -- ARGV[5] payload     result JSON when succeeded, error text otherwise
 -- ARGV[6] now         ms since epoch
 -- Returns {code, state}; state is the task's state afterwards:
@@ -24,7 +26,7 @@
 --   3 BAD_OUTCOME unknown outcome; nothing changed
 
 local task_key, id, now = KEYS[1], ARGV[1], tonumber(ARGV[6])
-local t = redis.call('HMGET', task_key, 'state', 'tag', 'node')
+local t = redis.call('HMGET', task_key, 'state', 'tag', 'node', 'preempt_at', 'started_at', 'name', 'shape')
 if not t[1] then return {1, ''} end
 if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED') then
   return {2, t[1]}
@@ -37,6 +39,17 @@ local state
 if outcome == 'succeeded' then
   state = 'SUCCEEDED'
   redis.call('HSET', task_key, 'state', state, 'result', ARGV[5], 'finished_at', now)
+  if t[5] then -- learn the runtime, per task name and shape, and per name alone
+    local seconds = string.format('%.3f', (now - tonumber(t[5])) / 1000)
+    for _, key in ipairs({t[6] .. '|' .. (t[7] or ''), t[6] .. '|'}) do
+      redis.call('HINCRBY', KEYS[7], 'n:' .. key, 1)
+      redis.call('HINCRBYFLOAT', KEYS[7], 's:' .. key, seconds)
+    end
+  end
+elseif t[4] then -- stopped for a more urgent task: back in line, no retry charged
+  redis.call('HINCRBY', task_key, 'preemptions', 1)
+  requeue(task_key, KEYS[4], KEYS[5], id, now)
+  state = 'PENDING'
 elseif outcome == 'failed' then
   state = 'FAILED'
   redis.call('HSET', task_key, 'state', state, 'error', ARGV[5], 'finished_at', now)

@@ -39,7 +39,7 @@ local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, in
   if r.labelled then
     for key, value in pairs(r.l) do
       if n.labels[key] == nil then n.labels[key] = redis.call('HGET', n.key, 'label:' .. key) end
-      if n.labels[key] ~= value then return 3 end
+      if not label_ok(value, n.labels[key]) then return 3 end
     end
   end
   if n.slots < 1 or n.cpu < r.c or n.mem < r.r then return 4 end

@@ -9,6 +9,7 @@
 -- KEYS[4] idempotency  hash idempotency key -> task id
 -- KEYS[5] seq          submit counter
 -- KEYS[6] wake         channel dispatchers listen on
+-- KEYS[7] mix          hash GPU shape -> tasks submitted of that shape
 -- ARGV[1] task_id
 -- ARGV[2] idempotency_key  '' for none
 -- ARGV[3] priority     integer, higher runs first
@@ -18,6 +19,7 @@
 -- ARGV[7] name         Celery task name
 -- ARGV[8] tenant
 -- ARGV[9] max_retries  requeues allowed after a lost worker
+-- ARGV[10] shape       the request's GPU shape, counted in the mix
 -- Returns {code, task_id}:
 --   0 CREATED
 --   1 DUPLICATE   the idempotency key is known: task_id is the existing task
@@ -34,9 +36,10 @@ local seq = redis.call('INCR', KEYS[5])
 local score = int(-tonumber(ARGV[3]) * 4294967296 + seq)
 redis.call('HSET', KEYS[1], 'id', id, 'name', ARGV[7], 'tenant', ARGV[8], 'priority', ARGV[3],
   'state', 'PENDING', 'seq', seq, 'score', score, 'submitted_at', ARGV[4], 'req', ARGV[5],
-  'message', ARGV[6], 'max_retries', ARGV[9], 'retries', 0, 'attempts', 0)
+  'message', ARGV[6], 'max_retries', ARGV[9], 'retries', 0, 'attempts', 0, 'shape', ARGV[10])
 redis.call('ZADD', KEYS[2], score, id)
 redis.call('HSET', KEYS[3], id, ARGV[5])
 if key ~= '' then redis.call('HSET', KEYS[4], key, id) end
+redis.call('HINCRBY', KEYS[7], ARGV[10], 1)
 redis.call('PUBLISH', KEYS[6], 'submit')
 return {0, id}

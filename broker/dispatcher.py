@@ -2,13 +2,21 @@
 
     1 reap      reclaim nodes whose lease expired (reap.lua)
     2 snapshot  read free capacity per GPU and the head of the pending queue
-    3 plan      pure-Python policy proposes placements (broker.policy)
-    4 commit    reserve.lua re-checks and commits them in batches
-    5 record    log and export what the cycle did and how long each phase took
+    3 plan      pure-Python policy proposes placements (broker.policy, broker.planner)
+    4 commit    reserve.lua re-checks and commits them in batches; preempt.lua marks
+                victims the plan chose
+    5 record    log and export what the cycle did, publish each waiting task's reason
 
 Phases 3 and 4 interleave batch by batch: while Redis runs one reserve.lua batch,
 the dispatcher plans the next, so Redis and Python each keep a core busy. Each
 phase's time is the sum over its turns.
+
+Two planners: the spine's lazy best-fit (``policy.propose``) runs when the pool's
+scheduling is plain priority order, skip-ahead and best fit, since it reads the
+queue only as far as it gets; every other configuration, and a full pass at most
+every ``explain_interval_s`` after the lazy one when tasks are left waiting, runs
+``planner.Planner`` over the whole window with the running tasks (for backfill,
+preemption, fair share, and the reasons and estimated starts the queue view shows).
 
 Several dispatchers may run on one pool: correctness comes from reserve.lua,
 which refuses a placement that no longer fits; a losing dispatcher just wastes
@@ -19,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 from prometheus_client import Counter as MetricCounter
@@ -33,8 +43,9 @@ from prometheus_client import Histogram
 from broker import policy, state
 from broker.client import connect
 from broker.keys import PoolKeys
-from broker.policy import Placement
-from broker.scripts import Clock, ReserveCode, Scripts, wall_clock_ms
+from broker.policy import Placement, Plan
+from broker.scheduling import Mode, Ordering, PlacementKind
+from broker.scripts import Clock, PreemptCode, ReserveCode, Scripts, wall_clock_ms
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,13 @@ log = logging.getLogger(__name__)
 PLACED = MetricCounter("gpubroker_placements_total", "Tasks reserved onto a node", ["pool"])
 REFUSED = MetricCounter("gpubroker_placements_refused_total", "Placements reserve.lua refused", ["pool", "code"])
 PHASE = Histogram("gpubroker_dispatch_phase_seconds", "Time per dispatcher cycle phase", ["pool", "phase"])
+PREEMPTED = MetricCounter("gpubroker_preemptions_total", "Tasks stopped or requeued for a more urgent one",
+                          ["pool", "how"])
+
+#: How a victim of preemption is told to stop: ``stopper(task_id, node_id)``. Live workers
+#: watch their own tasks (workers.agent), so the dispatcher's default does nothing; the
+#: simulator passes one that ends the victim at once.
+Stopper = Callable[[str, str], None]
 
 
 @dataclass
@@ -54,6 +72,9 @@ class CycleReport:
     refused: Counter[str] = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=dict)
     window_full: bool = False
+    placed_tasks: list[Placement] = field(default_factory=list)  # what reserve.lua accepted, in order
+    preempted: list[str] = field(default_factory=list)  # victims marked or requeued this cycle
+    full_pass: bool = False  # the full planner ran
 
 
 class _Timer:
@@ -70,34 +91,111 @@ class _Timer:
 
 class Dispatcher:
     def __init__(self, settings: Settings, clock: Clock = wall_clock_ms,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, stopper: Stopper | None = None) -> None:
         self.settings = settings
         self.keys = PoolKeys(settings.pool)
         self.redis = client or connect(settings)
         self.scripts = Scripts(self.redis, self.keys, clock)
         self.clock = clock
+        self.stopper = stopper
+        from broker.planner import Planner
+
+        self.planner = Planner(settings.scheduling)
+        s = settings.scheduling
+        self.lazy = (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0 and s.mode is Mode.BEST_EFFORT
+                     and s.placement is PlacementKind.BEST_FIT)
         self._node_shapes: dict[str, state.NodeShape] = {}  # read_free's memory of what nodes registered with
+        self._last_full_ms: int | None = None
+        self._published = False
+
+    def publish_config(self) -> None:
+        """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
+        self.redis.set(self.keys.scheduling, self.settings.scheduling.model_dump_json())
+        self._published = True
 
     def run_cycle(self) -> CycleReport:
         report = CycleReport()
+        if not self._published:
+            self.publish_config()
         with _Timer(report, "1_reap"):
             report.reaped = self.scripts.reap()
-        with _Timer(report, "2_snapshot"):
-            nodes = state.read_free(self.redis, self.keys, self.clock(), self._node_shapes)
-            head = state.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
-                                     first=sum(n.free_slots for n in nodes))
-        report.nodes_seen = len(nodes)
-        tasks = (task for chunk in head.chunks() for task in policy.order(chunk))
-        self._plan_and_commit(report, policy.propose(tasks, nodes))
-        report.pending_seen, report.window_full = head.read, head.window_full
+        full = not self.lazy
+        if self.lazy:
+            with _Timer(report, "2_snapshot"):
+                nodes = state.read_free(self.redis, self.keys, self.clock(), self._node_shapes)
+                head = state.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
+                                         first=sum(n.free_slots for n in nodes))
+            report.nodes_seen = len(nodes)
+            tasks = (task for chunk in head.chunks() for task in policy.order(chunk))
+            self._plan_and_commit(report, policy.propose(tasks, nodes))
+            report.pending_seen, report.window_full = head.read, head.window_full
+            # Tasks left waiting: now and then, a full pass for preemption and the queue view.
+            left = head.read > report.placed or report.window_full
+            interval_ms = self.settings.explain_interval_s * 1000
+            due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
+            full = left and due
+            if not left and self._last_full_ms is not None:
+                self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
+                self._last_full_ms = None
+        if full:
+            # After the lazy planner, the full pass is for preemption and the queue view: the
+            # head of the queue is enough.
+            self._full_pass(report, self.settings.scheduling.explain_limit if self.lazy else None)
         with _Timer(report, "5_record"):
             self._record(report)
         return report
 
+    def _full_pass(self, report: CycleReport, limit: int | None = None) -> None:
+        sched = self.settings.scheduling
+        report.full_pass = True
+        self._last_full_ms = now = self.clock()
+        window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
+        with _Timer(report, "2_snapshot"):
+            snap, preempting = state.read_snapshot(self.redis, self.keys, now, window,
+                                                   sched.preemptible_default, self._node_shapes)
+            # Preemptors no longer pending (placed, cancelled) wait for nothing.
+            waiting = {t.id for t in snap.pending}
+            done = [task_id for task_id in preempting if task_id not in waiting]
+            if done:
+                self.redis.hdel(self.keys.preempting, *done)
+            snap.preempting_for = {k: v for k, v in preempting.items() if k in waiting}
+        report.nodes_seen = max(report.nodes_seen, len(snap.nodes))
+        report.pending_seen = max(report.pending_seen, len(snap.pending))
+        with _Timer(report, "3_plan"):
+            plan = self.planner.plan(snap)
+        self._plan_and_commit(report, iter(plan.placements))
+        with _Timer(report, "4_commit"):
+            self._preempt(report, plan)
+        with _Timer(report, "5_record"):
+            self._publish_waiting(plan)
+
+    def _preempt(self, report: CycleReport, plan: Plan) -> None:
+        grace_ms = int(self.settings.scheduling.preempt_grace_s * 1000)
+        for p in plan.preemptions:
+            log.info("preempting %s on %s for %s (%s)", ", ".join(p.victims), p.node_id, p.task_id, p.reason)
+            for victim in p.victims:
+                code = self.scripts.preempt(victim, p.node_id, p.task_id, grace_ms)
+                if code in (PreemptCode.REQUEUED, PreemptCode.STOPPING):
+                    report.preempted.append(victim)
+                    PREEMPTED.labels(self.settings.pool, code.name.lower()).inc()
+                if code is PreemptCode.STOPPING and self.stopper is not None:
+                    self.stopper(victim, p.node_id)
+
+    def _publish_waiting(self, plan: Plan) -> None:
+        """Each waiting task's position, reason and estimated start, for ``client.queue()``/``status``."""
+        info = {task_id: json.dumps({"position": w.position, "reason": w.reason, "eta": w.estimated_start},
+                                    separators=(",", ":"))
+                for task_id, w in plan.waiting.items()}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.queueinfo)
+        if info:
+            pipe.hset(self.keys.queueinfo, mapping=info)  # type: ignore[arg-type]
+        pipe.execute()
+
     def _plan_and_commit(self, report: CycleReport, proposals: Iterator[Placement]) -> None:
         """Phases 3 and 4: plan and encode batch i+1 while reserve.lua runs batch i, then read
         i's codes and send i+1 at once."""
-        size, in_flight = self.settings.commit_batch, None
+        size, in_flight, sent = self.settings.commit_batch, None, cast(list[Placement], [])
         try:
             while True:
                 with _Timer(report, "3_plan"):
@@ -106,22 +204,23 @@ class Dispatcher:
                 with _Timer(report, "4_commit"):
                     if in_flight is not None:
                         done, in_flight = in_flight, None
-                        self._tally(report, done.codes())
+                        self._tally(report, sent, done.codes())
                     if prepared is None:
                         return
                     prepared.send()
-                    in_flight = prepared
+                    in_flight, sent = prepared, batch
                     report.proposed += len(batch)
         finally:
             if in_flight is not None:  # planning failed: still read the reply, freeing its connection
                 with contextlib.suppress(redis.RedisError):
-                    self._tally(report, in_flight.codes())
+                    self._tally(report, sent, in_flight.codes())
 
     @staticmethod
-    def _tally(report: CycleReport, codes: list[ReserveCode]) -> None:
-        for code in codes:
+    def _tally(report: CycleReport, batch: Sequence[Placement], codes: list[ReserveCode]) -> None:
+        for placement, code in zip(batch, codes, strict=True):
             if code is ReserveCode.OK:
                 report.placed += 1
+                report.placed_tasks.append(placement)
             else:
                 report.refused[code.name] += 1
 
@@ -132,11 +231,11 @@ class Dispatcher:
             REFUSED.labels(pool, code).inc(count)
         for phase, seconds in report.seconds.items():
             PHASE.labels(pool, phase).observe(seconds)
-        if report.placed or report.refused or report.reaped:
+        if report.placed or report.refused or report.reaped or report.preempted:
             timings = " ".join(f"{p[2:]}={s * 1000:.1f}ms" for p, s in report.seconds.items())
-            log.info("cycle: %d pending, %d nodes, placed %d, refused %s, reaped %s (%s)",
+            log.info("cycle: %d pending, %d nodes, placed %d, refused %s, reaped %s, preempted %s (%s)",
                      report.pending_seen, report.nodes_seen, report.placed, dict(report.refused) or 0,
-                     report.reaped or 0, timings)
+                     report.reaped or 0, report.preempted or 0, timings)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Cycle whenever a script publishes a wake-up; reap at least every reap_interval_s."""

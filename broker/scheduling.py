@@ -95,6 +95,8 @@ class SchedulingConfig(_Config):
     min_runtime_s: float = Field(0.0, ge=0, allow_inf_nan=False)  # before a task may be preempted
     preempt_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)  # SIGTERM, then this, then SIGKILL
     srtf_factor: float = Field(2.0, ge=1, allow_inf_nan=False)  # arrival must be this much shorter
+    # Preemptors served per pass (the rest wait for the next): each one searches every node.
+    preemptions_per_pass: int = Field(64, ge=0, le=100_000)
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
     # How many pending tasks get a reason and an estimated start published for queue views.
     explain_limit: int = Field(1000, ge=0, le=100_000)

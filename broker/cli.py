@@ -226,5 +226,14 @@ def demo(
                       timeout=timeout))
 
 
+def _add_simulation_commands() -> None:
+    from broker.simcli import register  # imports broker.cli's app: load it after the app exists
+
+    register(app)
+
+
+_add_simulation_commands()
+
+
 def main() -> None:
     app()

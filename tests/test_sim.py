@@ -1,0 +1,247 @@
+"""The simulator: small traces whose outcome is known exactly, the report, capacity planning,
+the CLI, and agreement with a live run of the same workload on real probe workers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import redis
+import typer
+from typer.testing import CliRunner
+
+from broker import Client, Resources, TaskState
+from broker.capacity import parse_target, plan_capacity, zero_wait_peak_gpus
+from broker.errors import InvalidRequest
+from broker.scheduling import SchedulingConfig
+from broker.settings import Settings
+from broker.sim import SimResult, simulate
+from broker.simcli import register
+from broker.simreport import metrics, plot_allocation, plot_wait_cdf, result_json, tenants
+from broker.traces import ClusterNode, TraceJob, parse_shape
+from tests.support import Processes, RedisServer, wait_until
+
+ONE_NODE = [ClusterNode("n1", gpus=2, gpu_memory_mb=1000, cpus=8, memory_mb=1000, slots=4)]
+ONE_GPU = [ClusterNode("n1", gpus=1, gpu_memory_mb=1000, cpus=8, memory_mb=1000, slots=4)]
+
+
+def run(redis_server: RedisServer, jobs: list[TraceJob], nodes: list[ClusterNode],
+        config: SchedulingConfig | None = None, estimates: str = "learned") -> SimResult:
+    return simulate(jobs, nodes, config, redis_url=redis_server.url, estimates=estimates)
+
+
+def timeline(result: SimResult) -> dict[str, tuple[float | None, float | None, tuple[int, ...]]]:
+    return {o.job.id: (o.started_s, o.finished_s, o.gpus) for o in result.jobs}
+
+
+def test_a_small_trace_gives_exactly_the_expected_schedule_and_figures(redis_server: RedisServer) -> None:
+    jobs = [TraceJob("a", 0, 10, gpus=2), TraceJob("b", 1, 5, gpus=1, tenant="x"), TraceJob("c", 2, 3, gpus=1)]
+    result = run(redis_server, jobs, ONE_NODE)
+
+    # a holds both GPUs until 10; then b and c start together, in submit order on GPUs 0 and 1.
+    assert timeline(result) == {"a": (0, 10, (0, 1)), "b": (10, 15, (0,)), "c": (10, 13, (1,))}
+    assert result.placements == [("a", "n1", (0, 1), 0.0), ("b", "n1", (0,), 10.0), ("c", "n1", (1,), 10.0)]
+    m = metrics(result)
+    assert (m["jobs"], m["completed"], m["rejected"], m["never_started"]) == (3, 3, 0, 0)
+    assert m["wait_mean"] == pytest.approx(17 / 3) and m["wait_p50"] == 8 and m["wait_max"] == 9
+    assert m["wait_p95"] == pytest.approx(8.9)  # between 8 and 9, linearly
+    assert m["jct_mean"] == pytest.approx(35 / 3)
+    assert m["slowdown_mean"] == pytest.approx((1 + 1.4 + 1.1) / 3)  # runs under 10 s count as 10 s
+    assert m["makespan_s"] == 15
+    assert m["allocation_mean"] == pytest.approx(28 / 30)  # 2 GPUs for 13 s, then 1 for 2 s, of 2 GPUs for 15 s
+    assert m["allocation_peak"] == 1 and m["allocation_final"] == 0
+    # ... and the run's pool is deleted afterwards.
+    share = {row["tenant"]: row["share"] for row in tenants(result)}
+    assert share == pytest.approx({"default": 23 / 28, "x": 5 / 28})
+    assert not list(redis.Redis.from_url(redis_server.url).scan_iter(match="gpb:{sim-*"))
+
+
+def test_sjf_with_true_durations_reorders_and_fifo_does_not(redis_server: RedisServer) -> None:
+    jobs = [TraceJob("A", 0, 100, gpus=1), TraceJob("B", 1, 50, gpus=1), TraceJob("C", 2, 10, gpus=1)]
+    fifo = run(redis_server, jobs, ONE_GPU, SchedulingConfig(ordering="fifo"), estimates="true")
+    sjf = run(redis_server, jobs, ONE_GPU, SchedulingConfig(ordering="sjf"), estimates="true")
+    blind = run(redis_server, jobs, ONE_GPU, SchedulingConfig(ordering="sjf"), estimates="learned")
+    assert {k: v[:2] for k, v in timeline(fifo).items()} == {"A": (0, 100), "B": (100, 150), "C": (150, 160)}
+    assert {k: v[:2] for k, v in timeline(sjf).items()} == {"A": (0, 100), "C": (100, 110), "B": (110, 160)}
+    # No estimates and nothing learned yet (no run of this name has finished when B and C wait): submit order.
+    assert timeline(blind) == timeline(fifo)
+
+
+def test_priority_preemption_stops_the_victim_and_restarts_it_from_scratch(redis_server: RedisServer) -> None:
+    jobs = [TraceJob("low", 0, 100, gpus=1, preemptible=True), TraceJob("high", 10, 20, gpus=1, priority=10)]
+    result = run(redis_server, jobs, ONE_GPU, SchedulingConfig(preemption=True))
+    assert timeline(result) == {"low": (0, 130, (0,)), "high": (10, 30, (0,))}
+    assert [o.preemptions for o in result.jobs] == [1, 0]
+    assert [(job, t) for job, _, _, t in result.placements] == [("low", 0), ("high", 10), ("low", 30)]
+    assert metrics(result)["preemptions"] == 1
+
+
+def test_a_task_reserved_and_preempted_in_one_cycle_is_dropped_and_requeued(redis_server: RedisServer) -> None:
+    # At 10, the cycle's quick pass reserves L on the free GPU (H needs both), then its full pass
+    # preempts R (running: stopped) and L (reserved: requeued, its message now stale) for H.
+    jobs = [TraceJob("R", 0, 100, gpus=1, preemptible=True), TraceJob("H", 10, 20, gpus=2, priority=5),
+            TraceJob("L", 10, 50, gpus=1, preemptible=True)]
+    result = run(redis_server, jobs, ONE_NODE, SchedulingConfig(preemption=True))
+    assert timeline(result) == {"R": (0, 130, (0,)), "H": (10, 30, (0, 1)), "L": (30, 80, (1,))}
+    assert [(job, t) for job, _, _, t in result.placements] == [("R", 0), ("H", 10), ("R", 30), ("L", 30)]
+    assert [o.preemptions for o in result.jobs] == [1, 0, 0]  # L never started: no work lost
+
+
+def test_shares_pack_one_gpu_and_impossible_jobs_are_refused(redis_server: RedisServer) -> None:
+    jobs = [TraceJob("s1", 0, 10, gpus=0.5), TraceJob("s2", 0, 20, gpus=0.5), TraceJob("big", 0, 5, gpus=4),
+            TraceJob("cpu", 1, 5, cpus=2), TraceJob("s3", 2, 1, gpus=0.5)]
+    result = run(redis_server, jobs, ONE_GPU)
+    assert timeline(result) == {"s1": (0, 10, (0,)), "s2": (0, 20, (0,)), "big": (None, None, ()),
+                                "cpu": (1, 6, ()), "s3": (10, 11, (0,))}
+    big = next(o for o in result.jobs if o.job.id == "big")
+    assert big.rejected == "resources.gpus: asks 4 GPUs on one node; the largest node has 1"
+    m = metrics(result)
+    assert (m["rejected"], m["completed"]) == (1, 4)
+    assert m["allocation_peak"] == 1.0 and m["occupancy_mean"] == 1.0  # one GPU held throughout [0, 20]
+
+
+def test_jobs_that_never_end_fill_the_cluster_and_the_rest_waits(redis_server: RedisServer) -> None:
+    jobs = [TraceJob("p0", 0, None, gpus=0.5), TraceJob("p1", 1, None, gpus=0.5), TraceJob("p2", 2, None, gpus=0.25)]
+    result = run(redis_server, jobs, ONE_GPU)
+    assert timeline(result) == {"p0": (0, None, (0,)), "p1": (1, None, (0,)), "p2": (None, None, ())}
+    m = metrics(result)
+    assert (m["never_started"], m["completed"], m["allocation_final"]) == (1, 0, 1.0)
+    assert math.isnan(m["jct_mean"])
+
+
+def test_result_json_and_plots(redis_server: RedisServer, tmp_path: Path) -> None:
+    jobs = [TraceJob(f"j{i}", i, 5 + i, gpus=1, tenant="t" + str(i % 2)) for i in range(6)]
+    results = [run(redis_server, jobs, ONE_NODE, SchedulingConfig(ordering=o)) for o in ("fifo", "sjf")]
+    document = json.loads(json.dumps(result_json(results, trace="x")))
+    assert [r["label"] for r in document["runs"]] == ["fifo", "sjf"]
+    assert document["runs"][0]["metrics"]["completed"] == 6 and len(document["runs"][0]["tenants"]) == 2
+    assert document["runs"][0]["series"]["allocated_gpus"]  # binned allocation over time
+    for path in (plot_wait_cdf(results, tmp_path / "cdf.png"), plot_allocation(results, tmp_path / "alloc.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ---- capacity planning ---------------------------------------------------------------------
+
+
+def test_targets_parse_with_units() -> None:
+    assert (parse_target("p95 wait <= 30m").key, parse_target("p95 wait <= 30m").value) == ("wait_p95", 1800)
+    assert parse_target("wait < 2h").key == "wait_mean" and parse_target("wait < 2h").value == 7200
+    assert parse_target("max jct<=1d").value == 86400
+    assert parse_target("p99 slowdown <= 3").key == "slowdown_p99"
+    assert parse_target("allocation >= 80%").value == pytest.approx(0.8)
+    assert parse_target("makespan <= 90s").key == "makespan_s"
+    for bad in ("p95 wait", "p95 wait <= 3 fortnights", "p95 makespan <= 3h", "p95 happiness <= 1",
+                "slowdown <= 3s"):
+        with pytest.raises(InvalidRequest):
+            parse_target(bad)
+
+
+def test_plan_finds_the_fewest_nodes_by_bisection(redis_server: RedisServer) -> None:
+    # Eight 1-GPU jobs of 100 s at t=0, and one 2-GPU job the 1-GPU shape can never run.
+    jobs = [TraceJob(f"j{i}", 0, 100, gpus=1) for i in range(8)] + [TraceJob("wide", 0, 10, gpus=2)]
+    shape = parse_shape("gpus=1,cpus=4,memory_mb=1000")
+    runs: list[int] = []
+
+    def simulate_on(nodes: list[ClusterNode]) -> SimResult:
+        runs.append(len(nodes))
+        return simulate(jobs, nodes, redis_url=redis_server.url)
+
+    # n nodes: job k waits 100 * (k // n) s, so "max wait <= 100 s" first holds at 4 nodes.
+    plan = plan_capacity(jobs, shape, [parse_target("max wait <= 100s")], simulate_on)
+    assert plan.answer == 4 and plan.left_out == 1
+    assert runs[0] == 8  # the zero-wait peak: 8 GPUs at once
+    assert {p.nodes: p.met for p in plan.probes} == {8: True, 4: True, 2: False, 3: False}
+    assert plan.probe(3) is not None and plan.probe(3).figures["wait_max"] == 200  # type: ignore[union-attr]
+    unreachable = plan_capacity(jobs, shape, [parse_target("max wait <= 10s")], simulate_on, max_nodes=4)
+    assert unreachable.answer is None
+
+
+def test_zero_wait_peak() -> None:
+    jobs = [TraceJob("a", 0, 10, gpus=2), TraceJob("b", 5, 10, gpus=1), TraceJob("c", 10, 1, gpus=4)]
+    assert zero_wait_peak_gpus(jobs) == 5  # at 10, a ends as c starts
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_sim_and_plan_commands(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    trace = tmp_path / "jobs.csv"
+    trace.write_text("id,submit_s,duration_s,gpus,tenant\n" +
+                     "".join(f"j{i},{i},{10 + i},{1 + i % 2},t{i % 3}\n" for i in range(12)))
+    runner = CliRunner()
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["sim", "--trace", str(trace), "--nodes", "2", "--shape", "gpus=2,cpus=8",
+                               "--policy", "fifo", "--policy", "sjf:backfill", "--estimates", "true",
+                               "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "wait p95" in done.output and "sjf:backfill" in done.output and "per tenant: fifo" in done.output
+    document = json.loads((out / "result.json").read_text())
+    assert [r["metrics"]["completed"] for r in document["runs"]] == [12, 12]
+    assert (out / "wait_cdf.png").exists() and (out / "allocation.png").exists()
+
+    planned = runner.invoke(app, ["plan", "--trace", str(trace), "--shape", "gpus=2,cpus=8",
+                                  "--target", "max wait <= 0s", "--out", str(tmp_path / "plan")])
+    assert planned.exit_code == 0, planned.output
+    # Job i runs from i to 2i + 10 on 1 + i % 2 GPUs: no wait needs, at the busiest instant, a
+    # node per 2-GPU job and one per two 1-GPU jobs (best fit pairs them up).
+    busy = [[i for i in range(12) if i <= t < 2 * i + 10] for t in range(40)]
+    needed = max(sum(i % 2 for i in js) + math.ceil(sum(1 - i % 2 for i in js) / 2) for js in busy)
+    assert needed == 9
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["answer_nodes"] == needed
+    assert "answer: 9 nodes (18 GPUs)" in planned.output
+    assert (tmp_path / "plan" / "plan.png").exists()
+
+    refused = runner.invoke(app, ["sim", "--trace", str(trace), "--nodes", "2", "--policy", "soonest"])
+    assert refused.exit_code == 2 and "'soonest' is not ORDERING[:MODE]" in " ".join(refused.output.split())
+    bad_trace = tmp_path / "bad.csv"
+    bad_trace.write_text("submit_s,gpus\n0,1\n1,two\n")
+    refused = runner.invoke(app, ["sim", "--trace", str(bad_trace), "--nodes", "1"])
+    assert refused.exit_code == 3
+    said = " ".join(refused.output.split())  # Rich wraps long lines
+    assert "bad.csv" in said and "line 3: gpus: 'two' is not a number" in said
+
+
+# ---- agreement with a live run ------------------------------------------------------------------
+
+LIVE_NODES = [ClusterNode("node-a", 4, 40960, 16.0, 65536, 6, {"gpu_model": "A100"}),
+              ClusterNode("node-b", 2, 81920, 8.0, 32768, 4, {"gpu_model": "H100"})]
+# All submitted at once; each wave of placements is set off by one finish, 2 s from any other,
+# so that a real worker's start-up delay (a fresh process per task) cannot reorder them.
+LIVE_JOBS = [TraceJob("j0", 0, 2, gpus=4), TraceJob("j1", 0, 5, gpus=4), TraceJob("j2", 0, 5, gpus=2),
+             TraceJob("j3", 0, 4, gpus=1), TraceJob("j4", 0, 7, gpus=2), TraceJob("j5", 0, 7, gpus=1),
+             TraceJob("j6", 0, 3, gpus=0.25)]
+
+
+def waves(placed: list[tuple[float, str, str, tuple[int, ...]]]) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """Placements grouped by the instant they were made, in order."""
+    by_time: dict[float, list[tuple[str, str, tuple[int, ...]]]] = defaultdict(list)
+    for t, job, node, gpus in placed:
+        by_time[t].append((job, node, gpus))
+    return [sorted(by_time[t]) for t in sorted(by_time)]
+
+
+@pytest.mark.e2e
+def test_the_simulator_places_like_a_live_run_on_real_workers(redis_server: RedisServer, procs: Processes,
+                                                               settings: Settings) -> None:
+    simulated = simulate(LIVE_JOBS, LIVE_NODES, redis_url=redis_server.url)
+    assert len(waves([(t, j, n, g) for j, n, g, t in simulated.placements])) == 4  # the workload does what it should
+
+    with Client(settings=settings) as client:
+        for node in LIVE_NODES:
+            procs.worker(node.id, "--gpus", str(node.gpus), "--gpu-memory-mb", str(node.gpu_memory_mb),
+                         "--cpus", str(node.cpus), "--memory-mb", str(node.memory_mb), "--slots", str(node.slots),
+                         *[f"--label={k}={v}" for k, v in node.labels.items()])
+        wait_until(lambda: {n.id for n in client.nodes() if n.state == "up"} == {n.id for n in LIVE_NODES}, 30,
+                   what="workers to register")
+        ids = {client.submit("workers.tasks.probe", kwargs={"seconds": job.duration_s},
+                             resources=Resources(gpus=job.gpus)).id: job.id for job in LIVE_JOBS}
+        procs.dispatcher()  # only now: the first cycle sees every job, as the simulation's does
+        done = [client.wait(task_id, timeout=120) for task_id in ids]
+    assert [s.state for s in done] == [TaskState.SUCCEEDED] * len(LIVE_JOBS), [(s.state, s.error) for s in done]
+    live = [(s.reserved_at or 0.0, ids[s.id], s.node or "", tuple(s.gpus)) for s in done]
+    assert waves(live) == waves([(t, j, n, g) for j, n, g, t in simulated.placements])

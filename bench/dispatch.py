@@ -103,7 +103,8 @@ def finish_all_reserved(client: redis.Redis, scripts: Scripts, nodes: list[str])
     script = scripts._scripts["finish"]
     pipe = client.pipeline(transaction=False)
     for (node, task_id), tag in zip(held, tags, strict=True):
-        script(keys=[k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake, k.runtimes],
+        script(keys=[k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake, k.runtimes,
+                           k.changes],
                args=[task_id, node, tag, "succeeded", "null", scripts.clock()], client=pipe)
     pipe.execute()
     for node in nodes:

@@ -105,6 +105,7 @@ class Dispatcher:
         self.lazy = (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0 and s.mode is Mode.BEST_EFFORT
                      and s.placement is PlacementKind.BEST_FIT)
         self._node_shapes: dict[str, state.NodeShape] = {}  # read_free's memory of what nodes registered with
+        self._free = state.FreeCache()  # and of what was free on each, until a script changes it
         self._last_full_ms: int | None = None
         self._published = False
 
@@ -122,7 +123,7 @@ class Dispatcher:
         full = not self.lazy
         if self.lazy:
             with _Timer(report, "2_snapshot"):
-                nodes = state.read_free(self.redis, self.keys, self.clock(), self._node_shapes)
+                nodes = state.read_free(self.redis, self.keys, self.clock(), self._node_shapes, self._free)
                 head = state.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
                                          first=sum(n.free_slots for n in nodes))
             report.nodes_seen = len(nodes)
@@ -152,7 +153,7 @@ class Dispatcher:
         window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
         with _Timer(report, "2_snapshot"):
             snap, preempting = state.read_snapshot(self.redis, self.keys, now, window,
-                                                   sched.preemptible_default, self._node_shapes)
+                                                   sched.preemptible_default, self._node_shapes, self._free)
             # Preemptors no longer pending (placed, cancelled) wait for nothing.
             waiting = {t.id for t in snap.pending}
             done = [task_id for task_id in preempting if task_id not in waiting]

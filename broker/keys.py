@@ -22,6 +22,8 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 | ``P mix``                    | hash   | GPU shape (``policy.mix_key``) -> tasks submitted of that shape  | none |
 | ``P runtimes``               | hash   | ``n:``/``s:`` + ``<task name>|<shape>`` (or ``|`` alone): count  | none |
 |                              |        | and total seconds of succeeded runs (learned runtime estimates)  |      |
+| ``P changes``                | zset   | node id, scored by a pool-wide sequence of its last change of    | none |
+|                              |        | free capacity, state or registration (dispatchers' node cache)   |      |
 | ``P preempting``             | hash   | preemptor task id -> node whose victims it waits for             | none |
 | ``P queueinfo``              | hash   | pending task id -> {position, reason, eta} from the last pass    | none |
 | ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher runs with               | none |
@@ -103,6 +105,10 @@ class PoolKeys:
     @property
     def runtimes(self) -> str:
         return self.prefix + "runtimes"
+
+    @property
+    def changes(self) -> str:
+        return self.prefix + "changes"
 
     @property
     def preempting(self) -> str:

@@ -101,27 +101,28 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
          "shape"),
     ),
-    "reserve": (ReserveCode, ("pending", "requests", "leases"), ("now",)),
+    "reserve": (ReserveCode, ("pending", "requests", "leases", "changes"), ("now",)),
     "start": (StartCode, ("task",), ("node_id", "tag", "now")),
     "finish": (
         FinishCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes"),
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes"),
         ("task_id", "node_id", "tag", "outcome", "payload", "now"),
     ),
     "cancel": (
         CancelCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake"),
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "changes"),
         ("task_id", "node_id", "now"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake"), ("now", "limit")),
     "preempt": (
         PreemptCode,
-        ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake"),
+        ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
         ("task_id", "node_id", "preemptor", "grace_ms", "now"),
     ),
 }
 
 
+_FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
 _RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
 
 
@@ -148,7 +149,7 @@ class _ReserveEncoder:
     def __init__(self, keys: PoolKeys) -> None:
         self.keys = keys
         self.task_prefix = keys.task("").encode()
-        self.fixed_keys = b"".join(_bulk(key.encode()) for key in (keys.pending, keys.requests, keys.leases))
+        self.fixed_keys = b"".join(_bulk(getattr(keys, name).encode()) for name in _FIXED_RESERVE_KEYS)
         self.nodes: dict[str, tuple[bytes, bytes]] = {}  # node id -> (its 3 KEYS, its id as ARGV)
         self.gpus: dict[tuple[int, ...], bytes] = {}  # GPU indices -> their ARGV
 
@@ -177,8 +178,9 @@ class _ReserveEncoder:
             keys += (b"$%d\r\n%s%s\r\n" % (len(prefix) + len(task_id), prefix, task_id), node[0])
             args += (_bulk(task_id), node[1], gpus.get(p.gpu_indices) or self._gpus(p.gpu_indices))
         n = len(placements)
-        head = b"*%d\r\n" % (3 + 3 + 4 * n + 1 + 3 * n) + _bulk(b"EVALSHA") + _bulk(sha.encode())
-        return b"".join([head, _bulk(b"%d" % (3 + 4 * n)), *keys, *args])
+        fixed = len(_FIXED_RESERVE_KEYS)
+        head = b"*%d\r\n" % (3 + fixed + 4 * n + 1 + 3 * n) + _bulk(b"EVALSHA") + _bulk(sha.encode())
+        return b"".join([head, _bulk(b"%d" % (fixed + 4 * n)), *keys, *args])
 
 
 class PreparedReserve:
@@ -302,7 +304,7 @@ class Scripts:
 
     def _reserve_call(self, placements: Sequence[Placement], now: int | None = None) -> tuple[list[str], list[Any]]:
         k = self.keys
-        keys = [k.pending, k.requests, k.leases]
+        keys = [getattr(k, name) for name in _FIXED_RESERVE_KEYS]
         args: list[Any] = [self.clock() if now is None else now]
         for p in placements:
             keys += (k.task(p.task_id), k.node(p.node_id), k.node_tasks(p.node_id), k.queue(p.node_id))
@@ -317,7 +319,8 @@ class Scripts:
         k = self.keys
         code, state = self._run(
             "finish",
-            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.wake, k.runtimes),
+            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.wake, k.runtimes,
+             k.changes),
             (task_id, node_id, tag, outcome, payload, self.clock()),
         )
         return FinishCode(code), _text(state)
@@ -326,7 +329,8 @@ class Scripts:
         k = self.keys
         (code,) = self._run(
             "preempt",
-            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.preempting, k.wake),
+            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.preempting, k.wake,
+             k.changes),
             (task_id, node_id, preemptor, grace_ms, self.clock()),
         )
         return PreemptCode(code)
@@ -336,10 +340,11 @@ class Scripts:
         node = node_id or ""
         # With no node, KEYS[2]/[3] are never touched: pass the task's own key rather than
         # a node key, so a Redis user without node access (producer ACL) may cancel.
-        node_key, tasks_key = (k.node(node), k.node_tasks(node)) if node else (k.task(task_id), k.task(task_id))
+        node_key, tasks_key, changes = ((k.node(node), k.node_tasks(node), k.changes) if node
+                                        else (k.task(task_id),) * 3)
         code, detail = self._run(
             "cancel",
-            (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake),
+            (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes),
             (task_id, node, self.clock()),
         )
         return CancelCode(code), _text(detail)

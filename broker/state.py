@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from typing import Any, cast
 
 import redis
@@ -243,18 +243,63 @@ def _node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> No
                     int(values[7] or 0), dict(shape.labels), *shape.capacity)
 
 
-def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int,
-              shapes: dict[str, NodeShape] | None = None) -> list[NodeFree]:
+@dataclass(slots=True)
+class FreeCache:
+    """What ``read_free`` read last, kept by a dispatcher from cycle to cycle: the scripts score
+    each node they change in ``P changes`` by a pool-wide sequence, so only nodes scored above
+    ``seen`` are read again. The NodeFree objects are shared: readers must copy, not change them."""
+
+    seen: int = 0
+    nodes: dict[str, NodeFree | None] = field(default_factory=dict)  # None: registered but not up
+
+
+def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: dict[str, NodeShape] | None = None,
+              cache: FreeCache | None = None) -> list[NodeFree]:
     """What is free on each schedulable node (up, lease valid), parsed straight for the planner.
 
     ``shapes``, kept by the caller from cycle to cycle, spares re-reading what each node
-    registered with: the whole hash is read only for nodes not in it (or registered anew)."""
-    live = cast(list[bytes], client.zrange(keys.leases, now_ms, "+inf", byscore=True))
-    ids = sorted(node_id.decode() for node_id in live)
+    registered with: the whole hash is read only for nodes not in it (or registered anew).
+    With ``cache``, only nodes changed since the last read are read at all."""
+    if cache is None:
+        live = cast(list[bytes], client.zrange(keys.leases, now_ms, "+inf", byscore=True))
+        ids = sorted(i.decode() for i in live)
+        _forget_gone(shapes, ids)
+        return [n for n in _read_nodes(client, keys, now_ms, ids, shapes).values() if n is not None]
+    live, changed, last = _raw_pipeline(client, [
+        encode_command(b"ZRANGE", keys.leases.encode(), b"%d" % now_ms, b"+inf", b"BYSCORE"),
+        encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % cache.seen, b"+inf", b"BYSCORE", b"WITHSCORES"),
+        encode_command(b"ZRANGE", keys.changes.encode(), b"-1", b"-1", b"WITHSCORES")])
+    changed, last = _scored(changed), _scored(last)
+    newest = int(float(last[0][1])) if last else 0
+    if newest < cache.seen:  # the sequence went back: Redis lost its data; start afresh
+        cache.seen, cache.nodes = 0, {}
+        return read_free(client, keys, now_ms, shapes, cache)
+    ids = sorted(i.decode() for i in live)
+    _forget_gone(shapes, ids)
+    stale = {member.decode() for member, _score in changed} | {i for i in ids if i not in cache.nodes}
+    if stale:
+        cache.nodes.update(_read_nodes(client, keys, now_ms, [i for i in ids if i in stale], shapes))
+    cache.seen = max(cache.seen, newest)
+    if len(cache.nodes) > len(ids):
+        live_ids = set(ids)
+        cache.nodes = {i: n for i, n in cache.nodes.items() if i in live_ids}
+    return [n for i in ids if (n := cache.nodes.get(i)) is not None]
+
+
+def _scored(reply: list[Any]) -> list[tuple[bytes, Any]]:
+    """A WITHSCORES reply as (member, score) pairs: RESP3 sends pairs, RESP2 a flat list."""
+    if reply and isinstance(reply[0], list):
+        return [(pair[0], pair[1]) for pair in reply]
+    return list(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _read_nodes(client: redis.Redis, keys: PoolKeys, now_ms: int, ids: list[str],
+                shapes: dict[str, NodeShape] | None) -> dict[str, NodeFree | None]:
+    """Node id -> what is free on it (None when it is not up), for ``ids``."""
     known = {} if shapes is None else shapes
     replies = _raw_pipeline(client, [known[node_id].read if node_id in known
                                      else encode_command(b"HGETALL", keys.node(node_id).encode()) for node_id in ids])
-    out = []
+    out: dict[str, NodeFree | None] = {}
     for node_id, reply in zip(ids, replies, strict=True):
         shape = known.get(node_id)
         if shape is None:
@@ -264,16 +309,18 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int,
             values = [h.get(field) for field in _free_fields(shape.gpus)]
         elif tuple(reply[1:5]) != shape.registration:  # registered afresh: read it all again
             del known[node_id]
-            return read_free(client, keys, now_ms, shapes)
+            return _read_nodes(client, keys, now_ms, ids, shapes)
         else:
             values = reply
-        if values[0] == b"up":
-            out.append(_node_free(node_id, shape, values))
-    if len(known) > 2 * len(ids) + 64:  # forget nodes long gone
-        live_ids = set(ids)
-        for node_id in [n for n in known if n not in live_ids]:
-            del known[node_id]
+        out[node_id] = _node_free(node_id, shape, values) if values[0] == b"up" else None
     return out
+
+
+def _forget_gone(shapes: dict[str, NodeShape] | None, live: list[str]) -> None:
+    if shapes is not None and len(shapes) > 2 * len(live) + 64:  # forget nodes long gone
+        live_ids = set(live)
+        for node_id in [n for n in shapes if n not in live_ids]:
+            del shapes[node_id]
 
 
 # ---- what the full planner sees (broker.planner) ---------------------------------------
@@ -317,10 +364,10 @@ def read_runtimes(client: redis.Redis, keys: PoolKeys) -> dict[tuple[str, str], 
     """Mean seconds of succeeded runs per (task name, GPU shape), and per (task name, "")."""
     raw = cast(dict[bytes, bytes], client.hgetall(keys.runtimes))
     out = {}
-    for field, count in raw.items():
-        if field.startswith(b"n:") and int(count) > 0:
-            name, _, shape = field[2:].decode().rpartition("|")
-            total = raw.get(b"s:" + field[2:])
+    for name_field, count in raw.items():
+        if name_field.startswith(b"n:") and int(count) > 0:
+            name, _, shape = name_field[2:].decode().rpartition("|")
+            total = raw.get(b"s:" + name_field[2:])
             if total is not None:
                 out[(name, shape)] = float(total) / int(count)
     return out
@@ -351,9 +398,10 @@ def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int,
 
 
 def read_snapshot(client: redis.Redis, keys: PoolKeys, now_ms: int, limit: int, preemptible_default: bool,
-                  shapes: dict[str, NodeShape] | None = None) -> tuple[Snapshot, dict[str, str]]:
+                  shapes: dict[str, NodeShape] | None = None,
+                  cache: FreeCache | None = None) -> tuple[Snapshot, dict[str, str]]:
     """Everything the planner needs, and which preemptors wait for which node."""
-    nodes = read_free(client, keys, now_ms, shapes)
+    nodes = read_free(client, keys, now_ms, shapes, cache)
     snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default),
                     read_running(client, keys, [n.id for n in nodes], preemptible_default),
                     read_runtimes(client, keys), read_mix(client, keys))

@@ -73,3 +73,82 @@ def test_pending_head_reads_what_free_slots_can_use_and_goes_on_after_the_last_t
     rest = [t.id for chunk in chunks for t in chunk]
     assert rest == in_order[2:6]  # up to the window, none skipped, none twice
     assert head.read == 6 and head.window_full
+
+
+def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
+    """The cache re-reads only nodes that submit-to-finish scripts scored in ``changes``; after
+    each transition it must agree with a full read."""
+    from tests.invariants import place
+
+    cache, shapes = state.FreeCache(), {}
+
+    def assert_same() -> None:
+        assert state.read_free(redis_client, keys, clock(), shapes, cache) == state.read_free(redis_client, keys,
+                                                                                             clock())
+
+    register_node(scripts, "a", gpus=2, gpu_mem=1000)
+    register_node(scripts, "b", gpus=1, gpu_mem=500, cpus=4)
+    assert_same()
+    task = submit_task(scripts, resources=Resources(gpus=1))
+    tag = place(scripts, task, "a", 1, start=True)  # reserve.lua
+    assert_same()
+    scripts.finish(task, "a", tag, "succeeded", "null")  # finish.lua
+    assert_same()
+    held = submit_task(scripts, resources=Resources(gpus=0.5, cpus=1))
+    place(scripts, held, "b", 0)
+    assert_same()
+    scripts.cancel(held, "b")  # cancel.lua
+    assert_same()
+    victim = submit_task(scripts, resources=Resources(gpus=1))
+    place(scripts, victim, "a", 0)
+    assert_same()
+    scripts.preempt(victim, "a", "someone", 0)  # preempt.lua (a reserved victim is released at once)
+    assert_same()
+    register_node(scripts, "a", gpus=4, gpu_mem=2000, incarnation="inc-2")  # register.lua, a new worker
+    assert_same()
+    clock.advance(3600)  # leases run out: nothing is live until reap.lua marks them down
+    assert_same()
+    scripts.reap()
+    assert_same()
+    register_node(scripts, "b", gpus=1, gpu_mem=500, cpus=4, incarnation="inc-3")
+    assert_same()
+    reads = cache.seen
+    assert_same()
+    assert cache.seen == reads  # nothing changed: nothing re-read
+
+
+def test_read_free_cache_starts_afresh_when_redis_lost_its_data(scripts: Scripts, redis_client: redis.Redis,
+                                                                 keys: PoolKeys, clock: Clock) -> None:
+    cache = state.FreeCache()
+    for node in ("a", "b", "c"):
+        register_node(scripts, node, gpus=1, gpu_mem=500)
+    assert [n.id for n in state.read_free(redis_client, keys, clock(), None, cache)] == ["a", "b", "c"]
+    redis_client.flushall()  # the change sequence restarts below what the cache saw
+    register_node(scripts, "d", gpus=2, gpu_mem=500)
+    assert [n.id for n in state.read_free(redis_client, keys, clock(), None, cache)] == ["d"]
+    assert state.read_free(redis_client, keys, clock(), None, cache) == state.read_free(redis_client, keys, clock())
+
+
+def test_planning_never_changes_the_nodes_it_was_given() -> None:
+    """read_free's cache hands the same NodeFree objects to every cycle: no planner may change them."""
+    import copy
+
+    from broker.planner import Planner
+    from broker.policy import NodeFree, RunningTask, Snapshot, TaskRequest
+    from broker.scheduling import SchedulingConfig
+
+    nodes = [NodeFree(f"n{i}", 1000, [1000, 500, 0], [1000, 500, 0], 4000, 4000, 3, {}, 8000, 8000, 4)
+             for i in range(3)]
+    running = [RunningTask(f"r{i}", f"n{i}", (2,), 1000, 1000, 0, 0, priority=0, preemptible=True,
+                           estimate_s=60) for i in range(3)]
+    pending = [TaskRequest("t1", 2, priority=5, seq=1, estimate_s=30),
+               TaskRequest("t2", 0, 400, seq=2, estimate_s=5), TaskRequest("t3", 0, 0, 0, 1000, seq=3),
+               TaskRequest("t4", 3, priority=9, seq=4)]
+    before = copy.deepcopy(nodes)
+    for ordering in ("priority", "fair", "sjf"):
+        for mode in ("best_effort", "backfill", "strict"):
+            for placement in ("best_fit", "spread", "first_fit", "frag_aware"):
+                config = SchedulingConfig.parse({"ordering": ordering, "mode": mode, "placement": placement})
+                Planner(config).plan(Snapshot(100.0, nodes, list(pending), list(running), mix={"1,0": 3}))
+                assert nodes == before, (ordering, mode, placement)

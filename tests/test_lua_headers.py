@@ -124,5 +124,5 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.preempt("t1", "n1", "t2", 1000)
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
-    expected["reserve"] = (3 + 2 * 4, 1 + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
+    expected["reserve"] = (4 + 2 * 4, 1 + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
     assert s.calls == expected

@@ -42,6 +42,13 @@ local function unhold(task_key, node_key, node_tasks_key, task_id)
   redis.call('SREM', node_tasks_key, task_id)
 end
 
+-- Note that a node's free capacity, state or registration changed, for dispatchers that keep
+-- what they read (state.read_free re-reads only nodes scored above what it saw last).
+local function touch(changes_key, node_id)
+  local last = redis.call('ZREVRANGE', changes_key, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', changes_key, int((tonumber(last[2]) or 0) + 1), node_id)
+end
+
 -- Set every free amount of a node back to its capacity (no reservations left).
 local function reset_free(node_key)
   local cap = redis.call('HMGET', node_key, 'cap_gpus', 'gpu_mem', 'cap_cpu_m', 'cap_mem', 'cap_slots')

@@ -10,6 +10,7 @@
 -- KEYS[4] pending     zset of pending tasks
 -- KEYS[5] requests    hash task id -> request of pending tasks
 -- KEYS[6] wake        channel dispatchers listen on
+-- KEYS[7] changes     zset node id -> sequence of its last change (any key of the pool if none)
 -- ARGV[1] task_id
 -- ARGV[2] node_id     node the caller believes holds the task, '' for none
 -- ARGV[3] now         ms since epoch
@@ -30,6 +31,7 @@ if state == 'PENDING' then
 else
   if node ~= ARGV[2] then return {3, node} end
   unhold(task_key, KEYS[2], KEYS[3], id)
+  touch(KEYS[7], node)
 end
 redis.call('HSET', task_key, 'state', 'CANCELLED', 'finished_at', ARGV[3])
 redis.call('PUBLISH', KEYS[6], 'cancel')

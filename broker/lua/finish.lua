@@ -12,6 +12,7 @@
 -- KEYS[5] requests    hash task id -> request of pending tasks
 -- KEYS[6] wake        channel dispatchers listen on
 -- KEYS[7] runtimes    hash of succeeded runs' count and seconds per task name and shape
+-- KEYS[8] changes     zset node id -> sequence of its last change
 -- ARGV[1] task_id
 -- ARGV[2] node_id
 -- ARGV[3] tag         delivery tag of the attempt
@@ -35,6 +36,7 @@ local outcome = ARGV[4]
 if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'lost' then return {3, t[1]} end
 
 unhold(task_key, KEYS[2], KEYS[3], id)
+touch(KEYS[8], ARGV[2])
 local state
 if outcome == 'succeeded' then
   state = 'SUCCEEDED'

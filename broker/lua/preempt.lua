@@ -14,6 +14,7 @@
 -- KEYS[5] requests    hash task id -> request of pending tasks
 -- KEYS[6] preempting  hash preemptor id -> node it waits for
 -- KEYS[7] wake        channel dispatchers listen on
+-- KEYS[8] changes     zset node id -> sequence of its last change
 -- ARGV[1] task_id     the victim
 -- ARGV[2] node_id     the node the dispatcher saw it on
 -- ARGV[3] preemptor   id of the task it makes room for
@@ -34,6 +35,7 @@ if t[3] then return {4} end
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[2])
 if t[1] == 'RESERVED' then
   unhold(task_key, KEYS[2], KEYS[3], id)
+  touch(KEYS[8], ARGV[2])
   redis.call('HINCRBY', task_key, 'preemptions', 1)
   requeue(task_key, KEYS[4], KEYS[5], id, now)
   redis.call('PUBLISH', KEYS[7], 'preempt')

@@ -5,7 +5,7 @@
 -- queue is dropped and its capacity freed. Kombu's visibility timeout is never the
 -- recovery path, so a long task is not redelivered while it is still healthy.
 --
--- KEYS[1] prefix      the pool prefix (carries the hash tag) for node and task keys
+-- KEYS[1] prefix      the pool prefix (carries the hash tag) for node and task keys and `changes`
 -- KEYS[2] leases      zset node id -> lease expiry (ms)
 -- KEYS[3] pending     zset of pending tasks
 -- KEYS[4] requests    hash task id -> request of pending tasks
@@ -21,6 +21,7 @@ for _, node_id in ipairs(expired) do
   reclaim_node(KEYS[1], node_id, KEYS[3], KEYS[4], now, 'node ' .. node_id .. ' lease expired')
   redis.call('HSET', KEYS[1] .. 'node:' .. node_id, 'state', 'down')
   redis.call('ZREM', KEYS[2], node_id)
+  touch(KEYS[1] .. 'changes', node_id)
 end
 if #expired > 0 then redis.call('PUBLISH', KEYS[5], 'reap') end
 local out = {0}

@@ -5,7 +5,7 @@
 -- worker process is gone: its reservations are reclaimed (tasks requeued, queue
 -- dropped) before the new shape is written, so capacity is never counted twice.
 --
--- KEYS[1] prefix      the pool prefix (carries the hash tag) for reclaimed task keys
+-- KEYS[1] prefix      the pool prefix (carries the hash tag) for reclaimed task keys and `changes`
 -- KEYS[2] node        hash of the node
 -- KEYS[3] nodes       set of node ids
 -- KEYS[4] leases      zset node id -> lease expiry (ms)
@@ -55,6 +55,7 @@ else
 end
 
 redis.call('HSET', node_key, 'state', 'up', 'heartbeat_at', now)
+touch(KEYS[1] .. 'changes', ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], int(now + tonumber(ARGV[4])), ARGV[1])
 redis.call('PUBLISH', KEYS[7], 'register')

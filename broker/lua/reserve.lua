@@ -11,7 +11,8 @@
 -- KEYS[1] pending      zset of pending tasks
 -- KEYS[2] requests     hash task id -> request of pending tasks
 -- KEYS[3] leases       zset node id -> lease expiry (ms)
--- KEYS[4+4i..7+4i]     for placement i: task hash, node hash, node's task set, node queue
+-- KEYS[4] changes      zset node id -> sequence of its last change
+-- KEYS[5+4i..8+4i]     for placement i: task hash, node hash, node's task set, node queue
 -- ARGV[1] now          ms since epoch
 -- ARGV[2+3i..4+3i]     for placement i: task id, node id, GPU indices ("0,3" or "")
 -- Returns one code per placement, in order:
@@ -70,11 +71,14 @@ end
 
 local out = {}
 for i = 0, (#ARGV - 1) / 3 - 1 do
-  out[i + 1] = reserve(KEYS[4 + 4 * i], KEYS[5 + 4 * i], KEYS[6 + 4 * i], KEYS[7 + 4 * i],
+  out[i + 1] = reserve(KEYS[5 + 4 * i], KEYS[6 + 4 * i], KEYS[7 + 4 * i], KEYS[8 + 4 * i],
     ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i])
 end
-for _, n in pairs(nodes) do
-  if n and n.count > 0 then batch_flush(n) end
+for id, n in pairs(nodes) do
+  if n and n.count > 0 then
+    batch_flush(n)
+    touch(KEYS[4], id)
+  end
 end
 call_chunked('ZREM', KEYS[1], taken)
 call_chunked('HDEL', KEYS[2], taken)

@@ -12,6 +12,10 @@ GPUs no share is using; CPU-only tasks take a node without GPUs when one fits.
 - first_fit: nodes by id, lowest GPU index.
 - frag_aware: ``broker.fragaware.FragAware`` (FGD).
 
+best_fit, spread and first_fit keep indexes per label group (sorted lists, max trees) so that
+a decision reads the few nodes that can win rather than every node; they decide exactly as a
+scan over every node would (tests/test_placement_speedups.py holds that scan).
+
 ``Timeline`` knows, per node, when running tasks release what they hold (by their
 estimates) and what is held for blocked higher-ranked tasks (backfill holds, preemptors):
 it builds the ``views`` a placer judges a node by, and finds a task's earliest start.
@@ -22,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.policy import MILLI, BestFit, NodeFree, Placement, Placer, TaskRequest
+from broker.policy import MILLI, BestFit, Entries, LabelGroups, NodeFree, Placement, Placer, TaskRequest, reindex
 from broker.scheduling import PlacementKind
 
 INF = math.inf
@@ -64,8 +69,10 @@ def labels_match(node: NodeFree, task: TaskRequest) -> bool:
             and all(node.labels.get(k) in values for k, values in task.prefer))
 
 
-class _Scan:
-    """A placer that judges every node: ``node_key`` ranks the nodes a task fits on (lowest wins)."""
+class _Indexed:
+    """A placer whose ``node_key`` ranks the nodes a task fits on (lowest wins, then rank: the
+    order nodes came in). Subclasses keep per label group indexes, so that ``_search`` finds a
+    group's best node without judging every node; nodes in ``views`` are judged one by one."""
 
     pick = "fill"
 
@@ -73,23 +80,42 @@ class _Scan:
         self.nodes = {n.id: n.copy() for n in nodes}
         self.node_key = node_key
         self.free_slots = sum(n.free_slots for n in self.nodes.values())
+        self.ranked = list(self.nodes.values())
+        self.rank = {node.id: rank for rank, node in enumerate(self.ranked)}
+        self.groups = LabelGroups(self.ranked)
 
     def choose(self, task: TaskRequest, views: dict[str, NodeFree] | None = None) -> Placement | None:
         if self.free_slots <= 0:
             return None
+        skip = views or {}
         best: tuple[tuple[float, ...], str, list[int]] | None = None
-        for node_id, own in self.nodes.items():
-            node = views.get(node_id, own) if views else own
-            gpus = gpus_on(node, task, self.pick)
-            if gpus is None:
+        for group, preference in self.groups.matching(task):
+            if best is not None and preference > best[0][0]:
                 continue
-            key = (node.preference(task), *self.node_key(node, task, gpus))
-            if best is None or key < best[0]:
-                best = (key, node_id, gpus)
+            found = self._search(group, task, skip)
+            if found is not None:
+                node, gpus = found
+                key = (preference, *self.node_key(node, task, gpus), self.rank[node.id])
+                if best is None or key < best[0]:
+                    best = (key, node.id, gpus)
+        for node_id, view in skip.items():
+            viewed = gpus_on(view, task, self.pick)
+            if viewed is not None:
+                key = (view.preference(task), *self.node_key(view, task, viewed), self.rank[node_id])
+                if best is None or key < best[0]:
+                    best = (key, node_id, viewed)
         return None if best is None else Placement(task.id, best[1], tuple(best[2]))
 
+    def _search(self, group: int, task: TaskRequest, skip: Container[str]) -> tuple[NodeFree, list[int]] | None:
+        """The lowest-keyed node of ``group`` outside ``skip`` that ``task`` fits on, and its GPUs."""
+        raise NotImplementedError
+
+    def _update(self, node: NodeFree, task: TaskRequest, gpus: Sequence[int]) -> None:
+        """Take ``task`` from ``node`` and bring the indexes up to date."""
+        raise NotImplementedError
+
     def take(self, task: TaskRequest, placement: Placement) -> None:
-        self.nodes[placement.node_id].take(task, placement.gpu_indices)
+        self._update(self.nodes[placement.node_id], task, placement.gpu_indices)
         self.free_slots -= 1
 
     def place(self, task: TaskRequest) -> Placement | None:
@@ -151,36 +177,37 @@ class BestFitPlacer(BestFit):
         return None if best is None else (best[1], best[2])
 
     def _share_viewed(self, task: TaskRequest, views: dict[str, NodeFree]) -> tuple[NodeFree, list[int]] | None:
-        best: tuple[tuple[int, int], NodeFree, int] | None = None
-        for own in self.nodes.values():
-            node = views.get(own.id, own)
-            if not node.free_milli or not node.host_fits(task):
+        """BestFit._share, judging the nodes in ``views`` by their view."""
+        best = self._best_share(task, views)
+        for node_id, view in views.items():
+            if not view.free_milli or not view.host_fits(task):
                 continue
-            memory = node.share_memory(task)
-            whole = len(node.whole_indices()) if node is not own else self.whole[own.id]
-            for i, milli in enumerate(node.free_milli):
-                if milli >= task.gpu_milli and node.free_mem[i] >= memory:
-                    key = (milli - task.gpu_milli, whole)
-                    if best is None or key < best[0]:
-                        best = (key, own, i)
-        return None if best is None else (best[1], [best[2]])
+            memory, whole, rank = view.share_memory(task), len(view.whole_indices()), self.rank[node_id]
+            for i, milli in enumerate(view.free_milli):
+                if milli >= task.gpu_milli and view.free_mem[i] >= memory and (
+                        best is None or (milli, whole, rank, i) < best):
+                    best = (milli, whole, rank, i)
+        return None if best is None else (self.ranked[best[2]], [best[3]])
 
     def _cpu_viewed(self, task: TaskRequest, views: dict[str, NodeFree]) -> tuple[NodeFree, list[int]] | None:
-        fits = [(views.get(n.id, n), n) for n in self.nodes.values()]
-        candidates = [(view, own) for view, own in fits if view.host_fits(task)]
-        if not candidates:
-            return None
-        _, own = min(candidates, key=lambda c: (len(c[0].free_milli) > 0, c[0].free_cpu_milli - task.cpu_milli))
-        return own, []
+        """BestFit._cpu, judging the nodes in ``views`` by their view."""
+        best = self._best_cpu(task, views)
+        for node_id, view in views.items():
+            key = (len(view.free_milli) > 0, view.free_cpu_milli, self.rank[node_id])
+            if view.host_fits(task) and (best is None or key < best):
+                best = key
+        return None if best is None else (self.ranked[best[2]], [])
 
     def take(self, task: TaskRequest, placement: Placement) -> None:
         node = self.nodes[placement.node_id]
+        before = self._entries(node)
         node.take(task, placement.gpu_indices)
         whole = self.whole_gpus[node.id]
         for i in placement.gpu_indices:
             if i in whole:
                 whole.remove(i)
         self._refile(node, len(whole))
+        reindex(before, self._entries(node))
         self.free_slots -= 1
 
     def place(self, task: TaskRequest) -> Placement | None:
@@ -198,22 +225,152 @@ def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:
     return [tuple(sorted((*task.labels, *zip(keys, (v for _, v in combo), strict=True)))) for combo in ranked]
 
 
-class SpreadPlacer(_Scan):
+class SpreadPlacer(_Indexed):
+    """Per label group, sorted: nodes by (-wholly free GPUs, rank), GPUs by (-free share, rank,
+    index), nodes by (-free CPU, rank) apart for nodes without and with GPUs; a search reads
+    from the front and stops at the first that fits."""
+
     pick = "spread"
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
         super().__init__(nodes, _spread_key)
+        groups = len(self.groups.labels)
+        self.wholes: list[list[tuple[int, ...]]] = [[] for _ in range(groups)]
+        self.shares: list[list[tuple[int, ...]]] = [[] for _ in range(groups)]
+        self.cpus: list[list[tuple[int, ...]]] = [[] for _ in range(2 * groups)]
+        for node in self.ranked:
+            for entries, entry in self._entries(node):
+                entries.append(entry)
+        for entries in (*self.wholes, *self.shares, *self.cpus):
+            entries.sort()
+
+    def _entries(self, node: NodeFree) -> Entries:
+        group, rank = self.groups.of[node.id], self.rank[node.id]
+        shares = self.shares[group]
+        out: Entries = [(shares, (-milli, rank, i)) for i, milli in enumerate(node.free_milli)]
+        out.append((self.wholes[group], (-len(node.whole_indices()), rank)))
+        out.append((self.cpus[2 * group + (len(node.free_milli) > 0)], (-node.free_cpu_milli, rank)))
+        return out
+
+    def _update(self, node: NodeFree, task: TaskRequest, gpus: Sequence[int]) -> None:
+        before = self._entries(node)
+        node.take(task, gpus)
+        reindex(before, self._entries(node))
+
+    def _search(self, group: int, task: TaskRequest, skip: Container[str]) -> tuple[NodeFree, list[int]] | None:
+        if task.gpu_milli and not task.whole_gpus:
+            entries = self.shares[group]
+            for k in range(bisect_left(entries, (1 - task.gpu_milli,))):  # free share >= the task's
+                _, rank, i = entries[k]
+                node = self.ranked[rank]
+                if node.free_mem[i] >= node.share_memory(task) and node.host_fits(task) and node.id not in skip:
+                    return node, [i]
+            return None
+        if task.whole_gpus:
+            lists, least = [self.wholes[group]], task.whole_gpus
+        else:
+            lists, least = [self.cpus[2 * group], self.cpus[2 * group + 1]], task.cpu_milli
+        for entries in lists:
+            for k in range(bisect_left(entries, (1 - least,))):
+                node = self.ranked[entries[k][1]]
+                gpus = None if node.id in skip else gpus_on(node, task, self.pick)
+                if gpus is not None:
+                    return node, gpus
+        return None
 
 
 def _first_fit_key(node: NodeFree, task: TaskRequest, gpus: list[int]) -> tuple[float, ...]:
     return (len(node.free_milli) > 0,) if not task.whole_gpus and not task.gpu_milli else ()
 
 
-class FirstFitPlacer(_Scan):
+_NONE = -(1 << 62)  # below any value a tree holds
+
+
+class _MaxTree:
+    """A segment tree of per-position maxima: the first position at or after ``start`` whose value
+    reaches a threshold, in O(log n)."""
+
+    def __init__(self, values: list[int]) -> None:
+        self.size = 1
+        while self.size < len(values):
+            self.size *= 2
+        self.tree = [_NONE] * (2 * self.size)
+        self.tree[self.size: self.size + len(values)] = values
+        for i in range(self.size - 1, 0, -1):
+            self.tree[i] = max(self.tree[2 * i], self.tree[2 * i + 1])
+
+    def set(self, position: int, value: int) -> None:
+        tree, i = self.tree, position + self.size
+        tree[i] = value
+        i //= 2
+        while i:
+            tree[i] = max(tree[2 * i], tree[2 * i + 1])
+            i //= 2
+
+    def first(self, least: int, start: int) -> int | None:
+        tree, size = self.tree, self.size
+        if start >= size:
+            return None
+        i = start + size
+        while tree[i] < least:  # go to the next subtree to the right
+            while i & 1:
+                i >>= 1
+                if i == 0:
+                    return None
+            i += 1
+        while i < size:
+            i = 2 * i if tree[2 * i] >= least else 2 * i + 1
+        return i - size
+
+
+class FirstFitPlacer(_Indexed):
+    """Per label group, nodes by id, with max trees of wholly free GPUs, largest free share, and
+    free CPU (apart for nodes without and with GPUs): the first node that may fit is found
+    in O(log n) and checked."""
+
     pick = "first"
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
         super().__init__(sorted(nodes, key=lambda n: n.id), _first_fit_key)  # ties keep the first node by id
+        self.members: list[list[NodeFree]] = [[] for _ in self.groups.labels]
+        self.position: dict[str, int] = {}
+        for node in self.ranked:
+            members = self.members[self.groups.of[node.id]]
+            self.position[node.id] = len(members)
+            members.append(node)
+        # Per group: [wholly free GPUs, largest free share, free CPU if no GPUs, free CPU if GPUs]
+        self.trees = [[_MaxTree(list(values)) for values in zip(*map(self._values, members), strict=True)]
+                      for members in self.members]
+
+    @staticmethod
+    def _values(node: NodeFree) -> tuple[int, int, int, int]:
+        gpus = len(node.free_milli) > 0
+        return (len(node.whole_indices()), max(node.free_milli, default=_NONE),
+                _NONE if gpus else node.free_cpu_milli, node.free_cpu_milli if gpus else _NONE)
+
+    def _update(self, node: NodeFree, task: TaskRequest, gpus: Sequence[int]) -> None:
+        node.take(task, gpus)
+        position = self.position[node.id]
+        for tree, value in zip(self.trees[self.groups.of[node.id]], self._values(node), strict=True):
+            tree.set(position, value)
+
+    def _search(self, group: int, task: TaskRequest, skip: Container[str]) -> tuple[NodeFree, list[int]] | None:
+        trees = self.trees[group]
+        if task.whole_gpus:
+            search, least = trees[:1], task.whole_gpus
+        elif task.gpu_milli:
+            search, least = trees[1:2], task.gpu_milli
+        else:
+            search, least = trees[2:], task.cpu_milli
+        for tree in search:
+            position = tree.first(least, 0)
+            while position is not None:
+                node = self.members[group][position]
+                gpus = None if node.id in skip else gpus_on(node, task, self.pick)
+                if gpus is not None:
+                    return node, gpus
+                position = tree.first(least, position + 1)
+        return None
 
 
 def make_placer(kind: PlacementKind | str, nodes: Iterable[NodeFree], mix: Mapping[str, int] | None = None) -> Placer:

@@ -15,7 +15,8 @@ Spine policy:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -239,8 +240,53 @@ def order(tasks: Iterable[TaskRequest]) -> list[TaskRequest]:
     return sorted(tasks, key=lambda t: (-t.priority, t.seq))
 
 
+class LabelGroups:
+    """Nodes by their exact label set: a task's labels are matched once per group, not per node."""
+
+    def __init__(self, nodes: Iterable[NodeFree]) -> None:
+        self.labels: list[dict[str, str]] = []
+        self.of: dict[str, int] = {}  # node id -> group
+        known: dict[tuple[tuple[str, str], ...], int] = {}
+        for node in nodes:
+            key = tuple(sorted(node.labels.items()))
+            if key not in known:
+                known[key] = len(self.labels)
+                self.labels.append(dict(node.labels))
+            self.of[node.id] = known[key]
+        self._matching: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+
+    def matching(self, task: TaskRequest) -> list[tuple[int, int]]:
+        """(group, its ``NodeFree.preference``) for each group carrying the task's labels and preferences."""
+        key = (task.labels, task.prefer)
+        found = self._matching.get(key)
+        if found is None:
+            found = self._matching[key] = [
+                (group, sum(values.index(labels[k]) for k, values in task.prefer))
+                for group, labels in enumerate(self.labels)
+                if all(labels.get(k) == v for k, v in task.labels)
+                and all(labels.get(k) in values for k, values in task.prefer)]
+        return found
+
+
+Entries = list[tuple[list[tuple[int, ...]], tuple[int, ...]]]  # (sorted index, the node's entry in it)
+
+
+def reindex(before: Entries, after: Entries) -> None:
+    """Move a node's entries that changed (same indexes, same order in both lists) to their new place."""
+    for (entries, old), (_, new) in zip(before, after, strict=True):
+        if old != new:
+            del entries[bisect_left(entries, old)]
+            insort(entries, new)
+
+
 class BestFit:
-    """Places tasks one at a time onto a private copy of the cluster's free capacity."""
+    """Places tasks one at a time onto a private copy of the cluster's free capacity.
+
+    Indexed so that a placement looks at the few nodes that can win, not every node: wholly
+    free GPU count -> nodes (whole GPUs); per label group, every GPU sorted by (free share,
+    its node's wholly free count, node rank, index), and nodes sorted by (free CPU, rank),
+    apart for nodes with and without GPUs. Rank (the order nodes came in) breaks ties as the
+    plain scan over all nodes did."""
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
         self.nodes = {n.id: n.copy() for n in nodes}
@@ -255,6 +301,23 @@ class BestFit:
             self.whole_gpus[node.id] = node.whole_indices()
             self._file(node, len(self.whole_gpus[node.id]))
         self.free_slots = sum(n.free_slots for n in self.nodes.values())
+        self.ranked = list(self.nodes.values())
+        self.rank = {node.id: rank for rank, node in enumerate(self.ranked)}
+        self.groups = LabelGroups(self.ranked)
+        self.shares: list[list[tuple[int, ...]]] = [[] for _ in self.groups.labels]
+        self.cpus: list[list[tuple[int, ...]]] = [[] for _ in range(2 * len(self.groups.labels))]
+        for node in self.ranked:
+            for entries, entry in self._entries(node):
+                entries.append(entry)
+        for entries in (*self.shares, *self.cpus):
+            entries.sort()
+
+    def _entries(self, node: NodeFree) -> Entries:
+        group, rank, whole = self.groups.of[node.id], self.rank[node.id], self.whole[node.id]
+        shares = self.shares[group]
+        out: Entries = [(shares, (milli, whole, rank, i)) for i, milli in enumerate(node.free_milli)]
+        out.append((self.cpus[2 * group + (len(node.free_milli) > 0)], (node.free_cpu_milli, rank)))
+        return out
 
     def _file(self, node: NodeFree, count: int) -> None:
         self.whole[node.id] = count
@@ -278,6 +341,7 @@ class BestFit:
         if choice is None:
             return None
         node, gpus = choice
+        before = self._entries(node)
         whole = self.whole_gpus[node.id]
         if task.whole_gpus:
             del whole[: len(gpus)]  # _whole hands out the lowest wholly free indices
@@ -285,6 +349,7 @@ class BestFit:
             whole.remove(gpus[0])  # a share leaves its GPU partly used
         node.take(task, gpus)
         self._refile(node, len(whole))
+        reindex(before, self._entries(node))
         self.free_slots -= 1
         return Placement(task.id, node.id, tuple(gpus))
 
@@ -297,26 +362,48 @@ class BestFit:
         return None
 
     def _share(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        best: tuple[tuple[int, int], NodeFree, int] | None = None
-        for node in self.nodes.values():
-            if not node.free_milli or not node.host_fits(task):
-                continue
-            memory = node.share_memory(task)
-            for i, milli in enumerate(node.free_milli):
-                if milli < task.gpu_milli or node.free_mem[i] < memory:
-                    continue
-                # Least share left on the GPU; among whole GPUs, the node with fewest whole ones.
-                key = (milli - task.gpu_milli, self.whole[node.id])
-                if best is None or key < best[0]:
-                    best = (key, node, i)
-        return None if best is None else (best[1], [best[2]])
+        best = self._best_share(task)
+        return None if best is None else (self.ranked[best[2]], [best[3]])
+
+    def _best_share(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[int, ...] | None:
+        """The least (free share, node's wholly free count, rank, index) of a GPU the share fits on,
+        outside nodes in ``skip``: least share left over, then the node with fewest whole GPUs."""
+        best: tuple[int, ...] | None = None
+        for group, _ in self.groups.matching(task):
+            entries = self.shares[group]
+            for k in range(bisect_left(entries, (task.gpu_milli,)), len(entries)):
+                entry = entries[k]
+                if best is not None and entry >= best:
+                    break
+                node = self.ranked[entry[2]]
+                if (node.free_mem[entry[3]] >= node.share_memory(task) and node.host_fits(task)
+                        and node.id not in skip):
+                    best = entry
+                    break
+        return best
 
     def _cpu(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        candidates = [n for n in self.nodes.values() if n.host_fits(task)]
-        if not candidates:
-            return None
-        node = min(candidates, key=lambda n: (len(n.free_milli) > 0, n.free_cpu_milli - task.cpu_milli))
-        return node, []
+        best = self._best_cpu(task)
+        return None if best is None else (self.ranked[best[2]], [])
+
+    def _best_cpu(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[int, ...] | None:
+        """The least (has GPUs, free CPU, rank) of a node the task fits on, outside ``skip``:
+        nodes without GPUs first, then the tightest CPU fit."""
+        best: tuple[int, ...] | None = None
+        for gpus in (0, 1):
+            for group, _ in self.groups.matching(task):
+                entries = self.cpus[2 * group + gpus]
+                for k in range(bisect_left(entries, (task.cpu_milli,)), len(entries)):
+                    entry = (gpus, *entries[k])
+                    if best is not None and entry >= best:
+                        break
+                    node = self.ranked[entry[2]]
+                    if node.host_fits(task) and node.id not in skip:
+                        best = entry
+                        break
+            if best is not None:
+                return best
+        return None
 
 
 def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree]) -> Iterator[Placement]:

@@ -134,7 +134,8 @@ class Dispatcher:
             left = head.read > report.placed or report.window_full
             interval_ms = self.settings.explain_interval_s * 1000
             due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
-            full = left and due
+            sched = self.settings.scheduling
+            full = left and due and (sched.explain_limit > 0 or sched.preemption)
             if not left and self._last_full_ms is not None:
                 self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
                 self._last_full_ms = None

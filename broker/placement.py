@@ -199,15 +199,15 @@ class BestFitPlacer(BestFit):
         return None if best is None else (self.ranked[best[2]], [])
 
     def take(self, task: TaskRequest, placement: Placement) -> None:
-        node = self.nodes[placement.node_id]
-        before = self._entries(node)
+        node = self.own(placement.node_id)
+        before = self.indexed_entries(node)
         node.take(task, placement.gpu_indices)
         whole = self.whole_gpus[node.id]
         for i in placement.gpu_indices:
             if i in whole:
                 whole.remove(i)
         self._refile(node, len(whole))
-        reindex(before, self._entries(node))
+        reindex(before, self.indexed_entries(node))
         self.free_slots -= 1
 
     def place(self, task: TaskRequest) -> Placement | None:

@@ -289,7 +289,10 @@ class BestFit:
     plain scan over all nodes did."""
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
-        self.nodes = {n.id: n.copy() for n in nodes}
+        # The caller's nodes, copied only when a placement takes from one (own()): most cycles
+        # place a few tasks on a few of thousands of nodes.
+        self.nodes = {n.id: n for n in nodes}
+        self.owned: set[str] = set()
         self.max_gpus = max((len(n.free_milli) for n in self.nodes.values()), default=0)
         # Wholly free GPU count -> node ids, insertion-ordered so ties break the same way each run.
         self.by_whole: list[dict[str, None]] = [{} for _ in range(self.max_gpus + 1)]
@@ -304,13 +307,33 @@ class BestFit:
         self.ranked = list(self.nodes.values())
         self.rank = {node.id: rank for rank, node in enumerate(self.ranked)}
         self.groups = LabelGroups(self.ranked)
+        # The share and CPU indexes are built when the first such task asks: a pass of whole-GPU
+        # tasks (most cycles, often with one task) should not pay for sorting every GPU.
+        self.indexed = False
         self.shares: list[list[tuple[int, ...]]] = [[] for _ in self.groups.labels]
         self.cpus: list[list[tuple[int, ...]]] = [[] for _ in range(2 * len(self.groups.labels))]
+
+    def own(self, node_id: str) -> NodeFree:
+        """The node, as this placer's own copy (made on first use) that placements may change."""
+        node = self.nodes[node_id]
+        if node_id not in self.owned:
+            self.owned.add(node_id)
+            node = self.nodes[node_id] = self.ranked[self.rank[node_id]] = node.copy()
+        return node
+
+    def index(self) -> None:
+        if self.indexed:
+            return
+        self.indexed = True
         for node in self.ranked:
             for entries, entry in self._entries(node):
                 entries.append(entry)
         for entries in (*self.shares, *self.cpus):
             entries.sort()
+
+    def indexed_entries(self, node: NodeFree) -> Entries:
+        """The node's index entries, or none while the indexes are not built."""
+        return self._entries(node) if self.indexed else []
 
     def _entries(self, node: NodeFree) -> Entries:
         group, rank, whole = self.groups.of[node.id], self.rank[node.id], self.whole[node.id]
@@ -341,7 +364,8 @@ class BestFit:
         if choice is None:
             return None
         node, gpus = choice
-        before = self._entries(node)
+        node = self.own(node.id)
+        before = self.indexed_entries(node)
         whole = self.whole_gpus[node.id]
         if task.whole_gpus:
             del whole[: len(gpus)]  # _whole hands out the lowest wholly free indices
@@ -349,7 +373,7 @@ class BestFit:
             whole.remove(gpus[0])  # a share leaves its GPU partly used
         node.take(task, gpus)
         self._refile(node, len(whole))
-        reindex(before, self._entries(node))
+        reindex(before, self.indexed_entries(node))
         self.free_slots -= 1
         return Placement(task.id, node.id, tuple(gpus))
 
@@ -368,6 +392,7 @@ class BestFit:
     def _best_share(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[int, ...] | None:
         """The least (free share, node's wholly free count, rank, index) of a GPU the share fits on,
         outside nodes in ``skip``: least share left over, then the node with fewest whole GPUs."""
+        self.index()
         best: tuple[int, ...] | None = None
         for group, _ in self.groups.matching(task):
             entries = self.shares[group]
@@ -389,6 +414,7 @@ class BestFit:
     def _best_cpu(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[int, ...] | None:
         """The least (has GPUs, free CPU, rank) of a node the task fits on, outside ``skip``:
         nodes without GPUs first, then the tightest CPU fit."""
+        self.index()
         best: tuple[int, ...] | None = None
         for gpus in (0, 1):
             for group, _ in self.groups.matching(task):

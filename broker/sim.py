@@ -33,15 +33,15 @@ import redis
 
 from broker import state
 from broker.client import mix_key_of, request_wire, shortfall
-from broker.dispatcher import Dispatcher
+from broker.dispatcher import CycleReport, Dispatcher
 from broker.errors import GpuBrokerError, InvalidRequest
 from broker.keys import PoolKeys
 from broker.localcluster import LocalCluster
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, SubmitRequest
 from broker.policy import Placement
-from broker.scheduling import SchedulingConfig
-from broker.scripts import FinishCode, Scripts, StartCode, SubmitCode
+from broker.scheduling import Mode, Ordering, SchedulingConfig
+from broker.scripts import CancelCode, FinishCode, Scripts, StartCode, SubmitCode
 from broker.settings import Settings
 from broker.traces import ClusterNode, TraceJob
 
@@ -110,6 +110,17 @@ class SimResult:
     wall_s: float = 0.0
     dispatcher_s: float = 0.0  # wall time inside Dispatcher.run_cycle
     phase_s: dict[str, float] = field(default_factory=dict)  # the cycles' own phase timings, summed
+
+
+@dataclass(slots=True)
+class Batch:
+    """One batch of a static run (``Simulator.run_batches``); ``allocated_gpus`` is the GPU
+    capacity reserved once it is done, this batch's and the earlier ones' (a share counts its fraction)."""
+
+    jobs: int
+    placed: int
+    dropped: int  # refused at submit, or pending when the batch's cycle was done (then cancelled)
+    allocated_gpus: float
 
 
 @dataclass(slots=True)
@@ -197,12 +208,90 @@ class Simulator:
         try:
             self._register_nodes()
             self._loop(progress)
-            queued = self.redis.zcard(self.keys.pending)
-            if queued != self._pending:  # nothing lost, nothing counted twice
-                raise SimulationError(f"{queued} tasks are pending in Redis; the simulation counted {self._pending}")
+            self._check_pending()
         finally:
             self._drop_pool()
             self.redis.close()
+        return self._result(started)
+
+    def run_batches(self, ends: Sequence[int]) -> tuple[SimResult, list[Batch]]:
+        """Static packing (the FGD protocol) in one cycle per batch instead of one per job.
+
+        Every job is submitted first, so the pool's request mix counts the whole workload (as
+        the offline harness bench/frag_offline.py gives it). Then for each batch (``ends``:
+        cumulative job counts), one cycle of a dispatcher whose window is that batch walks it
+        in submit order and places each job that fits; its jobs still pending are cancelled
+        (dropped). Jobs never finish, so capacity only shrinks: this places exactly what
+        submitting the jobs one at a time, dropping each that fits nowhere, would.
+
+        Needs jobs without a duration, and scheduling that walks the queue in submit order and
+        skips what does not fit: ordering priority (no aging) or fifo, mode best_effort, no
+        preemption. A placement outside the batch (possible only if the batch placed every job
+        and best fit's lazy planner then ran its full pass on the next job) is a SimulationError."""
+        self._check_static(ends)
+        started = time.perf_counter()
+        logging.getLogger("broker.dispatcher").setLevel(logging.WARNING)
+        batches = []
+        try:
+            self._register_nodes()
+            for index in range(len(self.jobs)):
+                self._submit(index)
+            first = 0
+            for end in ends:
+                ids = {task_id for task_id, index in self._task_index.items() if first <= index < end}
+                placed = self._place_batch(ids) if ids else set()
+                for task_id in ids - placed:
+                    code, state_was = self.scripts.cancel(task_id, None)
+                    if code is not CancelCode.CANCELLED:
+                        raise SimulationError(f"cancel.lua did not drop pending task {task_id} ({code.name}, "
+                                              f"{state_was})")
+                    self._pending -= 1
+                self._sample()
+                batches.append(Batch(end - first, len(placed), end - first - len(placed),
+                                     self._allocated_milli / MILLI))
+                first = end
+            self._check_pending()
+        finally:
+            self._drop_pool()
+            self.redis.close()
+        return self._result(started), batches
+
+    def _check_static(self, ends: Sequence[int]) -> None:
+        s = self.settings.scheduling
+        problems = {}
+        if not ends or list(ends) != sorted(set(ends)) or ends[0] < 1 or ends[-1] != len(self.jobs):
+            problems["batches"] = f"must rise strictly from 1 to the number of jobs ({len(self.jobs)}); got {ends}"
+        if any(j.duration_s is not None for j in self.jobs):
+            problems["jobs"] = "static batches need jobs that never finish (duration_s None)"
+        if not (s.ordering is Ordering.FIFO or (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0)):
+            problems["scheduling.ordering"] = "must be fifo, or priority without aging (submit order)"
+        if s.mode is not Mode.BEST_EFFORT:
+            problems["scheduling.mode"] = "must be best_effort (a job that fits nowhere is dropped, not waited for)"
+        if s.preemption:
+            problems["scheduling.preemption"] = "must be off (jobs are dropped, never make room)"
+        if problems:
+            raise InvalidRequest(problems)
+
+    def _place_batch(self, ids: set[str]) -> set[str]:
+        """One cycle over exactly the batch ``ids`` (the head of the queue); the ids it placed."""
+        # No queue view: best fit's lazy planner would otherwise run a full pass over the
+        # explain_limit tasks at the head, which may reach past the batch.
+        scheduling = self.settings.scheduling.model_copy(update={"explain_limit": 0})
+        settings = self.settings.model_copy(update={"dispatch_window": len(ids), "scheduling": scheduling})
+        report = self._cycle(Dispatcher(settings, clock=self.clock, client=self.redis))
+        placed = {p.task_id for p in report.placed_tasks}
+        if placed - ids or report.refused:
+            raise SimulationError(f"the batch's cycle placed {len(placed - ids)} tasks outside the batch and had "
+                                  f"{dict(report.refused)} refused by reserve.lua")
+        self._start(report.placed_tasks, set())
+        return placed
+
+    def _check_pending(self) -> None:
+        queued = self.redis.zcard(self.keys.pending)
+        if queued != self._pending:  # nothing lost, nothing counted twice
+            raise SimulationError(f"{queued} tasks are pending in Redis; the simulation counted {self._pending}")
+
+    def _result(self, started: float) -> SimResult:
         gpus = sum(n.gpus for n in self.nodes)
         return SimResult(self.label, self.settings.scheduling.model_dump(mode="json"), len(self.nodes), gpus,
                          self.outcomes, self.series, self.placements, self._cycles, self._events,
@@ -276,18 +365,22 @@ class Simulator:
 
     def _dispatch(self) -> None:
         while True:
-            began = time.perf_counter()
-            report = self.dispatcher.run_cycle()
-            self._dispatcher_s += time.perf_counter() - began
-            self._cycles += 1
-            for phase, seconds in report.seconds.items():
-                self._phase_s[phase] = self._phase_s.get(phase, 0.0) + seconds
-            self._pending -= report.placed
+            report = self._cycle(self.dispatcher)
             dropped = self._start(report.placed_tasks, set(report.preempted))
             stopped = self._stop_victims()
             # As the wake-ups of preempt.lua and finish.lua would: victims' capacity is free now.
             if not (stopped or dropped) and not (report.window_full and report.placed):
                 return
+
+    def _cycle(self, dispatcher: Dispatcher) -> CycleReport:
+        began = time.perf_counter()
+        report = dispatcher.run_cycle()
+        self._dispatcher_s += time.perf_counter() - began
+        self._cycles += 1
+        for phase, seconds in report.seconds.items():
+            self._phase_s[phase] = self._phase_s.get(phase, 0.0) + seconds
+        self._pending -= report.placed
+        return report
 
     def _start(self, placed: list[Placement], preempted: set[str]) -> int:
         """The simulated workers: take each message off its node queue and start the task.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,12 +14,13 @@ import redis
 import typer
 from typer.testing import CliRunner
 
-from broker import Client, Resources, TaskState
+from bench import frag_offline, frag_sim
+from broker import Client, Resources, TaskState, traces
 from broker.capacity import parse_target, plan_capacity, zero_wait_peak_gpus
 from broker.errors import InvalidRequest
 from broker.scheduling import SchedulingConfig
 from broker.settings import Settings
-from broker.sim import SimResult, simulate
+from broker.sim import SimResult, Simulator, simulate
 from broker.simcli import register
 from broker.simreport import metrics, plot_allocation, plot_wait_cdf, result_json, tenants
 from broker.traces import ClusterNode, TraceJob, parse_shape
@@ -121,6 +123,68 @@ def test_result_json_and_plots(redis_server: RedisServer, tmp_path: Path) -> Non
     assert document["runs"][0]["series"]["allocated_gpus"]  # binned allocation over time
     for path in (plot_wait_cdf(results, tmp_path / "cdf.png"), plot_allocation(results, tmp_path / "alloc.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ---- static packing (the FGD protocol) in batches ---------------------------------------------
+
+
+def openb_like(folder: Path) -> None:
+    """A small cluster and pod list in the openb CSV formats: four GPU models, whole GPUs,
+    shares, CPU-only pods and pods naming one model or several."""
+    rng = random.Random(7)
+    models = [("T4", 2), ("P100", 2), ("G2", 8), ("V100M16", 8)]
+    (folder / "openb_node_list_gpu_node.csv").write_text("sn,cpu_milli,memory_mib,gpu,model\n" + "".join(
+        f"node-{i:02d},{rng.choice([32000, 64000, 96000])},{rng.choice([131072, 262144])},{gpus},{model}\n"
+        for i, (model, gpus) in enumerate(models * 4)))
+    rows = []
+    for i in range(90):
+        gpus, milli = rng.choice([(1, 1000), (1, 1000), (1, 500), (1, 250), (1, 810), (0, 0), (2, 1000), (8, 1000)])
+        spec = rng.choice(["", "", "", "T4", "G2|V100M16"]) if gpus else ""
+        rows.append(f"pod-{i:03d},{rng.choice([2000, 4000, 12000, 24000])},{rng.choice([4096, 16384, 65536])},"
+                    f"{gpus},{milli},{spec}\n")
+    (folder / "openb_pod_list_small.csv").write_text("name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n" +
+                                                     "".join(rows))
+
+
+@pytest.mark.parametrize("placement", ["best_fit", "spread", "first_fit", "frag_aware"])
+def test_static_batches_place_as_the_offline_harness_does(redis_server: RedisServer, tmp_path: Path,
+                                                          placement: str) -> None:
+    openb_like(tmp_path)
+    free, tasks = frag_offline.read_openb(tmp_path, "small")
+    nodes = traces.openb_nodes(tmp_path / "openb_node_list_gpu_node.csv")
+    pods = {job.id: job for job in traces.openb_pods(tmp_path / "openb_pod_list_small.csv", static=True)}
+    capacity = sum(n.gpus for n in nodes) * 1000
+    workload = frag_offline.inflate(tasks, capacity, 1.3, seed=3)
+    jobs, marks = frag_sim.as_jobs(workload, pods), [frag_sim.arrived_by(workload, capacity, 1.0), len(workload)]
+    make = frag_offline.policies()[placement]
+    offline = frag_offline.simulate(make, free, workload, [1.0, 1.3])
+    where = frag_sim.offline(make, free, workload)
+    assert offline.dropped > 0 and 0 < offline.allocated[1.0] < offline.allocated[1.3] < 1
+
+    one = frag_sim.simulate(jobs, nodes, placement, marks, redis_server.url, one_cycle=True)
+    two = frag_sim.simulate(jobs, nodes, placement, marks, redis_server.url)
+    expected = {marks[0]: offline.allocated[1.0], marks[1]: offline.allocated[1.3]}
+    assert one.allocated == pytest.approx(expected, abs=1e-12)
+    assert two.allocated == pytest.approx(expected, abs=1e-12)
+    if placement in ("spread", "first_fit"):  # placers that keep nothing but the free capacity
+        assert one.assignment == two.assignment == where  # every pod on the same node and GPUs
+
+
+def test_static_batches_drop_what_does_not_fit_and_refuse_what_they_cannot_run(redis_server: RedisServer) -> None:
+    jobs = [TraceJob(f"p{i}", i, None, gpus=1) for i in range(3)]
+    with pytest.raises(InvalidRequest) as refused:
+        Simulator(jobs, ONE_NODE, redis_server.url, SchedulingConfig()).run_batches([2, 2])
+    assert set(refused.value.problems) == {"batches", "scheduling.preemption"}
+    fifo = SchedulingConfig(ordering="fifo", preemption=False)
+    result, batches = Simulator(jobs, ONE_NODE, redis_server.url, fifo).run_batches([1, 3])
+    assert [(b.jobs, b.placed, b.dropped, b.allocated_gpus) for b in batches] == [(1, 1, 0, 1.0), (2, 1, 1, 2.0)]
+    assert [o.gpus for o in result.jobs] == [(0,), (1,), ()]
+    assert not list(redis.Redis.from_url(redis_server.url).scan_iter(match="gpb:{sim-*"))
+    # Best fit's lazy planner keeps to the batch too: with no queue view and no preemption
+    # it runs no full pass over the head of the queue (which would reach past the batch).
+    result, batches = Simulator(jobs, ONE_NODE, redis_server.url,
+                                SchedulingConfig(preemption=False)).run_batches([1, 3])
+    assert [(b.jobs, b.placed, b.dropped) for b in batches] == [(1, 1, 0), (2, 1, 1)]
 
 
 # ---- capacity planning ---------------------------------------------------------------------

@@ -37,6 +37,7 @@ from broker.models import (
     TaskStatus,
     selector_matches,
 )
+from broker.policy import gpu_shape_key
 from broker.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
 from broker.settings import Settings
 
@@ -109,7 +110,7 @@ def request_wire(req: SubmitRequest) -> dict[str, Any]:
 
 def mix_key_of(resources: Resources) -> str:
     """``policy.mix_key`` of a request: its GPU shape."""
-    return f"{resources.whole_gpus},{resources.gpu_milli}"
+    return gpu_shape_key(resources.whole_gpus, resources.gpu_milli)
 
 
 def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:

@@ -43,6 +43,7 @@ from prometheus_client import Histogram
 from broker import policy, state
 from broker.client import connect
 from broker.keys import PoolKeys
+from broker.planner import Planner
 from broker.policy import Placement, Plan
 from broker.scheduling import Mode, Ordering, PlacementKind
 from broker.scripts import Clock, PreemptCode, ReserveCode, Scripts, wall_clock_ms
@@ -98,8 +99,6 @@ class Dispatcher:
         self.scripts = Scripts(self.redis, self.keys, clock)
         self.clock = clock
         self.stopper = stopper
-        from broker.planner import Planner
-
         self.planner = Planner(settings.scheduling)
         s = settings.scheduling
         self.lazy = (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0 and s.mode is Mode.BEST_EFFORT

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 
 from broker.errors import InvalidRequest
-from broker.policy import MILLI, NodeFree, Placement, TaskRequest
+from broker.policy import MILLI, ChooseThenTake, NodeFree, Placement, TaskRequest
 
 Labels = tuple[tuple[str, str], ...]
 Prefer = tuple[tuple[str, tuple[str, ...]], ...]
@@ -133,7 +133,7 @@ class _Queue:
         self.judged = 0  # state ids below this have been judged for this shape
 
 
-class FragAware:
+class FragAware(ChooseThenTake):
     """Places tasks one at a time, each where expected fragmentation grows least (FGD)."""
 
     def __init__(self, nodes: Iterable[NodeFree], mix: Mapping[str, int]) -> None:
@@ -354,12 +354,6 @@ class FragAware:
         self._unfile(node)
         node.take(task, placement.gpu_indices)
         self._file(node)
-
-    def place(self, task: TaskRequest) -> Placement | None:
-        placement = self.choose(task)
-        if placement is not None:
-            self.take(task, placement)
-        return placement
 
     def _file(self, node: NodeFree) -> None:
         state = _state(node, self._labels[node.id])

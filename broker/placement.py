@@ -31,7 +31,18 @@ from collections.abc import Callable, Collection, Container, Iterable, Mapping, 
 from dataclasses import dataclass
 from typing import Any
 
-from broker.policy import MILLI, BestFit, Entries, LabelGroups, NodeFree, Placement, Placer, TaskRequest, reindex
+from broker.policy import (
+    MILLI,
+    BestFit,
+    ChooseThenTake,
+    Entries,
+    LabelGroups,
+    NodeFree,
+    Placement,
+    Placer,
+    TaskRequest,
+    reindex,
+)
 from broker.scheduling import PlacementKind
 
 INF = math.inf
@@ -69,7 +80,7 @@ def labels_match(node: NodeFree, task: TaskRequest) -> bool:
             and all(node.labels.get(k) in values for k, values in task.prefer))
 
 
-class _Indexed:
+class _Indexed(ChooseThenTake):
     """A placer whose ``node_key`` ranks the nodes a task fits on (lowest wins, then rank: the
     order nodes came in). Subclasses keep per label group indexes, so that ``_search`` finds a
     group's best node without judging every node; nodes in ``views`` are judged one by one."""
@@ -118,12 +129,6 @@ class _Indexed:
         self._update(self.nodes[placement.node_id], task, placement.gpu_indices)
         self.free_slots -= 1
 
-    def place(self, task: TaskRequest) -> Placement | None:
-        placement = self.choose(task)
-        if placement is not None:
-            self.take(task, placement)
-        return placement
-
 
 def _cpu_key(node: NodeFree, task: TaskRequest, most_free: bool) -> tuple[float, ...]:
     left = node.free_cpu_milli - task.cpu_milli
@@ -138,7 +143,7 @@ def _spread_key(node: NodeFree, task: TaskRequest, gpus: list[int]) -> tuple[flo
     return _cpu_key(node, task, most_free=True)
 
 
-class BestFitPlacer(BestFit):
+class BestFitPlacer(ChooseThenTake, BestFit):
     """``policy.BestFit`` with choose/take, ``prefer`` (each acceptable label set in turn) and ``views``."""
 
     def choose(self, task: TaskRequest, views: dict[str, NodeFree] | None = None) -> Placement | None:
@@ -209,12 +214,6 @@ class BestFitPlacer(BestFit):
         self._refile(node, len(whole))
         reindex(before, self.indexed_entries(node))
         self.free_slots -= 1
-
-    def place(self, task: TaskRequest) -> Placement | None:
-        placement = self.choose(task)
-        if placement is not None:
-            self.take(task, placement)
-        return placement
 
 
 def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:

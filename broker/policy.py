@@ -211,9 +211,13 @@ class NodeFree:
         self.free_slots -= 1
 
 
+def gpu_shape_key(whole_gpus: int, gpu_milli: int) -> str:
+    """A GPU shape as the pool's request mix counts it (frag_aware): "2,0", "0,500"."""
+    return f"{whole_gpus},{gpu_milli}"
+
+
 def mix_key(task: TaskRequest) -> str:
-    """The GPU shape of a request, as counted in the pool's request mix (frag_aware)."""
-    return f"{task.whole_gpus},{task.gpu_milli}"
+    return gpu_shape_key(task.whole_gpus, task.gpu_milli)
 
 
 class Placer(Protocol):
@@ -233,6 +237,22 @@ class Placer(Protocol):
     def take(self, task: TaskRequest, placement: Placement) -> None: ...
 
     def place(self, task: TaskRequest) -> Placement | None: ...
+
+
+class ChooseThenTake:
+    """``place`` for a Placer: take what ``choose`` proposes."""
+
+    def choose(self, task: TaskRequest, views: dict[str, NodeFree] | None = None) -> Placement | None:
+        raise NotImplementedError
+
+    def take(self, task: TaskRequest, placement: Placement) -> None:
+        raise NotImplementedError
+
+    def place(self, task: TaskRequest) -> Placement | None:
+        placement = self.choose(task)
+        if placement is not None:
+            self.take(task, placement)
+        return placement
 
 
 def order(tasks: Iterable[TaskRequest]) -> list[TaskRequest]:

@@ -257,13 +257,7 @@ def plot_wait_cdf(results: Sequence[SimResult], path: Path) -> Path:
     ax.set_xlabel("wait (s)")
     ax.set_ylabel("fraction of jobs")
     ax.set_ylim(0, 1.01)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("Wait-time CDF")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, "Wait-time CDF", path)
 
 
 def plot_allocation(results: Sequence[SimResult], path: Path) -> Path:
@@ -278,9 +272,14 @@ def plot_allocation(results: Sequence[SimResult], path: Path) -> Path:
     ax.set_xlabel(f"time ({unit})")
     ax.set_ylabel("GPU allocation (%)")
     ax.set_ylim(0, 105)
+    return _save(plt, fig, ax, "GPU allocation over time", path)
+
+
+def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """Grid, legend and title, then write the PNG and free the figure."""
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title("GPU allocation over time")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from broker.fairshare import ZERO, Ledger, Vector, demand, held
-from broker.placement import INF, Hold, Timeline, Usage, gpus_on, labels_match, make_placer
+from broker.placement import gpus_on, labels_match, make_placer
 from broker.policy import (
     MILLI,
     NodeFree,
@@ -36,6 +36,7 @@ from broker.policy import (
     mix_key,
 )
 from broker.scheduling import Mode, Ordering, SchedulingConfig
+from broker.timeline import INF, Hold, Timeline, Usage
 
 _Victims = tuple[list[tuple[RunningTask, str]], list[int]]  # (victim, why) in greedy order, and the GPUs freed
 MAX_HOLDS = 100  # backfill: blocked tasks that get a hold (and an exact start) per pass, highest-ranked first
@@ -119,6 +120,7 @@ class _Pass:
         self.plan = Plan()
         self.waiting: list[tuple[int, TaskRequest, _Cause]] = []
         self.failed: dict[object, _Cause] = {}  # capacity only shrinks within a pass
+        self.held: dict[object, tuple[float, _Cause]] = {}  # shape -> shortest run held from starting now
         self.no_victims: set[object] = set()
         self.victims_memo: dict[tuple[str, object, int], tuple[int, _Victims | None]] = {}
         self.stopping_memo: dict[tuple[str, object, float], tuple[int, bool]] = {}
@@ -221,10 +223,16 @@ class _Pass:
 
     def _place(self, task: TaskRequest, duration: float) -> _Cause | None:
         """Place ``task`` now if it fits without delaying a hold; else why not."""
-        views = self.timeline.views(duration) if self.timeline.holds else None
-        known = self.failed.get(task.shape) or (self.failed.get((task.shape, duration)) if views else None)
+        known = self.failed.get(task.shape)
+        if known is None and self.timeline.holds:
+            # Capacity only shrinks within a pass and a longer run meets more holds: what was
+            # held from a shorter task of this shape is held from this one too.
+            shorter = self.held.get(task.shape)
+            if shorter is not None and duration >= shorter[0]:
+                known = shorter[1]
         if known is not None:
             return known
+        views = self.timeline.views(duration) if self.timeline.holds else None
         placement = self.placer.choose(task, views)
         if placement is not None:
             self._take(task, placement, duration)
@@ -232,8 +240,9 @@ class _Pass:
         free = self.placer.choose(task) if views else None
         if free is None:
             cause = self.failed[task.shape] = _Cause("fit")
-        else:
-            cause = self.failed[(task.shape, duration)] = _Cause("held", self._holder(free.node_id, duration))
+            return cause
+        cause = _Cause("held", self._holder(free.node_id, duration))
+        self.held[task.shape] = (duration, cause)  # shorter than any held before (else it was known)
         return cause
 
     def _take(self, task: TaskRequest, placement: Placement, duration: float) -> None:

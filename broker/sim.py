@@ -39,6 +39,7 @@ from broker.keys import PoolKeys
 from broker.localcluster import LocalCluster
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, SubmitRequest
+from broker.planner import Planner
 from broker.policy import Placement
 from broker.scheduling import Mode, Ordering, SchedulingConfig
 from broker.scripts import CancelCode, FinishCode, Scripts, StartCode, SubmitCode
@@ -186,6 +187,11 @@ class Simulator:
         self._stops: list[tuple[str, str]] = []
         self.dispatcher = Dispatcher(self.settings, clock=self.clock, client=self.redis,
                                      stopper=lambda task_id, node_id: self._stops.append((task_id, node_id)))
+        if not self.dispatcher.lazy:
+            # Every cycle is a full pass. Its queue view (each waiting task's reason and estimated
+            # start) decides nothing and nobody reads it here: skip it. (The lazy planner's
+            # occasional full pass may also place tasks, so it is left as it runs in production.)
+            self.dispatcher.planner = Planner(self.settings.scheduling.model_copy(update={"explain_limit": 0}))
         self.outcomes = [JobOutcome(job) for job in self.jobs]
         self.series = Series()
         self.placements: list[tuple[str, str, tuple[int, ...], float]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 import redis
@@ -88,6 +88,7 @@ _RequestShape = tuple[tuple[Any, ...], tuple[Any, ...]]  # TaskRequest's fields 
 
 
 _new_request = cast(Any, TaskRequest)  # called with the fields spread from a tuple
+_REQUEST_FIELDS = tuple(f.name for f in fields(TaskRequest))
 
 
 def _requests(pending: _Pending) -> list[TaskRequest]:
@@ -96,8 +97,9 @@ def _requests(pending: _Pending) -> list[TaskRequest]:
     for task_id, rank, wire in pending:
         shape = shapes.get(id(wire))
         if shape is None:
-            fields = astuple(TaskRequest.from_wire("", wire))
-            shape = shapes[id(wire)] = (fields[1:8], fields[9:])
+            request = TaskRequest.from_wire("", wire)
+            values = tuple(getattr(request, name) for name in _REQUEST_FIELDS)  # astuple would deep-copy
+            shape = shapes[id(wire)] = (values[1:8], values[9:])
         out.append(_new_request(task_id, *shape[0], rank, *shape[1]))
     return out
 

@@ -6,9 +6,10 @@ import random
 
 import pytest
 
-from broker.placement import BestFitPlacer, FirstFitPlacer, Hold, SpreadPlacer, Timeline, Usage, make_placer
+from broker.placement import BestFitPlacer, FirstFitPlacer, SpreadPlacer, make_placer
 from broker.policy import NodeFree, Placement, TaskRequest, plan
 from broker.scheduling import PlacementKind
+from broker.timeline import Hold, Timeline, Usage
 from tests.test_planner_helpers import GiB, node, placed, planner, running, snapshot, task
 
 

@@ -109,8 +109,10 @@ class Ledger:
         for r, name in enumerate(RESOURCES):
             if amount[r] <= 0 or usage[r] + amount[r] <= guarantee[r] + EPSILON:
                 continue
-            kept = sum(max(0.0, self.kept[t][r] - self.used(t)[r]) for t in self.kept if t != tenant)
             free = self.capacity[r] - total[r]
+            if free < amount[r] - EPSILON:
+                continue  # the pool lacks it now: a wait for capacity (a hold, a preemption), not for quota
+            kept = sum(max(0.0, self.kept[t][r] - self.used(t)[r]) for t in self.kept if t != tenant)
             if free - amount[r] < kept - EPSILON:
                 return (f"tenant {tenant} over quota ({name}: {_fmt(free)} free, {_fmt(kept)} kept for other "
                         f"tenants' guarantees; needs {_fmt(amount[r])})")

@@ -6,8 +6,9 @@ phases (as kueue's cycle):
 
     1 estimate  each task's runtime: its own, else the learned mean for its name and shape,
                 then its name, else ``default_runtime_s``, else unknown
-    2 order     fifo | priority (+ aging) | sjf, srtf (shortest first) | fair (weighted DRF
-                between tenants, guarantees first, recomputed as the pass places tasks)
+    2 order     fifo | priority (+ aging) | sjf, srtf (shortest first) | hrrn (highest
+                (wait + estimate) / estimate first) | fair (weighted DRF between tenants,
+                guarantees first, recomputed as the pass places tasks)
     3 admit     per task, in that order: quota (fair); place now where nothing held for a
                 higher-ranked task is delayed; else preempt (fewest victims on one node);
                 else (backfill) hold its earliest start; strict stops at the first that waits
@@ -35,10 +36,11 @@ from broker.policy import (
     Waiting,
     mix_key,
 )
-from broker.scheduling import Mode, Ordering, SchedulingConfig
+from broker.scheduling import Mode, Ordering, SchedulingConfig, WithinTenant
 from broker.timeline import INF, Hold, Timeline, Usage
 
 _Victims = tuple[list[tuple[RunningTask, str]], list[int]]  # (victim, why) in greedy order, and the GPUs freed
+RATIO_FLOOR_S = 10.0  # hrrn: shorter runs count as this long (as bounded slowdown's 10 s)
 MAX_HOLDS = 100  # backfill: blocked tasks that get a hold (and an exact start) per pass, highest-ranked first
 
 
@@ -166,13 +168,32 @@ class _Pass:
             if not self.config.aging_per_minute:
                 return iter(sorted(pending, key=lambda t: (-t.priority, t.seq)))
             return iter(sorted(pending, key=lambda t: (-self._effective(t), t.seq)))
+        if ordering is Ordering.HRRN:
+            return iter(sorted(pending, key=lambda t: (-self._ratio(t), self.duration[t.id], -t.priority, t.seq)))
         return iter(sorted(pending, key=lambda t: (self.duration[t.id], -t.priority, t.seq)))  # sjf, srtf
+
+    def _ratio(self, task: TaskRequest) -> float:
+        """Response ratio 1 + wait / estimate: its slowdown were it to start now (0 when no
+        estimate: last, as under sjf). Waiting raises every task, the shortest fastest; equal
+        ratios (nobody has waited) go shortest first."""
+        duration = self.duration[task.id]
+        if duration == INF:
+            return 0.0
+        return 1 + max(0.0, self.now - task.submitted_at) / max(duration, RATIO_FLOOR_S)
 
     def _fair(self) -> Iterator[TaskRequest]:
         """Tenants under their guarantee first, then lowest weighted dominant share; within a
-        tenant, priority with aging. Keys are recomputed as the pass changes usage."""
+        tenant, priority with aging (or shortest first, ``within_tenant = "sjf"``). Keys are
+        recomputed as the pass changes usage."""
         queues: dict[str, deque[TaskRequest]] = {}
-        for task in sorted(self.snap.pending, key=lambda t: (-self._effective(t), t.seq)):
+        if self.config.within_tenant is WithinTenant.SJF:
+            ranked = sorted(self.snap.pending, key=lambda t: (self.duration[t.id], -self._effective(t), t.seq))
+        elif self.config.within_tenant is WithinTenant.HRRN:
+            ranked = sorted(self.snap.pending,
+                            key=lambda t: (-self._ratio(t), self.duration[t.id], -self._effective(t), t.seq))
+        else:
+            ranked = sorted(self.snap.pending, key=lambda t: (-self._effective(t), t.seq))
+        for task in ranked:
             queues.setdefault(task.tenant, deque()).append(task)
 
         def key(tenant: str) -> tuple[bool, float, float, int, str]:

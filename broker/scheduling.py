@@ -26,7 +26,16 @@ class Ordering(enum.StrEnum):
     PRIORITY = "priority"  # higher priority first (with aging when aging_per_minute > 0), then submit order
     SJF = "sjf"  # shortest estimated runtime first
     SRTF = "srtf"  # sjf, and a much shorter arrival may preempt the longest-remaining running task
+    HRRN = "hrrn"  # highest response ratio (wait + estimate) / estimate first: sjf that ages
     FAIR = "fair"  # weighted dominant-resource fairness between tenants, with quotas
+
+
+class WithinTenant(enum.StrEnum):
+    """How ``fair`` orders one tenant's tasks."""
+
+    PRIORITY = "priority"  # priority (with aging), then submit order
+    SJF = "sjf"  # shortest estimated runtime first, then priority, then submit order
+    HRRN = "hrrn"  # highest response ratio first (as ordering "hrrn"), then priority, then submit order
 
 
 class Mode(enum.StrEnum):
@@ -98,6 +107,7 @@ class SchedulingConfig(_Config):
     # Preemptors served per pass (the rest wait for the next): each one searches every node.
     preemptions_per_pass: int = Field(64, ge=0, le=100_000)
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    within_tenant: WithinTenant = WithinTenant.PRIORITY  # fair: the order of one tenant's tasks
     # How many pending tasks get a reason and an estimated start published for queue views.
     explain_limit: int = Field(1000, ge=0, le=100_000)
 

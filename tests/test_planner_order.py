@@ -44,6 +44,15 @@ ORDER_TABLE = [
                  id="sjf: default runtime for tasks without estimates"),
     pytest.param({"ordering": "srtf"}, [task("long", 1, est=600), task("short", 1, est=60)],
                  0.0, None, ["short", "long"], id="srtf orders as sjf"),
+    pytest.param({"ordering": "hrrn"}, [task("long", 1, est=600, at=0), task("unknown", 1, at=0),
+                                        task("short", 1, est=60, at=0)],
+                 0.0, None, ["short", "long", "unknown"], id="hrrn: no one has waited: sjf"),
+    # at 1,200 s: long waited 1,200 s: 1 + 1200 / 600 = 3; short came at 1,170 s: 1 + 30 / 60 = 1.5
+    pytest.param({"ordering": "hrrn"}, [task("long", 1, est=600, at=0), task("short", 1, est=60, at=1170)],
+                 1200.0, None, ["long", "short"], id="hrrn: a long wait outranks a fresh short task"),
+    # 8 s and 2 s both count as 10 s: 1 + 10 / 10 = 2 beats 1 + 2 / 10 (1 + 2 / 2 would tie)
+    pytest.param({"ordering": "hrrn"}, [task("eight", 1, est=8, at=0), task("two", 1, est=2, at=8)],
+                 10.0, None, ["eight", "two"], id="hrrn: runs under 10 s count as 10 s"),
 ]
 
 
@@ -112,6 +121,17 @@ def test_fair_priority_within_a_tenant() -> None:
     assert order_of(planner(ordering="fair").plan(snapshot([node("n", 1)], tasks))) == ["a-high"]
 
 
+def test_fair_shortest_first_within_a_tenant() -> None:
+    """within_tenant = "sjf": each tenant's shortest task goes first, and the tenants still
+    take turns by dominant share (a's long task waits for its short ones, not for b)."""
+    tasks = [task("a-long", 1, tenant="a", est=600), task("a-short", 1, tenant="a", est=5),
+             task("a-mid", 1, tenant="a", est=60, priority=3), task("b-long", 1, tenant="b", est=900)]
+    fair_sjf = planner(ordering="fair", within_tenant="sjf").plan(snapshot([node("n", 3)], tasks))
+    assert order_of(fair_sjf) == ["a-short", "b-long", "a-mid"]
+    by_priority = planner(ordering="fair").plan(snapshot([node("n", 3)], tasks))
+    assert order_of(by_priority) == ["a-mid", "b-long", "a-long"]
+
+
 QUOTA_TABLE = [
     pytest.param({"a": {"guarantee": {"gpus": 2}, "borrowing_limit": {"gpus": 0}}},
                  [running("r", "n", (0, 1), tenant="a")], [task("t", 1, tenant="a")],
@@ -133,6 +153,25 @@ def test_quota(tenants: dict[str, Any], run: list[RunningTask], tasks: list[Task
     result = planner(ordering="fair", tenants=tenants).plan(snapshot([node("n", 8)], tasks, run))
     assert result.placements == []
     assert result.waiting["t"].reason == reason
+
+
+def test_a_full_pool_is_a_wait_for_capacity_not_quota() -> None:
+    """No quotas: an 8-GPU task meeting 4 busy GPUs waits for them like any task that does not
+    fit; under backfill it gets a hold, and 1-GPU tasks that would delay it do not start."""
+    run = [running("r", "n", (0, 1, 2, 3), tenant="c", est=100)]
+    tasks = [task("a8", 8, tenant="a", est=100)] + [task(f"b{i}", 1, tenant="b", est=1000) for i in range(4)]
+    result = planner(ordering="fair", mode="backfill").plan(snapshot([node("n", 8)], tasks, run))
+    assert order_of(result) == []
+    assert result.waiting["a8"].reason == "needs 8 GPUs on one node; largest free block is 4"
+    assert result.waiting["a8"].estimated_start == 100
+    assert result.waiting["b0"].reason == "held for higher-ranked task a8 (backfill)"
+
+
+def test_fair_response_ratio_within_a_tenant() -> None:
+    """within_tenant = "hrrn": a's long task, waiting since 0, goes before its fresh short one."""
+    tasks = [task("a-short", 1, tenant="a", est=60, at=1170), task("a-long", 1, tenant="a", est=600, at=0)]
+    result = planner(ordering="fair", within_tenant="hrrn").plan(snapshot([node("n", 1)], tasks, now=1200))
+    assert order_of(result) == ["a-long"]
 
 
 def test_quota_lets_lendable_capacity_be_borrowed() -> None:

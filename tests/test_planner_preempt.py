@@ -112,7 +112,12 @@ def test_reclaim_only_while_under_guarantee() -> None:
     tenants = {"a": {"guarantee": {"gpus": 2}}, "b": {"guarantee": {"gpus": 2}}}
     run = [low("a1", (0, 1), tenant="a"), low("b1", (2, 3), tenant="b"), low("b2", (4, 5, 6, 7), tenant="b")]
     got = preempt(run, [task("t", 2, tenant="a", priority=9)], gpus=8, ordering="fair", tenants=tenants)
-    assert got == []  # a would exceed its guarantee; across tenants only reclaim preempts
+    # a would exceed its guarantee, so b's tasks are safe (across tenants only reclaim
+    # preempts); within its own tenant priority still does (Kueue's withinClusterQueue).
+    assert got == [("t", "n0", ("a1",))]
+    alone = preempt([*run[1:], low("c1", (0, 1), tenant="c")], [task("t", 2, tenant="a", priority=9)], gpus=8,
+                    ordering="fair", tenants={"a": {"guarantee": {"gpus": 0}}, "b": {"guarantee": {"gpus": 2}}})
+    assert alone == []
 
 
 def test_reclaim_stops_once_the_lender_is_within_its_guarantee() -> None:

@@ -31,6 +31,7 @@ def test_settings_read_it_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize(("data", "field", "reason"), [
     ({"ordering": "lottery"}, "ordering", "Input should be"),
     ({"mode": "eager"}, "mode", "Input should be"),
+    ({"within_tenant": "lifo"}, "within_tenant", "Input should be"),
     ({"aging_per_minute": -1}, "aging_per_minute", "greater than or equal to 0"),
     ({"tenants": {"a": {"weight": 0}}}, "tenants.a.weight", "greater than 0"),
     ({"tenants": {"a": {"guarantee": {"gpus": -2}}}}, "tenants.a.guarantee.gpus", "greater than or equal"),

@@ -216,14 +216,15 @@ class Dispatcher:
                 with contextlib.suppress(redis.RedisError):
                     self._tally(report, sent, in_flight.codes())
 
-    @staticmethod
-    def _tally(report: CycleReport, batch: Sequence[Placement], codes: list[ReserveCode]) -> None:
+    def _tally(self, report: CycleReport, batch: Sequence[Placement], codes: list[ReserveCode]) -> None:
         for placement, code in zip(batch, codes, strict=True):
             if code is ReserveCode.OK:
                 report.placed += 1
                 report.placed_tasks.append(placement)
             else:
                 report.refused[code.name] += 1
+                if code is not ReserveCode.NOT_PENDING:  # the node is not as the cache had it: read it anew
+                    self._free.nodes.pop(placement.node_id, None)
 
     def _record(self, report: CycleReport) -> None:
         pool = self.settings.pool
@@ -257,6 +258,10 @@ class Dispatcher:
                         self._drain(pubsub)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                # A restarted Redis may have lost its last writes, and new ones can bring the
+                # change sequence back past what was cached: read every node afresh.
+                self._free = state.FreeCache()
+                self._node_shapes.clear()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

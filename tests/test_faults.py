@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -31,11 +32,13 @@ from kombu import Connection
 
 from broker import Client, Resources, TaskState, TaskStatus
 from broker.celery_conf import celery_settings
+from broker.dispatcher import CycleReport, Dispatcher
 from broker.errors import BrokerUnavailable
 from broker.keys import PoolKeys
 from broker.models import MILLI
+from broker.scripts import Scripts
 from broker.settings import Settings
-from tests.invariants import assert_capacity_invariant
+from tests.invariants import assert_capacity_invariant, register_node
 from tests.support import Processes, RedisServer, processes, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -352,6 +355,54 @@ def test_redis_kill_9_and_restart_keeps_every_acknowledged_submit(
         with redis.Redis.from_url(own.redis_url) as r:
             assert_capacity_invariant(r, PoolKeys(own.pool))
         assert_node_free(client, "node-a")
+
+
+def test_after_a_redis_restart_the_dispatcher_reads_every_node_again(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A restarted Redis that lost its last writes can take new ones that bring a node's change
+    sequence back to where the dispatcher's cache stood, with the node now free. Only the
+    outage tells the dispatcher its cache may be wrong; trusting it, it would wait for ever
+    for a change it believes it has already read."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    settings = Settings(redis_url=server.url, pool="restart", reap_interval_s=0.2)
+    keys = PoolKeys(settings.pool)
+    stop, gate = threading.Event(), threading.Event()
+    dispatcher = Dispatcher(settings)
+    real_cycle = dispatcher.run_cycle
+
+    def gated_cycle() -> CycleReport:  # lets the test set Redis up while the dispatcher waits
+        gate.wait()
+        return real_cycle()
+
+    dispatcher.run_cycle = gated_cycle  # type: ignore[method-assign]
+    thread = threading.Thread(target=dispatcher.run_forever, args=(stop,), daemon=True)
+    try:
+        register_node(Scripts(redis.Redis.from_url(server.url), keys), "n", cpus=1, slots=1, lease_ms=3_600_000)
+        gate.set()
+        thread.start()
+        with Client(settings=settings) as client:
+            first = client.submit("workers.tasks.probe", resources=Resources(cpus=1)).id
+            wait_state(client, first, TaskState.RESERVED, 10)  # the node is full, and the cache says so
+            seen = int(cast(float, redis.Redis.from_url(server.url).zscore(keys.changes, "n")))
+            wait_until(lambda: dispatcher._free.seen >= seen, 10, what="a cycle to read the full node")
+            gate.clear()
+            server.kill()
+            wait_until(lambda: "Redis unavailable" in caplog.text, 20, what="the dispatcher to meet the outage")
+            server.start()  # no persistence: everything was lost
+            fresh = redis.Redis.from_url(server.url)
+            fresh.zadd(keys.changes, {"other": seen - 1})  # new writes since the restart got this far
+            register_node(Scripts(fresh, keys), "n", cpus=1, slots=1, lease_ms=3_600_000)  # n is free again
+            assert int(cast(float, fresh.zscore(keys.changes, "n"))) == seen  # and scored as the cache saw it
+            second = client.submit("workers.tasks.probe", resources=Resources(cpus=1)).id
+            gate.set()
+            wait_state(client, second, TaskState.RESERVED, 10)
+    finally:
+        gate.set()
+        stop.set()
+        if thread.is_alive():
+            thread.join(10)
+        server.stop()
 
 
 # ---- 5. racing dispatchers ----------------------------------------------------------

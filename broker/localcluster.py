@@ -70,6 +70,15 @@ class Managed:
             return ""
 
 
+# util-linux's setpriv (Linux): a child started through it gets SIGTERM when the thread that
+# started it dies, so a demo or simulation killed with SIGKILL leaves no redis-server behind.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+def _dies_with_parent(argv: list[str]) -> list[str]:
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv] if _SETPRIV else argv
+
+
 class LocalCluster:
     """Starts processes with logs in ``logdir`` and stops all of them, whatever happened."""
 
@@ -85,8 +94,8 @@ class LocalCluster:
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Managed:
         log = self.logdir / f"{name}.log"
         with log.open("ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**self.env, **(env or {})}, start_new_session=True)
+            proc = subprocess.Popen(_dies_with_parent(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, start_new_session=True)
         managed = Managed(name, proc, log)
         self.procs.append(managed)
         return managed

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from broker.sim import SimResult, Simulator, simulate
 from broker.simcli import register
 from broker.simreport import metrics, plot_allocation, plot_wait_cdf, result_json, tenants
 from broker.traces import ClusterNode, TraceJob, parse_shape
-from tests.support import Processes, RedisServer, wait_until
+from tests.support import ROOT, Processes, RedisServer, wait_until
 
 ONE_NODE = [ClusterNode("n1", gpus=2, gpu_memory_mb=1000, cpus=8, memory_mb=1000, slots=4)]
 ONE_GPU = [ClusterNode("n1", gpus=1, gpu_memory_mb=1000, cpus=8, memory_mb=1000, slots=4)]
@@ -309,3 +312,30 @@ def test_the_simulator_places_like_a_live_run_on_real_workers(redis_server: Redi
     assert [s.state for s in done] == [TaskState.SUCCEEDED] * len(LIVE_JOBS), [(s.state, s.error) for s in done]
     live = [(s.reserved_at or 0.0, ids[s.id], s.node or "", tuple(s.gpus)) for s in done]
     assert waves(live) == waves([(t, j, n, g) for j, n, g, t in simulated.placements])
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv (Linux)")
+def test_a_simulation_killed_with_sigkill_leaves_no_redis_server_behind(tmp_path: Path) -> None:
+    """The private redis-server goes when the process that started it dies, however it dies."""
+    code = ("import time\nfrom broker.sim import private_redis\n"
+            "with private_redis() as url:\n    print(url, flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        server = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+        assert server.ping()
+        proc.kill()  # no finally, no cleanup: only the kernel's parent-death signal is left
+        proc.wait(10)
+
+        def gone() -> bool:
+            try:
+                server.ping()
+            except redis.ConnectionError:
+                return True
+            return False
+
+        wait_until(gone, 10, what="the private redis-server to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

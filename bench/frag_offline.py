@@ -134,14 +134,20 @@ def simulate(make: Callable[[list[NodeFree], dict[str, int]], Placing], nodes: l
     return Run(result, time.perf_counter() - start, placed, len(pods) - placed)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the ATC '23 protocol both harnesses share: seeds, pod list, inflation, trace."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds (default 10)")
-    parser.add_argument("--first-seed", type=int, default=42, help="the simulator's runs use 42..51")
-    parser.add_argument("--policies", default="", help="comma-separated (default: all available)")
+    parser.add_argument("--first-seed", type=int, default=42, help="the reported runs use 42..51")
     parser.add_argument("--pods", default="default", help="pod list variant: openb_pod_list_<this>.csv")
     parser.add_argument("--tune", type=float, default=1.3, help="arrived GPU / capacity at the end")
     parser.add_argument("--trace", type=Path, default=TRACE, help="folder of the openb CSV files")
+    return parser
+
+
+def main() -> None:
+    parser = protocol_parser(__doc__)
+    parser.add_argument("--policies", default="", help="comma-separated (default: all available)")
     args = parser.parse_args()
 
     nodes, pods = read_openb(args.trace, args.pods)

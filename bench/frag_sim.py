@@ -16,14 +16,12 @@ pod's node and GPUs to be the same.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
-from bench.frag_offline import TRACE, Placing, gpu_milli, inflate, policies, read_openb
+from bench.frag_offline import Placing, gpu_milli, inflate, policies, protocol_parser, read_openb
 from broker import traces
 from broker.policy import MILLI, NodeFree, TaskRequest, mix_key
 from broker.scheduling import Mode, Ordering, PlacementKind, SchedulingConfig
@@ -35,7 +33,7 @@ Assignment = dict[str, tuple[str, tuple[int, ...]]]  # pod id -> (node, GPUs); p
 
 @dataclasses.dataclass
 class SimRun:
-    allocated: dict[float, float]  # arrived GPU / capacity -> allocated GPU / capacity
+    allocated: dict[int, float]  # measuring point (pods submitted) -> allocated GPU / capacity
     dropped: int
     seconds: float
     assignment: Assignment
@@ -120,16 +118,11 @@ def compare(run: SimRun, off: Assignment, workload: list[TaskRequest], marks: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10, help="number of seeds (default 10)")
-    parser.add_argument("--first-seed", type=int, default=42, help="the reported runs use 42..51")
+    parser = protocol_parser(__doc__)
     parser.add_argument("--policies", default="best_fit,spread,first_fit,frag_aware", help="comma-separated")
-    parser.add_argument("--pods", default="default", help="pod list variant: openb_pod_list_<this>.csv")
-    parser.add_argument("--tune", type=float, default=1.3, help="arrived GPU / capacity at the end")
     parser.add_argument("--check", type=int, default=1, help="seeds (the first ones) compared pod by pod offline")
     parser.add_argument("--one-cycle", action="store_true",
                         help="one cycle over all pods (one placer throughout) instead of a cycle per measuring point")
-    parser.add_argument("--trace", type=Path, default=TRACE, help="folder of the openb CSV files")
     args = parser.parse_args()
 
     chosen = [p for p in args.policies.split(",") if p]

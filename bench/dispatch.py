@@ -14,7 +14,6 @@ design can reach here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import redis
 
-from broker.client import mix_key_of, request_wire
 from broker.dispatcher import Dispatcher
-from broker.keys import PoolKeys
 from broker.message import build_message, new_task_id
 from broker.models import Resources, SubmitRequest
-from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.store.keys import PoolKeys
+from broker.store.records import StoredRequest
+from broker.store.scripts import Scripts
 
 TRIVIAL = "return 1"
 # The least a placement must do: check capacity, take it, move the task, push a message.
@@ -72,17 +71,13 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 def submit_all(scripts: Scripts, n_tasks: int) -> float:
     """Submit through submit.lua with Celery-built messages, pipelined; returns seconds."""
     req = SubmitRequest(task_name="workers.tasks.probe", resources=Resources(gpus=1))
-    wire = json.dumps(request_wire(req), separators=(",", ":"))
-    script = scripts._scripts["submit"]
-    k = scripts.keys
+    stored = StoredRequest.of(req)
     t0 = time.perf_counter()
     pipe = scripts.redis.pipeline(transaction=False)
     for i in range(n_tasks):
         task_id = new_task_id()
         message = build_message(task_id, req.task_name, [], {}, 1 << 20)
-        script(keys=[k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake, k.mix],
-               args=[task_id, "", 0, scripts.clock(), wire, message, req.task_name, "default", 3,
-                     mix_key_of(req.resources)], client=pipe)
+        scripts.call("submit", *scripts.submit_call(task_id, req, message, stored), client=pipe)
         if i % 1000 == 999:
             pipe.execute()
     pipe.execute()
@@ -100,12 +95,9 @@ def finish_all_reserved(client: redis.Redis, scripts: Scripts, nodes: list[str])
     for _, task_id in held:
         pipe.hget(k.task(task_id), "tag")
     tags = pipe.execute()
-    script = scripts._scripts["finish"]
     pipe = client.pipeline(transaction=False)
     for (node, task_id), tag in zip(held, tags, strict=True):
-        script(keys=[k.task(task_id), k.node(node), k.node_tasks(node), k.pending, k.requests, k.wake, k.runtimes,
-                           k.changes],
-               args=[task_id, node, tag, "succeeded", "null", scripts.clock()], client=pipe)
+        scripts.call("finish", *scripts.finish_call(task_id, node, tag.decode(), "succeeded", "null"), client=pipe)
     pipe.execute()
     for node in nodes:
         client.delete(k.queue(node))

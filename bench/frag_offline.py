@@ -7,7 +7,7 @@ placer. Pods never finish; a pod that fits nowhere is dropped. The metric is all
 total GPU once 100 % and 130 % of capacity has arrived (the paper: FGD 95.39 %, best fit 93.08 %
 at 130 %, means of 10 seeds).
 
-The trace is read by ``broker.traces``. GPU models: each node carries the label ``gpu=<model>``;
+The trace is read by ``broker.sim.traces``. GPU models: each node carries the label ``gpu=<model>``;
 a pod whose ``gpu_spec`` names one model asks for that label, one naming several (``A|B``)
 accepts those models, preferring them in the order listed (``TaskRequest.prefer``).
 
@@ -19,7 +19,7 @@ covering 95 % of pods; here the pool's mix of GPU shapes is given and FragAware 
 side. It scores int(100 * sigmoid(-rise / 1000)) and breaks ties by node name after renaming
 nodes in a random order; emulated here, that scored lower than exact rises with best-fit ties
 (seeds 42-44: 94.95 % against 95.15 %, 130 % arrived, plain FGD measure). Its
-best fit weighs free CPU and GPU half and half; ``policy.BestFit`` looks at GPUs only, the likely
+best fit weighs free CPU and GPU half and half; ``best_fit.BestFit`` looks at GPUs only, the likely
 cause of the gap to the paper's 93.08 % (not measured).
 
     python -m bench.frag_offline [--seeds 10] [--first-seed 42] [--policies best_fit,frag_aware] [--pods default]
@@ -28,7 +28,7 @@ cause of the gap to the paper's 93.08 % (not measured).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import random
 import statistics
 import time
@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from broker import traces
-from broker.fragaware import FragAware
-from broker.policy import MILLI, BestFit, NodeFree, Placement, TaskRequest, mix_key
+from broker.models import MILLI
+from broker.scheduling.model import NodeFree, Placement, TaskRequest
+from broker.scheduling.placement import PLACERS, Mix, make_placer
+from broker.sim import traces
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "alibaba-gpu-v2023-openb" / "csv"
 
@@ -90,17 +91,9 @@ class Placing(Protocol):
     def place(self, task: TaskRequest) -> Placement | None: ...
 
 
-def policies() -> dict[str, Callable[[list[NodeFree], dict[str, int]], Placing]]:
-    """The placers to compare: through ``broker.placement.make_placer`` (the dispatcher's and the
-    simulator's path) where that module exists, else the two this module can build itself."""
-    if importlib.util.find_spec("broker.placement") is None:
-        return {"best_fit": lambda nodes, mix: BestFit(nodes), "frag_aware": FragAware}
-    from broker import placement
-
-    def made_by(kind: str) -> Callable[[list[NodeFree], dict[str, int]], Placing]:
-        return lambda nodes, mix: placement.make_placer(kind, nodes, mix)
-
-    return {kind: made_by(kind) for kind in ("best_fit", "spread", "first_fit", "frag_aware")}
+def policies() -> dict[str, Callable[[list[NodeFree], Mix], Placing]]:
+    """The placers to compare, made as the dispatcher and the simulator make them."""
+    return {kind.value: functools.partial(make_placer, kind) for kind in PLACERS}
 
 
 @dataclass
@@ -111,11 +104,11 @@ class Run:
     dropped: int
 
 
-def simulate(make: Callable[[list[NodeFree], dict[str, int]], Placing], nodes: list[NodeFree],
+def simulate(make: Callable[[list[NodeFree], Mix], Placing], nodes: list[NodeFree],
              pods: list[TaskRequest], marks: list[float]) -> Run:
     """Submit ``pods`` in order; allocation is recorded once ``marks`` (arrived GPU / capacity) are reached."""
     capacity = sum(len(n.free_milli) for n in nodes) * MILLI
-    mix = dict(Counter(mix_key(t) for t in pods))  # the submitted workload's GPU shapes, as a pool counts them
+    mix = dict(Counter(t.gpu_kind for t in pods))  # the submitted workload's GPU kinds, as a pool counts them
     start = time.perf_counter()
     placer = make(nodes, mix)
     arrived = allocated = placed = 0

@@ -22,11 +22,14 @@ from collections import Counter
 from collections.abc import Callable
 
 from bench.frag_offline import Placing, gpu_milli, inflate, policies, protocol_parser, read_openb
-from broker import traces
-from broker.policy import MILLI, NodeFree, TaskRequest, mix_key
-from broker.scheduling import Mode, Ordering, PlacementKind, SchedulingConfig
-from broker.sim import SimulationError, Simulator, private_redis
-from broker.traces import ClusterNode, TraceJob
+from broker.models import MILLI
+from broker.scheduling.config import Mode, Ordering, PlacementKind, SchedulingConfig
+from broker.scheduling.model import NodeFree, TaskRequest
+from broker.sim import traces
+from broker.sim.engine import Simulator
+from broker.sim.localcluster import private_redis
+from broker.sim.results import SimulationError
+from broker.sim.traces import ClusterNode, TraceJob
 
 Assignment = dict[str, tuple[str, tuple[int, ...]]]  # pod id -> (node, GPUs); placed pods only
 
@@ -94,7 +97,7 @@ def place_offline(placer: Placing, workload: list[TaskRequest]) -> Assignment:
 
 def offline(make_placer: Callable[[list[NodeFree], dict[str, int]], Placing], nodes: list[NodeFree],
             workload: list[TaskRequest]) -> Assignment:
-    mix = dict(Counter(mix_key(t) for t in workload))  # as frag_offline.simulate gives it
+    mix = dict(Counter(t.gpu_kind for t in workload))  # as frag_offline.simulate gives it
     return place_offline(make_placer(nodes, mix), workload)
 
 

@@ -4,7 +4,7 @@ The cluster is ``--nodes`` nodes of 8 GPUs (80 GiB each), 128 CPUs and 1 TiB of 
 an eighth of their GPUs partly used by shares; ``--pending`` tasks ask for a mix of shapes
 (whole GPUs 1-8, shares 0.1-0.9, CPU only) with random priorities and tenants, or whole GPUs
 only with ``--shapes whole``. Each figure is the best of ``--repeat`` passes of
-``Planner.plan`` (best effort, preemption off), and of ``policy.plan`` (the dispatcher's lazy
+``Planner.plan`` (best effort, preemption off), and of ``best_fit.plan`` (the dispatcher's lazy
 path, which always places best fit) for the same queue. Placements are printed with the
 seconds so that two versions of the code can be checked to propose as many.
 
@@ -20,10 +20,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sized
 
-from broker import policy
-from broker.planner import Planner
-from broker.policy import MILLI, NodeFree, Snapshot, TaskRequest, mix_key
-from broker.scheduling import SchedulingConfig
+from broker.models import MILLI
+from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.model import NodeFree, Snapshot, TaskRequest
+from broker.scheduling.ordering import queue_order
+from broker.scheduling.placement.best_fit import plan
+from broker.scheduling.planner import Planner
 
 GPU_MEM = 80 * 1024
 
@@ -76,11 +78,11 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     nodes, tasks = cluster(args.nodes, rng), pending(args.pending, args.shapes, rng)
-    mix = dict(Counter(mix_key(t) for t in tasks))
+    mix = dict(Counter(t.gpu_kind for t in tasks))
     print(f"{args.nodes} nodes x 8 GPUs, {args.pending} pending ({args.shapes} shapes), best of {args.repeat}")
-    ordered = policy.order(tasks)
-    seconds, placed = timed(lambda: policy.plan(ordered, nodes), args.repeat)
-    print(f"{'policy.plan (lazy path)':<32} {seconds:8.3f} s  {placed:6d} placed")
+    ordered = queue_order(tasks)
+    seconds, placed = timed(lambda: plan(ordered, nodes), args.repeat)
+    print(f"{'best_fit.plan (lazy path)':<32} {seconds:8.3f} s  {placed:6d} placed")
     for kind in args.kinds.split(","):
         for ordering in args.orderings.split(","):
             planner = Planner(SchedulingConfig.parse({"placement": kind, "ordering": ordering, "preemption": False}))

@@ -2,148 +2,29 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
-import redis
 from celery import Celery
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoPermissionError
-from redis.retry import Retry
 
-from broker import state
 from broker.celery_conf import monitor_app
-from broker.errors import (
-    AccessDenied,
-    AuthenticationFailed,
-    BrokerUnavailable,
-    TaskNotFound,
-    Unsatisfiable,
-    WaitTimeout,
-)
-from broker.keys import PoolKeys
+from broker.errors import AccessDenied, TaskNotFound, Unsatisfiable, WaitTimeout
 from broker.message import build_message, new_task_id
-from broker.models import (
-    NodeView,
-    QueueEntry,
-    Resources,
-    SubmitRequest,
-    TaskState,
-    TaskStatus,
-    selector_matches,
-)
-from broker.policy import gpu_shape_key
-from broker.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
+from broker.models import NodeView, QueueEntry, Resources, SubmitRequest, TaskState, TaskStatus, shortfall
 from broker.settings import Settings
+from broker.store import reads, records
+from broker.store.connection import connect, unavailable_as_error
+from broker.store.keys import PoolKeys
+from broker.store.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 PENDING_QUEUE_LABEL = "gpubroker:pending"
-
-
-class _Retry(Retry):
-    """Retries a lost connection briefly, but never refused credentials (AuthenticationError
-    is a ConnectionError to redis-py): no retry can fix a wrong password."""
-
-    def call_with_retry(self, do: Callable[[], R], fail: Callable[..., Any], *args: Any, **kwargs: Any) -> R:
-        def fail_fast(error: Exception, *count: int) -> None:
-            fail(error, *count)  # redis-py's own clean-up (disconnect) first
-            if isinstance(error, redis.AuthenticationError):
-                raise error
-
-        return super().call_with_retry(do, fail_fast, *args, **kwargs)
-
-
-def connect(settings: Settings) -> redis.Redis:
-    """A Redis client that retries briefly with backoff, then fails instead of hanging.
-
-    Credentials and TLS come from the URL: ``redis://USER:PASSWORD@HOST:PORT/DB`` (an ACL
-    user, see config/redis-acl.conf), ``redis://:PASSWORD@...`` (requirepass), and
-    ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` for TLS."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
-        health_check_interval=10,
-        retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
-
-
-def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except redis.AuthenticationError as exc:  # a ConnectionError too: test it first
-            raise AuthenticationFailed(
-                f"Redis refused the credentials in the Redis URL ({exc}); give them as "
-                "redis://USER:PASSWORD@HOST:PORT/DB; nothing was changed") from exc
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailable(
-                f"Redis is unreachable ({exc}); nothing was changed, unless the connection dropped after Redis "
-                "received the call: retrying is safe (a submit retried with the same idempotency_key is not "
-                "duplicated)") from exc
-        except NoPermissionError as exc:
-            raise AccessDenied(f"the Redis user in the Redis URL may not do this ({exc}); see "
-                               "config/redis-acl.conf for what each role may do") from exc
-    return wrapper
-
-
-def request_wire(req: SubmitRequest) -> dict[str, Any]:
-    """The compact request stored for the dispatcher and reserve.lua (keys are short on purpose).
-
-    Requests of the same shape serialise to the same text, which the dispatcher and
-    reserve.lua decode once per cycle/batch."""
-    r = req.resources
-    return {"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
-            "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
-            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible}
-
-
-def mix_key_of(resources: Resources) -> str:
-    """``policy.mix_key`` of a request: its GPU shape."""
-    return gpu_shape_key(resources.whole_gpus, resources.gpu_milli)
-
-
-def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:
-    """Why no registered node could ever run ``resources``; empty if one could."""
-    matching = [n for n in nodes if selector_matches(resources.labels, n.labels)]
-    if not matching:
-        return {"resources.labels": f"no registered node has labels {resources.labels}"}
-
-    def gpus_ok(n: NodeView) -> bool:
-        if resources.gpus == 0:
-            return True
-        if resources.whole_gpus:
-            return len(n.gpus) >= resources.whole_gpus and n.gpu_memory_mb >= (resources.gpu_memory_mb or 0)
-        return len(n.gpus) >= 1
-
-    def gpu_memory_ok(n: NodeView) -> bool:
-        return resources.gpu_memory_mb is None or n.gpu_memory_mb >= resources.gpu_memory_mb
-
-    checks: dict[str, tuple[Callable[[NodeView], bool], str]] = {
-        "resources.gpus": (gpus_ok, f"asks {resources.gpus:g} GPUs on one node; the largest node has "
-                           f"{max(len(n.gpus) for n in matching)}"),
-        "resources.gpu_memory_mb": (gpu_memory_ok, f"asks {resources.gpu_memory_mb} MiB per GPU; the largest "
-                                    f"GPU has {max(n.gpu_memory_mb for n in matching)} MiB"),
-        "resources.cpus": (lambda n: n.cpus >= resources.cpus,
-                           f"asks {resources.cpus:g} CPUs; the largest node has {max(n.cpus for n in matching):g}"),
-        "resources.memory_mb": (lambda n: n.memory_mb >= resources.memory_mb,
-                                f"asks {resources.memory_mb} MiB RAM; the largest node has "
-                                f"{max(n.memory_mb for n in matching)} MiB"),
-    }
-    if any(all(ok(n) for ok, _ in checks.values()) for n in matching):
-        return {}
-    short = {field: why for field, (ok, why) in checks.items() if not any(ok(n) for n in matching)}
-    return short or {"resources": "no single registered node has all of these resources together"}
 
 
 class TaskHandle:
@@ -204,9 +85,7 @@ class Client:
         self._check_satisfiable(req.resources)
         task_id = new_task_id()
         message = build_message(task_id, req.task_name, req.args, req.kwargs, self.settings.max_payload_bytes)
-        code, existing = self.scripts.submit(
-            task_id, req.idempotency_key, req.priority, json.dumps(request_wire(req), separators=(",", ":")),
-            message, req.task_name, req.tenant, req.max_retries, mix_key_of(req.resources))
+        code, existing = self.scripts.submit(task_id, req, message)
         if code is SubmitCode.DUPLICATE:
             return TaskHandle(self, existing, created=existing == task_id)
         # The id is a fresh uuid4: only this call can have taken it, when the reply to the
@@ -263,24 +142,8 @@ class Client:
         h = cast(dict[bytes, bytes], self.redis.hgetall(self.keys.task(task_id)))
         if not h:
             raise TaskNotFound(task_id)
-        t = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
-        wire = json.loads(t["req"])
-
-        def seconds(field: str) -> float | None:
-            return int(t[field]) / 1000 if t.get(field) else None
-
-        why = state.waiting_info(self.redis, self.keys, [task_id])[0] if t["state"] == TaskState.PENDING else None
-        return TaskStatus(
-            id=task_id, name=t["name"], state=TaskState(t["state"]), tenant=t["tenant"],
-            priority=int(t["priority"]), resources=state.resources_from_wire(wire),
-            node=t.get("node") or None, gpus=[int(g) for g in t["gpus"].split(",")] if t.get("gpus") else [],
-            attempts=int(t.get("attempts", 0)), result=json.loads(t["result"]) if "result" in t else None,
-            error=t.get("error"), submitted_at=seconds("submitted_at") or 0.0,
-            reserved_at=seconds("reserved_at"), started_at=seconds("started_at"), finished_at=seconds("finished_at"),
-            preemptible=wire.get("x"), preemptions=int(t.get("preemptions", 0)),
-            position=why["position"] if why else None, reason=why["reason"] if why else None,
-            estimated_start_at=why["eta"] if why else None,
-        )
+        why = reads.waiting_info(self.redis, self.keys, [task_id])[0] if h[b"state"] == b"PENDING" else None
+        return records.task_status(task_id, h, why)
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskStatus:
         """Block until the task is SUCCEEDED, FAILED or CANCELLED and return its status."""
@@ -299,13 +162,13 @@ class Client:
     @unavailable_as_error
     def nodes(self) -> list[NodeView]:
         """Every registered node with its capacity and what is free, per GPU."""
-        return state.read_nodes(self.redis, self.keys)
+        return reads.read_nodes(self.redis, self.keys)
 
     @unavailable_as_error
     def queue(self, limit: int = 10_000) -> list[QueueEntry]:
         """Pending tasks in dispatch order, with their position (1 = next), and, as of the
         dispatcher's last full pass, why each waits and when it is estimated to start."""
-        return state.queue_entries(self.redis, self.keys, limit)
+        return reads.queue_entries(self.redis, self.keys, limit)
 
     def close(self) -> None:
         with self._events_lock:

@@ -2,7 +2,7 @@
 
     1 reap      reclaim nodes whose lease expired (reap.lua)
     2 snapshot  read free capacity per GPU and the head of the pending queue
-    3 plan      pure-Python policy proposes placements (broker.policy, broker.planner)
+    3 plan      pure-Python policy proposes placements (broker.scheduling)
     4 commit    reserve.lua re-checks and commits them in batches; preempt.lua marks
                 victims the plan chose
     5 record    log and export what the cycle did, publish each waiting task's reason
@@ -11,11 +11,11 @@ Phases 3 and 4 interleave batch by batch: while Redis runs one reserve.lua batch
 the dispatcher plans the next, so Redis and Python each keep a core busy. Each
 phase's time is the sum over its turns.
 
-Two planners: the spine's lazy best-fit (``policy.propose``) runs when the pool's
-scheduling is plain priority order, skip-ahead and best fit, since it reads the
+Two planners: the spine's lazy best-fit (``placement.best_fit.propose``) runs when the
+pool's scheduling is the spine (priority order, skip-ahead, best fit), since it reads the
 queue only as far as it gets; every other configuration, and a full pass at most
 every ``explain_interval_s`` after the lazy one when tasks are left waiting, runs
-``planner.Planner`` over the whole window with the running tasks (for backfill,
+``scheduling.planner.Planner`` over the whole window with the running tasks (for backfill,
 preemption, fair share, and the reasons and estimated starts the queue view shows).
 
 Several dispatchers may run on one pool: correctness comes from reserve.lua,
@@ -40,14 +40,15 @@ import redis
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from broker import policy, state
-from broker.client import connect
-from broker.keys import PoolKeys
-from broker.planner import Planner
-from broker.policy import Placement, Plan
-from broker.scheduling import Mode, Ordering, PlacementKind
-from broker.scripts import Clock, PreemptCode, ReserveCode, Scripts, wall_clock_ms
+from broker.scheduling.model import Placement, Plan
+from broker.scheduling.ordering import queue_order
+from broker.scheduling.placement.best_fit import propose
+from broker.scheduling.planner import Planner
 from broker.settings import Settings
+from broker.store import reads
+from broker.store.connection import connect
+from broker.store.keys import PoolKeys
+from broker.store.scripts import Clock, PreemptCode, ReserveCode, Scripts, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,20 @@ class _Timer:
 
 class Dispatcher:
     def __init__(self, settings: Settings, clock: Clock = wall_clock_ms,
-                 client: redis.Redis | None = None, stopper: Stopper | None = None) -> None:
+                 client: redis.Redis | None = None, stopper: Stopper | None = None, explain: bool = True) -> None:
+        """``explain=False``: full passes decide but do not word why tasks wait (nobody reads the
+        queue view, as in the simulator); the lazy planner's occasional pass keeps it."""
         self.settings = settings
         self.keys = PoolKeys(settings.pool)
         self.redis = client or connect(settings)
         self.scripts = Scripts(self.redis, self.keys, clock)
         self.clock = clock
         self.stopper = stopper
-        self.planner = Planner(settings.scheduling)
         s = settings.scheduling
-        self.lazy = (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0 and s.mode is Mode.BEST_EFFORT
-                     and s.placement is PlacementKind.BEST_FIT)
-        self._node_shapes: dict[str, state.NodeShape] = {}  # read_free's memory of what nodes registered with
-        self._free = state.FreeCache()  # and of what was free on each, until a script changes it
+        self.lazy = s.is_spine
+        self.planner = Planner(s if explain or self.lazy else s.model_copy(update={"explain_limit": 0}))
+        self._node_shapes: reads.Shapes = {}  # read_free's memory of what nodes registered with
+        self._free = reads.FreeCache()  # and of what was free on each, until a script changes it
         self._last_full_ms: int | None = None
         self._published = False
 
@@ -122,12 +124,12 @@ class Dispatcher:
         full = not self.lazy
         if self.lazy:
             with _Timer(report, "2_snapshot"):
-                nodes = state.read_free(self.redis, self.keys, self.clock(), self._node_shapes, self._free)
-                head = state.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
+                nodes = reads.read_free(self.redis, self.keys, self.clock(), self._node_shapes, self._free)
+                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
                                          first=sum(n.free_slots for n in nodes))
             report.nodes_seen = len(nodes)
-            tasks = (task for chunk in head.chunks() for task in policy.order(chunk))
-            self._plan_and_commit(report, policy.propose(tasks, nodes))
+            tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
+            self._plan_and_commit(report, propose(tasks, nodes))
             report.pending_seen, report.window_full = head.read, head.window_full
             # Tasks left waiting: now and then, a full pass for preemption and the queue view.
             left = head.read > report.placed or report.window_full
@@ -152,7 +154,7 @@ class Dispatcher:
         self._last_full_ms = now = self.clock()
         window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
         with _Timer(report, "2_snapshot"):
-            snap, preempting = state.read_snapshot(self.redis, self.keys, now, window,
+            snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window,
                                                    sched.preemptible_default, self._node_shapes, self._free)
             # Preemptors no longer pending (placed, cancelled) wait for nothing.
             waiting = {t.id for t in snap.pending}
@@ -260,7 +262,7 @@ class Dispatcher:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 # A restarted Redis may have lost its last writes, and new ones can bring the
                 # change sequence back past what was cached: read every node afresh.
-                self._free = state.FreeCache()
+                self._free = reads.FreeCache()
                 self._node_shapes.clear()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

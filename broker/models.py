@@ -1,4 +1,8 @@
-"""What users submit and what they read back, validated before anything touches Redis."""
+"""What users submit and what they read back, validated before anything touches Redis.
+
+Also the rules every layer shares: names (pools, tenants, labels), priorities, the unit of a
+GPU share (``MILLI``), the one label matcher, and the check that some node could ever run a
+request (``shortfall``)."""
 
 from __future__ import annotations
 
@@ -6,15 +10,20 @@ import enum
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from broker.errors import InvalidRequest
-from broker.keys import MAX_PRIORITY, NAME_PATTERN, NAME_RULE
 
-MILLI = 1000
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+NAME_RULE = "1-64 characters from letters, digits, '_', '.' and '-'"
+# A task's pending score packs priority above its submit sequence number (store.keys.SEQ_BITS);
+# both must stay inside a double's 53-bit mantissa for ZRANGE to keep exact order.
+MAX_PRIORITY = 1_000_000
+MILLI = 1000  # a GPU share and CPUs are counted in thousandths
 TASK_NAME_MAX = 200
 IDEMPOTENCY_KEY_MAX = 256
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z", re.ASCII)
@@ -68,9 +77,27 @@ def _check_selector(labels: dict[str, str | list[str]]) -> dict[str, str | list[
     return labels
 
 
-def selector_matches(selector: dict[str, str | list[str]], labels: dict[str, str]) -> bool:
+Exact = tuple[tuple[str, str], ...]  # label -> the one value a task needs, sorted by label
+Prefer = tuple[tuple[str, tuple[str, ...]], ...]  # label -> values it accepts, most preferred first
+
+
+def split_selector(selector: Mapping[str, str | Sequence[str]]) -> tuple[Exact, Prefer]:
+    """A label selector as (exact values, preference lists), each sorted by label."""
+    exact = tuple(sorted((k, v) for k, v in selector.items() if isinstance(v, str)))
+    prefer = tuple(sorted((k, tuple(v)) for k, v in selector.items() if not isinstance(v, str)))
+    return exact, prefer
+
+
+def labels_fit(labels: Mapping[str, str], exact: Iterable[tuple[str, str]],
+               prefer: Iterable[tuple[str, Sequence[str]]] = ()) -> bool:
+    """The one label matcher: a node with ``labels`` has each ``exact`` value and one value of
+    each ``prefer`` list."""
+    return all(labels.get(k) == v for k, v in exact) and all(labels.get(k) in values for k, values in prefer)
+
+
+def selector_matches(selector: Mapping[str, str | Sequence[str]], labels: Mapping[str, str]) -> bool:
     """Whether a node with ``labels`` meets a task's label ``selector``."""
-    return all(labels.get(k) == v if isinstance(v, str) else labels.get(k) in v for k, v in selector.items())
+    return labels_fit(labels, *split_selector(selector))
 
 
 def _whole_milli(value: float, what: str) -> int:
@@ -322,3 +349,36 @@ class QueueEntry(BaseModel):
     estimated_runtime_s: float | None = None
     reason: str | None = None  # why it is not running yet, as of the dispatcher's last pass
     estimated_start_at: float | None = None  # from running tasks' estimated ends; None if unknown
+
+
+def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:
+    """Why no registered node could ever run ``resources``; empty if one could."""
+    matching = [n for n in nodes if selector_matches(resources.labels, n.labels)]
+    if not matching:
+        return {"resources.labels": f"no registered node has labels {resources.labels}"}
+
+    def gpus_ok(n: NodeView) -> bool:
+        if resources.gpus == 0:
+            return True
+        if resources.whole_gpus:
+            return len(n.gpus) >= resources.whole_gpus and n.gpu_memory_mb >= (resources.gpu_memory_mb or 0)
+        return len(n.gpus) >= 1
+
+    def gpu_memory_ok(n: NodeView) -> bool:
+        return resources.gpu_memory_mb is None or n.gpu_memory_mb >= resources.gpu_memory_mb
+
+    checks: dict[str, tuple[Callable[[NodeView], bool], str]] = {
+        "resources.gpus": (gpus_ok, f"asks {resources.gpus:g} GPUs on one node; the largest node has "
+                           f"{max(len(n.gpus) for n in matching)}"),
+        "resources.gpu_memory_mb": (gpu_memory_ok, f"asks {resources.gpu_memory_mb} MiB per GPU; the largest "
+                                    f"GPU has {max(n.gpu_memory_mb for n in matching)} MiB"),
+        "resources.cpus": (lambda n: n.cpus >= resources.cpus,
+                           f"asks {resources.cpus:g} CPUs; the largest node has {max(n.cpus for n in matching):g}"),
+        "resources.memory_mb": (lambda n: n.memory_mb >= resources.memory_mb,
+                                f"asks {resources.memory_mb} MiB RAM; the largest node has "
+                                f"{max(n.memory_mb for n in matching)} MiB"),
+    }
+    if any(all(ok(n) for ok, _ in checks.values()) for n in matching):
+        return {}
+    short = {field: why for field, (ok, why) in checks.items() if not any(ok(n) for n in matching)}
+    return short or {"resources": "no single registered node has all of these resources together"}

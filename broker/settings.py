@@ -7,8 +7,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker.keys import NAME_PATTERN, NAME_RULE
-from broker.scheduling import SchedulingConfig
+from broker.models import NAME_PATTERN, NAME_RULE
+from broker.scheduling.config import SchedulingConfig
 
 
 class Settings(BaseSettings):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker.keys import PoolKeys
-from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.store.keys import PoolKeys
+from broker.store.scripts import Scripts
 from tests.support import Processes, RedisServer
 
 

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 
 import redis
 
-from broker.client import mix_key_of, request_wire
-from broker.keys import PoolKeys
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, Resources, SubmitRequest
-from broker.policy import Placement
-from broker.scripts import RegisterCode, ReserveCode, Scripts, StartCode, SubmitCode
+from broker.scheduling.model import Placement
+from broker.store.keys import PoolKeys
+from broker.store.records import StoredRequest
+from broker.store.scripts import RegisterCode, ReserveCode, Scripts, StartCode, SubmitCode
 
 PROBE = "workers.tasks.probe"
 MAX_PAYLOAD = 1 << 20
@@ -111,18 +111,16 @@ def register_node(scripts: Scripts, node_id: str, *, gpus: int = 0, gpu_mem: int
 
 def submission(task_id: str, *, resources: Resources = DEFAULT_RESOURCES, priority: int = 0,
                tenant: str = "default", idempotency_key: str | None = None,
-               max_retries: int = 3) -> tuple[SubmitRequest, str, str]:
-    """What Client.submit hands to submit.lua: the validated request, its wire JSON, the Celery message."""
+               max_retries: int = 3) -> tuple[SubmitRequest, StoredRequest, str]:
+    """What Client.submit hands to submit.lua: the validated request, what is stored of it, the Celery message."""
     req = SubmitRequest(task_name=PROBE, resources=resources, priority=priority, tenant=tenant,
                         idempotency_key=idempotency_key, max_retries=max_retries)
-    wire = json.dumps(request_wire(req), separators=(",", ":"))
-    return req, wire, build_message(task_id, PROBE, [], {}, MAX_PAYLOAD)
+    return req, StoredRequest.of(req), build_message(task_id, PROBE, [], {}, MAX_PAYLOAD)
 
 
 def submit_raw(scripts: Scripts, task_id: str, **options: Any) -> tuple[SubmitCode, str]:
-    req, wire, message = submission(task_id, **options)
-    return scripts.submit(task_id, req.idempotency_key, req.priority, wire, message, req.task_name, req.tenant,
-                          req.max_retries, mix_key_of(req.resources))
+    req, stored, message = submission(task_id, **options)
+    return scripts.submit(task_id, req, message, stored)
 
 
 def submit_task(scripts: Scripts, *, task_id: str | None = None, **options: Any) -> str:

@@ -6,8 +6,8 @@ import pytest
 import redis
 
 from broker import BrokerUnavailable, Client, InvalidRequest, Resources, TaskNotFound, TaskState, Unsatisfiable
-from broker.scripts import Scripts, wall_clock_ms
 from broker.settings import Settings
+from broker.store.scripts import Scripts, wall_clock_ms
 from tests.conftest import Clock
 from tests.support import free_port
 

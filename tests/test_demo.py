@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.demo import NODES, SHAPES, summarize, workload
+from broker.cli.demo import NODES, SHAPES, summarize, workload
 from broker.models import Resources, TaskState, TaskStatus
 from tests.support import GPUBROKER, ROOT
 

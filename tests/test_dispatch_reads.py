@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import redis
 
-from broker import state
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.policy import Placement
-from broker.scripts import ReserveCode, Scripts
+from broker.scheduling.model import Placement
+from broker.store import reads
+from broker.store.keys import PoolKeys
+from broker.store.scripts import ReserveCode, Scripts
 from tests.conftest import Clock
 from tests.invariants import assert_capacity_invariant, pending_ids, register_node, submit_task
 
@@ -21,7 +21,7 @@ def test_prepared_batch_is_encoded_as_redis_py_would(scripts: Scripts, redis_cli
     keys, args = scripts._reserve_call(placements, scripts.clock())
     conn = redis_client.connection_pool.get_connection()
     try:
-        packed = b"".join(conn.pack_command("EVALSHA", scripts._scripts["reserve"].sha, len(keys), *keys, *args))
+        packed = b"".join(conn.pack_command("EVALSHA", scripts.sha("reserve"), len(keys), *keys, *args))
     finally:
         redis_client.connection_pool.release(conn)
     assert prepared.command == packed
@@ -41,10 +41,10 @@ def test_prepared_batch_commits_even_after_a_script_flush(scripts: Scripts, redi
 
 def test_read_free_remembering_node_shapes_reads_what_a_full_read_does(scripts: Scripts, redis_client: redis.Redis,
                                                                        keys: PoolKeys, clock: Clock) -> None:
-    shapes: dict[str, state.NodeShape] = {}
+    shapes: reads.Shapes = {}
 
     def assert_same() -> None:
-        assert state.read_free(redis_client, keys, clock(), shapes) == state.read_free(redis_client, keys, clock())
+        assert reads.read_free(redis_client, keys, clock(), shapes) == reads.read_free(redis_client, keys, clock())
 
     register_node(scripts, "a", gpus=2, gpu_mem=1000, labels={"zone": "x"})
     register_node(scripts, "b", gpus=1, gpu_mem=500)
@@ -63,7 +63,7 @@ def test_pending_head_reads_what_free_slots_can_use_and_goes_on_after_the_last_t
     register_node(scripts, "n1", gpus=8, gpu_mem=1000, slots=8)
     tasks = [submit_task(scripts, resources=Resources(gpus=1), priority=p) for p in (0, 0, 0, 0, 0, 0, 5)]
     in_order = [tasks[6], *tasks[:6]]  # higher priority first, then submit order
-    head = state.PendingHead(redis_client, keys, limit=6, first=2)
+    head = reads.PendingHead(redis_client, keys, limit=6, first=2)
     assert head.read == 2 and not head.window_full
     chunks = head.chunks()
     first = next(chunks)
@@ -81,10 +81,10 @@ def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
     each transition it must agree with a full read."""
     from tests.invariants import place
 
-    cache, shapes = state.FreeCache(), {}
+    cache, shapes = reads.FreeCache(), {}
 
     def assert_same() -> None:
-        assert state.read_free(redis_client, keys, clock(), shapes, cache) == state.read_free(redis_client, keys,
+        assert reads.read_free(redis_client, keys, clock(), shapes, cache) == reads.read_free(redis_client, keys,
                                                                                              clock())
 
     register_node(scripts, "a", gpus=2, gpu_mem=1000)
@@ -113,30 +113,30 @@ def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
     assert_same()
     register_node(scripts, "b", gpus=1, gpu_mem=500, cpus=4, incarnation="inc-3")
     assert_same()
-    reads = cache.seen
+    seen = cache.seen
     assert_same()
-    assert cache.seen == reads  # nothing changed: nothing re-read
+    assert cache.seen == seen  # nothing changed: nothing re-read
 
 
 def test_read_free_cache_starts_afresh_when_redis_lost_its_data(scripts: Scripts, redis_client: redis.Redis,
                                                                  keys: PoolKeys, clock: Clock) -> None:
-    cache = state.FreeCache()
+    cache = reads.FreeCache()
     for node in ("a", "b", "c"):
         register_node(scripts, node, gpus=1, gpu_mem=500)
-    assert [n.id for n in state.read_free(redis_client, keys, clock(), None, cache)] == ["a", "b", "c"]
+    assert [n.id for n in reads.read_free(redis_client, keys, clock(), None, cache)] == ["a", "b", "c"]
     redis_client.flushall()  # the change sequence restarts below what the cache saw
     register_node(scripts, "d", gpus=2, gpu_mem=500)
-    assert [n.id for n in state.read_free(redis_client, keys, clock(), None, cache)] == ["d"]
-    assert state.read_free(redis_client, keys, clock(), None, cache) == state.read_free(redis_client, keys, clock())
+    assert [n.id for n in reads.read_free(redis_client, keys, clock(), None, cache)] == ["d"]
+    assert reads.read_free(redis_client, keys, clock(), None, cache) == reads.read_free(redis_client, keys, clock())
 
 
 def test_planning_never_changes_the_nodes_it_was_given() -> None:
     """read_free's cache hands the same NodeFree objects to every cycle: no planner may change them."""
     import copy
 
-    from broker.planner import Planner
-    from broker.policy import NodeFree, RunningTask, Snapshot, TaskRequest
-    from broker.scheduling import SchedulingConfig
+    from broker.scheduling.config import SchedulingConfig
+    from broker.scheduling.model import NodeFree, RunningTask, Snapshot, TaskRequest
+    from broker.scheduling.planner import Planner
 
     nodes = [NodeFree(f"n{i}", 1000, [1000, 500, 0], [1000, 500, 0], 4000, 4000, 3, {}, 8000, 8000, 4)
              for i in range(3)]
@@ -150,5 +150,5 @@ def test_planning_never_changes_the_nodes_it_was_given() -> None:
         for mode in ("best_effort", "backfill", "strict"):
             for placement in ("best_fit", "spread", "first_fit", "frag_aware"):
                 config = SchedulingConfig.parse({"ordering": ordering, "mode": mode, "placement": placement})
-                Planner(config).plan(Snapshot(100.0, nodes, list(pending), list(running), mix={"1,0": 3}))
+                Planner(config).plan(Snapshot(100.0, nodes, list(pending), list(running), mix={(1, 0): 3}))
                 assert nodes == before, (ordering, mode, placement)

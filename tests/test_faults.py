@@ -34,10 +34,10 @@ from broker import Client, Resources, TaskState, TaskStatus
 from broker.celery_conf import celery_settings
 from broker.dispatcher import CycleReport, Dispatcher
 from broker.errors import BrokerUnavailable
-from broker.keys import PoolKeys
 from broker.models import MILLI
-from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.store.keys import PoolKeys
+from broker.store.scripts import Scripts
 from tests.invariants import assert_capacity_invariant, register_node
 from tests.support import Processes, RedisServer, processes, wait_until
 

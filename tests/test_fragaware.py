@@ -7,8 +7,10 @@ import random
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.fragaware import FragAware
-from broker.policy import BestFit, NodeFree, Placement, TaskRequest
+from broker.scheduling.model import NodeFree, Placement, TaskRequest
+from broker.scheduling.placement.best_fit import BestFit
+from broker.scheduling.placement.frag_aware import FragAware
+from broker.store.records import decode_mix
 
 GiB = 1024
 
@@ -41,32 +43,32 @@ PLACEMENT_TABLE = [
         id="fractional shares fill GPUs; the share that fits nowhere waits"),
     pytest.param(
         # Mostly 0.5 shares expected: 600 left would strand 100, 700 left leaves a usable 500.
-        [node("a", 1, used={0: 400}), node("b", 1, used={0: 300})], {"0,500": 9, "0,200": 1}, [task("t", 0.2)],
+        [node("a", 1, used={0: 400}), node("b", 1, used={0: 300})], {(0, 500): 9, (0, 200): 1}, [task("t", 0.2)],
         [Placement("t", "b", (0,))], id="a share goes where it leaves a usable remainder, unlike best fit"),
     pytest.param(
-        [node("fresh", 8), node("busy", 8, used={0: 300})], {"8,0": 5, "1,0": 5}, [task("t", 1)],
+        [node("fresh", 8), node("busy", 8, used={0: 300})], {(8, 0): 5, (1, 0): 5}, [task("t", 1)],
         [Placement("t", "busy", (1,))], id="a whole GPU does not break a fresh node that 8-GPU tasks need"),
     pytest.param(
-        [node("fresh", 4), node("busy", 4, used={0: 300, 1: 500})], {"1,0": 1, "0,500": 1}, [task("t", 0.5)],
+        [node("fresh", 4), node("busy", 4, used={0: 300, 1: 500})], {(1, 0): 1, (0, 500): 1}, [task("t", 0.5)],
         [Placement("t", "busy", (1,))], id="a share goes to a partly used GPU, keeping whole GPUs whole"),
     pytest.param(
-        [node("n", 4, used={1: 200, 3: 100})], {"2,0": 1}, [task("t", 2)],
+        [node("n", 4, used={1: 200, 3: 100})], {(2, 0): 1}, [task("t", 2)],
         [Placement("t", "n", (0, 2))], id="whole GPUs are the ones nobody partly uses"),
     pytest.param(
-        [node("n", 2, used={0: 100, 1: 100})], {"1,0": 1}, [task("t", 1)], [None],
+        [node("n", 2, used={0: 100, 1: 100})], {(1, 0): 1}, [task("t", 1)], [None],
         id="no wholly free GPU: a whole-GPU task waits"),
     pytest.param(
-        [node("a", 2, A100="x"), node("b", 2, gpu="H100"), node("c", 1, gpu="A100")], {"1,0": 1},
+        [node("a", 2, A100="x"), node("b", 2, gpu="H100"), node("c", 1, gpu="A100")], {(1, 0): 1},
         [task("t", 1, gpu="A100")], [Placement("t", "c", (0,))], id="labels must match"),
     pytest.param(
-        [node("a", 1, gpu="A100"), node("h", 2, used={0: 500}, gpu="H100")], {"0,500": 1},
+        [node("a", 1, gpu="A100"), node("h", 2, used={0: 500}, gpu="H100")], {(0, 500): 1},
         [task("t", 0.5, prefer={"gpu": ("A100", "H100")})], [Placement("t", "a", (0,))],
         id="prefer lists win before fragmentation"),
     pytest.param(
-        [node("a", 1, gpu="T4")], {"1,0": 1}, [task("t", 1, prefer={"gpu": ("A100", "H100")})], [None],
+        [node("a", 1, gpu="T4")], {(1, 0): 1}, [task("t", 1, prefer={"gpu": ("A100", "H100")})], [None],
         id="a node outside every prefer list is not used"),
     pytest.param(
-        [node("small", 2, cpus=2), node("big", 2, cpus=4)], {"1,0": 1}, [task("t", 1, cpus=3)],
+        [node("small", 2, cpus=2), node("big", 2, cpus=4)], {(1, 0): 1}, [task("t", 1, cpus=3)],
         [Placement("t", "big", (0,))], id="CPU is checked as well as GPUs"),
 ]
 
@@ -80,7 +82,7 @@ def test_placement(nodes: list[NodeFree], mix: dict[str, int], tasks: list[TaskR
 def test_host_shortage_strands_gpus() -> None:
     """A task goes where it leaves enough CPU for the next GPU task like those seen; best fit does not look."""
     nodes = [node("tight", 2, cpus=20), node("roomy", 2, cpus=30)]
-    fgd = FragAware(nodes, {"1,0": 4})
+    fgd = FragAware(nodes, {(1, 0): 4})
     assert fgd.choose(task("seen", 1, cpus=10)) is not None  # not taken: teaches what 1-GPU tasks ask of a host
     # On "tight" 8 CPUs would be left: its other GPU could take no such task.
     assert fgd.place(task("t", 1, cpus=12)) == Placement("t", "roomy", (0,))
@@ -89,7 +91,7 @@ def test_host_shortage_strands_gpus() -> None:
 
 def test_cpu_task_keeps_cpu_beside_free_gpus() -> None:
     nodes = [node("tight", 2, cpus=20), node("roomy", 2, cpus=40)]
-    fgd = FragAware(nodes, {"1,0": 4})
+    fgd = FragAware(nodes, {(1, 0): 4})
     fgd.choose(task("seen", 1, cpus=10))
     assert fgd.place(task("c", cpus=15)) == Placement("c", "roomy")
     assert BestFit(nodes).place(task("c", cpus=15)) == Placement("c", "tight")
@@ -98,7 +100,7 @@ def test_cpu_task_keeps_cpu_beside_free_gpus() -> None:
 def test_share_remainder_differs_from_best_fit() -> None:
     nodes = [node("a", 1, used={0: 400}), node("b", 1, used={0: 300})]
     assert BestFit(nodes).place(task("t", 0.2)) == Placement("t", "a", (0,))
-    assert FragAware(nodes, {"0,500": 9, "0,200": 1}).place(task("t", 0.2)) == Placement("t", "b", (0,))
+    assert FragAware(nodes, {(0, 500): 9, (0, 200): 1}).place(task("t", 0.2)) == Placement("t", "b", (0,))
 
 
 def test_empty_mix_falls_back_to_the_tasks_seen() -> None:
@@ -109,7 +111,7 @@ def test_empty_mix_falls_back_to_the_tasks_seen() -> None:
 
 
 def test_choose_does_not_take_and_take_applies() -> None:
-    placer = FragAware([node("n", 1)], {"0,500": 1})
+    placer = FragAware([node("n", 1)], {(0, 500): 1})
     first = placer.choose(task("a", 0.5))
     assert first == Placement("a", "n", (0,))
     assert placer.nodes["n"].free_milli == [1000]
@@ -121,7 +123,7 @@ def test_choose_does_not_take_and_take_applies() -> None:
 
 def test_views_judge_nodes_less_what_is_held() -> None:
     nodes = [node("a", 1), node("b", 1, used={0: 400})]
-    placer = FragAware(nodes, {"0,600": 1})
+    placer = FragAware(nodes, {(0, 600): 1})
     assert placer.choose(task("t", 0.6)) == Placement("t", "b", (0,))
     held = nodes[1].copy()
     held.free_milli[0], held.free_mem[0] = 0, 0  # b's GPU is held for a backfilled task
@@ -130,7 +132,7 @@ def test_views_judge_nodes_less_what_is_held() -> None:
 
 
 def test_identical_nodes_break_ties_in_order() -> None:
-    placer = FragAware([node(f"n{i}", 2) for i in range(4)], {"1,0": 1})
+    placer = FragAware([node(f"n{i}", 2) for i in range(4)], {(1, 0): 1})
     assert [p.node_id for p in place_all(placer, [task(str(i), 1) for i in range(8)]) if p] == \
         ["n0", "n0", "n1", "n1", "n2", "n2", "n3", "n3"]
 
@@ -142,8 +144,9 @@ def test_identical_nodes_break_ties_in_order() -> None:
     ({"1,0": -1}, "integer >= 0"),
 ])
 def test_bad_mix_is_refused(mix: dict[str, int], field_text: str) -> None:
+    """The stored request mix is decoded before frag_aware sees it; a bad entry names the field."""
     with pytest.raises(InvalidRequest) as info:
-        FragAware([node("n", 1)], mix)
+        decode_mix(mix)
     assert info.value.fields == ["mix"]
     assert field_text in str(info.value)
 
@@ -151,7 +154,7 @@ def test_bad_mix_is_refused(mix: dict[str, int], field_text: str) -> None:
 def test_cpu_left_must_feed_the_free_gpus() -> None:
     """Beyond FGD's all-or-nothing CPU check: 25 CPUs beside 3 free GPUs feed only 2 tasks like those seen."""
     nodes = [node("short", 4, cpus=45), node("roomy", 4, cpus=60)]
-    fgd = FragAware(nodes, {"1,0": 4})
+    fgd = FragAware(nodes, {(1, 0): 4})
     fgd.choose(task("seen", 1, cpus=10))
     assert fgd.place(task("t", 1, cpus=20)) == Placement("t", "roomy", (0,))
     assert BestFit(nodes).place(task("t", 1, cpus=20)) == Placement("t", "short", (0,))
@@ -160,19 +163,19 @@ def test_cpu_left_must_feed_the_free_gpus() -> None:
 def test_slots_feed_gpus_like_cpu() -> None:
     """With 2 slots left, 4 free GPUs take only 2 of the 8 half shares expected: a whole GPU uses them best."""
     nodes = [node("many", 4, slots=8), node("few", 4, slots=2)]
-    assert FragAware(nodes, {"0,500": 1}).place(task("t", 1)) == Placement("t", "few", (0,))
+    assert FragAware(nodes, {(0, 500): 1}).place(task("t", 1)) == Placement("t", "few", (0,))
     assert BestFit(nodes).place(task("t", 1)) == Placement("t", "many", (0,))
 
 
 def test_each_choice_is_the_best_of_a_full_scan() -> None:
     """The per-shape heaps (judged once per state, stale entries dropped lazily) pick what judging
     every node afresh would pick, as nodes fill and their states come and go."""
-    from broker.fragaware import _state
+    from broker.scheduling.placement.frag_aware import _state
 
     rng = random.Random(7)
     nodes = [node(f"n{i}", rng.choice([1, 2, 4, 8]), cpus=rng.choice([16, 32, 96]),
                   gpu=rng.choice(["A100", "T4"])) for i in range(12)]
-    placer = FragAware(nodes, {"1,0": 5, "0,500": 3, "0,300": 2, "2,0": 1})
+    placer = FragAware(nodes, {(1, 0): 5, (0, 500): 3, (0, 300): 2, (2, 0): 1})
     sizes = [1, 1, 2, 0.5, 0.3, 0.7]
     for i in range(120):
         labels = {"gpu": "T4"} if i % 7 == 0 else {}

@@ -22,10 +22,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from broker import Client, InvalidRequest, Resources, TaskState
-from broker.keys import MAX_PRIORITY, NAME_PATTERN
-from broker.models import IDEMPOTENCY_KEY_MAX, TASK_NAME_MAX, TASK_NAME_PATTERN
-from broker.scripts import Scripts, wall_clock_ms
+from broker.models import IDEMPOTENCY_KEY_MAX, MAX_PRIORITY, NAME_PATTERN, TASK_NAME_MAX, TASK_NAME_PATTERN
 from broker.settings import Settings
+from broker.store.scripts import Scripts, wall_clock_ms
 from tests.conftest import Clock
 from workers.cli import app
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.scripts import CancelCode, Scripts
+from broker.store.keys import PoolKeys
+from broker.store.scripts import CancelCode, Scripts
 from tests.invariants import (
     ControlledClock,
     assert_capacity_invariant,

@@ -1,8 +1,9 @@
-"""Each Lua script's header agrees with its wrapper in broker/scripts.py (STYLE.md rule 2).
+"""Each Lua script's header agrees with its wrapper in broker/store/scripts.py (STYLE.md rule 2).
 
-The header is the contract: KEYS and ARGV in order with their names, and every
-return code. ``SIGNATURES`` and the IntEnums are what Python relies on; if the two
-drift apart, a call passes keys in the wrong slots or misreads a code.
+The header is the contract: KEYS and ARGV in order with their names, every return code, the
+states it moves a task between, and the helper files it includes. ``SIGNATURES``, the IntEnums
+and ``records.TRANSITIONS`` are what Python relies on; if they drift apart, a call passes keys
+in the wrong slots, misreads a code, or a state is written that nothing else knows.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from typing import Any
 import pytest
 import redis
 
-from broker.keys import PoolKeys
-from broker.policy import Placement
-from broker.scripts import LUA, SIGNATURES, Scripts
+from broker.models import SubmitRequest, TaskState
+from broker.scheduling.model import Placement
+from broker.store.keys import PoolKeys
+from broker.store.records import TRANSITIONS
+from broker.store.scripts import LUA, SIGNATURES, Scripts, includes, script_source
 from tests.invariants import ControlledClock
 
 MAX_LINES = 90
 SCRIPTS = sorted(p.name.removesuffix(".lua") for p in LUA.iterdir()
-                 if p.name.endswith(".lua") and p.name != "_lib.lua")
+                 if p.name.endswith(".lua") and not p.name.startswith("_"))
+HELPERS = sorted(p.name for p in LUA.iterdir() if p.name.endswith(".lua") and p.name.startswith("_"))
 BATCHED = {"reserve"}  # takes a fixed prefix of KEYS/ARGV, then one group per placement
 
 _KEY = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
@@ -115,7 +119,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s = RecordingScripts(redis_client, keys, clock)
     s.register("n1", "inc-1", 10_000, 1, 1000, 1000, 1000, 1, {"zone": "a"})
     s.heartbeat("n1", "inc-1", 10_000)
-    s.submit("t1", None, 0, '{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":{}}', '{"properties":{"a":1}}', "x.y", "default", 0)
+    s.submit("t1", SubmitRequest(task_name="x.y", max_retries=0), '{"properties":{"a":1}}')
     s.reserve([Placement("t1", "n1"), Placement("t2", "n1")])
     s.start("t1", "n1", "t1.1")
     s.finish("t1", "n1", "t1.1", "succeeded", "null")
@@ -126,3 +130,49 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
     expected["reserve"] = (4 + 2 * 4, 1 + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
     assert s.calls == expected
+
+
+_STATE = re.compile(r"'([A-Z][A-Z_]+)'")
+_FUNCTION = re.compile(r"^local function (\w+)|^local (\w+(?:, \w+)*) =", re.MULTILINE)
+
+
+def defined_in(helper: str) -> set[str]:
+    names: set[str] = set()
+    for function, variables in _FUNCTION.findall((LUA / helper).read_text()):
+        names |= {function} if function else {v.strip() for v in variables.split(",")}
+    return names
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_includes_are_exactly_what_the_script_uses(name: str) -> None:
+    """A script loads only the helper files it uses, and each one it uses (or a helper it uses needs)."""
+    listed = includes(name)
+    assert set(listed) <= set(HELPERS), f"{name}.lua includes a file that does not exist"
+    body = (LUA / f"{name}.lua").read_text()
+    needed = {h for h in HELPERS if any(re.search(rf"\b{n}\b", body) for n in defined_in(h))}
+    for helper in list(needed):  # what the included helpers use in turn
+        text = (LUA / helper).read_text()
+        needed |= {h for h in HELPERS if h != helper and any(re.search(rf"\b{n}\b", text) for n in defined_in(h))}
+    assert set(listed) == needed, f"{name}.lua: Includes {listed}, uses {sorted(needed)}"
+    assert listed == sorted(listed, key=lambda h: h != "_lib.lua"), "_lib.lua first: the others build on it"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_transitions_header_and_state_literals_agree_with_the_table(name: str) -> None:
+    """The header's ``Transitions: FROM -> TO`` names TRANSITIONS' states, and every state the script
+    (with its includes) compares or writes is a TaskState."""
+    before, after = TRANSITIONS[name]
+    line = next((x for x in parse_header(source(name)).lines if x.startswith("-- Transitions: ")), None)
+    assert line is not None, f"{name}.lua: say which states it moves a task between"
+    arrow = re.sub(r"\(.*?\)", "", line.removeprefix("-- Transitions: "))  # asides in brackets
+    named = [set(_STATE_WORD.findall(side)) for side in arrow.split("->")] if "->" in arrow else [set(), set()]
+    assert named == [{s.value for s in before}, {s.value for s in after}], f"{name}.lua: {line}"
+    text = script_source(name)
+    commands = set(_COMMAND.findall(text))  # redis.call('HSET', ...): a command, not a state
+    unknown = set(_STATE.findall(text)) - commands - set(TaskState) - NOT_STATES
+    assert not unknown, f"{name}.lua uses state-like literals that are not TaskStates: {unknown}"
+
+
+_STATE_WORD = re.compile(r"\b[A-Z]{4,}\b")
+_COMMAND = re.compile(r"call(?:_chunked)?\('([A-Z]+)'")
+NOT_STATES = {"WITHSCORES", "LIMIT", "BYSCORE"}

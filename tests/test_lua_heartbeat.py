@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from broker.keys import PoolKeys
-from broker.scripts import HeartbeatCode, RegisterCode, Scripts
+from broker.store.keys import PoolKeys
+from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
 from tests.invariants import LEASE_MS, ControlledClock, node_hash, register_node
 
 

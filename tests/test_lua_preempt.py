@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import redis
 
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.scripts import FinishCode, PreemptCode, ReserveCode, Scripts, StartCode
-from broker.state import read_runtimes
+from broker.store.keys import PoolKeys
+from broker.store.reads import read_runtimes
+from broker.store.scripts import FinishCode, PreemptCode, ReserveCode, Scripts, StartCode
 from tests.invariants import (
     ControlledClock,
     assert_capacity_invariant,
@@ -104,7 +104,7 @@ def test_refused_when_not_held_there(scripts: Scripts, redis_client: redis.Redis
     assert redis_client.hlen(keys.preempting) == 0
 
 
-def test_finish_learns_runtimes_per_name_and_shape(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+def test_finish_learns_runtimes_per_name_and_gpu_kind(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
                                                    clock: ControlledClock) -> None:
     node = setup_node(scripts)
     for seconds, resources in ((10, ONE_GPU), (30, ONE_GPU), (5, Resources(gpus=0.5))):
@@ -118,8 +118,8 @@ def test_finish_learns_runtimes_per_name_and_shape(scripts: Scripts, redis_clien
     scripts.finish(failed, node, tag, "failed", "boom")  # failures teach nothing
 
     learned = read_runtimes(redis_client, keys)
-    assert learned == {("workers.tasks.probe", "1,0"): 20.0, ("workers.tasks.probe", "0,500"): 5.0,
-                       ("workers.tasks.probe", ""): 15.0}
+    assert learned == {("workers.tasks.probe", (1, 0)): 20.0, ("workers.tasks.probe", (0, 500)): 5.0,
+                       ("workers.tasks.probe", None): 15.0}
 
 
 def test_reserve_accepts_any_value_of_a_preference_list(scripts: Scripts, redis_client: redis.Redis,

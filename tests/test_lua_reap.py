@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis
 
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.scripts import HeartbeatCode, Scripts
+from broker.store.keys import PoolKeys
+from broker.store.scripts import HeartbeatCode, Scripts
 from tests.invariants import (
     LEASE_MS,
     ControlledClock,

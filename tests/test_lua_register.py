@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.scripts import RegisterCode, Scripts
+from broker.store.keys import PoolKeys
+from broker.store.scripts import RegisterCode, Scripts
 from tests.invariants import (
     LEASE_MS,
     ControlledClock,

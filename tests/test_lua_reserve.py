@@ -7,10 +7,10 @@ import json
 import pytest
 import redis
 
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.policy import Placement
-from broker.scripts import ReserveCode, Scripts
+from broker.scheduling.model import Placement
+from broker.store.keys import PoolKeys
+from broker.store.scripts import ReserveCode, Scripts
 from tests.invariants import (
     LEASE_MS,
     ControlledClock,

@@ -7,9 +7,9 @@ import json
 import pytest
 import redis
 
-from broker.keys import MAX_PRIORITY, SEQ_BITS, PoolKeys
-from broker.models import Resources
-from broker.scripts import Scripts, SubmitCode
+from broker.models import MAX_PRIORITY, Resources
+from broker.store.keys import SEQ_BITS, PoolKeys
+from broker.store.scripts import Scripts, SubmitCode
 from tests.invariants import (
     PROBE,
     pending_ids,
@@ -24,7 +24,8 @@ from tests.invariants import (
 
 def test_created_writes_the_whole_task(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
     resources = Resources(gpus=0.5, gpu_memory_mb=8000, cpus=2, memory_mb=4096, labels={"zone": "eu"})
-    _, wire, message = submission("t1", resources=resources, priority=7, tenant="lab", max_retries=2)
+    _, stored, message = submission("t1", resources=resources, priority=7, tenant="lab", max_retries=2)
+    wire = stored.text
 
     assert submit_raw(scripts, "t1", resources=resources, priority=7, tenant="lab",
                       max_retries=2) == (SubmitCode.CREATED, "t1")
@@ -33,7 +34,7 @@ def test_created_writes_the_whole_task(scripts: Scripts, redis_client: redis.Red
     assert task_hash(redis_client, keys, "t1") == {
         "id": "t1", "name": PROBE, "tenant": "lab", "priority": "7", "state": "PENDING", "seq": "1",
         "score": str(score), "submitted_at": str(scripts.clock()), "req": wire, "message": message,
-        "max_retries": "2", "retries": "0", "attempts": "0", "shape": "0,500"}
+        "max_retries": "2", "retries": "0", "attempts": "0", "gpu_kind": "0,500"}
     assert redis_client.hgetall(keys.mix) == {b"0,500": b"1"}  # the request mix frag_aware learns from
     wire_fields = json.loads(wire)  # what reserve.lua reads from the stored request
     assert {k: wire_fields[k] for k in ("g", "m", "gm", "c", "r", "l")} == {

@@ -11,8 +11,11 @@ import random
 
 import pytest
 
-from broker.placement import _MaxTree, make_placer
-from broker.policy import MILLI, NodeFree, Placement, TaskRequest, plan
+from broker.models import MILLI
+from broker.scheduling.model import NodeFree, Placement, TaskRequest
+from broker.scheduling.placement import make_placer
+from broker.scheduling.placement.best_fit import plan
+from broker.scheduling.placement.first_fit import _MaxTree
 from tests.test_planner_helpers import GiB, node, task
 
 Key = tuple[float, ...]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.planner import Planner
-from broker.policy import NodeFree, Plan, RunningTask, Snapshot, TaskRequest
-from broker.scheduling import SchedulingConfig
+from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.model import NodeFree, Plan, RunningTask, Snapshot, TaskRequest
+from broker.scheduling.planner import Planner
 
 GiB = 1024
 MIN = 60.0

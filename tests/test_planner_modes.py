@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from broker.policy import NodeFree, RunningTask, Snapshot, TaskRequest
+from broker.scheduling.model import NodeFree, RunningTask, Snapshot, TaskRequest
 from tests.test_planner_helpers import MIN, node, order_of, planner, running, snapshot, task
 
 
@@ -56,8 +56,8 @@ def test_backfill_uses_capacity_not_held() -> None:
 
 def test_backfill_hold_cap() -> None:
     """Beyond the cap, blocked tasks get no hold: a long task may then take what would have been held."""
-    from broker.planner import Planner
-    from broker.scheduling import SchedulingConfig
+    from broker.scheduling.config import SchedulingConfig
+    from broker.scheduling.planner import Planner
 
     nodes, tasks, run = backfill_case(60)
     config = SchedulingConfig.parse({"mode": "backfill", "preemption": False})
@@ -118,7 +118,7 @@ def test_estimated_start(run: list[RunningTask], pending: TaskRequest, eta: floa
 
 def test_learned_runtime_of_running_tasks_feeds_eta() -> None:
     run = [running("r", "n", (0,), name="train", started=50)]
-    result = planner().plan(snapshot([node("n", 1)], [task("t", 1)], run, runtimes={("train", "1,0"): 200.0}))
+    result = planner().plan(snapshot([node("n", 1)], [task("t", 1)], run, runtimes={("train", (1, 0)): 200.0}))
     assert result.waiting["t"].estimated_start == 250.0
 
 

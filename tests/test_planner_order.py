@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.policy import RunningTask, TaskRequest
+from broker.scheduling.model import RunningTask, TaskRequest
 from tests.test_planner_helpers import MIN, node, order_of, planner, running, snapshot, task
 
 ONE_SLOT = [node("n", 1)]
@@ -37,7 +37,7 @@ ORDER_TABLE = [
     pytest.param({"ordering": "sjf"}, [task("a", 1, est=60, priority=1), task("b", 1, est=60, priority=7)],
                  0.0, None, ["b", "a"], id="sjf: ties by priority"),
     pytest.param({"ordering": "sjf"}, [task("a", 1, name="train"), task("b", 1, name="infer"), task("c", 1, name="x")],
-                 0.0, {("train", "1,0"): 900.0, ("infer", ""): 30.0}, ["b", "a", "c"],
+                 0.0, {("train", (1, 0)): 900.0, ("infer", None): 30.0}, ["b", "a", "c"],
                  id="sjf: learned estimates by name and shape, then by name"),
     pytest.param({"ordering": "sjf", "default_runtime_s": 100},
                  [task("a", 1, name="x"), task("b", 1, est=200)], 0.0, None, ["a", "b"],

@@ -6,10 +6,14 @@ import random
 
 import pytest
 
-from broker.placement import BestFitPlacer, FirstFitPlacer, SpreadPlacer, make_placer
-from broker.policy import NodeFree, Placement, TaskRequest, plan
-from broker.scheduling import PlacementKind
-from broker.timeline import Hold, Timeline, Usage
+from broker.scheduling.config import PlacementKind
+from broker.scheduling.model import NodeFree, Placement, TaskRequest
+from broker.scheduling.placement import make_placer
+from broker.scheduling.placement.best_fit import BestFitPlacer, plan
+from broker.scheduling.placement.first_fit import FirstFitPlacer
+from broker.scheduling.placement.frag_aware import FragAware
+from broker.scheduling.placement.spread import SpreadPlacer
+from broker.scheduling.timeline import Hold, Timeline, Usage
 from tests.test_planner_helpers import GiB, node, placed, planner, running, snapshot, task
 
 
@@ -130,10 +134,9 @@ def test_make_placer_kinds() -> None:
         make_placer("worst_fit", [])
 
 
-def test_frag_aware_is_the_other_module() -> None:
-    fragaware = pytest.importorskip("broker.fragaware")
-    placer = make_placer("frag_aware", [node("a", 2)], {"1,0": 3})
-    assert isinstance(placer, fragaware.FragAware)
+def test_frag_aware_is_made_from_the_placers_table() -> None:
+    placer = make_placer("frag_aware", [node("a", 2)], {(1, 0): 3})
+    assert isinstance(placer, FragAware)
     assert placer.place(task("t", 1)) is not None
     result = planner(placement="frag_aware").plan(snapshot([node("a", 2)], [task("x", 1), task("y", 2)]))
     assert [p.task_id for p in result.placements] == ["x"]

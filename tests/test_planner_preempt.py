@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.policy import RunningTask, TaskRequest
+from broker.scheduling.model import RunningTask, TaskRequest
 from tests.test_planner_helpers import MIN, node, planner, running, snapshot, task
 
 
@@ -146,9 +146,9 @@ def test_srtf(victim: RunningTask, pending: TaskRequest, expected: list[tuple[st
 
 
 def test_preemptions_per_pass_caps_how_many_tasks_start_preempting() -> None:
-    from broker.planner import Planner
-    from broker.policy import NodeFree, RunningTask, Snapshot, TaskRequest
-    from broker.scheduling import SchedulingConfig
+    from broker.scheduling.config import SchedulingConfig
+    from broker.scheduling.model import NodeFree, RunningTask, Snapshot, TaskRequest
+    from broker.scheduling.planner import Planner
 
     nodes = [NodeFree(f"n{i}", 1000, [0], [0], 0, 0, 1, {}, 0, 0, 2) for i in range(4)]
     running = [RunningTask(f"low{i}", f"n{i}", (0,), 1000, 1000, 0, 0, priority=0, preemptible=True)

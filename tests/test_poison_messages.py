@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from broker import Client, TaskState
-from broker.keys import PoolKeys
 from broker.message import build_message
 from broker.settings import Settings
+from broker.store.keys import PoolKeys
 from tests.invariants import assert_capacity_invariant
 from tests.support import Processes, wait_until
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from broker.policy import NodeFree, Placement, TaskRequest, order, plan
+from broker.scheduling.model import NodeFree, Placement, TaskRequest
+from broker.scheduling.ordering import queue_order
+from broker.scheduling.placement.best_fit import plan
 
 GiB = 1024
 
@@ -28,7 +30,7 @@ def task(task_id: str, gpus: float = 0, gpu_mem: int = 0, cpus: float = 0, ram: 
 def test_order_is_priority_then_submit_order() -> None:
     tasks = [task("a", priority=0, seq=1), task("b", priority=5, seq=3), task("c", priority=5, seq=2),
              task("d", priority=-1, seq=0)]
-    assert [t.id for t in order(tasks)] == ["c", "b", "a", "d"]
+    assert [t.id for t in queue_order(tasks)] == ["c", "b", "a", "d"]
 
 
 PLACEMENT_TABLE = [

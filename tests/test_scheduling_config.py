@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.scheduling import Mode, Ordering, PlacementKind, SchedulingConfig
+from broker.scheduling.config import Mode, Ordering, PlacementKind, SchedulingConfig
 from broker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,11 +35,11 @@ from broker import Client, Resources
 from broker.celery_conf import broker_use_ssl, monitor_app
 from broker.dispatcher import Dispatcher
 from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable
-from broker.keys import PoolKeys
-from broker.models import TaskState
-from broker.policy import Placement
-from broker.scripts import FinishCode, RegisterCode, Scripts, StartCode
+from broker.models import SubmitRequest, TaskState
+from broker.scheduling.model import Placement
 from broker.settings import Settings, redacted_url
+from broker.store.keys import PoolKeys
+from broker.store.scripts import FinishCode, RegisterCode, Scripts, StartCode
 from tests.support import ROOT, Processes, RedisServer, free_port, wait_until
 
 ACL_FILE = ROOT / "config" / "redis-acl.conf"
@@ -400,7 +400,7 @@ def test_each_role_runs_its_own_part_of_the_state_machine(acl_server: SecureRedi
         assert producer.status(second).state is TaskState.PENDING
 
     with pytest.raises(redis.exceptions.NoPermissionError):  # neither the worker nor the dispatcher submits
-        Scripts(as_role(acl_server, "worker"), keys).submit("t", None, 0, "{}", "{}", PROBE, "default", 0)
+        Scripts(as_role(acl_server, "worker"), keys).submit("t", SubmitRequest(task_name=PROBE), "{}")
     with pytest.raises(redis.exceptions.NoPermissionError):
         as_role(acl_server, "dispatcher").hset(keys.idempotency, "k", "v")
     assert sorted(acl_denials(admin)) == [("dispatcher", "key", keys.idempotency), ("worker", "key", keys.idempotency)]

@@ -14,19 +14,20 @@ from pathlib import Path
 
 import pytest
 import redis
-import typer
 from typer.testing import CliRunner
 
 from bench import frag_offline, frag_sim
-from broker import Client, Resources, TaskState, traces
-from broker.capacity import parse_target, plan_capacity, zero_wait_peak_gpus
+from broker import Client, Resources, TaskState
+from broker.cli import app
 from broker.errors import InvalidRequest
-from broker.scheduling import SchedulingConfig
+from broker.scheduling.config import SchedulingConfig
 from broker.settings import Settings
-from broker.sim import SimResult, Simulator, simulate
-from broker.simcli import register
-from broker.simreport import metrics, plot_allocation, plot_wait_cdf, result_json, tenants
-from broker.traces import ClusterNode, TraceJob, parse_shape
+from broker.sim import traces
+from broker.sim.capacity import parse_target, plan_capacity, zero_wait_peak_gpus
+from broker.sim.engine import Simulator, simulate
+from broker.sim.report import metrics, plot_allocation, plot_wait_cdf, result_json, tenants
+from broker.sim.results import SimResult
+from broker.sim.traces import ClusterNode, TraceJob, parse_shape
 from tests.support import ROOT, Processes, RedisServer, wait_until
 
 ONE_NODE = [ClusterNode("n1", gpus=2, gpu_memory_mb=1000, cpus=8, memory_mb=1000, slots=4)]
@@ -235,8 +236,6 @@ def test_zero_wait_peak() -> None:
 
 
 def test_sim_and_plan_commands(tmp_path: Path) -> None:
-    app = typer.Typer()
-    register(app)
     trace = tmp_path / "jobs.csv"
     trace.write_text("id,submit_s,duration_s,gpus,tenant\n" +
                      "".join(f"j{i},{i},{10 + i},{1 + i % 2},t{i % 3}\n" for i in range(12)))
@@ -317,7 +316,7 @@ def test_the_simulator_places_like_a_live_run_on_real_workers(redis_server: Redi
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv (Linux)")
 def test_a_simulation_killed_with_sigkill_leaves_no_redis_server_behind(tmp_path: Path) -> None:
     """The private redis-server goes when the process that started it dies, however it dies."""
-    code = ("import time\nfrom broker.sim import private_redis\n"
+    code = ("import time\nfrom broker.sim.localcluster import private_redis\n"
             "with private_redis() as url:\n    print(url, flush=True)\n    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True)
     try:

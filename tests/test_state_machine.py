@@ -28,12 +28,15 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from broker import policy, state
 from broker.dispatcher import Dispatcher
-from broker.keys import PoolKeys
 from broker.models import Resources
-from broker.policy import Placement
-from broker.scripts import (
+from broker.scheduling.model import Placement
+from broker.scheduling.ordering import queue_order
+from broker.scheduling.placement.best_fit import plan
+from broker.settings import Settings
+from broker.store import reads
+from broker.store.keys import PoolKeys
+from broker.store.scripts import (
     CancelCode,
     FinishCode,
     HeartbeatCode,
@@ -43,7 +46,6 @@ from broker.scripts import (
     StartCode,
     SubmitCode,
 )
-from broker.settings import Settings
 from tests.conftest import Clock
 from tests.invariants import (
     FINAL_STATES,
@@ -260,8 +262,8 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(window=st.integers(1, 12))
     def reserve_planned(self, window: int) -> None:
         """What the dispatcher proposes from a fresh snapshot, reserve.lua must accept whole."""
-        nodes = state.read_free(self.redis, self.keys, self.clock())
-        placements = policy.plan(policy.order(state.pending_requests(self.redis, self.keys, window)), nodes)
+        nodes = reads.read_free(self.redis, self.keys, self.clock())
+        placements = plan(queue_order(reads.pending_requests(self.redis, self.keys, window)), nodes)
         codes = self.scripts.reserve(placements)
         assert codes == [ReserveCode.OK] * len(placements), list(zip(placements, codes, strict=True))
         self.seen["placed"] += len(codes)
@@ -276,9 +278,9 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(split=st.integers(1, 3))
     def racing_dispatchers(self, split: int) -> None:
         """Two dispatchers plan from one snapshot; the second commits after the first."""
-        nodes = state.read_free(self.redis, self.keys, self.clock())
-        tasks = policy.order(state.pending_requests(self.redis, self.keys, 50))
-        first, second = policy.plan(tasks[::split], nodes), policy.plan(tasks, nodes)
+        nodes = reads.read_free(self.redis, self.keys, self.clock())
+        tasks = queue_order(reads.pending_requests(self.redis, self.keys, 50))
+        first, second = plan(tasks[::split], nodes), plan(tasks, nodes)
         assert self.scripts.reserve(first) == [ReserveCode.OK] * len(first)
         self._reserve_checked(second)
 

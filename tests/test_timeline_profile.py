@@ -13,9 +13,9 @@ import random
 
 import pytest
 
-from broker.placement import gpus_on, labels_match
-from broker.policy import MILLI, NodeFree, TaskRequest
-from broker.timeline import INF, Hold, Timeline, Usage
+from broker.models import MILLI
+from broker.scheduling.model import NodeFree, TaskRequest
+from broker.scheduling.timeline import INF, Hold, Timeline, Usage
 from tests.test_planner_helpers import GiB, node, task
 
 NOW = 1000.0
@@ -50,12 +50,12 @@ class Plain:
     def earliest(self, t: TaskRequest, duration: float, order: dict[str, int]) -> tuple[float, str, list[int]] | None:
         best = None
         for node_id, free in self.t.nodes.items():
-            if len(free.free_milli) < t.whole_gpus or not labels_match(free, t):
+            if len(free.free_milli) < t.whole_gpus or not free.carries_labels(t):
                 continue
             times = sorted({NOW, *(at for at, _ in self.t.releases[node_id] if at < INF),
                             *(h.end for h in self.t.holds.get(node_id, ()) if NOW < h.end < INF)})
             for when in times:
-                gpus = gpus_on(self.window(node_id, when, when + duration), t)
+                gpus = self.window(node_id, when, when + duration).gpus_for(t)
                 if gpus is not None:
                     rank = (when, free.preference(t), order[node_id])
                     if best is None or rank < best[0]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.traces import (
+from broker.sim.traces import (
     ClusterNode,
     TraceError,
     load_cluster,

@@ -22,12 +22,12 @@ import redis
 from celery import Celery, concurrency
 
 from broker.celery_conf import celery_settings
-from broker.client import connect
 from broker.errors import NodeRejected
-from broker.keys import PoolKeys
 from broker.models import NodeSpec
-from broker.scripts import HeartbeatCode, RegisterCode, Scripts
 from broker.settings import Settings
+from broker.store.connection import connect
+from broker.store.keys import PoolKeys
+from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
 from workers import context
 from workers.recovery import RedeliverUnacked
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from broker.cli import Pool, RedisUrl, app, parse_labels, run_cli, settings_for
+from broker.cli import app
+from broker.cli.common import Pool, RedisUrl, parse_labels, run_cli, settings_for
 from broker.models import NodeSpec
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import os
 
-from broker.client import connect
-from broker.keys import PoolKeys
-from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.store.connection import connect
+from broker.store.keys import PoolKeys
+from broker.store.scripts import Scripts
 
 NODE_ENV = "GPUBROKER_NODE_ID"
 # The CUDA_VISIBLE_DEVICES the worker itself was started with: node GPU index i is

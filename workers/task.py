@@ -26,7 +26,7 @@ from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, Terminate
 from celery.signals import task_rejected, task_unknown
 from celery.worker.request import Request
 
-from broker.scripts import FinishCode, StartCode
+from broker.store.scripts import FinishCode, StartCode
 from workers import context, rejects
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,176 @@
+"""The operational ``gpubroker`` commands: dispatcher, submit, status, queue, nodes, cancel, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from broker.cli import views
+from broker.cli.common import (
+    AsJson,
+    Pool,
+    RedisUrl,
+    app,
+    client_for,
+    console,
+    err,
+    parse_json,
+    parse_selector,
+    run_cli,
+    settings_for,
+)
+from broker.errors import InvalidRequest
+from broker.models import Resources
+from broker.scheduling.config import SchedulingConfig
+from broker.settings import redacted_url
+
+
+@app.command()
+def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
+               scheduling: Annotated[Path | None, typer.Option(
+                   help="Scheduling policy file, TOML or JSON (see docs/scheduling.md); "
+                        "default: GPUBROKER_SCHEDULING or priority order, best fit")] = None,
+               metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics here")] = None,
+               log_level: Annotated[str, typer.Option(help="Python log level")] = "INFO") -> None:
+    """Run a dispatcher: order pending tasks and reserve capacity for them."""
+    from broker.dispatcher import Dispatcher  # keep other commands light
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_for(redis_url, pool)
+    if scheduling is not None:
+        try:
+            settings = settings.model_copy(update={"scheduling": SchedulingConfig.load(scheduling)})
+        except (InvalidRequest, OSError) as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, redacted_url(settings.redis_url))
+    Dispatcher(settings).run_forever(stop)
+
+
+@app.command()
+def submit(
+    task_name: Annotated[str, typer.Argument(help="Celery task name, e.g. workers.tasks.probe")],
+    args: Annotated[str | None, typer.Option(help="JSON array of positional arguments")] = None,
+    kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments")] = None,
+    gpus: Annotated[float, typer.Option(help="Whole GPUs (>= 1) or a share of one (0 < g < 1)")] = 0,
+    gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB of GPU memory per GPU")] = None,
+    cpus: Annotated[float, typer.Option()] = 0,
+    memory_mb: Annotated[int, typer.Option()] = 0,
+    label: Annotated[list[str] | None, typer.Option(
+        help="Node label to require, key=value; key=a|b accepts a or b, preferring a")] = None,
+    priority: Annotated[int, typer.Option()] = 0,
+    tenant: Annotated[str, typer.Option()] = "default",
+    estimated_runtime_s: Annotated[float | None, typer.Option("--estimate")] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    preemptible: Annotated[bool | None, typer.Option(
+        "--preemptible/--not-preemptible", help="May be stopped and requeued for a more urgent task")] = None,
+    wait: Annotated[float | None, typer.Option(help="Wait up to this many seconds for the result")] = None,
+    redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
+) -> None:
+    """Submit a task; prints its id (or its final status with --wait)."""
+
+    def go() -> None:
+        resources = Resources(gpus=gpus, gpu_memory_mb=gpu_memory_mb, cpus=cpus, memory_mb=memory_mb,
+                              labels=parse_selector(label or []))
+        with client_for(redis_url, pool) as client:
+            handle = client.submit(task_name, args=parse_json(args, "args", list),
+                                   kwargs=parse_json(kwargs, "kwargs", dict), resources=resources,
+                                   priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
+                                   idempotency_key=idempotency_key, preemptible=preemptible)
+            if wait is None:
+                console.print(json.dumps({"id": handle.id}) if as_json else handle.id)
+                return
+            _show_status(client.wait(handle.id, wait), as_json)
+
+    run_cli(go)
+
+
+def _show_status(status: Any, as_json: bool) -> None:
+    if as_json:
+        console.print_json(status.model_dump_json())
+    else:
+        console.print(views.status_table(status))
+
+
+@app.command()
+def status(task_id: str, redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Show a task's state, node, GPUs and result."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            _show_status(client.status(task_id), as_json)
+
+    run_cli(go)
+
+
+@app.command()
+def queue(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
+          limit: Annotated[int, typer.Option(help="Rows to show")] = 50) -> None:
+    """Pending tasks in dispatch order."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            entries = client.queue()
+        if as_json:
+            console.print_json(json.dumps([e.model_dump() for e in entries]))
+        else:
+            console.print(views.queue_table(entries, limit))
+
+    run_cli(go)
+
+
+@app.command()
+def nodes(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Nodes with their capacity and what is in use, per GPU."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            found = client.nodes()
+        if as_json:
+            console.print_json(json.dumps([n.model_dump() for n in found]))
+        else:
+            console.print(views.nodes_table(found))
+
+    run_cli(go)
+
+
+@app.command()
+def cancel(task_id: str, redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Cancel a task; a running one is terminated. Harmless on a finished task."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            _show_status(client.cancel(task_id), as_json)
+
+    run_cli(go)
+
+
+@app.command()
+def demo(
+    redis_url: Annotated[str | None, typer.Option(help="Use this Redis instead of starting a private one")] = None,
+    tasks: Annotated[int, typer.Option(help="How many tasks to submit")] = 60,
+    flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
+    live: Annotated[bool, typer.Option(help="Live view (off: print a line per second)")] = True,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 300,
+) -> None:
+    """Run a local demo cluster: Redis, dispatcher, three simulated nodes, Flower, a mixed workload."""
+    from broker.cli.demo import run_demo  # starts processes: imported only when asked
+
+    # A live view needs a terminal; piped or in CI, print a progress line per second instead.
+    sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live and console.is_terminal,
+                      timeout=timeout))

@@ -1,0 +1,76 @@
+"""What every ``gpubroker`` command shares: the Typer app, consoles, option types, parsers,
+and ``run_cli`` (gpubroker errors as a message and an exit code, never a traceback)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from broker.client import Client
+from broker.errors import GpuBrokerError, InvalidRequest
+from broker.settings import Settings
+
+app = typer.Typer(help="gpubroker: a GPU-aware task broker on Redis and Celery.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env GPUBROKER_REDIS_URL]")]
+Pool = Annotated[str | None, typer.Option("--pool", help="Pool name [env GPUBROKER_POOL]")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+
+
+def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> Settings:
+    values = {"redis_url": redis_url, "pool": pool, **overrides}
+    try:
+        return Settings(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+
+
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidRequest({"label": f"{pair!r} is not key=value"})
+        labels[key] = value
+    return labels
+
+
+def parse_selector(pairs: list[str]) -> dict[str, str | list[str]]:
+    """A task's labels: key=value, or key=a|b for a if possible, else b."""
+    return {k: v.split("|") if "|" in v else v for k, v in parse_labels(pairs).items()}
+
+
+def parse_json(text: str | None, field: str, kind: type) -> Any:
+    if text is None:
+        return kind()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest({field: f"not valid JSON ({exc.msg} at {exc.pos})"}) from None
+    if not isinstance(value, kind):
+        raise InvalidRequest({field: f"must be a JSON {'array' if kind is list else 'object'}"})
+    return value
+
+
+def run_cli(fn: Any) -> Any:
+    """Turn gpubroker errors into a message and an exit code instead of a traceback."""
+    try:
+        return fn()
+    except InvalidRequest as exc:
+        err.print(f"[red]refused:[/] {escape(str(exc))}")  # user text: never markup
+        raise typer.Exit(2) from None
+    except GpuBrokerError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(3) from None
+
+
+def client_for(redis_url: str | None, pool: str | None) -> Client:
+    return Client(settings=settings_for(redis_url, pool))

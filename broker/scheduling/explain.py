@@ -1,0 +1,106 @@
+"""Why a pending task waits, in words with the numbers, and when it is expected to start.
+
+The planner records a ``Cause`` for each task it leaves waiting; only the first
+``explain_limit`` are turned into words (``explain``), since the queue view shows the head of
+the queue and the words cost more than the decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from broker.models import MILLI
+from broker.scheduling.model import NodeFree, TaskRequest, Waiting
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from broker.scheduling.timeline import Timeline
+
+
+@dataclass(slots=True)
+class Cause:
+    """Why a task waits; turned into words only for the tasks that are explained."""
+
+    kind: str  # fit | held | strict | quota | preempting | stopping
+    detail: str = ""  # the task it waits for or behind, the quota's words, or the node
+    victims: int = 0
+    start: float | None = None  # its own backfill hold starts then
+
+
+def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, nodes: Mapping[str, NodeFree],
+            node_order: Mapping[str, int], duration: Mapping[str, float], now: float,
+            grace_s: float) -> dict[str, Waiting]:
+    """Position, reason and estimated start of each of ``waiting`` (rank, task, cause)."""
+    out: dict[str, Waiting] = {}
+    starts: dict[str, float | None] = {}
+    reasons: dict[object, str] = {}
+    grace = now + grace_s
+    for rank, task, cause in waiting:
+        kind, detail = cause.kind, cause.detail
+        start: float | None = None
+        if kind == "fit":
+            if task.shape not in reasons:
+                reasons[task.shape] = why(task, nodes)
+            reason = reasons[task.shape]
+        elif kind == "held":
+            reason = f"held for higher-ranked task {detail} (backfill)"
+        elif kind == "strict":
+            reason = f"behind {detail} (strict order)"
+        elif kind == "quota":
+            reason = detail
+        elif kind == "preempting":
+            reason, start = f"preempting {cause.victims} task{'s' * (cause.victims > 1)} on node {detail}", grace
+        else:
+            reason, start = f"waiting for preempted tasks to stop on node {detail}", grace
+        if cause.start is not None:
+            start = cause.start
+        elif kind in ("fit", "held", "strict"):
+            found = timeline.earliest(task, duration[task.id], node_order, kind == "strict")
+            start = None if found is None else found[0]
+            if kind == "strict":
+                ahead = starts.get(detail)
+                start = None if start is None or ahead is None else max(start, ahead)
+        starts[task.id] = start
+        out[task.id] = Waiting(rank, reason, start)
+    return out
+
+
+def why(task: TaskRequest, free: Mapping[str, NodeFree]) -> str:
+    """What is missing now, with the numbers."""
+    nodes = [n for n in free.values() if n.carries_labels(task)]
+    if not nodes:
+        wanted = [f"{k}={v}" for k, v in task.labels] + [f"{k}={'|'.join(v)}" for k, v in task.prefer]
+        return f"no node has labels {', '.join(wanted)}"
+    along = ""
+    if task.whole_gpus:
+        count = task.whole_gpus
+        big = [n for n in nodes if len(n.free_milli) >= count and n.gpu_memory_mb >= task.gpu_memory_mb]
+        memory = f" with {task.gpu_memory_mb} MiB each" if task.gpu_memory_mb else ""
+        if not big:
+            return f"needs {count} GPUs{memory} on one node; no matching node has that many"
+        block = max(len(n.whole_indices()) for n in big)
+        if block < count:
+            return f"needs {count} GPU{'s' * (count > 1)}{memory} on one node; largest free block is {block}"
+        nodes, along = [n for n in big if len(n.whole_indices()) >= count], " beside its GPUs"
+    elif task.gpu_milli:
+        shares = [(m, mem, n) for n in nodes for m, mem in zip(n.free_milli, n.free_mem, strict=True)]
+        largest = max((m for m, _, _ in shares), default=0)
+        if largest < task.gpu_milli:
+            return f"needs {task.gpu_milli / MILLI:g} of one GPU; largest free share is {largest / MILLI:g}"
+        fit = [n for m, mem, n in shares if m >= task.gpu_milli and mem >= n.share_memory(task)]
+        if not fit:
+            most = max(mem for m, mem, _ in shares if m >= task.gpu_milli)
+            return (f"needs {task.gpu_milli / MILLI:g} of one GPU with its memory; "
+                    f"most GPU memory free is {most} MiB")
+        nodes, along = fit, " beside its GPU share"
+    cpus = max(n.free_cpu_milli for n in nodes)
+    if cpus < task.cpu_milli:
+        return f"needs {task.cpu_milli / MILLI:g} CPUs on one node{along}; most free is {cpus / MILLI:g}"
+    memory_mb = max(n.free_memory_mb for n in nodes)
+    if memory_mb < task.memory_mb:
+        return f"needs {task.memory_mb} MiB of memory on one node{along}; most free is {memory_mb}"
+    if max(n.free_slots for n in nodes) < 1:
+        return f"no free task slot on a node{along or ' that fits it'}"
+    return "no single node has its GPUs, CPUs and memory free together"

@@ -1,0 +1,178 @@
+"""The scheduling planner: one pure pass from a ``Snapshot`` to a ``Plan``.
+
+The dispatcher commits ``Plan.placements`` through reserve.lua, stops ``Plan.preemptions``'
+victims and publishes ``Plan.waiting``; the simulator calls the same code. One pass, in
+phases (as kueue's cycle):
+
+    1 estimate  each task's runtime: its own, else the learned mean for its name and GPU
+                kind, then its name, else ``default_runtime_s``, else unknown
+    2 order     ``ordering.ORDERINGS``: fifo | priority (+ aging) | sjf, srtf | hrrn | fair
+                (weighted DRF between tenants, recomputed as the pass places tasks)
+    3 admit     per task, in that order: quota (fair); place now where nothing held for a
+                higher-ranked task is delayed; else preempt (``preemption``: fewest victims on
+                one node); else (backfill) hold its earliest start; strict stops at the first
+                that waits
+    4 explain   position, reason and estimated start of the first ``explain_limit`` waiting
+                (``explain``)
+"""
+
+from __future__ import annotations
+
+from broker.scheduling.config import Mode, Ordering, SchedulingConfig
+from broker.scheduling.explain import Cause, explain
+from broker.scheduling.fairshare import Ledger
+from broker.scheduling.model import GpuKind, Placement, Plan, Snapshot, TaskRequest, demand
+from broker.scheduling.ordering import ORDERINGS, Ranking
+from broker.scheduling.placement import make_placer
+from broker.scheduling.preemption import Preemptor
+from broker.scheduling.timeline import INF, Hold, Timeline, Usage
+
+MAX_HOLDS = 100  # backfill: blocked tasks that get a hold (and an exact start) per pass, highest-ranked first
+
+
+class Planner:
+    def __init__(self, config: SchedulingConfig, max_holds: int = MAX_HOLDS) -> None:
+        self.config = config
+        self.max_holds = max_holds
+
+    def plan(self, snap: Snapshot) -> Plan:
+        return _Pass(self.config, self.max_holds, snap).run()
+
+
+def _check(snap: Snapshot) -> None:
+    """Refuse a snapshot the planner would misread, naming the field."""
+    gpus = {}
+    for i, node in enumerate(snap.nodes):
+        if len(node.free_mem) != len(node.free_milli):
+            raise ValueError(f"nodes[{i}].free_mem: {len(node.free_mem)} entries for {len(node.free_milli)} GPUs")
+        gpus[node.id] = len(node.free_milli)
+    seen: set[str] = set()
+    for i, task in enumerate(snap.pending):
+        if task.id in seen:
+            raise ValueError(f"pending[{i}].id: {task.id!r} appears twice")
+        seen.add(task.id)
+        if task.estimate_s is not None and not task.estimate_s >= 0:
+            raise ValueError(f"pending[{i}].estimate_s: must be a number >= 0 (got {task.estimate_s!r})")
+    for i, run in enumerate(snap.running):
+        if run.node_id in gpus and any(not 0 <= g < gpus[run.node_id] for g in run.gpu_indices):
+            raise ValueError(f"running[{i}].gpu_indices: {run.gpu_indices} outside node {run.node_id}'s "
+                             f"{gpus[run.node_id]} GPUs")
+
+
+class _Pass:
+    def __init__(self, config: SchedulingConfig, max_holds: int, snap: Snapshot) -> None:
+        _check(snap)
+        self.config, self.max_holds, self.snap, self.now = config, max_holds, snap, snap.now
+        self.fair = config.ordering is Ordering.FAIR
+        # 1 estimate
+        self.duration = {t.id: self._estimate(t.name, t.gpu_kind, t.estimate_s) for t in snap.pending}
+        self.placer = make_placer(config.placement, snap.nodes, snap.mix)
+        self.timeline = Timeline(self.now, self.placer.nodes)
+        self.node_order = {n: i for i, n in enumerate(self.placer.nodes)}
+        self.ledger = Ledger(config, snap.nodes, snap.running)
+        self.ranking = Ranking(self.now, self.duration, config.aging_per_minute, config.aging_cap,
+                               config.within_tenant, self.ledger)
+        self.preemptor = Preemptor(config, self.now, self.placer, self.timeline, self.ledger, self.ranking,
+                                   self.node_order)
+        for run in snap.running:
+            if run.node_id not in self.placer.nodes:
+                continue  # on a node that is no longer schedulable: counts for its tenant only
+            estimate = self._estimate(run.name, run.gpu_kind, run.estimate_s)
+            end = None if estimate == INF else max(self.now, run.started_at + estimate)
+            usage = Usage(run.id, run.gpu_indices, run.gpu_milli, run.gpu_mem, run.cpu_milli, run.memory_mb)
+            self.timeline.release(run.node_id, self.now if run.preempting else end, usage)
+            self.preemptor.add_running(run, usage, end)
+        self.plan = Plan()
+        self.waiting: list[tuple[int, TaskRequest, Cause]] = []
+        self.failed: dict[object, Cause] = {}  # capacity only shrinks within a pass
+        self.held: dict[object, tuple[float, Cause]] = {}  # shape -> shortest run held from starting now
+        self.holds = 0
+
+    def _estimate(self, name: str, kind: GpuKind, own: float | None) -> float:
+        if own is not None:
+            return own
+        learned = self.snap.runtimes.get((name, kind))
+        if learned is None:
+            learned = self.snap.runtimes.get((name, None))
+        if learned is None:
+            learned = self.config.default_runtime_s
+        return INF if learned is None else learned
+
+    def run(self) -> Plan:
+        strict = self.config.mode is Mode.STRICT
+        blocker = ""
+        # 2 order, 3 admit
+        for rank, task in enumerate(ORDERINGS[self.config.ordering](self.snap.pending, self.ranking), 1):
+            cause = Cause("strict", blocker) if blocker else self._admit(task)
+            if cause is not None:
+                self.waiting.append((rank, task, cause))
+                if strict and not blocker:
+                    blocker = task.id
+        self.plan.preemptions = self.preemptor.preemptions
+        # 4 explain
+        self.plan.waiting = explain(self.waiting[: self.config.explain_limit], self.timeline, self.placer.nodes,
+                                    self.node_order, self.duration, self.now, self.config.preempt_grace_s)
+        return self.plan
+
+    def _admit(self, task: TaskRequest) -> Cause | None:
+        duration = self.duration[task.id]
+        if self.fair and not self.ledger.within_guarantee(task.tenant, demand(task)):
+            refusal = self.ledger.refusal(task.tenant, demand(task))
+            if refusal is not None:
+                return Cause("quota", refusal)
+        cause = self._place(task, duration)
+        if cause is None:
+            return None
+        node_id = self.snap.preempting_for.get(task.id)
+        if node_id in self.placer.nodes:  # its victims are stopping there: keep that node's capacity for it
+            self.preemptor.hold(task, str(node_id), duration)
+            return Cause("stopping", str(node_id))
+        if self.config.preemption and len(self.preemptor.preemptions) < self.config.preemptions_per_pass:
+            preempting = self.preemptor.preempt(task, duration)
+            if preempting is not None:
+                return preempting
+        if self.config.mode is Mode.BACKFILL and self.holds < self.max_holds:
+            self.holds += 1
+            found = self.timeline.earliest(task, duration, self.node_order, fits_now=False)
+            if found is not None:
+                start, node_id, gpus = found
+                node = self.placer.nodes[node_id]
+                self.timeline.hold(Hold(node_id, start, start + duration, Usage.of(task, node, gpus)))
+                return Cause(cause.kind, cause.detail, start=start)
+        return cause
+
+    def _place(self, task: TaskRequest, duration: float) -> Cause | None:
+        """Place ``task`` now if it fits without delaying a hold; else why not."""
+        known = self.failed.get(task.shape)
+        if known is None and self.timeline.holds:
+            # Capacity only shrinks within a pass and a longer run meets more holds: what was
+            # held from a shorter task of this shape is held from this one too.
+            shorter = self.held.get(task.shape)
+            if shorter is not None and duration >= shorter[0]:
+                known = shorter[1]
+        if known is not None:
+            return known
+        views = self.timeline.views(duration) if self.timeline.holds else None
+        placement = self.placer.choose(task, views)
+        if placement is not None:
+            self._take(task, placement, duration)
+            return None
+        free = self.placer.choose(task) if views else None
+        if free is None:
+            cause = self.failed[task.shape] = Cause("fit")
+            return cause
+        cause = Cause("held", self._holder(free.node_id, duration))
+        self.held[task.shape] = (duration, cause)  # shorter than any held before (else it was known)
+        return cause
+
+    def _take(self, task: TaskRequest, placement: Placement, duration: float) -> None:
+        self.placer.take(task, placement)
+        node = self.placer.nodes[placement.node_id]
+        end = None if duration == INF else self.now + duration
+        self.timeline.release(node.id, end, Usage.of(task, node, placement.gpu_indices))
+        self.ledger.add(task.tenant, demand(task))
+        self.plan.placements.append(placement)
+
+    def _holder(self, node_id: str, duration: float) -> str:
+        holds = [h for h in self.timeline.holds.get(node_id, ()) if h.start < self.now + duration]
+        return min(holds, key=lambda h: h.start).usage.task_id if holds else "?"

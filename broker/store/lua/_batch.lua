@@ -1,0 +1,125 @@
+-- _batch.lua: reserve.lua's per-batch memos and node views (needs _lib.lua); the other
+-- scripts never pay for them.
+
+-- Does a node's label value meet a task's selector value (one value, or a list of acceptable ones)?
+local function label_ok(want, have)
+  if type(want) ~= 'table' then return want == have end
+  for _, v in ipairs(want) do
+    if v == have then return true end
+  end
+  return false
+end
+
+-- Run a variadic command over a long list in chunks: Lua's unpack has a stack limit.
+local function call_chunked(command, key, items)
+  for first = 1, #items, 1000 do
+    redis.call(command, key, unpack(items, first, math.min(first + 999, #items)))
+  end
+end
+
+-- A table that computes each missing entry once with make(key) and keeps it.
+local function memo(make)
+  return setmetatable({}, {__index = function(t, key)
+    local value = make(key)
+    t[key] = value
+    return value
+  end})
+end
+
+-- The memos, made by batch_begin().
+-- Text -> number (strtod) and number -> text (sprintf) cost more than the rest of a placement's
+-- Lua, and a batch converts the same few values over and over.
+local batch_num, batch_text, batch_gpu_fields, batch_indices, batch_request
+
+local function batch_begin()
+  batch_num = memo(function(s) return tonumber(s) or 0 end) -- false (missing field) -> 0
+  batch_text = memo(int)
+  batch_gpu_fields = memo(function(count) -- GPU count -> {'g0_milli', 'g0_mem', 'g1_milli', ...}
+    local fields = {}
+    for g = 0, count - 1 do
+      fields[2 * g + 1], fields[2 * g + 2] = 'g' .. g .. '_milli', 'g' .. g .. '_mem'
+    end
+    return fields
+  end)
+  -- GPU indices of a placement ("3", "0,3", or "" for none) -> list; false when one is not
+  -- a whole number or is repeated (the range is checked per node).
+  batch_indices = memo(function(indices)
+    local listed, seen = {}, {}
+    for index in string.gmatch(indices, '[^,]+') do
+      local i = tonumber(index)
+      if not i or i ~= math.floor(i) or seen[i] then return false end
+      seen[i], listed[#listed + 1] = true, i
+    end
+    return listed
+  end)
+  -- A task's request (one shape, one text: decoded once per batch), with what reserve.lua
+  -- derives from it: how many GPU indices a placement names, and whether it selects labels.
+  batch_request = memo(function(text)
+    local r = cjson.decode(text)
+    r.count, r.labelled, r.allocs = (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
+    return r
+  end)
+end
+
+-- The `alloc` JSON of request r on GPUs `indices` (listed), each holding milli and mem:
+-- the same few texts over and over, so each is built once per batch.
+local function batch_alloc(r, listed, indices, milli, mem)
+  local known = r.allocs[mem] or {} -- milli follows from r, mem from r and the node's GPU size
+  r.allocs[mem] = known
+  if known[indices] == nil then
+    local g = {}
+    for k = 1, #listed do
+      g[k] = string.format('[%d,%d,%d]', listed[k], milli, mem)
+    end
+    known[indices] = string.format('{"g":[%s],"c":%d,"r":%d}', table.concat(g, ','), r.c, r.r)
+  end
+  return known[indices]
+end
+
+-- reserve.lua's per-batch view of a node: read once, updated in memory, written once.
+-- false when the node is not up or its lease (ZSCORE in leases_key) is before now.
+local function batch_node(cache, leases_key, now, key, id, tasks_key, queue_key)
+  local n = cache[id]
+  if n == nil then
+    local lease = redis.call('ZSCORE', leases_key, id)
+    local h = redis.call('HMGET', key, 'state', 'free_cpu_m', 'free_mem', 'free_slots', 'cap_gpus', 'gpu_mem')
+    local v = batch_num
+    n = h[1] == 'up' and lease and tonumber(lease) >= now and {key = key, cpu = v[h[2]], mem = v[h[3]],
+      slots = v[h[4]], gpus = v[h[5]], gpu_mem = v[h[6]], milli = false, gmem = {}, labels = {},
+      count = 0, tasks = {}, messages = {}, tasks_key = tasks_key, queue = queue_key,
+      -- what kombu's Redis transport adds to a message's properties, up to the delivery tag
+      route = ',"delivery_info":{"exchange":"","routing_key":"' .. queue_key .. '"},"delivery_tag":"'}
+    cache[id] = n
+  end
+  return n
+end
+
+-- Free share (milli) and memory of GPU i in a batch_node view; all GPUs of the node
+-- are read in one call on first use.
+local function batch_gpu(n, i)
+  if not n.milli then
+    local f = redis.call('HMGET', n.key, unpack(batch_gpu_fields[n.gpus]))
+    n.milli = {}
+    for g = 0, n.gpus - 1 do
+      n.milli[g], n.gmem[g] = batch_num[f[2 * g + 1]], batch_num[f[2 * g + 2]]
+    end
+  end
+  return n.milli[i], n.gmem[i]
+end
+
+-- Write a batch_node view back: free amounts, task set, queued messages.
+local function batch_flush(n)
+  local text = batch_text
+  local fields = {'free_cpu_m', text[n.cpu], 'free_mem', text[n.mem], 'free_slots', text[n.slots]}
+  if n.milli then
+    local names = batch_gpu_fields[n.gpus]
+    for g = 0, n.gpus - 1 do
+      local k = 4 * g + 7
+      fields[k], fields[k + 1], fields[k + 2], fields[k + 3] = names[2 * g + 1], text[n.milli[g]],
+        names[2 * g + 2], text[n.gmem[g]]
+    end
+  end
+  call_chunked('HSET', n.key, fields)
+  call_chunked('SADD', n.tasks_key, n.tasks)
+  call_chunked('LPUSH', n.queue, n.messages)
+end

@@ -1,0 +1,83 @@
+-- _release.lua: giving capacity back and putting tasks back in line (needs _lib.lua).
+--
+-- Invariant kept by every helper: for each node, free + the sum of the `alloc`
+-- of the tasks in its `:tasks` set = capacity, per GPU index, CPU, RAM and slots.
+
+-- kombu's priority bucket separator and the buckets besides 0 (kombu/transport/redis.py).
+local BUCKETS = {'\6\22' .. '3', '\6\22' .. '6', '\6\22' .. '9'}
+
+-- Give back everything a reservation holds. alloc = {g = {{index, milli, mem_mb}...}, c = cpu_milli, r = mem_mb}
+local function release(node_key, alloc_json)
+  if not alloc_json then return end
+  local a = cjson.decode(alloc_json)
+  for _, g in ipairs(a.g) do
+    incr(node_key, 'g' .. g[1] .. '_milli', g[2])
+    incr(node_key, 'g' .. g[1] .. '_mem', g[3])
+  end
+  incr(node_key, 'free_cpu_m', a.c)
+  incr(node_key, 'free_mem', a.r)
+  incr(node_key, 'free_slots', 1)
+end
+
+-- Release a task's reservation and take it off its node.
+local function unhold(task_key, node_key, node_tasks_key, task_id)
+  release(node_key, redis.call('HGET', task_key, 'alloc'))
+  redis.call('HDEL', task_key, 'alloc')
+  redis.call('SREM', node_tasks_key, task_id)
+end
+
+-- Set every free amount of a node back to its capacity (no reservations left).
+local function reset_free(node_key)
+  local cap = redis.call('HMGET', node_key, 'cap_gpus', 'gpu_mem', 'cap_cpu_m', 'cap_mem', 'cap_slots')
+  for i = 0, num(cap[1]) - 1 do
+    redis.call('HSET', node_key, 'g' .. i .. '_milli', MILLI, 'g' .. i .. '_mem', cap[2])
+  end
+  redis.call('HSET', node_key, 'free_cpu_m', cap[3], 'free_mem', cap[4], 'free_slots', cap[5])
+end
+
+-- Back to PENDING at its original place in line (the score keeps its submit order).
+local function requeue(task_key, pending_key, requests_key, task_id, now)
+  local t = redis.call('HMGET', task_key, 'score', 'req')
+  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now)
+  redis.call('HDEL', task_key, 'node', 'gpus', 'tag', 'reserved_at', 'started_at', 'preempt_at', 'preempt_by',
+    'preempt_grace')
+  redis.call('ZADD', pending_key, t[1], task_id)
+  redis.call('HSET', requests_key, task_id, t[2])
+end
+
+-- A task whose process or node was lost. `charge` counts it against max_retries
+-- (it had started); returns the task's new state.
+local function recover(task_key, pending_key, requests_key, task_id, now, reason, charge)
+  if charge then
+    local retries = redis.call('HINCRBY', task_key, 'retries', 1)
+    if retries > num(redis.call('HGET', task_key, 'max_retries')) then
+      redis.call('HSET', task_key, 'state', 'FAILED', 'finished_at', now,
+        'error', reason .. ' (retry limit reached)')
+      return 'FAILED'
+    end
+  end
+  requeue(task_key, pending_key, requests_key, task_id, now)
+  return 'PENDING'
+end
+
+-- Take back everything held on a node whose worker is gone: its tasks are recovered,
+-- its queue and kombu bookkeeping dropped (those messages are stale), capacity freed.
+-- Keys are built from the pool prefix, which carries the pool's hash tag.
+local function reclaim_node(prefix, node_id, pending_key, requests_key, now, reason)
+  local node_key = prefix .. 'node:' .. node_id
+  local tasks_key = node_key .. ':tasks'
+  local ids = redis.call('SMEMBERS', tasks_key)
+  for _, id in ipairs(ids) do
+    local task_key = prefix .. 'task:' .. id
+    local state = redis.call('HGET', task_key, 'state')
+    redis.call('HDEL', task_key, 'alloc')
+    recover(task_key, pending_key, requests_key, id, now, reason, state == 'RUNNING')
+  end
+  local q = prefix .. 'q:' .. node_id
+  redis.call('DEL', tasks_key, q, q .. ':unacked', q .. ':unacked_index', q .. ':unacked_mutex')
+  for _, suffix in ipairs(BUCKETS) do
+    redis.call('DEL', q .. suffix)
+  end
+  reset_free(node_key)
+  return #ids
+end

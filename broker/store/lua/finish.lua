@@ -1,0 +1,65 @@
+-- finish.lua: end one attempt of a task and release its reservation.
+--
+-- Called by the worker on success, on an exception, on a time limit and when the
+-- process running the task was lost. Fenced by the delivery tag: a finish for an
+-- attempt that no longer holds the task changes nothing, so releasing twice is
+-- impossible.
+--
+-- Transitions: RESERVED | RUNNING -> SUCCEEDED | FAILED | PENDING
+-- Includes: _lib.lua _release.lua
+--
+-- KEYS[1] task        hash of the task
+-- KEYS[2] node        hash of the node the attempt ran on
+-- KEYS[3] node_tasks  set of the node's tasks
+-- KEYS[4] pending     zset of pending tasks
+-- KEYS[5] requests    hash task id -> request of pending tasks
+-- KEYS[6] wake        channel dispatchers listen on
+-- KEYS[7] runtimes    hash of succeeded runs' count and seconds per task name and GPU kind
+-- KEYS[8] changes     zset node id -> sequence of its last change
+-- ARGV[1] task_id
+-- ARGV[2] node_id
+-- ARGV[3] tag         delivery tag of the attempt
+-- ARGV[4] outcome     'succeeded' | 'failed' | 'lost' (requeued while retries remain);
+--                     a task being preempted that did not succeed is requeued uncharged
+-- ARGV[5] payload     result JSON when succeeded, error text otherwise
+-- ARGV[6] now         ms since epoch
+-- Returns {code, state}; state is the task's state afterwards:
+--   0 OK
+--   1 NOT_FOUND  no such task
+--   2 STALE      this attempt no longer holds the task; nothing changed
+--   3 BAD_OUTCOME unknown outcome; nothing changed
+
+local task_key, id, now = KEYS[1], ARGV[1], tonumber(ARGV[6])
+local t = redis.call('HMGET', task_key, 'state', 'tag', 'node', 'preempt_at', 'started_at', 'name', 'gpu_kind')
+if not t[1] then return {1, ''} end
+if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED') then
+  return {2, t[1]}
+end
+local outcome = ARGV[4]
+if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'lost' then return {3, t[1]} end
+
+unhold(task_key, KEYS[2], KEYS[3], id)
+touch(KEYS[8], ARGV[2])
+local state
+if outcome == 'succeeded' then
+  state = 'SUCCEEDED'
+  redis.call('HSET', task_key, 'state', state, 'result', ARGV[5], 'finished_at', now)
+  if t[5] then -- learn the runtime, per task name and GPU kind, and per name alone
+    local seconds = string.format('%.3f', (now - tonumber(t[5])) / 1000)
+    for _, key in ipairs({t[6] .. '|' .. (t[7] or ''), t[6] .. '|'}) do
+      redis.call('HINCRBY', KEYS[7], 'n:' .. key, 1)
+      redis.call('HINCRBYFLOAT', KEYS[7], 's:' .. key, seconds)
+    end
+  end
+elseif t[4] then -- stopped for a more urgent task: back in line, no retry charged
+  redis.call('HINCRBY', task_key, 'preemptions', 1)
+  requeue(task_key, KEYS[4], KEYS[5], id, now)
+  state = 'PENDING'
+elseif outcome == 'failed' then
+  state = 'FAILED'
+  redis.call('HSET', task_key, 'state', state, 'error', ARGV[5], 'finished_at', now)
+else
+  state = recover(task_key, KEYS[4], KEYS[5], id, now, ARGV[5], true)
+end
+redis.call('PUBLISH', KEYS[6], 'finish')
+return {0, state}

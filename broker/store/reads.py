@@ -1,0 +1,285 @@
+"""Read-only views of a pool's state in Redis, shared by the client, CLI and dispatcher.
+
+Every stored format is decoded by ``store.records``; this module only knows what to read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+
+from broker.models import NodeView, QueueEntry
+from broker.scheduling.model import GpuKind, NodeFree, RunningTask, Snapshot, TaskRequest
+from broker.store import records
+from broker.store.connection import encode_command, raw_pipeline
+from broker.store.keys import PoolKeys
+from broker.store.records import NodeShape, Pending
+
+
+def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
+    ids = sorted(n.decode() for n in cast(set[bytes], client.smembers(keys.nodes)))
+    pipe = client.pipeline(transaction=False)
+    for node_id in ids:
+        pipe.hgetall(keys.node(node_id))
+        pipe.zscore(keys.leases, node_id)
+        pipe.scard(keys.node_tasks(node_id))
+    replies = pipe.execute()
+    return [records.node_view(node_id, replies[3 * i], replies[3 * i + 1], replies[3 * i + 2])
+            for i, node_id in enumerate(ids) if replies[3 * i]]
+
+
+def read_pending(client: redis.Redis, keys: PoolKeys, limit: int) -> Pending:
+    """The first ``limit`` pending tasks in dispatch order: (id, rank, request wire).
+
+    The pending score orders by priority, then submit sequence, so the rank stands in for
+    both (reading the scores back as floats cost more than the rest of the read)."""
+    head = cast(list[bytes], client.zrange(keys.pending, 0, limit - 1))
+    return records.decode_pending(head, cast(list[bytes | None], client.hmget(keys.requests, head)) if head else [],
+                                  0)
+
+
+def pending_requests(client: redis.Redis, keys: PoolKeys, limit: int) -> list[TaskRequest]:
+    """``read_pending`` as the policy sees it; ``seq`` is the rank in the pending queue (a test
+    and reference helper: the dispatcher reads through ``PendingHead`` or ``read_snapshot``)."""
+    return records.task_requests(read_pending(client, keys, limit))
+
+
+class PendingHead:
+    """The first ``limit`` pending tasks in dispatch order, read only as far as the planner gets.
+
+    The first ``first`` tasks (the cycle's free slots: no more can be placed) are read at
+    once, in the snapshot; more, in doubling chunks, only when the planner asks for them
+    because tasks at the head fit nowhere. A chunk starts after the score of the last task
+    read, not at a rank: the dispatcher's own commits remove tasks from the head meanwhile."""
+
+    def __init__(self, client: redis.Redis, keys: PoolKeys, limit: int, first: int) -> None:
+        self._client, self._keys, self.limit = client, keys, limit
+        self._size = max(1, min(first, limit))
+        self.read, self._after = 0, cast(float | None, None)  # _after: where the next chunk starts
+        self._head = self._read(self._size, None)
+
+    @property
+    def window_full(self) -> bool:
+        """The whole window was read: more may be pending behind it."""
+        return self.read >= self.limit
+
+    PIECE = 256  # tasks turned into TaskRequests at a time, as the planner gets to them
+
+    def chunks(self) -> Iterator[list[TaskRequest]]:
+        """Consecutive runs of the head, in dispatch order. The runs are short so that the
+        planner's first batch does not wait for a whole chunk's TaskRequests to be built."""
+        pending, size = self._head, self._size
+        while True:
+            for first in range(0, len(pending), self.PIECE):
+                yield records.task_requests(pending[first:first + self.PIECE])
+            if self._after is None or self.read >= self.limit:
+                return
+            size = min(2 * size, self.limit - self.read)
+            pending = self._read(size, self._after)
+
+    def _read(self, size: int, after: float | None) -> Pending:
+        """``size`` ids from the head (or scored above ``after``), their requests, and the last one's score."""
+        if after is None:
+            head = cast(list[bytes], self._client.zrange(self._keys.pending, 0, size - 1))
+        else:
+            head = cast(list[bytes], self._client.zrange(self._keys.pending, f"({after!r}", "+inf",
+                                                         byscore=True, offset=0, num=size))
+        self._after = None
+        if not head:
+            return []
+        wires, last_score = raw_pipeline(self._client, [
+            encode_command(b"HMGET", self._keys.requests.encode(), *head),
+            encode_command(b"ZSCORE", self._keys.pending.encode(), head[-1])])
+        # A short read is the end of the queue; a last task gone meanwhile (placed by another
+        # dispatcher) leaves no score to go on from, so the rest waits for the next cycle.
+        if len(head) == size and last_score is not None:
+            self._after = float(last_score)
+        first_rank, self.read = self.read, self.read + len(head)
+        return records.decode_pending(head, wires, first_rank)
+
+
+def waiting_info(client: redis.Redis, keys: PoolKeys, task_ids: list[str]) -> list[dict[str, Any] | None]:
+    """What the dispatcher's last full pass said of each task: position, reason, eta (or None)."""
+    if not task_ids:
+        return []
+    raw = cast(list[bytes | None], client.hmget(keys.queueinfo, task_ids))
+    return [json.loads(r) if r is not None else None for r in raw]
+
+
+def queue_entries(client: redis.Redis, keys: PoolKeys, limit: int) -> list[QueueEntry]:
+    """Pending tasks in the order the dispatcher's policy ranked them on its last full pass
+    (with its reason and estimated start); tasks it has not ranked yet follow in queue order."""
+    pending = read_pending(client, keys, limit)
+    pipe = client.pipeline(transaction=False)
+    for task_id, _seq, _wire in pending:
+        pipe.hget(keys.task(task_id), "submitted_at")
+    submitted = pipe.execute()
+    info = waiting_info(client, keys, [task_id for task_id, _seq, _wire in pending])
+    rows = sorted(zip(pending, submitted, info, strict=True),
+                  key=lambda row: (0, row[2]["position"]) if row[2] else (1, row[0][1]))
+    return [
+        QueueEntry(position=pos, id=task_id, name=wire["n"], tenant=wire["t"], priority=wire["p"],
+                   resources=records.resources_of(wire), submitted_at=int(at or 0) / 1000,
+                   estimated_runtime_s=wire.get("e"), reason=why["reason"] if why else None,
+                   estimated_start_at=why["eta"] if why else None)
+        for pos, ((task_id, _seq, wire), at, why) in enumerate(rows, start=1)
+    ]
+
+
+#: What a reader knows of each node's registration, kept by the caller from cycle to cycle: its
+#: NodeShape, and the HMGET of what changes on it, encoded once.
+Shapes = dict[str, tuple[NodeShape, bytes]]
+
+
+@dataclass(slots=True)
+class FreeCache:
+    """What ``read_free`` read last, kept by a dispatcher from cycle to cycle: the scripts score
+    each node they change in ``P changes`` by a pool-wide sequence, so only nodes scored above
+    ``seen`` are read again. The NodeFree objects are shared: readers must copy, not change them."""
+
+    seen: int = 0
+    nodes: dict[str, NodeFree | None] = field(default_factory=dict)  # None: registered but not up
+
+
+def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes | None = None,
+              cache: FreeCache | None = None) -> list[NodeFree]:
+    """What is free on each schedulable node (up, lease valid), parsed straight for the planner.
+
+    ``shapes``, kept by the caller from cycle to cycle, spares re-reading what each node
+    registered with: the whole hash is read only for nodes not in it (or registered anew).
+    With ``cache``, only nodes changed since the last read are read at all."""
+    if cache is None:
+        live = cast(list[bytes], client.zrange(keys.leases, now_ms, "+inf", byscore=True))
+        ids = sorted(i.decode() for i in live)
+        _forget_gone(shapes, ids)
+        return [n for n in _read_nodes(client, keys, now_ms, ids, shapes).values() if n is not None]
+    live, changed, last = raw_pipeline(client, [
+        encode_command(b"ZRANGE", keys.leases.encode(), b"%d" % now_ms, b"+inf", b"BYSCORE"),
+        encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % cache.seen, b"+inf", b"BYSCORE", b"WITHSCORES"),
+        encode_command(b"ZRANGE", keys.changes.encode(), b"-1", b"-1", b"WITHSCORES")])
+    changed, last = _scored(changed), _scored(last)
+    newest = int(float(last[0][1])) if last else 0
+    if newest < cache.seen:  # the sequence went back: Redis lost its data; start afresh
+        cache.seen, cache.nodes = 0, {}
+        return read_free(client, keys, now_ms, shapes, cache)
+    ids = sorted(i.decode() for i in live)
+    _forget_gone(shapes, ids)
+    stale = {member.decode() for member, _score in changed} | {i for i in ids if i not in cache.nodes}
+    if stale:
+        cache.nodes.update(_read_nodes(client, keys, now_ms, [i for i in ids if i in stale], shapes))
+    cache.seen = max(cache.seen, newest)
+    if len(cache.nodes) > len(ids):
+        live_ids = set(ids)
+        cache.nodes = {i: n for i, n in cache.nodes.items() if i in live_ids}
+    return [n for i in ids if (n := cache.nodes.get(i)) is not None]
+
+
+def _scored(reply: list[Any]) -> list[tuple[bytes, Any]]:
+    """A WITHSCORES reply as (member, score) pairs: RESP3 sends pairs, RESP2 a flat list."""
+    if reply and isinstance(reply[0], list):
+        return [(pair[0], pair[1]) for pair in reply]
+    return list(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _read_nodes(client: redis.Redis, keys: PoolKeys, now_ms: int, ids: list[str],
+                shapes: Shapes | None) -> dict[str, NodeFree | None]:
+    """Node id -> what is free on it (None when it is not up), for ``ids``."""
+    known: Shapes = {} if shapes is None else shapes
+    replies = raw_pipeline(client, [known[node_id][1] if node_id in known
+                                    else encode_command(b"HGETALL", keys.node(node_id).encode()) for node_id in ids])
+    out: dict[str, NodeFree | None] = {}
+    for node_id, reply in zip(ids, replies, strict=True):
+        found = known.get(node_id)
+        if found is None:
+            # RESP3 sends a hash as a map, RESP2 as a flat list
+            h = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+            shape = records.node_shape(h)
+            known[node_id] = (shape, encode_command(b"HMGET", keys.node(node_id).encode(), *shape.fields))
+            values = [h.get(name) for name in shape.fields]
+        elif not records.same_registration(found[0], reply):  # registered afresh: read it all again
+            del known[node_id]
+            return _read_nodes(client, keys, now_ms, ids, shapes)
+        else:
+            shape, values = found[0], reply
+        out[node_id] = records.node_free(node_id, shape, values) if records.node_is_up(values) else None
+    return out
+
+
+def _forget_gone(shapes: Shapes | None, live: list[str]) -> None:
+    if shapes is not None and len(shapes) > 2 * len(live) + 64:  # forget nodes long gone
+        live_ids = set(live)
+        for node_id in [n for n in shapes if n not in live_ids]:
+            del shapes[node_id]
+
+
+# ---- what the full planner sees (scheduling.planner) ---------------------------------------
+
+_RUNNING_FIELDS = (b"state", b"node", b"alloc", b"req", b"started_at", b"reserved_at", b"preempt_at", b"seq",
+                   b"submitted_at")
+
+
+def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
+                 preemptible_default: bool = False) -> list[RunningTask]:
+    """The RESERVED and RUNNING tasks on ``node_ids``, with what each holds (its ``alloc``)."""
+    if not node_ids:
+        return []
+    members = raw_pipeline(client, [encode_command(b"SMEMBERS", keys.node_tasks(n).encode()) for n in node_ids])
+    ids = sorted({m for found in members for m in found})
+    if not ids:
+        return []
+    replies = raw_pipeline(client, [encode_command(b"HMGET", keys.task(t.decode()).encode(), *_RUNNING_FIELDS)
+                                    for t in ids])
+    wires: dict[bytes, records.Wire] = {}
+    out = []
+    for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted) in zip(
+            ids, replies, strict=True):
+        if state not in (b"RESERVED", b"RUNNING") or alloc is None or node is None or req is None:
+            continue  # finished or moved between the two reads
+        wire = wires.get(req)
+        if wire is None:
+            wire = wires[req] = records.decode_request(req)
+        out.append(records.running_task(task_id.decode(), node.decode(), alloc, wire,
+                                        int(started or reserved or 0) / 1000, int(seq or 0),
+                                        int(submitted or 0) / 1000, preempt_at is not None, preemptible_default))
+    return out
+
+
+def read_runtimes(client: redis.Redis, keys: PoolKeys) -> dict[tuple[str, GpuKind | None], float]:
+    """Mean seconds of succeeded runs per (task name, GPU kind), and per (task name, None)."""
+    return records.decode_runtimes(cast(dict[bytes, bytes], client.hgetall(keys.runtimes)))
+
+
+def read_mix(client: redis.Redis, keys: PoolKeys) -> dict[GpuKind, int]:
+    return records.decode_mix(cast(dict[bytes, bytes], client.hgetall(keys.mix)))
+
+
+def read_preempting(client: redis.Redis, keys: PoolKeys) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], client.hgetall(keys.preempting)).items()}
+
+
+def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int,
+                      preemptible_default: bool = False) -> list[TaskRequest]:
+    """The first ``limit`` pending tasks in queue order, each with its submit time."""
+    pending = read_pending(client, keys, limit)
+    if not pending:
+        return []
+    submitted = raw_pipeline(client, [encode_command(b"HGET", keys.task(t).encode(), b"submitted_at")
+                                      for t, _rank, _wire in pending])
+    tasks = records.task_requests(pending, preemptible_default)
+    for task, at in zip(tasks, submitted, strict=True):
+        task.submitted_at = int(at or 0) / 1000
+    return tasks
+
+
+def read_snapshot(client: redis.Redis, keys: PoolKeys, now_ms: int, limit: int, preemptible_default: bool,
+                  shapes: Shapes | None = None, cache: FreeCache | None = None) -> tuple[Snapshot, dict[str, str]]:
+    """Everything the planner needs, and which preemptors wait for which node."""
+    nodes = read_free(client, keys, now_ms, shapes, cache)
+    snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default),
+                    read_running(client, keys, [n.id for n in nodes], preemptible_default),
+                    read_runtimes(client, keys), read_mix(client, keys))
+    return snap, read_preempting(client, keys)

@@ -1,0 +1,329 @@
+"""Every format gpubroker stores in Redis: encoded and decoded here, and nowhere else in Python.
+
+The Lua scripts read and write the same formats (each script's header names the fields it
+touches); ``store/keys.py`` lists the keys and the fields of the task and node hashes.
+
+**The request** (task hash ``req``, ``P requests``): compact JSON written once at submit.
+Requests of one shape serialise to the same text, which the dispatcher and reserve.lua decode
+once per cycle or batch; the keys are short for the same reason.
+
+| key | meaning                                              | unit / values                  |
+|-----|------------------------------------------------------|--------------------------------|
+| g   | whole GPUs                                           | count                          |
+| m   | a share of one GPU (when 0 < gpus < 1), else 0       | thousandths of a GPU           |
+| gm  | GPU memory per GPU; 0 = unspecified                  | MiB                            |
+| c   | CPU                                                  | thousandths of a CPU           |
+| r   | RAM                                                  | MiB                            |
+| l   | label selector, sorted by label                      | label -> value, or value list  |
+| p   | priority (higher runs first)                         | integer                        |
+| n   | Celery task name                                     |                                |
+| t   | tenant                                               |                                |
+| e   | the task's own runtime estimate                      | seconds, or null               |
+| x   | preemptible                                          | true, false, or null (pool default) |
+
+**The allocation** (task hash ``alloc``, written by reserve.lua, given back by ``release`` in
+``lua/_release.lua``): ``{"g": [[index, milli, mem_mb], ...], "c": cpu_milli, "r": mem_mb}``:
+what the task holds on each GPU index, and of the host.
+
+**A GPU kind** (task hash ``gpu_kind``, the fields of ``P mix`` and ``P runtimes``):
+``"<whole GPUs>,<milli of one GPU>"``: ``"2,0"``, ``"0,500"``, ``"0,0"`` for a CPU task.
+
+**Learned runtimes** (``P runtimes``, written by finish.lua on success): ``n:<name>|<kind>``
+counts succeeded runs and ``s:<name>|<kind>`` sums their seconds; ``n:<name>|`` and
+``s:<name>|`` do the same for the name alone.
+
+**States** (task hash ``state``) and the scripts that move a task between them: ``TRANSITIONS``
+(tests/store/test_lua_headers.py checks each script's header and its state literals against it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, cast
+
+from broker.errors import InvalidRequest
+from broker.models import MILLI, GpuView, NodeView, Resources, SubmitRequest, TaskState, TaskStatus, split_selector
+from broker.scheduling.model import GpuKind, NodeFree, RunningTask, TaskRequest
+
+# ---- states and transitions --------------------------------------------------------------
+
+P, R, U, S, F, C = (TaskState.PENDING, TaskState.RESERVED, TaskState.RUNNING, TaskState.SUCCEEDED,
+                    TaskState.FAILED, TaskState.CANCELLED)
+
+#: script -> (the states it moves a task from, the states it may leave it in). A script's header
+#: says ``Transitions: FROM -> TO`` with the same names.
+TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
+    "submit": (frozenset(), frozenset({P})),
+    "reserve": (frozenset({P}), frozenset({R})),
+    "start": (frozenset({R}), frozenset({U})),
+    "finish": (frozenset({R, U}), frozenset({S, F, P})),
+    "cancel": (frozenset({P, R, U}), frozenset({C})),
+    "preempt": (frozenset({R}), frozenset({P})),
+    "reap": (frozenset({R, U}), frozenset({P, F})),
+    "register": (frozenset({R, U}), frozenset({P, F})),
+    "heartbeat": (frozenset(), frozenset()),
+}
+
+# ---- the request --------------------------------------------------------------------------
+
+Wire = dict[str, Any]  # a decoded request
+
+
+def encode_request(req: SubmitRequest) -> str:
+    r = req.resources
+    return json.dumps({"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
+                       "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
+                       "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible},
+                      separators=(",", ":"))
+
+
+def decode_request(text: bytes | str) -> Wire:
+    wire: Wire = json.loads(text)
+    return wire
+
+
+def resources_of(wire: Wire) -> Resources:
+    gpus = wire["g"] if wire["g"] else wire["m"] / MILLI
+    return Resources(gpus=float(gpus), gpu_memory_mb=wire["gm"] or None, cpus=wire["c"] / MILLI,
+                     memory_mb=wire["r"], labels=wire["l"])
+
+
+def task_request(task_id: str, wire: Wire, seq: int = 0, preemptible_default: bool = False) -> TaskRequest:
+    exact, prefer = split_selector(wire["l"])
+    x = wire.get("x")
+    return TaskRequest(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"], exact, wire["p"], seq,
+                       wire.get("t", "default"), wire.get("n", ""), wire.get("e"), 0.0,
+                       preemptible_default if x is None else bool(x), prefer)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """What submit.lua stores of a validated request besides its message."""
+
+    text: str  # the request JSON
+    gpu_kind: str  # its GPU kind, counted in P mix
+
+    @classmethod
+    def of(cls, req: SubmitRequest) -> StoredRequest:
+        return cls(encode_request(req), gpu_kind_of(req.resources))
+
+
+Pending = list[tuple[str, int, Wire]]  # (task id, rank in the pending queue, its decoded request)
+
+
+def decode_pending(ids: list[bytes], texts: list[bytes | None], first_rank: int) -> Pending:
+    """Pending ids with their request texts, decoded; each distinct text once (tasks of one
+    shape share it), so the returned dicts may be shared and must not be mutated. A task whose
+    request is gone (placed or cancelled between two reads) is left out."""
+    parsed: dict[bytes, Wire] = {}
+    out = []
+    for rank, (task_id, text) in enumerate(zip(ids, texts, strict=True), first_rank):
+        if text is None:
+            continue
+        wire = parsed.get(text)
+        if wire is None:
+            wire = parsed[text] = decode_request(text)
+        out.append((task_id.decode(), rank, wire))
+    return out
+
+
+_new_request = cast(Any, TaskRequest)  # called with the fields spread from a tuple
+_REQUEST_FIELDS = tuple(f.name for f in fields(TaskRequest))
+
+
+def task_requests(pending: Pending, preemptible_default: bool = False) -> list[TaskRequest]:
+    """The planner's view of ``pending``; ``seq`` is the rank. The fields shared by every task of
+    one request are worked out once per request (the dispatcher builds tens of thousands)."""
+    shapes: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}  # id of a shared wire -> fields around seq
+    out = []
+    for task_id, rank, wire in pending:
+        shape = shapes.get(id(wire))
+        if shape is None:
+            request = task_request("", wire, 0, preemptible_default)
+            values = tuple(getattr(request, name) for name in _REQUEST_FIELDS)  # astuple would deep-copy
+            shape = shapes[id(wire)] = (values[1:8], values[9:])
+        out.append(_new_request(task_id, *shape[0], rank, *shape[1]))
+    return out
+
+
+# ---- the task hash ------------------------------------------------------------------------------
+
+
+def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, Any] | None) -> TaskStatus:
+    """A task hash (``keys``' task fields) as users read it; ``waiting``: the dispatcher's last
+    word on a pending task (position, reason, eta)."""
+    t = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
+    wire = decode_request(t["req"])
+
+    def seconds(name: str) -> float | None:
+        return int(t[name]) / 1000 if t.get(name) else None
+
+    return TaskStatus(
+        id=task_id, name=t["name"], state=TaskState(t["state"]), tenant=t["tenant"],
+        priority=int(t["priority"]), resources=resources_of(wire), node=t.get("node") or None,
+        gpus=parse_gpus(t.get("gpus")), attempts=int(t.get("attempts", 0)),
+        result=json.loads(t["result"]) if "result" in t else None, error=t.get("error"),
+        submitted_at=seconds("submitted_at") or 0.0, reserved_at=seconds("reserved_at"),
+        started_at=seconds("started_at"), finished_at=seconds("finished_at"), preemptible=wire.get("x"),
+        preemptions=int(t.get("preemptions", 0)), position=waiting["position"] if waiting else None,
+        reason=waiting["reason"] if waiting else None, estimated_start_at=waiting["eta"] if waiting else None,
+    )
+
+
+# ---- GPU kinds, the request mix and learned runtimes -------------------------------------------
+
+
+def gpu_kind_text(kind: GpuKind) -> str:
+    return f"{kind[0]},{kind[1]}"
+
+
+def gpu_kind_of(resources: Resources) -> str:
+    return gpu_kind_text((resources.whole_gpus, resources.gpu_milli))
+
+
+def parse_gpu_kind(text: str) -> GpuKind:
+    """``"whole,milli"`` back to a GpuKind; ValueError says what is wrong."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not 'whole_gpus,gpu_milli' (two integers >= 0)")
+    whole, milli = int(parts[0]), int(parts[1])
+    if milli > MILLI or (whole and milli):
+        raise ValueError(f"{text!r}: a share is 1..{MILLI} milli of one GPU, with 0 whole GPUs")
+    return whole, milli
+
+
+def decode_mix(raw: Mapping[Any, Any]) -> dict[GpuKind, int]:
+    """``P mix`` (or any ``{"whole,milli": count}``) as {GpuKind: count}; InvalidRequest names a bad entry."""
+    mix: dict[GpuKind, int] = {}
+    for key, count in raw.items():
+        text = key.decode() if isinstance(key, bytes) else key
+        try:
+            kind = parse_gpu_kind(text) if isinstance(text, str) else parse_gpu_kind(repr(text))
+        except ValueError as exc:
+            raise InvalidRequest({"mix": f"key {exc}"}) from None
+        value = int(count) if isinstance(count, bytes) else count
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest({"mix": f"count for {text!r} must be an integer >= 0, got {count!r}"})
+        mix[kind] = mix.get(kind, 0) + value
+    return mix
+
+
+def decode_runtimes(raw: Mapping[bytes, bytes]) -> dict[tuple[str, GpuKind | None], float]:
+    """``P runtimes`` as mean seconds per (task name, GPU kind), and per (task name, None)."""
+    out: dict[tuple[str, GpuKind | None], float] = {}
+    for name_field, count in raw.items():
+        if name_field.startswith(b"n:") and int(count) > 0:
+            name, _, kind = name_field[2:].decode().rpartition("|")
+            total = raw.get(b"s:" + name_field[2:])
+            if total is not None:
+                try:
+                    key = (name, parse_gpu_kind(kind) if kind else None)
+                except ValueError:
+                    continue  # a runtime learned under a kind this version cannot read: not worth a crash
+                out[key] = float(total) / int(count)
+    return out
+
+
+# ---- the allocation and running tasks -------------------------------------------------------
+
+
+def running_task(task_id: str, node: str, alloc: bytes | str, wire: Wire, started_s: float, seq: int,
+                 submitted_s: float, preempting: bool, preemptible_default: bool) -> RunningTask:
+    """A RESERVED or RUNNING task as the planner sees it: what its ``alloc`` holds, and its request."""
+    held = json.loads(alloc)
+    gpus = held["g"]
+    x = wire.get("x")
+    return RunningTask(task_id, node, tuple(g[0] for g in gpus), gpus[0][1] if gpus else 0,
+                       gpus[0][2] if gpus else 0, held["c"], held["r"], wire["p"], wire.get("t", "default"),
+                       wire.get("n", ""), started_s, wire.get("e"), preemptible_default if x is None else bool(x),
+                       preempting, seq, submitted_s)
+
+
+# ---- the node hash ------------------------------------------------------------------------------
+
+
+def _s(value: bytes | None) -> str:
+    return value.decode() if value is not None else ""
+
+
+def _i(value: bytes | None) -> int:
+    return int(value) if value is not None else 0
+
+
+LABEL = b"label:"  # node hash fields label:<key> hold its labels
+
+
+def node_labels(h: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k[len(LABEL):].decode(): v.decode() for k, v in h.items() if k.startswith(LABEL)}
+
+
+def node_view(node_id: str, h: Mapping[bytes, bytes], lease: float | None, tasks: int) -> NodeView:
+    count, memory = _i(h.get(b"cap_gpus")), _i(h.get(b"gpu_mem"))
+    gpus = [GpuView(index=i, memory_mb=memory, free_milli=_i(h.get(f"g{i}_milli".encode())),
+                    free_memory_mb=_i(h.get(f"g{i}_mem".encode()))) for i in range(count)]
+    return NodeView(
+        id=node_id, state=_s(h.get(b"state")) or "unknown",
+        lease_expires_at=lease / 1000 if lease is not None else None,
+        gpus=gpus, gpu_memory_mb=memory, cpus=_i(h.get(b"cap_cpu_m")) / MILLI,
+        memory_mb=_i(h.get(b"cap_mem")), slots=_i(h.get(b"cap_slots")), labels=node_labels(h),
+        free_cpus=_i(h.get(b"free_cpu_m")) / MILLI, free_memory_mb=_i(h.get(b"free_mem")),
+        free_slots=_i(h.get(b"free_slots")), tasks=tasks,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeShape:
+    """What a node registered with, fixed until it registers afresh (register.lua rewrites the
+    whole hash, with a new ``registered_at``): the dispatcher then reads only what changes."""
+
+    registration: tuple[bytes | None, ...]  # incarnation, registered_at, cap_gpus, gpu_mem
+    gpus: int
+    gpu_memory_mb: int
+    labels: dict[str, str]
+    capacity: tuple[int, int, int]  # cpu milli, RAM MiB, slots
+    fields: tuple[bytes, ...]  # what changes: FREE_FIELDS, then per GPU milli, then per GPU mem
+
+
+#: The node hash fields that change, read per cycle; ``registration`` is fields 1-4.
+FREE_FIELDS = (b"state", b"incarnation", b"registered_at", b"cap_gpus", b"gpu_mem", b"free_cpu_m", b"free_mem",
+               b"free_slots")
+
+
+def node_shape(h: Mapping[bytes, bytes]) -> NodeShape:
+    gpus = int(h.get(b"cap_gpus", 0))
+    return NodeShape(
+        tuple(h.get(field) for field in FREE_FIELDS[1:5]), gpus, int(h.get(b"gpu_mem", 0)), node_labels(h),
+        (int(h.get(b"cap_cpu_m", 0)), int(h.get(b"cap_mem", 0)), int(h.get(b"cap_slots", 0))),
+        FREE_FIELDS + tuple(b"g%d_milli" % i for i in range(gpus)) + tuple(b"g%d_mem" % i for i in range(gpus)))
+
+
+def same_registration(shape: NodeShape, values: list[bytes | None]) -> bool:
+    return tuple(values[1:5]) == shape.registration
+
+
+def node_is_up(values: list[bytes | None]) -> bool:
+    return values[0] == b"up"
+
+
+def node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> NodeFree:
+    """What is free on a node, from ``shape.fields`` read in order."""
+    n = shape.gpus
+    return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
+                    [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
+                    int(values[7] or 0), dict(shape.labels), *shape.capacity)
+
+
+def labels_arg(labels: Mapping[str, str]) -> str:
+    """A node's labels as register.lua takes them (it writes ``label:<key>`` fields)."""
+    return json.dumps(dict(labels), sort_keys=True) if labels else "{}"
+
+
+def gpus_arg(indices: Iterable[int]) -> str:
+    """GPU indices as the task hash ``gpus`` field and reserve.lua take them: "0,3", "" for none."""
+    return ",".join(map(str, indices))
+
+
+def parse_gpus(text: str | None) -> list[int]:
+    return [int(g) for g in text.split(",")] if text else []

@@ -1,0 +1,350 @@
+"""Typed wrappers around the Lua transition scripts (one per state change).
+
+Each script is loaded once through redis-py's ``Script`` (EVALSHA, reloaded by
+redis-py after ``SCRIPT FLUSH``), with the helper files its header names after
+``Includes:`` prepended. Return codes are IntEnums whose members mirror the
+``Returns:`` block of each script's header (``tests/store/test_lua_headers.py``
+checks that they agree).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+
+from broker.models import SubmitRequest
+from broker.scheduling.model import Placement
+from broker.store.connection import SentCommand, bulk
+from broker.store.keys import PoolKeys
+from broker.store.records import StoredRequest, gpus_arg, labels_arg
+
+LUA = resources.files("broker.store") / "lua"
+
+
+class RegisterCode(enum.IntEnum):
+    CREATED = 0
+    REFRESHED = 1
+    REPLACED = 2
+    SHAPE_CHANGED = 3
+
+
+class HeartbeatCode(enum.IntEnum):
+    OK = 0
+    NOT_REGISTERED = 1
+    FENCED = 2
+    REAPED = 3
+
+
+class SubmitCode(enum.IntEnum):
+    CREATED = 0
+    DUPLICATE = 1
+    ID_TAKEN = 2
+
+
+class ReserveCode(enum.IntEnum):
+    OK = 0
+    NOT_PENDING = 1
+    NODE_DOWN = 2
+    LABEL_MISMATCH = 3
+    NO_CAPACITY = 4
+    BAD_PLACEMENT = 5
+
+
+class StartCode(enum.IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    CANCELLED = 2
+    STALE = 3
+    ALREADY_RUNNING = 4
+
+
+class FinishCode(enum.IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    STALE = 2
+    BAD_OUTCOME = 3
+
+
+class CancelCode(enum.IntEnum):
+    CANCELLED = 0
+    NOT_FOUND = 1
+    ALREADY_FINAL = 2
+    MOVED = 3
+
+
+class ReapCode(enum.IntEnum):
+    OK = 0
+
+
+class PreemptCode(enum.IntEnum):
+    REQUEUED = 0
+    STOPPING = 1
+    NOT_FOUND = 2
+    NOT_HELD = 3
+    ALREADY = 4
+
+
+#: script name -> (its return-code enum, the KEYS it takes in order, the ARGV it takes in order).
+#: The names must match the script headers; a batch script lists its fixed prefix only.
+SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]]] = {
+    "register": (
+        RegisterCode,
+        ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
+        ("node_id", "incarnation", "now", "lease_ms", "gpus", "gpu_mem", "cpu_m", "mem", "slots", "labels"),
+    ),
+    "heartbeat": (HeartbeatCode, ("node", "leases"), ("node_id", "incarnation", "now", "lease_ms")),
+    "submit": (
+        SubmitCode,
+        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
+        ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
+         "gpu_kind"),
+    ),
+    "reserve": (ReserveCode, ("pending", "requests", "leases", "changes"), ("now",)),
+    "start": (StartCode, ("task",), ("node_id", "tag", "now")),
+    "finish": (
+        FinishCode,
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes"),
+        ("task_id", "node_id", "tag", "outcome", "payload", "now"),
+    ),
+    "cancel": (
+        CancelCode,
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "changes"),
+        ("task_id", "node_id", "now"),
+    ),
+    "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "preempt": (
+        PreemptCode,
+        ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
+        ("task_id", "node_id", "preemptor", "grace_ms", "now"),
+    ),
+}
+
+
+_FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
+_RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
+
+
+class _ReserveEncoder:
+    """Encodes reserve.lua batches straight into the Redis protocol, for ``prepare_reserve``.
+
+    redis-py's generic packing (a Python pass over every argument, then a sprintf per
+    argument in hiredis) cost the dispatcher more than planning the batch did: a placement
+    is 7 arguments, and 5 of them (the node's 3 keys and its id, the GPU list) recur all
+    through a batch. Those parts are encoded once here and reused."""
+
+    MAX_NODES = 100_000  # node parts kept; a long-lived dispatcher sees nodes come and go
+
+    def __init__(self, keys: PoolKeys) -> None:
+        self.keys = keys
+        self.task_prefix = keys.task("").encode()
+        self.fixed_keys = b"".join(bulk(getattr(keys, name).encode()) for name in _FIXED_RESERVE_KEYS)
+        self.nodes: dict[str, tuple[bytes, bytes]] = {}  # node id -> (its 3 KEYS, its id as ARGV)
+        self.gpus: dict[tuple[int, ...], bytes] = {}  # GPU indices -> their ARGV
+
+    def _node(self, node_id: str) -> tuple[bytes, bytes]:
+        if len(self.nodes) >= self.MAX_NODES:
+            self.nodes.clear()
+        k = self.keys
+        part = self.nodes[node_id] = (
+            b"".join(bulk(key.encode()) for key in (k.node(node_id), k.node_tasks(node_id), k.queue(node_id))),
+            bulk(node_id.encode()))
+        return part
+
+    def _gpus(self, gpus: tuple[int, ...]) -> bytes:
+        if len(self.gpus) >= self.MAX_NODES:
+            self.gpus.clear()
+        part = self.gpus[gpus] = bulk(gpus_arg(gpus).encode())
+        return part
+
+    def command(self, sha: str, now: int, placements: Sequence[Placement]) -> bytes:
+        """EVALSHA sha with what ``Scripts._reserve_call`` would pass, encoded."""
+        prefix, nodes, gpus = self.task_prefix, self.nodes, self.gpus
+        keys, args = [self.fixed_keys], [bulk(b"%d" % now)]
+        for p in placements:
+            node = nodes.get(p.node_id) or self._node(p.node_id)
+            task_id = p.task_id.encode()
+            keys += (b"$%d\r\n%s%s\r\n" % (len(prefix) + len(task_id), prefix, task_id), node[0])
+            args += (bulk(task_id), node[1], gpus.get(p.gpu_indices) or self._gpus(p.gpu_indices))
+        n = len(placements)
+        fixed = len(_FIXED_RESERVE_KEYS)
+        head = b"*%d\r\n" % (3 + fixed + 4 * n + 1 + 3 * n) + bulk(b"EVALSHA") + bulk(sha.encode())
+        return b"".join([head, bulk(b"%d" % (fixed + 4 * n)), *keys, *args])
+
+
+class PreparedReserve:
+    """One reserve.lua call, encoded: ``send()`` it, then ``codes()`` reads the reply (once).
+
+    Between the two it holds a pooled connection of its own. ``run_as_usual`` makes the call
+    the ordinary way if the script cache was flushed meanwhile (then nothing ran)."""
+
+    def __init__(self, client: redis.Redis, command: bytes, run_as_usual: Callable[[], Any]) -> None:
+        self.client, self.command, self.run_as_usual = client, command, run_as_usual
+        self.sent: SentCommand | None = None
+
+    def send(self) -> None:
+        self.sent = SentCommand(self.client, self.command)
+
+    def codes(self) -> list[ReserveCode]:
+        assert self.sent is not None, "send() first"
+        try:
+            reply = self.sent.reply()
+        except redis.exceptions.NoScriptError:
+            reply = self.run_as_usual()
+        return [_RESERVE_CODES[c] for c in reply]
+
+
+_INCLUDES = re.compile(r"^-- Includes: (.+)$", re.MULTILINE)
+
+
+def includes(name: str) -> list[str]:
+    """The helper files ``name``.lua names in its header, in order."""
+    found = _INCLUDES.search((LUA / f"{name}.lua").read_text())
+    return found.group(1).split() if found else []
+
+
+def script_source(name: str) -> str:
+    """The script as loaded: its includes, then itself."""
+    return "".join((LUA / part).read_text() for part in [*includes(name), f"{name}.lua"])
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+Clock = Callable[[], int]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Scripts:
+    """The pool's transition scripts, bound to one Redis connection and one clock."""
+
+    def __init__(self, client: redis.Redis, keys: PoolKeys, clock: Clock = wall_clock_ms) -> None:
+        self.redis = client
+        self.keys = keys
+        self.clock = clock
+        self._scripts = {name: client.register_script(script_source(name)) for name in SIGNATURES}
+        self._reserve_encoder = _ReserveEncoder(keys)
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self._scripts[name](keys=list(keys), args=list(args))
+
+    def sha(self, name: str) -> str:
+        """The SHA1 script ``name`` is run by (EVALSHA)."""
+        return str(self._scripts[name].sha)
+
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
+        """Run script ``name`` as is; with ``client=`` a pipeline, queue it there (its reply comes
+        from the pipeline's ``execute``). The typed methods below are the usual way in."""
+        return self._scripts[name](keys=list(keys), args=list(args), client=client)
+
+    # ---- nodes ----------------------------------------------------------------
+
+    def register(self, node_id: str, incarnation: str, lease_ms: int, gpus: int, gpu_mem: int,
+                 cpu_m: int, mem: int, slots: int, labels: dict[str, str]) -> tuple[RegisterCode, int]:
+        k = self.keys
+        code, reclaimed = self._run(
+            "register",
+            (k.prefix, k.node(node_id), k.nodes, k.leases, k.pending, k.requests, k.wake, k.changes),
+            (node_id, incarnation, self.clock(), lease_ms, gpus, gpu_mem, cpu_m, mem, slots, labels_arg(labels)),
+        )
+        return RegisterCode(code), int(reclaimed)
+
+    def heartbeat(self, node_id: str, incarnation: str, lease_ms: int) -> HeartbeatCode:
+        (code,) = self._run("heartbeat", (self.keys.node(node_id), self.keys.leases),
+                            (node_id, incarnation, self.clock(), lease_ms))
+        return HeartbeatCode(code)
+
+    def reap(self, limit: int = 100) -> list[str]:
+        k = self.keys
+        _ok, *nodes = self._run("reap", (k.prefix, k.leases, k.pending, k.requests, k.wake, k.changes),
+                                 (self.clock(), limit))
+        return [_text(n) for n in nodes]
+
+    # ---- tasks ----------------------------------------------------------------
+
+    def submit(self, task_id: str, req: SubmitRequest, message: str,
+               stored: StoredRequest | None = None) -> tuple[SubmitCode, str]:
+        """Store a validated request (``stored``, when the caller encoded it already) and its
+        Celery message under ``task_id``; returns the code and the task id it is known by."""
+        code, existing = self._run("submit", *self.submit_call(task_id, req, message, stored))
+        return SubmitCode(code), _text(existing)
+
+    def submit_call(self, task_id: str, req: SubmitRequest, message: str,
+                    stored: StoredRequest | None = None) -> tuple[list[str], list[Any]]:
+        """submit.lua's KEYS and ARGV (for ``call`` on a pipeline)."""
+        k, stored = self.keys, stored or StoredRequest.of(req)
+        return ([k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake, k.mix],
+                [task_id, req.idempotency_key or "", req.priority, self.clock(), stored.text, message, req.task_name,
+                 req.tenant, req.max_retries, stored.gpu_kind])
+
+    def reserve(self, placements: Sequence[Placement]) -> list[ReserveCode]:
+        """Commit a batch; returns one code per placement, in order."""
+        if not placements:
+            return []
+        return [_RESERVE_CODES[c] for c in self._run("reserve", *self._reserve_call(placements))]
+
+    def prepare_reserve(self, placements: Sequence[Placement]) -> PreparedReserve:
+        """``reserve`` in parts: encode the batch now, ``send()`` it later, then read its ``codes()``.
+
+        The dispatcher encodes and plans the next batch while Redis runs this one, so Redis
+        and Python each keep a core busy and Redis never waits for the encoding."""
+        now = self.clock()
+        command = self._reserve_encoder.command(self.sha("reserve"), now, placements)
+        return PreparedReserve(self.redis, command, lambda: self._run("reserve", *self._reserve_call(placements, now)))
+
+    def _reserve_call(self, placements: Sequence[Placement], now: int | None = None) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        keys = [getattr(k, name) for name in _FIXED_RESERVE_KEYS]
+        args: list[Any] = [self.clock() if now is None else now]
+        for p in placements:
+            keys += (k.task(p.task_id), k.node(p.node_id), k.node_tasks(p.node_id), k.queue(p.node_id))
+            args += (p.task_id, p.node_id, gpus_arg(p.gpu_indices))
+        return keys, args
+
+    def start(self, task_id: str, node_id: str, tag: str) -> tuple[StartCode, str]:
+        code, gpus = self._run("start", (self.keys.task(task_id),), (node_id, tag, self.clock()))
+        return StartCode(code), _text(gpus)
+
+    def finish(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str) -> tuple[FinishCode, str]:
+        code, state = self._run("finish", *self.finish_call(task_id, node_id, tag, outcome, payload))
+        return FinishCode(code), _text(state)
+
+    def finish_call(self, task_id: str, node_id: str, tag: str, outcome: str,
+                    payload: str) -> tuple[list[str], list[Any]]:
+        """finish.lua's KEYS and ARGV (for ``call`` on a pipeline)."""
+        k = self.keys
+        return ([k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.wake, k.runtimes,
+                 k.changes], [task_id, node_id, tag, outcome, payload, self.clock()])
+
+    def preempt(self, task_id: str, node_id: str, preemptor: str, grace_ms: int) -> PreemptCode:
+        k = self.keys
+        (code,) = self._run(
+            "preempt",
+            (k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.preempting, k.wake,
+             k.changes),
+            (task_id, node_id, preemptor, grace_ms, self.clock()),
+        )
+        return PreemptCode(code)
+
+    def cancel(self, task_id: str, node_id: str | None) -> tuple[CancelCode, str]:
+        k = self.keys
+        node = node_id or ""
+        # With no node, KEYS[2]/[3] are never touched: pass the task's own key rather than
+        # a node key, so a Redis user without node access (producer ACL) may cancel.
+        node_key, tasks_key, changes = ((k.node(node), k.node_tasks(node), k.changes) if node
+                                        else (k.task(task_id),) * 3)
+        code, detail = self._run(
+            "cancel",
+            (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes),
+            (task_id, node, self.clock()),
+        )
+        return CancelCode(code), _text(detail)

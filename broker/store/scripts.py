@@ -287,7 +287,8 @@ class Scripts:
                  req.tenant, req.max_retries, stored.gpu_kind])
 
     def reserve(self, placements: Sequence[Placement]) -> list[ReserveCode]:
-        """Commit a batch; returns one code per placement, in order."""
+        """Commit a batch; returns one code per placement, in order. The plain path, for tests and
+        for ``prepare_reserve``'s fallback: the dispatcher sends encoded batches (``prepare_reserve``)."""
         if not placements:
             return []
         return [_RESERVE_CODES[c] for c in self._run("reserve", *self._reserve_call(placements))]

@@ -277,5 +277,6 @@ def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree]) -> Iterator
 
 
 def plan(tasks: Sequence[TaskRequest], nodes: Iterable[NodeFree]) -> list[Placement]:
-    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``."""
+    """``propose``, all at once: the spine's decision for a whole queue (tests and benchmarks
+    compare against it; the dispatcher takes ``propose`` lazily)."""
     return list(propose(tasks, nodes))

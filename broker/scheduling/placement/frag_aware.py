@@ -13,7 +13,7 @@ usable GPU counts as fragment too, in proportion. A node's expected fragmentatio
 kind by its share of the request mix. Each task goes where it raises the expected fragmentation
 least; ties go to the best fit. Whole-GPU tasks take GPUs nobody holds any share of.
 
-The request mix counts GPU kinds only (``TaskRequest.gpu_kind``); what each shape asks of the host
+The request mix counts GPU kinds only (``TaskRequest.gpu_kind``); what each kind asks of the host
 (CPU, memory, labels) is learned from the tasks this placer is asked to place (the reference
 simulator likewise keys its task classes by CPU as well as GPU). Kinds with no GPU are left out
 of the measure: every GPU is a fragment to them wherever a task goes, so they cannot change
@@ -48,7 +48,7 @@ Host = tuple[int, int, Labels, Prefer]  # CPU milli, memory MiB, labels, prefer
 Verdict = tuple[float, tuple[int, int], tuple[int, int]]
 Rank = tuple[int, float, tuple[int, int]]  # preference, rise, tie-break
 
-# Of each GPU shape, the host demands that cover this share of the tasks seen are kept as kinds.
+# Of each GPU kind, the host demands that cover this share of the tasks seen are kept as kinds.
 HOST_COVERAGE = 0.95
 MAX_HOSTS_PER_SHAPE = 16
 CACHE_LIMIT = 1 << 20  # entries in each cache
@@ -144,7 +144,7 @@ class FragAware(ChooseThenTake):
     # -- the request mix ------------------------------------------------------------------------
 
     def _observe(self, task: TaskRequest) -> None:
-        """Learn the host demand of each GPU shape from the tasks asked about (each counted once)."""
+        """Learn the host demand of each GPU kind from the tasks asked about (each counted once)."""
         if task.id in self._seen_ids or not (task.whole_gpus or task.gpu_milli):
             return
         self._seen_ids.add(task.id)

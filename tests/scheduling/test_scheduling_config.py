@@ -10,8 +10,7 @@ import pytest
 from broker.errors import InvalidRequest
 from broker.scheduling.config import Mode, Ordering, PlacementKind, SchedulingConfig
 from broker.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def test_the_example_file_loads() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from broker.scheduling.model import RunningTask, TaskRequest
-from tests.test_planner_helpers import MIN, node, order_of, planner, running, snapshot, task
+from tests.scheduling.helpers import MIN, node, order_of, planner, running, snapshot, task
 
 ONE_SLOT = [node("n", 1)]
 

@@ -14,7 +14,7 @@ from broker.scheduling.placement.first_fit import FirstFitPlacer
 from broker.scheduling.placement.frag_aware import FragAware
 from broker.scheduling.placement.spread import SpreadPlacer
 from broker.scheduling.timeline import Hold, Timeline, Usage
-from tests.test_planner_helpers import GiB, node, placed, planner, running, snapshot, task
+from tests.scheduling.helpers import GiB, node, placed, planner, running, snapshot, task
 
 
 def place_all(kind: str, nodes: list[NodeFree], tasks: list[TaskRequest]) -> list[Placement]:

@@ -24,8 +24,9 @@ from broker.sim.traces import (
     trace_format,
     uniform_cluster,
 )
+from tests.support import ROOT
 
-TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+TRACES = ROOT.parent / "shared" / "traces"
 PHILLY = TRACES / "philly-pollux-jobs" / "philly.csv"
 OPENB = TRACES / "alibaba-gpu-v2023-openb" / "csv"
 needs_traces = pytest.mark.skipif(not PHILLY.exists() or not OPENB.exists(), reason="../shared/traces not present")

@@ -16,7 +16,7 @@ import pytest
 from broker.models import MILLI
 from broker.scheduling.model import NodeFree, TaskRequest
 from broker.scheduling.timeline import INF, Hold, Timeline, Usage
-from tests.test_planner_helpers import GiB, node, task
+from tests.scheduling.helpers import GiB, node, task
 
 NOW = 1000.0
 

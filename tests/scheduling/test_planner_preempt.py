@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from broker.scheduling.model import RunningTask, TaskRequest
-from tests.test_planner_helpers import MIN, node, planner, running, snapshot, task
+from tests.scheduling.helpers import MIN, node, planner, running, snapshot, task
 
 
 def preempt(run: list[RunningTask], pending: list[TaskRequest], gpus: int = 4, now: float = 100 * MIN,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from broker.scheduling.model import NodeFree, RunningTask, Snapshot, TaskRequest
-from tests.test_planner_helpers import MIN, node, order_of, planner, running, snapshot, task
+from tests.scheduling.helpers import MIN, node, order_of, planner, running, snapshot, task
 
 
 def backfill_case(j3_minutes: float) -> tuple[list[NodeFree], list[TaskRequest], list[RunningTask]]:

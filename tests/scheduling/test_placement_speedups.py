@@ -16,7 +16,7 @@ from broker.scheduling.model import NodeFree, Placement, TaskRequest
 from broker.scheduling.placement import make_placer
 from broker.scheduling.placement.best_fit import plan
 from broker.scheduling.placement.first_fit import _MaxTree
-from tests.test_planner_helpers import GiB, node, task
+from tests.scheduling.helpers import GiB, node, task
 
 Key = tuple[float, ...]
 

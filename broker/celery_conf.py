@@ -1,18 +1,34 @@
-"""Celery settings every gpubroker process shares (client, workers, Flower).
+"""Celery settings every gpubroker process shares (client, workers, beat, Flower).
 
-Transport options must be identical everywhere that touches the node queues
-(Flower sums queue lengths with them), so they are defined once here.
+With them, any Celery app sends its tasks through the broker (``broker.native``): the transport
+submits what Celery publishes, and the result backend reads the broker's task records.
+Transport options must be identical everywhere that touches the node queues (Flower sums queue
+lengths with them), so they are defined once here.
 """
 
 from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
+from celery.events.state import Task as TaskState
+from kombu.entity import Queue
 from kombu.utils.url import parse_url
 
+from broker.native.app import GpuCelery
 from broker.settings import Settings
+
+TRANSPORT = "broker.native.transport:Transport"
+BACKEND = "broker.native.backend:BrokerBackend"
+
+# Flower shows a task's fields from its events as listed here; the worker adds where a task ran
+# (node, GPU indices) and its tenant to its task-started event (workers.task).
+EVENT_FIELDS = ("node", "gpus", "tenant")
+TaskState._fields = tuple(dict.fromkeys((*TaskState._fields, *EVENT_FIELDS)))
+for _field in EVENT_FIELDS:  # unset until the task-started event says (Celery's other fields work so)
+    setattr(TaskState, _field, None)
 
 
 def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
@@ -28,9 +44,21 @@ def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED, **(parse_url(redis_url).get("ssl") or {})}
 
 
-def celery_settings(settings: Settings) -> dict[str, Any]:
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """What ``broker.native`` reads of the gpubroker settings, carried in the transport options."""
+    return settings.model_dump(include={"pool", "max_payload_bytes", "result_expires_s", "cancel_grace_s",
+                                        "socket_timeout_s"})
+
+
+def celery_settings(settings: Settings, submit: bool = True) -> dict[str, Any]:
+    """The Celery settings of a gpubroker process. ``submit=False``: kombu's own Redis transport, for
+    a process that only watches (Flower, which reads queue lengths by the URL's scheme); its
+    revokes still cancel through the broker, on the workers (``workers.control``)."""
+    native = submit and urlsplit(settings.redis_url).scheme in ("redis", "rediss")
     return {
         "broker_url": settings.redis_url,
+        # Tasks go through the broker: an explicit transport wins over the URL's scheme.
+        **({"broker_transport": TRANSPORT} if native else {}),
         # TLS for rediss:// URLs (False, Celery's default, otherwise).
         "broker_use_ssl": broker_use_ssl(settings.redis_url) or False,
         # JSON only: a message of another content type is rejected unread.
@@ -38,9 +66,17 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "event_serializer": "json",
         "accept_content": ["json"],
-        # Results live in the task record (finish.lua), not in a Celery backend.
-        "task_ignore_result": True,
-        "result_backend": None,
+        # AsyncResult reads the task records (finish.lua writes them); they expire as Celery's results do.
+        "task_ignore_result": False,
+        "result_backend": BACKEND,
+        "result_expires": settings.result_expires_s or None,
+        # Flower lists a task as soon as it is submitted.
+        "task_send_sent_event": True,
+        # Tasks are submitted, never pushed onto Celery's default queue: nothing is declared for it
+        # (a producer writes nothing before its submit is validated, and needs no kombu bindings).
+        "task_queues": (Queue("celery", no_declare=True),),
+        # The dispatcher enforces rate limits before reserving: a worker never holds GPUs idle for one.
+        "worker_disable_rate_limits": True,
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
         "worker_send_task_events": True,
@@ -51,17 +87,18 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "socket_timeout": settings.socket_timeout_s,
             "health_check_interval": 10,
+            "gpubroker": transport_options(settings),
         },
     }
 
 
-def monitor_app(settings: Settings | None = None) -> Celery:
-    """A task-less app for Flower and control commands (revoke)."""
+def monitor_app(settings: Settings | None = None, submit: bool = True) -> Celery:
+    """A task-less app for ``Client``'s sends and control commands (revoke), and for Flower."""
     settings = settings or Settings()
-    app = Celery("gpubroker", set_as_current=False)
-    app.conf.update(celery_settings(settings))
+    app = GpuCelery("gpubroker", set_as_current=False)
+    app.conf.update(celery_settings(settings, submit))
     return app
 
 
 #: ``celery -A broker.celery_conf:app flower`` (settings from GPUBROKER_* env).
-app = monitor_app()
+app = monitor_app(submit=False)

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from celery import Celery
+from kombu.exceptions import ChannelError, OperationalError
 from redis.exceptions import NoPermissionError
 
 from broker.celery_conf import monitor_app
-from broker.errors import AccessDenied, TaskNotFound, Unsatisfiable, WaitTimeout
-from broker.message import build_message, new_task_id
-from broker.models import NodeView, QueueEntry, Resources, SubmitRequest, TaskState, TaskStatus, shortfall
+from broker.errors import AccessDenied, TaskNotFound, WaitTimeout
+from broker.message import new_task_id
+from broker.models import NodeView, QueueEntry, Resources, TaskStatus
+from broker.native.app import message_options
+from broker.native.submitter import Submitter
+from broker.native.transport import submitted
 from broker.settings import Settings
 from broker.store import reads, records
-from broker.store.connection import connect, unavailable_as_error
+from broker.store.connection import as_broker_error, connect, unavailable_as_error
 from broker.store.keys import PoolKeys
-from broker.store.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
+from broker.store.scripts import CancelCode, Clock, Scripts, wall_clock_ms
 
 log = logging.getLogger(__name__)
-
-PENDING_QUEUE_LABEL = "gpubroker:pending"
 
 
 class TaskHandle:
@@ -48,8 +49,6 @@ class TaskHandle:
 class Client:
     """Submit and inspect GPU tasks in one pool. ``Client(redis_url)`` is all most users need."""
 
-    SHAPE_CACHE_S = 5.0
-
     def __init__(self, redis_url: str | None = None, *, pool: str | None = None,
                  settings: Settings | None = None, clock: Clock = wall_clock_ms) -> None:
         settings = settings or Settings()
@@ -58,81 +57,64 @@ class Client:
         self.keys = PoolKeys(self.settings.pool)
         self.redis = connect(self.settings)
         self.scripts = Scripts(self.redis, self.keys, clock)
+        self.submitter = Submitter(self.settings, self.redis, clock)
         self.clock = clock
-        self._events_lock = threading.Lock()
         self._celery: Celery | None = None
-        self._events: Any = None
-        self._shapes: tuple[float, list[NodeView]] | None = None
 
     # ---- writing --------------------------------------------------------------
 
     @unavailable_as_error
     def submit(self, task_name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               resources: Resources | None = None, priority: int = 0, tenant: str = "default",
+               resources: Resources | None = None, priority: int | None = None, tenant: str | None = None,
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
-               max_retries: int = 3, preemptible: bool | None = None) -> TaskHandle:
+               max_retries: int = 3, preemptible: bool | None = None, countdown: float | None = None,
+               eta: datetime | None = None, expires: float | datetime | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
-        Every field is validated before anything is written; a request that no
-        registered node could ever satisfy is refused, naming the short resource.
+        The same path as Celery's ``send_task``/``apply_async``: options not given are the task's
+        declared defaults (what its workers registered), else the built-in ones. Every field is
+        validated before anything is written; a task name no registered node runs, or a request
+        that no registered node could ever satisfy, is refused, naming the field. ``countdown``/
+        ``eta``: not placed before then; ``expires``: cancelled if not started by then.
         """
+        values = {"resources": resources, "priority": priority, "tenant": tenant,
+                  "estimated_runtime_s": estimated_runtime_s, "preemptible": preemptible,
+                  "idempotency_key": idempotency_key, "max_retries": max_retries}
+        options = {k: v for k, v in values.items() if v is not None}
+        # Refused here, before Celery builds anything, with the errors the transport would raise.
         # SubmitRequest takes a list or tuple for args and refuses anything else.
-        req = SubmitRequest(task_name=task_name, args=cast(list[Any], args),
-                            kwargs=kwargs if kwargs is not None else {},
-                            resources=resources if resources is not None else Resources(),
-                            priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
-                            idempotency_key=idempotency_key, max_retries=max_retries, preemptible=preemptible)
-        self._check_satisfiable(req.resources)
+        req = self.submitter.request(task_name, cast(list[Any], args), kwargs, options)
+        self.submitter.check(req)
         task_id = new_task_id()
-        message = build_message(task_id, req.task_name, req.args, req.kwargs, self.settings.max_payload_bytes)
-        code, existing = self.scripts.submit(task_id, req, message)
-        if code is SubmitCode.DUPLICATE:
-            return TaskHandle(self, existing, created=existing == task_id)
-        # The id is a fresh uuid4: only this call can have taken it, when the reply to the
-        # script was lost and redis-py sent it again (connection dropped, socket timeout).
-        if code is not SubmitCode.CREATED and code is not SubmitCode.ID_TAKEN:
-            raise RuntimeError(f"submit.lua refused fresh task id {task_id}: {code.name}")
-        self._announce_sent(message, task_id, req.task_name)
-        return TaskHandle(self, task_id, created=True)
-
-    def _check_satisfiable(self, resources: Resources) -> None:
-        """Refuse what no registered node could ever run. Node shapes are cached briefly to
-        keep submit cheap; a refusal is always confirmed against a fresh read."""
-        now = time.monotonic()
-        if self._shapes is None or now - self._shapes[0] > self.SHAPE_CACHE_S:
-            self._shapes = (now, self.nodes())
-        if not self._shapes[1] or not shortfall(resources, self._shapes[1]):
-            return
-        self._shapes = (now, self.nodes())
-        if self._shapes[1] and (short := shortfall(resources, self._shapes[1])):
-            raise Unsatisfiable(short)
+        try:
+            Celery.send_task(self._celery_app(), req.task_name, args=req.args, kwargs=req.kwargs, task_id=task_id,
+                             countdown=countdown, eta=eta, expires=expires, **message_options(options))
+        except (OperationalError, ChannelError) as exc:
+            raise as_broker_error(exc) from exc
+        known_as, created = submitted(task_id) or (task_id, True)
+        return TaskHandle(self, known_as, created=created)
 
     @unavailable_as_error
     def cancel(self, task_id: str) -> TaskStatus:
-        """Cancel a pending, reserved or running task (a running one is terminated).
+        """Cancel a pending, reserved or running task.
 
+        A pending or reserved one is CANCELLED at once. A running one keeps its GPUs until its
+        process is gone: within half a second its worker sends SIGTERM (``workers.task.Preempted``
+        in the task), waits ``cancel_grace_s``, then SIGKILLs; its status shows RUNNING until
+        then, then CANCELLED. Needs no Celery broadcast, so a producer's Redis user may do it.
         Cancelling a task that already ended changes nothing and returns its status.
         """
-        held_by = cast(bytes | None, self.redis.hget(self.keys.task(task_id), "node"))
-        node = held_by.decode() if held_by else None
-        for _ in range(10):
-            try:
-                code, detail = self.scripts.cancel(task_id, node)
-            except NoPermissionError as exc:
-                if node is None:
-                    raise
-                raise AccessDenied(
-                    f"task {task_id} is held by node {node}: cancelling it releases that node's capacity, "
-                    f"which the Redis user in the Redis URL may not write ({exc}); nothing was changed. "
-                    "Cancel it as a user with node access (admin in config/redis-acl.conf)") from exc
-            if code is CancelCode.NOT_FOUND:
-                raise TaskNotFound(task_id)
-            if code is not CancelCode.MOVED:
-                break
-            node = detail or None
-        if code is CancelCode.CANCELLED and detail in (TaskState.RESERVED, TaskState.RUNNING):
-            # The reservation is released already; stop the process and drop the queued message.
-            self._celery_app().control.revoke(task_id, terminate=True, signal="SIGTERM")
+        try:
+            code, _detail = self.submitter.cancel(task_id)
+        except NoPermissionError as exc:
+            raise AccessDenied(
+                f"task {task_id} is reserved on a node: cancelling it releases that node's capacity, which the "
+                f"Redis user in the Redis URL may not write ({exc}); nothing was changed. Cancel it as a user "
+                "with node access (admin in config/redis-acl.conf)") from exc
+        if code is CancelCode.NOT_FOUND:
+            raise TaskNotFound(task_id)
+        # Nothing to broadcast: the node's worker sees the mark on a running task within
+        # workers.agent.STOP_CHECK_S, and drops a reserved one's queued message (start.lua).
         return self.status(task_id)
 
     # ---- reading --------------------------------------------------------------
@@ -171,10 +153,8 @@ class Client:
         return reads.queue_entries(self.redis, self.keys, limit)
 
     def close(self) -> None:
-        with self._events_lock:
-            if self._events is not None:
-                self._events.close()
-                self._events = None
+        if self._celery is not None:
+            self._celery.close()
         self.redis.close()
 
     def __enter__(self) -> Client:
@@ -189,18 +169,3 @@ class Client:
         if self._celery is None:
             self._celery = monitor_app(self.settings)
         return self._celery
-
-    def _announce_sent(self, message: str, task_id: str, name: str) -> None:
-        """Emit Celery's task-sent event so Flower lists the task while it waits."""
-        headers = json.loads(message)["headers"]
-        try:
-            with self._events_lock:
-                if self._events is None:
-                    self._events = self._celery_app().events.Dispatcher(
-                        self._celery_app().connection_for_write(), enabled=True)
-                self._events.send("task-sent", uuid=task_id, name=name, args=headers["argsrepr"],
-                                  kwargs=headers["kwargsrepr"], retries=0, eta=None, expires=None,
-                                  root_id=task_id, parent_id=None, queue=PENDING_QUEUE_LABEL,
-                                  exchange="", routing_key=PENDING_QUEUE_LABEL)
-        except Exception:
-            log.warning("could not emit task-sent for %s", task_id, exc_info=True)

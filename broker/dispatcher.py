@@ -1,6 +1,8 @@
 """The dispatcher: one cycle of numbered phases, woken by the scripts, never polling.
 
-    1 reap      reclaim nodes whose lease expired (reap.lua)
+    1 reap      reclaim nodes whose lease expired (reap.lua); move delayed tasks whose time has
+                come to the queue (promote.lua) and cancel those past their expiry (expire.lua);
+                now and then, take in tasks Celery producers pushed past the broker
     2 snapshot  read free capacity per GPU and the head of the pending queue
     3 plan      pure-Python policy proposes placements (broker.scheduling)
     4 commit    reserve.lua re-checks and commits them in batches; preempt.lua marks
@@ -40,6 +42,7 @@ import redis
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
+from broker.native.ingest import Ingest
 from broker.scheduling.model import Placement, Plan
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
@@ -77,6 +80,10 @@ class CycleReport:
     placed_tasks: list[Placement] = field(default_factory=list)  # what reserve.lua accepted, in order
     preempted: list[str] = field(default_factory=list)  # victims marked or requeued this cycle
     full_pass: bool = False  # the full planner ran
+    promoted: int = 0  # delayed tasks whose time came
+    expired: list[str] = field(default_factory=list)
+    ingested: int = 0  # tasks taken in from Celery's own queues
+    wake_at_ms: int | None = None  # something is due then (a delayed task, an expiry, a rate limit's next start)
 
 
 class _Timer:
@@ -109,6 +116,8 @@ class Dispatcher:
         self._free = reads.FreeCache()  # and of what was free on each, until a script changes it
         self._last_full_ms: int | None = None
         self._published = False
+        self._catalogue = reads.Catalogue()
+        self._ingest = Ingest(settings, self.redis, clock)
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
@@ -121,15 +130,21 @@ class Dispatcher:
             self.publish_config()
         with _Timer(report, "1_reap"):
             report.reaped = self.scripts.reap()
+            report.promoted = self.scripts.promote()
+            report.expired = self.scripts.expire()
+            report.ingested = self._ingest.maybe()
         full = not self.lazy
         if self.lazy:
             with _Timer(report, "2_snapshot"):
                 nodes = reads.read_free(self.redis, self.keys, self.clock(), self._node_shapes, self._free)
                 head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
                                          first=sum(n.free_slots for n in nodes))
+                limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
             report.nodes_seen = len(nodes)
             tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
-            self._plan_and_commit(report, propose(tasks, nodes))
+            tokens = {name: left for name, (_rate, left) in limits.items()}
+            self._plan_and_commit(report, propose(tasks, nodes, tokens))
+            self._wake_for_rates(report, limits, tokens)
             report.pending_seen, report.window_full = head.read, head.window_full
             # Tasks left waiting: now and then, a full pass for preemption and the queue view.
             left = head.read > report.placed or report.window_full
@@ -145,8 +160,20 @@ class Dispatcher:
             # head of the queue is enough.
             self._full_pass(report, self.settings.scheduling.explain_limit if self.lazy else None)
         with _Timer(report, "5_record"):
+            timer = reads.next_timer_ms(self.redis, self.keys)
+            if timer is not None:
+                report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
             self._record(report)
         return report
+
+    def _wake_for_rates(self, report: CycleReport, limits: dict[str, tuple[float, float]],
+                        left: dict[str, float]) -> None:
+        """Wake when a rate-limited name that ran out of starts this cycle may start again."""
+        now = self.clock()
+        for name, tokens in left.items():
+            if tokens < 1:
+                at = now + int((1 - tokens) / limits[name][0] * 1000) + 1
+                report.wake_at_ms = at if report.wake_at_ms is None else min(report.wake_at_ms, at)
 
     def _full_pass(self, report: CycleReport, limit: int | None = None) -> None:
         sched = self.settings.scheduling
@@ -155,7 +182,8 @@ class Dispatcher:
         window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
         with _Timer(report, "2_snapshot"):
             snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window,
-                                                   sched.preemptible_default, self._node_shapes, self._free)
+                                                   sched.preemptible_default, self._node_shapes, self._free,
+                                                   self._catalogue)
             # Preemptors no longer pending (placed, cancelled) wait for nothing.
             waiting = {t.id for t in snap.pending}
             done = [task_id for task_id in preempting if task_id not in waiting]
@@ -166,6 +194,7 @@ class Dispatcher:
         report.pending_seen = max(report.pending_seen, len(snap.pending))
         with _Timer(report, "3_plan"):
             plan = self.planner.plan(snap)
+        self._wake_for_rates(report, snap.rate_limits, plan.tokens)
         self._plan_and_commit(report, iter(plan.placements))
         with _Timer(report, "4_commit"):
             self._preempt(report, plan)
@@ -235,11 +264,11 @@ class Dispatcher:
             REFUSED.labels(pool, code).inc(count)
         for phase, seconds in report.seconds.items():
             PHASE.labels(pool, phase).observe(seconds)
-        if report.placed or report.refused or report.reaped or report.preempted:
+        if report.placed or report.refused or report.reaped or report.preempted or report.expired:
             timings = " ".join(f"{p[2:]}={s * 1000:.1f}ms" for p, s in report.seconds.items())
-            log.info("cycle: %d pending, %d nodes, placed %d, refused %s, reaped %s, preempted %s (%s)",
+            log.info("cycle: %d pending, %d nodes, placed %d, refused %s, reaped %s, preempted %s, expired %s (%s)",
                      report.pending_seen, report.nodes_seen, report.placed, dict(report.refused) or 0,
-                     report.reaped or 0, report.preempted or 0, timings)
+                     report.reaped or 0, report.preempted or 0, report.expired or 0, timings)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Cycle whenever a script publishes a wake-up; reap at least every reap_interval_s."""
@@ -256,7 +285,10 @@ class Dispatcher:
                     woken = self._drain(pubsub)
                     if woken or (report.window_full and report.placed):
                         continue
-                    if pubsub.get_message(timeout=self.settings.reap_interval_s) is not None:
+                    wait = self.settings.reap_interval_s
+                    if report.wake_at_ms is not None:
+                        wait = max(0.0, min(wait, (report.wake_at_ms - self.clock()) / 1000))
+                    if pubsub.get_message(timeout=wait) is not None:
                         self._drain(pubsub)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)

@@ -24,6 +24,15 @@ class Unsatisfiable(InvalidRequest):
     """No registered node could ever run the request, whatever else finishes."""
 
 
+class NotRegistered(InvalidRequest):
+    """No registered node runs this task name (Celery's NotRegistered, at submit instead of on a node)."""
+
+    def __init__(self, task_name: str) -> None:
+        super().__init__({"task_name": f"no registered node runs task {task_name!r}: check the name, or start a "
+                                       "worker with its module (gpubroker worker --tasks MODULE)"})
+        self.task_name = task_name
+
+
 class TaskNotFound(GpuBrokerError, KeyError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id

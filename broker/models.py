@@ -210,6 +210,10 @@ class SubmitRequest(_Strict):
     # May the scheduler stop it (SIGTERM, a grace period, then SIGKILL) and requeue it for a more
     # urgent task? None: the pool's scheduling.preemptible_default.
     preemptible: bool | None = None
+    # Seconds since the epoch: not placed before then (countdown, ETA); cancelled if it has not
+    # started by then (expires).
+    not_before: float | None = Field(None, gt=0, allow_inf_nan=False)
+    expires_at: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @field_validator("task_name")
     @classmethod
@@ -307,6 +311,7 @@ class NodeView(BaseModel):
     free_memory_mb: int
     free_slots: int
     tasks: int
+    serves: list[str] | None = None  # the task names its worker runs; None: any
 
     @property
     def free_gpus(self) -> int:
@@ -332,6 +337,15 @@ class TaskStatus(BaseModel):
     finished_at: float | None = None
     preemptible: bool | None = None
     preemptions: int = 0  # times it was stopped and requeued for a more urgent task
+    # Celery's side of it: what the running task last said of itself (update_state), the
+    # exception of a failure (type, module, message, traceback), and a retry's wait.
+    progress_state: str | None = None
+    progress: Any = None
+    exception: dict[str, Any] | None = None
+    retried: bool = False  # it asked Celery to retry and waits to run again
+    retry_reason: str | None = None
+    not_before: float | None = None  # seconds: not placed before then (countdown, ETA, a retry's wait)
+    expires_at: float | None = None
     # While PENDING, as of the dispatcher's last pass:
     position: int | None = None
     reason: str | None = None

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     # How often (at most) the dispatcher publishes each pending task's reason and estimated start.
     explain_interval_s: float = Field(1.0, gt=0)
+    # A finished task's record (and its idempotency key) is kept this long, as Celery's
+    # result_expires; 0 keeps it for good.
+    result_expires_s: float = Field(86400.0, ge=0)
+    # A cancelled running task gets SIGTERM, then SIGKILL after this many seconds.
+    cancel_grace_s: float = Field(10.0, ge=0)
+    # Lists where Celery producers that do not use these settings publish (task_default_queue):
+    # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
+    ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])
 
     @field_validator("pool")
     @classmethod

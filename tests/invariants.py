@@ -104,23 +104,26 @@ def free_of(client: redis.Redis, keys: PoolKeys, node_id: str) -> dict[str, int]
 
 def register_node(scripts: Scripts, node_id: str, *, gpus: int = 0, gpu_mem: int = 0, cpus: float = 8,
                   mem: int = 32_768, slots: int = 4, labels: dict[str, str] | None = None,
-                  incarnation: str = "inc-1", lease_ms: int = LEASE_MS) -> tuple[RegisterCode, int]:
+                  incarnation: str = "inc-1", lease_ms: int = LEASE_MS,
+                  tasks: dict[str, str] | None = None) -> tuple[RegisterCode, int]:
     return scripts.register(node_id, incarnation, lease_ms, gpus, gpu_mem, round(cpus * MILLI), mem, slots,
-                            labels or {})
+                            labels or {}, tasks)
 
 
 def submission(task_id: str, *, resources: Resources = DEFAULT_RESOURCES, priority: int = 0,
-               tenant: str = "default", idempotency_key: str | None = None,
-               max_retries: int = 3) -> tuple[SubmitRequest, StoredRequest, str]:
+               tenant: str = "default", idempotency_key: str | None = None, max_retries: int = 3,
+               not_before: float | None = None, expires_at: float | None = None,
+               name: str = PROBE) -> tuple[SubmitRequest, StoredRequest, str]:
     """What Client.submit hands to submit.lua: the validated request, what is stored of it, the Celery message."""
-    req = SubmitRequest(task_name=PROBE, resources=resources, priority=priority, tenant=tenant,
-                        idempotency_key=idempotency_key, max_retries=max_retries)
-    return req, StoredRequest.of(req), build_message(task_id, PROBE, [], {}, MAX_PAYLOAD)
+    req = SubmitRequest(task_name=name, resources=resources, priority=priority, tenant=tenant,
+                        idempotency_key=idempotency_key, max_retries=max_retries, not_before=not_before,
+                        expires_at=expires_at)
+    return req, StoredRequest.of(req), build_message(task_id, name, [], {}, MAX_PAYLOAD)
 
 
-def submit_raw(scripts: Scripts, task_id: str, **options: Any) -> tuple[SubmitCode, str]:
+def submit_raw(scripts: Scripts, task_id: str, result_ttl_ms: int = 0, **options: Any) -> tuple[SubmitCode, str]:
     req, stored, message = submission(task_id, **options)
-    return scripts.submit(task_id, req, message, stored)
+    return scripts.submit(task_id, req, message, stored, result_ttl_ms)
 
 
 def submit_task(scripts: Scripts, *, task_id: str | None = None, **options: Any) -> str:
@@ -224,7 +227,8 @@ def all_tasks(client: redis.Redis, keys: PoolKeys) -> dict[str, dict[str, str]]:
 def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str, dict[str, str]]:
     """Each task is in exactly one state, and where it is listed agrees with that state.
 
-    PENDING: in ``pending`` (with its own score) and ``requests`` (with its own request),
+    PENDING: in ``pending`` (with its own score) and ``requests`` (with its own request), or,
+    waiting for its start time, in ``delayed`` (scored by its ``not_before``) and in neither;
     on no node, holding nothing. RESERVED/RUNNING: on exactly its node's ``:tasks`` set,
     holding an ``alloc`` and the tag of its current attempt, in neither pending list.
     Final: listed nowhere, holding nothing. Nothing is listed for a task that does not
@@ -232,6 +236,7 @@ def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str
     """
     tasks = all_tasks(client, keys)
     pending = {m.decode(): int(s) for m, s in client.zrange(keys.pending, 0, -1, withscores=True)}
+    delayed = {m.decode(): int(s) for m, s in client.zrange(keys.delayed, 0, -1, withscores=True)}
     requests = hash_of(client, keys.requests)
     registered = {m.decode() for m in client.smembers(keys.nodes)}
     held_on: dict[str, list[str]] = {}
@@ -245,7 +250,10 @@ def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str
         state, where = t.get("state"), f"task {task_id}"
         assert state in ALL_STATES, f"{where} has state {state!r}"
         assert t.get("id") == task_id, f"{where} names itself {t.get('id')!r}"
-        if state == "PENDING":
+        if state == "PENDING" and "not_before" in t:
+            assert delayed.get(task_id) == int(t["not_before"]), f"{where} waits but delayed has {delayed.get(task_id)}"
+            assert task_id not in pending and task_id not in requests, f"{where} waits but is in the queue"
+        elif state == "PENDING":
             assert pending.get(task_id) == int(t["score"]), f"{where} is PENDING but pending has {pending.get(task_id)}"
             assert requests.get(task_id) == t["req"], f"{where} is PENDING but its request is {requests.get(task_id)}"
             assert task_id not in held_on, f"{where} is PENDING but held on {held_on[task_id]}"
@@ -260,6 +268,7 @@ def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str
             assert task_id not in pending and task_id not in requests, f"{where} is {state} but still pending"
         else:
             assert task_id not in pending and task_id not in requests, f"{where} is {state} but still pending"
+            assert task_id not in delayed, f"{where} is {state} but still waits in delayed"
             assert task_id not in held_on, f"{where} is {state} but held on {held_on[task_id]}"
             assert "alloc" not in t, f"{where} is {state} but holds {t['alloc']}"
     assert set(pending) <= set(tasks), f"pending lists unknown tasks {set(pending) - set(tasks)}"

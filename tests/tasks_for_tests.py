@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from broker.models import Resources
 from workers import context
 from workers.app import app
 
@@ -65,3 +66,66 @@ def checkpointed(self: Any, seconds: float, path: str) -> dict[str, Any]:
         raise
     return {"attempt": _attempt(self), "resumed_from": resumed_from, "node": context.node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "finished_at": time.time()}
+
+
+# ---- Celery-native: declared defaults, retries, progress, canvas ----------------------------
+
+@app.task(name="tests.add")
+def add(x: float, y: float) -> float:
+    return x + y
+
+
+@app.task(name="tests.tsum")
+def tsum(values: list[float]) -> float:
+    return sum(values)
+
+
+@app.task(name="tests.gpu_where", resources=Resources(gpus=1, cpus=1), priority=5, tenant="vision",
+          estimated_runtime_s=30)
+def gpu_where() -> dict[str, Any]:
+    """Declares its resources on the decorator: ``.delay()`` runs it on one whole GPU."""
+    return {"node": context.node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+@app.task(name="tests.flaky", bind=True, max_retries=5)
+def flaky(self: Any, fail_times: int, countdown: float = 1.0) -> dict[str, Any]:
+    """Asks Celery to retry (``self.retry``) ``fail_times`` times, ``countdown`` seconds apart."""
+    if self.request.retries < fail_times:
+        raise self.retry(exc=ValueError(f"not yet ({self.request.retries})"), countdown=countdown)
+    return {"retries": self.request.retries, "at": time.time(), "pid": os.getpid()}
+
+
+@app.task(name="tests.autoretry", bind=True, autoretry_for=(ValueError,), retry_backoff=0.5,
+          retry_backoff_max=1, retry_jitter=False, max_retries=2)
+def autoretry(self: Any, succeed_on: int) -> int:
+    """Fails with ValueError until retry ``succeed_on`` (never when it is above max_retries)."""
+    if self.request.retries < succeed_on:
+        raise ValueError(f"attempt {self.request.retries} fails")
+    return int(self.request.retries)
+
+
+@app.task(name="tests.progress", bind=True)
+def progress(self: Any, steps: int, pause: float) -> int:
+    for step in range(steps):
+        self.update_state(state="PROGRESS", meta={"step": step, "of": steps})
+        time.sleep(pause)
+    return steps
+
+
+@app.task(name="tests.sleeper")
+def sleeper(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="tests.limited", rate_limit="2/s")
+def limited() -> float:
+    return time.time()
+
+
+@app.task(name="tests.stubborn")
+def stubborn(seconds: float) -> str:
+    """Ignores SIGTERM: only SIGKILL stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+    return "finished"

@@ -119,7 +119,9 @@ def bad_submissions() -> st.SearchStrategy[tuple[str, dict[str, Any]]]:
     oversized = st.integers(PAYLOAD_LIMIT, 4 * PAYLOAD_LIMIT).map(lambda n: "x" * n)
     return st.one_of(
         bad_names(good_task_names, TASK_NAME_MAX, TASK_NAME_PATTERN).map(lambda v: ("task_name", {"task_name": v})),
-        bad_names(good_names, 64, NAME_PATTERN).map(lambda v: ("tenant", {"tenant": v})),
+        # (a tenant of None is the task's declared default, else "default")
+        bad_names(good_names, 64, NAME_PATTERN).filter(lambda v: v is not None).map(
+            lambda v: ("tenant", {"tenant": v})),
         st.one_of(st.text(max_size=5), st.integers(), st.dictionaries(st.text(max_size=3), st.integers()),
                   st.lists(not_json, min_size=1, max_size=2), st.lists(st.lists(not_json, min_size=1), min_size=1),
                   oversized.map(lambda blob: [blob])).map(lambda v: ("args", {"args": v})),
@@ -136,7 +138,7 @@ def bad_submissions() -> st.SearchStrategy[tuple[str, dict[str, Any]]]:
             lambda labels: ("resources.labels", {"resources": Resources(labels=labels)})),
         st.sampled_from([5.0, 16.0, 1024.0]).map(lambda g: ("resources.gpus", {"resources": Resources(gpus=g)})),
         st.one_of(st.integers(max_value=-MAX_PRIORITY - 1), st.integers(min_value=MAX_PRIORITY + 1),
-                  st.floats(), st.text(max_size=3), st.booleans(), st.none()).map(
+                  st.floats(), st.text(max_size=3), st.booleans()).map(  # None: the task's declared default
             lambda v: ("priority", {"priority": v})),
         st.one_of(st.floats(max_value=0), st.just(math.nan), st.just(math.inf),
                   st.floats(min_value=10 * 365 * 86400 + 1, allow_infinity=False), st.text(max_size=3)).map(

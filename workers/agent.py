@@ -12,21 +12,26 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 import redis
 from celery import Celery, concurrency
+from celery.utils.time import rate
 
 from broker.celery_conf import celery_settings
 from broker.errors import NodeRejected
-from broker.models import NodeSpec
+from broker.models import NodeSpec, Resources
 from broker.settings import Settings
 from broker.store.connection import connect
 from broker.store.keys import PoolKeys
+from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
 from workers import context
 from workers.recovery import RedeliverUnacked
@@ -36,21 +41,25 @@ log = logging.getLogger(__name__)
 FRESH_PROCESS_POOL = "workers.pool:FreshProcessPool"
 GUARDED_TRANSPORT = "workers.rejects:GuardedTransport"
 GUARDED_CONSUMER = "workers.rejects:GuardedConsumer"
-PREEMPT_CHECK_S = 0.5  # how often the agent looks for tasks of its own that the scheduler preempted
+STOP_CHECK_S = 0.5  # how often the agent looks for tasks of its own that must stop (preempted, cancelled)
 
 
 class NodeAgent:
     """Owns one node id for the life of this worker process (one incarnation)."""
 
-    def __init__(self, settings: Settings, spec: NodeSpec) -> None:
+    def __init__(self, settings: Settings, spec: NodeSpec, tasks: Mapping[str, str] | None = None) -> None:
+        """``tasks``: the task names this node runs, with their catalogue entries (``served_tasks``)."""
         self.settings = settings
         self.spec = spec
+        self.tasks = tasks
         self.keys = PoolKeys(settings.pool)
         self.incarnation = uuid.uuid4().hex
         self.scripts = Scripts(connect(settings), self.keys)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stopping: dict[str, float] = {}  # preempted task id -> when it was sent SIGTERM (monotonic)
+        # An attempt (task id, delivery tag) asked to stop -> when it was sent SIGTERM (monotonic).
+        # Keyed by attempt: the next attempt of the same task gets its own SIGTERM and grace.
+        self._stopping: dict[tuple[str, str], float] = {}
 
     @property
     def lease_ms(self) -> int:
@@ -60,7 +69,7 @@ class NodeAgent:
         s = self.spec
         code, reclaimed = self.scripts.register(
             s.node_id, self.incarnation, self.lease_ms, s.gpus, s.gpu_memory_mb, s.cpu_milli,
-            s.memory_mb, s.slots, s.labels)
+            s.memory_mb, s.slots, s.labels, self.tasks)
         if code is RegisterCode.SHAPE_CHANGED:
             raise NodeRejected(f"node {s.node_id} is registered with another shape by this process")
         if reclaimed:
@@ -86,53 +95,66 @@ class NodeAgent:
                       "and shutting down", self.spec.node_id)
             self.stop.set()
             terminate_active_tasks()
-            os.kill(os.getpid(), signal.SIGTERM)
+            # Cold shutdown: nothing here is this process's to finish, and a warm one can wait up to
+            # 300 s on a pool child that ran one task (billiard's _ensure_messages_consumed).
+            os.kill(os.getpid(), signal.SIGQUIT)
         return code
 
-    def stop_preempted(self) -> list[str]:
-        """SIGTERM the tasks here that the scheduler marked for preemption; SIGKILL those still
-        running once their grace period has passed. Returns the ids signalled."""
-        from celery.worker import state  # only meaningful inside a running worker
+    STOP_FIELDS = ("state", "tag", "pid", "preempt_at", "preempt_grace", "cancel_at", "cancel_grace")
 
-        active = {r.id: r for r in list(state.active_requests) if r.worker_pid}
-        if not active:
-            self._stopping.clear()
-            return []
-        ids = list(active)
+    def stop_marked(self) -> list[str]:
+        """SIGTERM the running tasks of this node that must stop (the scheduler preempted them, or
+        they were cancelled); SIGKILL those still running once their grace period has passed.
+        Returns the ids signalled.
+
+        Read from Redis, not from Celery's list of active requests: Celery's own terminate (a
+        revoke) drops a request from that list at once, while a process that ignores SIGTERM runs
+        on. Its GPUs are not released until it has ended (finish.lua), so it must be killed."""
+        ids = sorted(m.decode() for m in cast(set[bytes], self.scripts.redis.smembers(self.keys.node_tasks(
+            self.spec.node_id))))
         pipe = self.scripts.redis.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hmget(self.keys.task(task_id), "preempt_at", "preempt_grace")
-        marks = pipe.execute()
-        now, signalled = time.monotonic(), []
-        for task_id, (at, grace) in zip(ids, marks, strict=True):
-            if at is None:
+            pipe.hmget(self.keys.task(task_id), *self.STOP_FIELDS)
+        now, signalled, live = time.monotonic(), [], set()
+        for task_id, fields in zip(ids, pipe.execute() if ids else [], strict=True):
+            state, tag, pid, preempt_at, preempt_grace, cancel_at, cancel_grace = (
+                f.decode() if f is not None else None for f in fields)
+            if state != "RUNNING" or not pid or not tag or (preempt_at is None and cancel_at is None):
                 continue
-            pid = active[task_id].worker_pid
-            first = self._stopping.get(task_id)
+            attempt = (task_id, tag)
+            live.add(attempt)
+            why, grace = ("cancelled", cancel_grace) if cancel_at is not None else ("preempted", preempt_grace)
+            first = self._stopping.get(attempt)
             if first is None:
-                log.warning("task %s preempted: SIGTERM to pid %d (grace %s ms)", task_id, pid, grace)
-                self._stopping[task_id] = now
-                _signal(pid, signal.SIGTERM)
+                log.warning("task %s %s: SIGTERM to pid %s (grace %s ms)", task_id, why, pid, grace)
+                self._stopping[attempt] = now
+                _signal_child(int(pid), signal.SIGTERM)
                 signalled.append(task_id)
+            elif not _alive(int(pid)):
+                # Its process is gone and nobody recorded it (a child that died of the signal while
+                # Celery had already let go of its request): record it here, fenced by the tag.
+                code, after = self.scripts.finish(task_id, self.spec.node_id, tag, "lost",
+                                                  f"stopped ({why}): its process ended", incarnation=self.incarnation)
+                log.warning("task %s %s: process %s ended -> %s", task_id, why, pid, after or code.name)
             elif now - first >= int(grace or 0) / 1000:
-                log.warning("task %s preempted: grace over, SIGKILL to pid %d", task_id, pid)
-                _signal(pid, signal.SIGKILL)
+                log.warning("task %s %s: grace over, SIGKILL to pid %s", task_id, why, pid)
+                _signal_child(int(pid), signal.SIGKILL)
                 signalled.append(task_id)
-        for task_id in [t for t in self._stopping if t not in active]:
-            del self._stopping[task_id]
+        for attempt in [a for a in self._stopping if a not in live]:
+            del self._stopping[attempt]
         return signalled
 
     def _beat(self) -> None:
         # Keep beating every heartbeat_s through a Redis outage (the client itself backs off
         # within each try): the lease must be renewed the moment Redis is back. Between beats,
-        # look for preempted tasks every PREEMPT_CHECK_S.
+        # look for tasks that must stop every STOP_CHECK_S.
         next_beat = time.monotonic() + self.settings.heartbeat_s
-        while not self.stop.wait(min(PREEMPT_CHECK_S, max(0.0, next_beat - time.monotonic()))):
+        while not self.stop.wait(min(STOP_CHECK_S, max(0.0, next_beat - time.monotonic()))):
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.settings.heartbeat_s
                     self.heartbeat_once()
-                self.stop_preempted()
+                self.stop_marked()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("heartbeat failed: Redis unreachable (%s); retrying", exc)
             except Exception:
@@ -146,6 +168,7 @@ class NodeAgent:
         """Point ``app`` at this node and return the worker's argv."""
         node = self.spec.node_id
         os.environ[context.NODE_ENV] = node
+        os.environ[context.INCARNATION_ENV] = self.incarnation
         os.environ["GPUBROKER_REDIS_URL"] = self.settings.redis_url
         os.environ["GPUBROKER_POOL"] = self.settings.pool
         if "CUDA_VISIBLE_DEVICES" in os.environ and context.DEVICE_MAP_ENV not in os.environ:
@@ -179,6 +202,36 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    """Is ``pid`` a process that has not ended (a zombie has)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _signal_child(pid: int, signum: int) -> None:
+    """Signal ``pid`` if it is a process of this worker's pool (a pid recorded in Redis may have
+    ended and been reused by something else since)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return  # gone
+        _signal(pid, signum)  # no /proc here to check against
+        return
+    parent = int(stat.rpartition(")")[2].split()[1])  # the field after the (command name) and state
+    if parent == os.getpid():
+        _signal(pid, signum)
+
+
 def terminate_active_tasks() -> None:
     """SIGKILL the pool children of every task this worker is running."""
     from celery.worker import state  # only meaningful inside a running worker
@@ -188,12 +241,27 @@ def terminate_active_tasks() -> None:
             _signal(request.worker_pid, signal.SIGKILL)
 
 
+def served_tasks(app: Celery) -> dict[str, str]:
+    """Every task name ``app`` has loaded, with its catalogue entry: the defaults its decorator
+    declared and its rate limit (what a submit by name alone takes)."""
+    served = {}
+    for name, task in app.tasks.items():
+        declared = getattr(task, "declared", None)
+        defaults = {k: v.model_dump() if isinstance(v, Resources) else v
+                    for k, v in (declared() if declared else {}).items()}
+        limit = getattr(task, "rate_limit", None)
+        served[name] = catalogue_entry(defaults, limit, rate(limit) if limit else 0.0)
+    return served
+
+
 def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = ()) -> None:
+    from workers import control  # noqa: F401  (registers the broker's revoke with Celery's remote control)
     from workers.app import app  # configure before the app finalizes
 
-    agent = NodeAgent(settings, spec)
-    argv = agent.configure(app)
     app.conf.include = ["workers.tasks", *task_modules]
+    app.loader.import_default_modules()  # the task modules: the node registers what it runs
+    agent = NodeAgent(settings, spec, served_tasks(app))
+    argv = agent.configure(app)
     agent.register()
     agent.start_heartbeat()
     try:

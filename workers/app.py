@@ -13,11 +13,10 @@ in finish.lua. Register your own tasks in a module and start the worker with
 
 from __future__ import annotations
 
-from celery import Celery
-
 from broker.celery_conf import celery_settings
+from broker.native.app import GpuCelery
 from broker.settings import Settings
 
-app = Celery("gpubroker", task_cls="workers.task:GpuTask")
+app = GpuCelery("gpubroker", task_cls="workers.task:GpuTask")
 app.conf.update(celery_settings(Settings()))
 app.conf.include = ["workers.tasks"]

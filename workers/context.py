@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import cast
 
 from broker.settings import Settings
 from broker.store.connection import connect
@@ -15,6 +16,7 @@ from broker.store.keys import PoolKeys
 from broker.store.scripts import Scripts
 
 NODE_ENV = "GPUBROKER_NODE_ID"
+INCARNATION_ENV = "GPUBROKER_INCARNATION"  # the worker process the node id belongs to now
 # The CUDA_VISIBLE_DEVICES the worker itself was started with: node GPU index i is
 # the i-th entry of it (a node may be a subset of a machine's GPUs).
 DEVICE_MAP_ENV = "GPUBROKER_DEVICE_MAP"
@@ -25,6 +27,17 @@ def node_id() -> str:
         return os.environ[NODE_ENV]
     except KeyError:
         raise RuntimeError(f"{NODE_ENV} is not set: start workers with `gpubroker worker --node ID`") from None
+
+
+def incarnation() -> str:
+    return os.environ.get(INCARNATION_ENV, "")
+
+
+def replaced() -> bool:
+    """Has another worker process registered under this node id since this one did?"""
+    scripts_ = scripts()
+    current = cast(bytes | None, scripts_.redis.hget(scripts_.keys.node(node_id()), "incarnation"))
+    return bool(incarnation()) and current is not None and current.decode() != incarnation()
 
 
 @functools.cache

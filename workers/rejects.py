@@ -30,9 +30,9 @@ from typing import Any
 
 import redis
 from celery.worker.consumer import Consumer
-from kombu.transport import redis as kombu_redis
 from vine import promise
 
+from broker.native import transport as native
 from workers import context
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def envelope_problem(payload: Any) -> str | None:
     return None
 
 
-class GuardedChannel(kombu_redis.Channel):
+class GuardedChannel(native.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))
@@ -77,8 +77,9 @@ class GuardedChannel(kombu_redis.Channel):
             return True
 
 
-class GuardedTransport(kombu_redis.Transport):
-    """kombu's Redis transport, minus the ways one bad queue item stops the worker."""
+class GuardedTransport(native.Transport):
+    """The broker's transport (``broker.native.transport``), minus the ways one bad queue item
+    stops the worker."""
 
     Channel = GuardedChannel
 

@@ -1,12 +1,16 @@
 """The task base class and request class that tie Celery execution to reservations.
 
-In the pool child (``GpuTask.__call__``): fence with start.lua, set
-CUDA_VISIBLE_DEVICES to the reserved GPUs, run, and report the outcome through
-finish.lua. In the worker's main process (``GpuRequest``): when the child never
-got to report (hard time limit, the child killed), report for it. finish.lua is
-fenced by the delivery tag, so whichever report comes second changes nothing.
-While Redis is unreachable both retry with backoff (``through_outages``): a child
+In the pool child (``GpuTask.__call__``): fence with start.lua, set CUDA_VISIBLE_DEVICES to the
+reserved GPUs, run, and report the outcome through finish.lua. In the worker's main process
+(``GpuRequest``): when the child never got to report (hard time limit, the child killed), report
+for it. finish.lua is fenced by the delivery tag, so whichever report comes second changes
+nothing. While Redis is unreachable both retry with backoff (``through_outages``): a child
 until Redis answers, the main process for up to ``PARENT_PATIENCE_S``.
+
+What Celery sees of an attempt that does not end the task: ``self.retry()`` ends the attempt as
+a retry (its new message waits out its countdown in the broker, holding nothing); a preempted
+attempt, or one whose process was lost and is requeued, shows as a retry (``task-retried``),
+never as a failure; a cancelled one as revoked.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import logging
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from billiard.exceptions import WorkerLostError
-from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, Terminated
 from celery.signals import task_rejected, task_unknown
 from celery.worker.request import Request
 
+from broker.native.app import BrokerTask
+from broker.native.transport import RetryMessage
 from broker.store.scripts import FinishCode, StartCode
 from workers import context, rejects
 
@@ -40,21 +46,22 @@ PARENT_PATIENCE_S = 30.0
 RETRY_CAP_S = 2.0
 
 # Outcomes in the parent that mean "not a failure of this attempt": the fence refused
-# the message, or the task was cancelled.
+# the message, the task was cancelled, or the child reported it already.
 _NOT_OUTCOMES = (Ignore, Reject, Retry, Terminated, TaskRevokedError)
 
 
 class Preempted(BaseException):
-    """Raised inside a running task when the scheduler stops it for a more urgent one.
+    """Raised inside a running task when it must stop: the scheduler preempts it for a more
+    urgent task, or it was cancelled (revoked with terminate).
 
-    The worker sends SIGTERM, waits the pool's ``preempt_grace_s``, then SIGKILLs. Catch it
-    to save a checkpoint, then re-raise (or return): the task is requeued at its original
-    place in line, without counting against its retries, and runs again from the start.
+    The worker sends SIGTERM, waits the grace period, then SIGKILLs. Catch it to save a
+    checkpoint, then re-raise (or return): a preempted task is requeued at its original place
+    in line, without counting against its retries, and runs again from the start.
     A BaseException, like KeyboardInterrupt, so ``except Exception`` does not swallow it."""
 
 
 def _raise_preempted(signum: int, frame: Any) -> None:
-    raise Preempted("stopped by the scheduler for a more urgent task (SIGTERM)")
+    raise Preempted("stopped by the scheduler for a more urgent task, or cancelled (SIGTERM)")
 
 
 def encode_result(result: Any) -> str:
@@ -83,26 +90,39 @@ def through_outages(call: Callable[[], T], what: str, patience_s: float | None) 
             delay = min(delay * 2, RETRY_CAP_S)
 
 
-def report(task_id: str, tag: str | None, outcome: str, payload: str,
-           patience_s: float | None = PARENT_PATIENCE_S) -> None:
+def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: str = "",
+           not_before: float | None = None, patience_s: float | None = PARENT_PATIENCE_S) -> str | None:
+    """Record an attempt's outcome through finish.lua; the task's state afterwards (None when not recorded)."""
     if not tag:
         log.error("task %s has no delivery tag; cannot report %s", task_id, outcome)
-        return
+        return None
     try:
         code, new_state = through_outages(
-            lambda: context.scripts().finish(task_id, context.node_id(), tag, outcome, payload),
+            lambda: context.scripts().finish(task_id, context.node_id(), tag, outcome, payload, detail, not_before,
+                                             context.incarnation()),
             f"reporting task {task_id} {outcome}", patience_s)
     except (redis.ConnectionError, redis.TimeoutError):
         if patience_s is None:
             raise
         log.error("could not record that task %s %s: Redis unreachable for %gs", task_id, outcome, patience_s)
-        return
+        return None
     if code is FinishCode.OK:
         log.info("task %s %s -> %s", task_id, outcome, new_state)
+        return new_state
+    return None
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _exception(task: Any, exc: BaseException, tb: str | None) -> str:
+    """The exception as AsyncResult will raise it (Celery's own encoding), with its traceback."""
+    try:
+        encoded = task.backend.prepare_exception(exc)
+    except (TypeError, ValueError):  # an exception whose args cannot be encoded: its text will do
+        encoded = {"exc_type": type(exc).__name__, "exc_module": type(exc).__module__, "exc_message": [str(exc)]}
+    return json.dumps({**encoded, "traceback": tb}, default=str)
 
 
 class GpuRequest(Request):
@@ -113,6 +133,13 @@ class GpuRequest(Request):
     @property
     def delivery_tag(self) -> str | None:
         return (self.request_dict.get("properties") or {}).get("delivery_tag")
+
+    def send_event(self, type_: str, **fields: Any) -> None:
+        """Celery's task events, with where the task runs on its task-started event (Flower shows it)."""
+        if type_ == "task-started":
+            placed = (self.request_dict.get("properties") or {}).get("gpubroker") or {}
+            fields.update(node=context.node_id(), gpus=placed.get("gpus"), tenant=placed.get("tenant"))
+        super().send_event(type_, **fields)
 
     def acknowledge(self) -> None:
         """Ack, unless the message came on a connection that has since been lost.
@@ -143,13 +170,30 @@ class GpuRequest(Request):
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WorkerLostError) and context.replaced():
+            # This worker process was replaced under its node id and killed its children: the
+            # message may be its successor's (taken while this one hung). Hand it back.
+            log.warning("task %s: child lost after this worker was replaced; handing message %s back", self.id,
+                        self.delivery_tag)
+            self.reject(requeue=True)
+            return
+        if isinstance(exc, WorkerLostError):
+            # Report first: a lost attempt that is run again (or was cancelled) is not a failure.
+            after = report(self.id, self.delivery_tag, "lost", _describe(exc),
+                           _exception(self.task, exc, exc_info.traceback))
+            if after == "PENDING":
+                self.send_event("task-retried", exception=_describe(exc), traceback=exc_info.traceback)
+                self.acknowledge()
+                return
+            if after == "CANCELLED":
+                self._announce_revoked("lost", True, None, False)
+                return
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
-            if isinstance(exc, WorkerLostError):
-                report(self.id, self.delivery_tag, "lost", _describe(exc))
-            elif not isinstance(exc, _NOT_OUTCOMES):
-                report(self.id, self.delivery_tag, "failed", _describe(exc))
+            if not isinstance(exc, (*_NOT_OUTCOMES, WorkerLostError)):
+                report(self.id, self.delivery_tag, "failed", _describe(exc),
+                       _exception(self.task, exc, exc_info.traceback))
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)
@@ -157,7 +201,7 @@ class GpuRequest(Request):
             report(self.id, self.delivery_tag, "failed", f"TimeLimitExceeded: hard time limit ({timeout}s)")
 
 
-class GpuTask(Task):
+class GpuTask(BrokerTask):
     """Base of every task on a gpubroker worker (``task_cls`` of ``workers.app.app``)."""
 
     Request = GpuRequest
@@ -167,26 +211,71 @@ class GpuTask(Task):
             return self.run(*args, **kwargs)
         task_id = self.request.id
         tag = (self.request.properties or {}).get("delivery_tag")
-        code, gpus = through_outages(lambda: context.scripts().start(task_id, context.node_id(), tag or ""),
+        code, gpus = through_outages(lambda: context.scripts().start(task_id, context.node_id(), tag or "",
+                                                                     os.getpid(), context.incarnation()),
                                      f"starting task {task_id}", None)
+        if code is StartCode.FENCED:
+            # This worker process was replaced under its node id (it hung, and came back): the
+            # attempt is its successor's. Hand the message back to the queue; the heartbeat
+            # stops this process.
+            log.warning("task %s: this worker was replaced on node %s; handing message %s back", task_id,
+                        context.node_id(), tag)
+            raise Reject("this worker process was replaced on its node", requeue=True)
         if code is not StartCode.OK:
             # A redelivered, stale or cancelled message: never run it (invariant 4).
             log.warning("dropping message %s of task %s: %s", tag, task_id, code.name)
             if code is StartCode.NOT_FOUND:  # no task in the pool sent it: a poison message
                 rejects.count(f"message {tag} names unknown task {task_id}")
+            if code is StartCode.CANCELLED:
+                self._announce_revoked()
             raise Ignore()
         os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
             result = self.run(*args, **kwargs)
             payload = encode_result(result)
+        except Retry as exc:
+            self._end_as_retry(task_id, tag, exc)
+            raise
         except BaseException as exc:
-            report(task_id, tag, "failed", _describe(exc), patience_s=None)
+            self._end_as_failure(task_id, tag, exc)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
         report(task_id, tag, "succeeded", payload, patience_s=None)
         return result
+
+    def _end_as_retry(self, task_id: str, tag: str | None, exc: Retry) -> None:
+        """``self.retry()`` published the task's next message (kept by the transport): this attempt
+        ends and the task waits, holding nothing, for its countdown (finish.lua)."""
+        retry = RetryMessage.take(task_id)
+        if retry is None:  # a Retry raised by hand, with no new message: run the same one again
+            report(task_id, tag, "retry", self._stored_message(), str(exc), None, patience_s=None)
+        else:
+            report(task_id, tag, "retry", retry.stored(), str(exc), retry.not_before, patience_s=None)
+
+    def _end_as_failure(self, task_id: str, tag: str | None, exc: BaseException) -> None:
+        after = report(task_id, tag, "failed", _describe(exc), _exception(self, exc, traceback.format_exc()),
+                       patience_s=None)
+        if isinstance(exc, Preempted):
+            if after == "PENDING":  # preempted: requeued, to run again. Celery shows a retry.
+                raise Retry(f"preempted: back in line ({exc})", exc) from exc
+            if after == "CANCELLED":  # cancelled: shown revoked, as Celery's own revoke would
+                self._announce_revoked()
+                raise Ignore() from exc
+
+    def _announce_revoked(self) -> None:
+        """Tell Flower (task events) that the task was revoked: a cancel through the broker reaches
+        the task here, not through Celery's revoke, which would have said so."""
+        try:
+            self.send_event("task-revoked", terminated=True, signum="SIGTERM", expired=False)
+        except Exception:  # an event is worth a try, never a lost outcome
+            log.warning("could not send task-revoked for %s", self.request.id, exc_info=True)
+
+    def _stored_message(self) -> str:
+        scripts = context.scripts()
+        stored = cast(bytes | None, scripts.redis.hget(scripts.keys.task(self.request.id), "message"))
+        return stored.decode() if stored else ""
 
 
 @task_unknown.connect

@@ -23,17 +23,19 @@ if TYPE_CHECKING:
 class Cause:
     """Why a task waits; turned into words only for the tasks that are explained."""
 
-    kind: str  # fit | held | strict | quota | preempting | stopping
+    kind: str  # fit | held | strict | quota | rate | preempting | stopping
     detail: str = ""  # the task it waits for or behind, the quota's words, or the node
     victims: int = 0
     start: float | None = None  # its own backfill hold starts then
 
 
 def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, nodes: Mapping[str, NodeFree],
-            node_order: Mapping[str, int], duration: Mapping[str, float], now: float,
-            grace_s: float) -> dict[str, Waiting]:
-    """Position, reason and estimated start of each of ``waiting`` (rank, task, cause)."""
+            node_order: Mapping[str, int], duration: Mapping[str, float], now: float, grace_s: float,
+            rate_limits: Mapping[str, tuple[float, float]]) -> dict[str, Waiting]:
+    """Position, reason and estimated start of each of ``waiting`` (rank, task, cause);
+    ``rate_limits``: per rate-limited name, (starts per second, starts its bucket has left)."""
     out: dict[str, Waiting] = {}
+    queued: dict[str, int] = {}  # rate-limited tasks of each name waiting so far, in rank order
     starts: dict[str, float | None] = {}
     reasons: dict[object, str] = {}
     grace = now + grace_s
@@ -50,6 +52,11 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
             reason = f"behind {detail} (strict order)"
         elif kind == "quota":
             reason = detail
+        elif kind == "rate":
+            rate, tokens = rate_limits[detail]
+            queued[detail] = behind = queued.get(detail, 0) + 1
+            reason = f"rate limited: task {detail} starts at most {rate:g} times a second in this pool"
+            start = now + max(0.0, behind - tokens) / rate
         elif kind == "preempting":
             reason, start = f"preempting {cause.victims} task{'s' * (cause.victims > 1)} on node {detail}", grace
         else:
@@ -69,7 +76,11 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
 
 def why(task: TaskRequest, free: Mapping[str, NodeFree]) -> str:
     """What is missing now, with the numbers."""
-    nodes = [n for n in free.values() if n.carries_labels(task)]
+    if not free:
+        return "no node is up (none registered yet, or every node is down)"
+    if all(n.serves is not None and task.name not in n.serves for n in free.values()):
+        return f"no node runs task {task.name}: start a worker with its module (gpubroker worker --tasks MODULE)"
+    nodes = [n for n in free.values() if n.matches(task)]
     if not nodes:
         wanted = [f"{k}={v}" for k, v in task.labels] + [f"{k}={'|'.join(v)}" for k, v in task.prefer]
         return f"no node has labels {', '.join(wanted)}"

@@ -3,8 +3,7 @@
 The dispatcher (and the simulator) read a ``Snapshot`` from Redis through ``broker.store``,
 the planner turns it into a ``Plan``, and reserve.lua re-checks every placement, so a bug
 here can waste a cycle but cannot over-commit a node. ``NodeFree`` carries the two
-predicates every placer, the timeline and preemption share: ``carries_labels`` and
-``gpus_for``.
+predicates every placer, the timeline and preemption share: ``matches`` and ``gpus_for``.
 """
 
 from __future__ import annotations
@@ -57,8 +56,10 @@ class TaskRequest:
 
     @property
     def shape(self) -> tuple[Any, ...]:
+        """Everything that decides where it fits: two tasks of one shape fit on the same nodes
+        (the name counts since a node may run only some task names)."""
         return (self.whole_gpus, self.gpu_milli, self.gpu_memory_mb, self.cpu_milli,
-                self.memory_mb, self.labels, self.prefer)
+                self.memory_mb, self.labels, self.prefer, self.name)
 
     @property
     def gpus(self) -> float:
@@ -116,6 +117,8 @@ class Snapshot:
     mix: dict[GpuKind, int] = field(default_factory=dict)
     # Pending tasks waiting for preempted victims to stop: preemptor id -> node id.
     preempting_for: dict[str, str] = field(default_factory=dict)
+    # Task names with a rate limit: name -> (starts allowed per second, starts its bucket allows now).
+    rate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -142,6 +145,7 @@ class Plan:
     placements: list[Placement] = field(default_factory=list)
     preemptions: list[Preemption] = field(default_factory=list)
     waiting: dict[str, Waiting] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)  # starts each rate-limited name has left
 
 
 @dataclass(slots=True)
@@ -160,11 +164,13 @@ class NodeFree:
     cap_cpu_milli: int = 0
     cap_memory_mb: int = 0
     cap_slots: int = 0
+    # The task names its worker runs; None: any (a node that does not say, a simulated one).
+    serves: frozenset[str] | None = None
 
     def copy(self) -> NodeFree:
         return NodeFree(self.id, self.gpu_memory_mb, list(self.free_milli), list(self.free_mem),
                         self.free_cpu_milli, self.free_memory_mb, self.free_slots, dict(self.labels),
-                        self.cap_cpu_milli, self.cap_memory_mb, self.cap_slots)
+                        self.cap_cpu_milli, self.cap_memory_mb, self.cap_slots, self.serves)
 
     def gpu_is_whole(self, i: int) -> bool:
         return self.free_milli[i] == MILLI and self.free_mem[i] == self.gpu_memory_mb
@@ -175,12 +181,15 @@ class NodeFree:
         return [i for i, (milli, mem) in enumerate(zip(self.free_milli, self.free_mem, strict=True))
                 if milli == MILLI and mem == memory]
 
-    def carries_labels(self, task: TaskRequest) -> bool:
-        """The node has the task's labels (and one value of each preference list), whatever is free."""
-        return labels_fit(self.labels, task.labels, task.prefer)
+    def matches(self, task: TaskRequest) -> bool:
+        """The node runs the task's name and has its labels (one value of each preference list),
+        whatever is free."""
+        return (self.serves is None or task.name in self.serves) and labels_fit(self.labels, task.labels, task.prefer)
 
     def host_fits(self, task: TaskRequest) -> bool:
         if self.free_slots < 1 or self.free_cpu_milli < task.cpu_milli or self.free_memory_mb < task.memory_mb:
+            return False
+        if self.serves is not None and task.name not in self.serves:
             return False
         return not (task.labels or task.prefer) or labels_fit(self.labels, task.labels, task.prefer)
 

@@ -8,7 +8,7 @@ phases (as kueue's cycle):
                 kind, then its name, else ``default_runtime_s``, else unknown
     2 order     ``ordering.ORDERINGS``: fifo | priority (+ aging) | sjf, srtf | hrrn | fair
                 (weighted DRF between tenants, recomputed as the pass places tasks)
-    3 admit     per task, in that order: quota (fair); place now where nothing held for a
+    3 admit     per task, in that order: quota (fair), its name's rate limit; place now where nothing held for a
                 higher-ranked task is delayed; else preempt (``preemption``: fewest victims on
                 one node); else (backfill) hold its earliest start; strict stops at the first
                 that waits
@@ -87,6 +87,7 @@ class _Pass:
         self.failed: dict[object, Cause] = {}  # capacity only shrinks within a pass
         self.held: dict[object, tuple[float, Cause]] = {}  # shape -> shortest run held from starting now
         self.holds = 0
+        self.tokens = {name: tokens for name, (_rate, tokens) in snap.rate_limits.items()}
 
     def _estimate(self, name: str, kind: GpuKind, own: float | None) -> float:
         if own is not None:
@@ -109,9 +110,11 @@ class _Pass:
                 if strict and not blocker:
                     blocker = task.id
         self.plan.preemptions = self.preemptor.preemptions
+        self.plan.tokens = self.tokens
         # 4 explain
+        rates_left = {name: (rate, self.tokens[name]) for name, (rate, _) in self.snap.rate_limits.items()}
         self.plan.waiting = explain(self.waiting[: self.config.explain_limit], self.timeline, self.placer.nodes,
-                                    self.node_order, self.duration, self.now, self.config.preempt_grace_s)
+                                    self.node_order, self.duration, self.now, self.config.preempt_grace_s, rates_left)
         return self.plan
 
     def _admit(self, task: TaskRequest) -> Cause | None:
@@ -120,6 +123,8 @@ class _Pass:
             refusal = self.ledger.refusal(task.tenant, demand(task))
             if refusal is not None:
                 return Cause("quota", refusal)
+        if self.tokens.get(task.name, 1) < 1:
+            return Cause("rate", task.name)
         cause = self._place(task, duration)
         if cause is None:
             return None
@@ -171,6 +176,8 @@ class _Pass:
         end = None if duration == INF else self.now + duration
         self.timeline.release(node.id, end, Usage.of(task, node, placement.gpu_indices))
         self.ledger.add(task.tenant, demand(task))
+        if task.name in self.tokens:
+            self.tokens[task.name] -= 1
         self.plan.placements.append(placement)
 
     def _holder(self, node_id: str, duration: float) -> str:

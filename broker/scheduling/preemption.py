@@ -80,7 +80,7 @@ class Preemptor:
             memo = (node_id, task.shape, duration if node_id in self.timeline.later else 0)
             cached = self.stopping_memo.get(memo)
             if cached is None or cached[0] != self.timeline.version[node_id]:
-                fits = (self.placer.nodes[node_id].carries_labels(task)
+                fits = (self.placer.nodes[node_id].matches(task)
                         and self.timeline.window(node_id, self.now, end).gpus_for(task) is not None)
                 cached = self.stopping_memo[memo] = (self.timeline.version[node_id], fits)
             if cached[1]:
@@ -97,7 +97,7 @@ class Preemptor:
         best: tuple[tuple[float, ...], str, list[tuple[RunningTask, str]], list[int]] | None = None
         for node_id, running in self.victims.items():
             node = self.placer.nodes[node_id]
-            if len(node.free_milli) < task.whole_gpus or not node.carries_labels(task):
+            if len(node.free_milli) < task.whole_gpus or not node.matches(task):
                 continue
             # A node's answer holds until something changes there.
             memo_key = (node_id, (*key[:3], duration if timed or node_id in self.timeline.later else 0, reclaim),

@@ -74,7 +74,7 @@ def _fresh(state: NodeFree) -> NodeFree:
     """A copy the caller may change (labels are shared: nothing here writes them)."""
     return NodeFree(state.id, state.gpu_memory_mb, list(state.free_milli), list(state.free_mem),
                     state.free_cpu_milli, state.free_memory_mb, state.free_slots, state.labels,
-                    state.cap_cpu_milli, state.cap_memory_mb, state.cap_slots)
+                    state.cap_cpu_milli, state.cap_memory_mb, state.cap_slots, state.serves)
 
 
 class _Profile:
@@ -240,7 +240,7 @@ class Timeline:
 
     def _search(self, task: TaskRequest, duration: float, order: Mapping[str, int], fits_now: bool) -> Start | None:
         candidates = [n for n in self.nodes.values()
-                      if len(n.free_milli) >= task.whole_gpus and n.carries_labels(task)
+                      if len(n.free_milli) >= task.whole_gpus and n.matches(task)
                       and (not task.gpu_milli or n.free_milli)]
         # Lower bounds, to visit likely nodes first and stop early: the k-th GPU to become wholly
         # free; else, for a task that fits nowhere now, a node's first release (nothing there changes before).

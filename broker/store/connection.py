@@ -53,6 +53,27 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
+def as_broker_error(exc: BaseException) -> Exception:
+    """The gpubroker error that says what a Redis error (or a kombu error caused by one) means and
+    what to do; ``exc`` itself when there is none."""
+    found: BaseException | None = exc
+    while found is not None and not isinstance(found, redis.RedisError):
+        found = found.__cause__ or found.__context__
+    if isinstance(found, redis.AuthenticationError):  # a ConnectionError too: test it first
+        return AuthenticationFailed(
+            f"Redis refused the credentials in the Redis URL ({found}); give them as "
+            "redis://USER:PASSWORD@HOST:PORT/DB; nothing was changed")
+    if isinstance(found, redis.ConnectionError | redis.TimeoutError):
+        return BrokerUnavailable(
+            f"Redis is unreachable ({found}); nothing was changed, unless the connection dropped after Redis "
+            "received the call: retrying is safe (a submit retried with the same idempotency_key is not "
+            "duplicated)")
+    if isinstance(found, NoPermissionError):
+        return AccessDenied(f"the Redis user in the Redis URL may not do this ({found}); see "
+                            "config/redis-acl.conf for what each role may do")
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
 def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
     """Redis's connection, credential and permission errors as gpubroker errors that say what to do."""
 
@@ -60,18 +81,8 @@ def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except redis.AuthenticationError as exc:  # a ConnectionError too: test it first
-            raise AuthenticationFailed(
-                f"Redis refused the credentials in the Redis URL ({exc}); give them as "
-                "redis://USER:PASSWORD@HOST:PORT/DB; nothing was changed") from exc
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailable(
-                f"Redis is unreachable ({exc}); nothing was changed, unless the connection dropped after Redis "
-                "received the call: retrying is safe (a submit retried with the same idempotency_key is not "
-                "duplicated)") from exc
-        except NoPermissionError as exc:
-            raise AccessDenied(f"the Redis user in the Redis URL may not do this ({exc}); see "
-                               "config/redis-acl.conf for what each role may do") from exc
+        except (redis.ConnectionError, redis.TimeoutError, NoPermissionError) as exc:
+            raise as_broker_error(exc) from exc
     return wrapper
 
 

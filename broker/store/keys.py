@@ -4,30 +4,62 @@ Every key of a pool carries the pool's hash tag, so each script touches a single
 slot and the layout already works on Redis Cluster. ``P`` below is
 ``gpb:{<pool>}:``.
 
-| key                          | type   | members / fields                                                 | TTL  |
-|------------------------------|--------|------------------------------------------------------------------|------|
-| ``P nodes``                  | set    | node ids ever registered in the pool                             | none |
-| ``P node:<id>``              | hash   | capacity (``cap_*``), free amounts (``free_*``, ``g<i>_milli``,  | none |
-|                              |        | ``g<i>_mem``), ``label:<k>``, ``state`` up/down, ``incarnation`` |      |
-| ``P node:<id>:tasks``        | set    | ids of tasks RESERVED or RUNNING on the node                     | none |
-| ``P leases``                 | zset   | node id, scored by lease expiry (ms since epoch)                 | none |
-| ``P q:<id>``                 | list   | the node's kombu queue (Celery queue name, priority bucket 0)    | none |
-| ``P q:<id>:unacked[_index]`` | hash/z | the node's own kombu unacked bookkeeping (transport options)     | none |
-| ``P task:<id>``              | hash   | one task: request, Celery message, state, reservation, outcome  | none |
-| ``P pending``                | zset   | PENDING task ids, scored ``-priority * 2**32 + seq``             | none |
-| ``P requests``               | hash   | task id -> compact request JSON, for PENDING tasks only          | none |
-| ``P idempotency``            | hash   | idempotency key -> task id                                       | none |
-| ``P seq``                    | string | submit counter (gives submit order)                              | none |
-| ``P rejected``               | hash   | node id -> poison messages its worker dropped unread (counter)   | none |
-| ``P mix``                    | hash   | GPU kind (records) -> tasks submitted of that kind               | none |
-| ``P runtimes``               | hash   | ``n:``/``s:`` + ``<task name>|<GPU kind>`` (or ``|`` alone): count | none |
-|                              |        | and total seconds of succeeded runs (learned runtime estimates)  |      |
-| ``P changes``                | zset   | node id, scored by a pool-wide sequence of its last change of    | none |
-|                              |        | free capacity, state or registration (dispatchers' node cache)   |      |
-| ``P preempting``             | hash   | preemptor task id -> node whose victims it waits for             | none |
-| ``P queueinfo``              | hash   | pending task id -> {position, reason, eta} from the last pass    | none |
-| ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher runs with               | none |
-| ``P wake``                   | pubsub | channel the scripts publish on so dispatchers wake               |  -   |
+| key                          | type   | members / fields                           | TTL                   |
+|------------------------------|--------|--------------------------------------------|-----------------------|
+| ``P nodes``                  | set    | node ids ever registered in the pool       | none                  |
+| ``P node:<id>``              | hash   | capacity (``cap_*``), free amounts         | none                  |
+|                              |        | (``free_*``, ``g<i>_milli``,               |                       |
+|                              |        | ``g<i>_mem``), ``label:<k>``, ``state``    |                       |
+|                              |        | up/down, ``incarnation``, ``serves`` and   |                       |
+|                              |        | ``task:<name>`` (the task names it runs)   |                       |
+| ``P node:<id>:tasks``        | set    | ids of tasks RESERVED or RUNNING on the    | none                  |
+|                              |        | node                                       |                       |
+| ``P leases``                 | zset   | node id, scored by lease expiry (ms since  | none                  |
+|                              |        | epoch)                                     |                       |
+| ``P q:<id>``                 | list   | the node's kombu queue (Celery queue name, | none                  |
+|                              |        | priority bucket 0)                         |                       |
+| ``P q:<id>:unacked[_index]`` | hash/z | the node's own kombu unacked bookkeeping   | none                  |
+|                              |        | (transport options)                        |                       |
+| ``P task:<id>``              | hash   | one task: request, Celery message, state,  | result_ttl once final |
+|                              |        | reservation, outcome                       |                       |
+| ``P pending``                | zset   | PENDING task ids ready to place, scored    | none                  |
+|                              |        | ``-priority * 2**32 + seq``                |                       |
+| ``P requests``               | hash   | task id -> compact request JSON, for tasks | none                  |
+|                              |        | in ``pending`` only                        |                       |
+| ``P delayed``                | zset   | PENDING task ids not to start before their | none                  |
+|                              |        | score (ms): countdown, ETA, a retry's      |                       |
+|                              |        | wait; promote.lua moves them to            |                       |
+|                              |        | ``pending``                                |                       |
+| ``P expiring``               | zset   | ids of tasks submitted with ``expires``,   | none                  |
+|                              |        | scored by it (ms)                          |                       |
+| ``P idem:<key>``             | string | the task id an idempotency key stands for  | its task's            |
+| ``P tasks``                  | hash   | task name -> what workers registered of it | none                  |
+|                              |        | (records: the catalogue)                   |                       |
+| ``P ratelimit``              | hash   | task name -> its token bucket              | none                  |
+|                              |        | ``tokens,last_ms`` (rate limits)           |                       |
+| ``P celery:<key>``           | any    | the result backend's own keys: group       | result                |
+|                              |        | results, chord counters, outcomes of ids   |                       |
+|                              |        | the broker never held                      |                       |
+| ``P seq``                    | string | submit counter (gives submit order)        | none                  |
+| ``P rejected``               | hash   | node id -> poison messages its worker      | none                  |
+|                              |        | dropped unread (counter)                   |                       |
+| ``P mix``                    | hash   | GPU kind (records) -> tasks submitted of   | none                  |
+|                              |        | that kind                                  |                       |
+| ``P runtimes``               | hash   | ``n:``/``s:`` + ``<task name>|<GPU kind>`` | none                  |
+|                              |        | (or ``|`` alone): count and total seconds  |                       |
+|                              |        | of succeeded runs (learned runtime         |                       |
+|                              |        | estimates)                                 |                       |
+| ``P changes``                | zset   | node id, scored by a pool-wide sequence of | none                  |
+|                              |        | its last change of free capacity, state or |                       |
+|                              |        | registration (dispatchers' node cache)     |                       |
+| ``P preempting``             | hash   | preemptor task id -> node whose victims it | none                  |
+|                              |        | waits for                                  |                       |
+| ``P queueinfo``              | hash   | pending task id -> {position, reason, eta} | none                  |
+|                              |        | from the last pass                         |                       |
+| ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher   | none                  |
+|                              |        | runs with                                  |                       |
+| ``P wake``                   | pubsub | channel the scripts publish on so          | -                     |
+|                              |        | dispatchers wake                           |                       |
 
 Lua scripts that act on a dynamic set of tasks or nodes (reap, register) get
 ``P`` itself as ``KEYS[1]`` and append ``task:<id>`` / ``node:<id>`` /
@@ -35,22 +67,42 @@ Lua scripts that act on a dynamic set of tasks or nodes (reap, register) get
 
 Fields of ``P task:<id>`` (formats in ``store/records.py``):
 
-| field                        | written by        | meaning                                               |
-|------------------------------|-------------------|-------------------------------------------------------|
-| ``id name tenant priority``  | submit            | as submitted                                          |
-| ``req``                      | submit            | the request JSON (records: the request)               |
-| ``message``                  | submit            | the Celery message Celery built, minus routing and tag |
-| ``gpu_kind``                 | submit            | its GPU kind (records), for the mix and runtimes      |
-| ``seq score``                | submit            | submit sequence; pending score ``-priority*2**32+seq`` |
-| ``submitted_at``             | submit            | ms since epoch                                        |
-| ``max_retries retries``      | submit, recover   | lost attempts allowed / charged so far                |
-| ``attempts``                 | submit, reserve   | reservations so far; the delivery tag is ``<id>.<attempts>`` |
-| ``state``                    | every transition  | a ``TaskState``                                       |
-| ``node gpus tag alloc``      | reserve           | the reservation (``alloc``: records); gone when it ends |
-| ``reserved_at started_at``   | reserve, start    | ms since epoch, of the current attempt                |
-| ``finished_at result error`` | finish, cancel    | the outcome                                           |
-| ``preempt_at preempt_by preempt_grace`` | preempt | a running victim is being stopped                    |
-| ``preemptions requeued_at``  | preempt, finish   | times stopped for a more urgent task; last requeue    |
+| field                                   | written by       | meaning                                       |
+|-----------------------------------------|------------------|-----------------------------------------------|
+| ``id name tenant priority``             | submit           | as submitted                                  |
+| ``req``                                 | submit           | the request JSON (records: the request)       |
+| ``message``                             | submit, finish   | the Celery message Celery built, minus        |
+|                                         |                  | routing and tag (a retry's replaces it)       |
+| ``gpu_kind``                            | submit           | its GPU kind (records), for the mix and       |
+|                                         |                  | learned runtimes                              |
+| ``seq score``                           | submit           | submit sequence; pending score ``-priority *  |
+|                                         |                  | 2**32 + seq``                                 |
+| ``submitted_at``                        | submit           | ms since epoch                                |
+| ``max_retries retries``                 | submit, recover  | lost attempts allowed / charged so far        |
+| ``not_before``                          | submit, finish   | ms: not placed before then (countdown, ETA, a |
+|                                         |                  | retry's wait)                                 |
+| ``expires_at``                          | submit           | ms: cancelled if it has not started by then   |
+| ``idempotency_key result_ttl``          | submit           | what a final transition expires, and after    |
+|                                         |                  | how long (ms; 0: kept)                        |
+| ``attempts``                            | submit, reserve  | reservations so far; the delivery tag is      |
+|                                         |                  | ``<id>.<attempts>``                           |
+| ``state``                               | every transition | a ``TaskState``                               |
+| ``node gpus tag alloc``                 | reserve          | the reservation (``alloc``: records); gone    |
+|                                         |                  | when it ends                                  |
+| ``reserved_at started_at``              | reserve, start   | ms since epoch, of the current attempt        |
+| ``progress_state progress``             | progress         | what the running attempt said of itself       |
+|                                         |                  | (``update_state``)                            |
+| ``retried retry_reason``                | finish           | it asked Celery to retry and waits to run     |
+|                                         |                  | again                                         |
+| ``finished_at result error``            | finish, cancel   | the outcome                                   |
+| ``exc``                                 | finish           | a failure's exception as JSON: type, module,  |
+|                                         |                  | message, traceback                            |
+| ``preempt_at preempt_by preempt_grace`` | preempt          | a running victim is being stopped             |
+| ``cancel_at cancel_grace``              | cancel           | a running task is being stopped for a cancel  |
+| ``revoked``                             | cancel           | this attempt may finish; the task runs no     |
+|                                         |                  | more                                          |
+| ``preemptions requeued_at``             | preempt, finish  | times stopped for a more urgent task; last    |
+|                                         |                  | requeue                                       |
 
 Fields of ``P node:<id>``: ``id``, ``incarnation``, ``registered_at``, ``heartbeat_at``, ``state``
 (up/down), capacity ``cap_gpus gpu_mem cap_cpu_m cap_mem cap_slots``, free amounts
@@ -101,9 +153,29 @@ class PoolKeys:
     def requests(self) -> str:
         return self.prefix + "requests"
 
+    def idempotency(self, key: str) -> str:
+        return self.prefix + "idem:" + key
+
     @property
-    def idempotency(self) -> str:
-        return self.prefix + "idempotency"
+    def delayed(self) -> str:
+        return self.prefix + "delayed"
+
+    @property
+    def expiring(self) -> str:
+        return self.prefix + "expiring"
+
+    @property
+    def tasks(self) -> str:
+        """The pool's task catalogue: what workers registered of each task name."""
+        return self.prefix + "tasks"
+
+    @property
+    def ratelimit(self) -> str:
+        return self.prefix + "ratelimit"
+
+    def celery(self, key: str) -> str:
+        """A key of the Celery result backend's own (group results, chord counters)."""
+        return self.prefix + "celery:" + key
 
     @property
     def seq(self) -> str:

@@ -6,6 +6,7 @@ Every stored format is decoded by ``store.records``; this module only knows what
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -276,10 +277,44 @@ def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int,
 
 
 def read_snapshot(client: redis.Redis, keys: PoolKeys, now_ms: int, limit: int, preemptible_default: bool,
-                  shapes: Shapes | None = None, cache: FreeCache | None = None) -> tuple[Snapshot, dict[str, str]]:
+                  shapes: Shapes | None = None, cache: FreeCache | None = None,
+                  catalogue: Catalogue | None = None) -> tuple[Snapshot, dict[str, str]]:
     """Everything the planner needs, and which preemptors wait for which node."""
     nodes = read_free(client, keys, now_ms, shapes, cache)
     snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default),
                     read_running(client, keys, [n.id for n in nodes], preemptible_default),
-                    read_runtimes(client, keys), read_mix(client, keys))
+                    read_runtimes(client, keys), read_mix(client, keys),
+                    rate_limits=read_rate_limits(client, keys, now_ms, catalogue))
     return snap, read_preempting(client, keys)
+
+
+class Catalogue:
+    """The pool's task catalogue (``P tasks``), re-read at most every ``max_age_s``: it changes
+    only when a worker registers, and rate limits are read from it every cycle."""
+
+    def __init__(self, max_age_s: float = 2.0) -> None:
+        self.max_age_s = max_age_s
+        self._read: tuple[float, dict[str, dict[str, Any]]] | None = None
+
+    def get(self, client: redis.Redis, keys: PoolKeys) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        if self._read is None or now - self._read[0] > self.max_age_s:
+            self._read = (now, records.decode_catalogue(cast(dict[bytes, bytes], client.hgetall(keys.tasks))))
+        return self._read[1]
+
+
+def read_rate_limits(client: redis.Redis, keys: PoolKeys, now_ms: int,
+                     catalogue: Catalogue | None = None) -> dict[str, tuple[float, float]]:
+    """Rate-limited task names -> (starts per second, starts allowed now)."""
+    entries = (catalogue or Catalogue(0)).get(client, keys)
+    if not any(isinstance(e.get("rate"), int | float) and e["rate"] > 0 for e in entries.values()):
+        return {}
+    return records.rate_limits(entries, cast(dict[bytes, bytes], client.hgetall(keys.ratelimit)), now_ms)
+
+
+def next_timer_ms(client: redis.Redis, keys: PoolKeys) -> int | None:
+    """When the next delayed task is due or the next expiry passes (ms), if any."""
+    first = [cast(list[tuple[bytes, float]], client.zrange(key, 0, 0, withscores=True))
+             for key in (keys.delayed, keys.expiring)]
+    due = [int(found[0][1]) for found in first if found]
+    return min(due) if due else None

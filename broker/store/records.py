@@ -32,6 +32,12 @@ what the task holds on each GPU index, and of the host.
 counts succeeded runs and ``s:<name>|<kind>`` sums their seconds; ``n:<name>|`` and
 ``s:<name>|`` do the same for the name alone.
 
+**The task catalogue** (``P tasks``, written by register.lua for each task name a worker runs):
+JSON with the defaults its ``@app.task`` declared (``resources``, ``priority``, ``tenant``,
+``preemptible``, ``estimated_runtime_s``: null when not declared), its Celery ``rate_limit`` as
+written and ``rate``, the same in starts per second (0: none; reserve.lua reads it). A submit by
+name alone (``app.send_task``, beat, a plain Celery producer) takes its defaults from here.
+
 **States** (task hash ``state``) and the scripts that move a task between them: ``TRANSITIONS``
 (tests/store/test_lua_headers.py checks each script's header and its state literals against it).
 """
@@ -56,13 +62,16 @@ P, R, U, S, F, C = (TaskState.PENDING, TaskState.RESERVED, TaskState.RUNNING, Ta
 #: says ``Transitions: FROM -> TO`` with the same names.
 TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "submit": (frozenset(), frozenset({P})),
+    "promote": (frozenset({P}), frozenset({P})),
     "reserve": (frozenset({P}), frozenset({R})),
     "start": (frozenset({R}), frozenset({U})),
-    "finish": (frozenset({R, U}), frozenset({S, F, P})),
-    "cancel": (frozenset({P, R, U}), frozenset({C})),
+    "progress": (frozenset(), frozenset()),
+    "finish": (frozenset({R, U}), frozenset({S, F, C, P})),
+    "cancel": (frozenset({P, R}), frozenset({C})),
+    "expire": (frozenset({P, R}), frozenset({C})),
     "preempt": (frozenset({R}), frozenset({P})),
-    "reap": (frozenset({R, U}), frozenset({P, F})),
-    "register": (frozenset({R, U}), frozenset({P, F})),
+    "reap": (frozenset({R, U}), frozenset({P, F, C})),
+    "register": (frozenset({R, U}), frozenset({P, F, C})),
     "heartbeat": (frozenset(), frozenset()),
 }
 
@@ -169,6 +178,9 @@ def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, An
         started_at=seconds("started_at"), finished_at=seconds("finished_at"), preemptible=wire.get("x"),
         preemptions=int(t.get("preemptions", 0)), position=waiting["position"] if waiting else None,
         reason=waiting["reason"] if waiting else None, estimated_start_at=waiting["eta"] if waiting else None,
+        progress_state=t.get("progress_state"), progress=json.loads(t["progress"]) if "progress" in t else None,
+        exception=json.loads(t["exc"]) if t.get("exc") else None, retried="retried" in t,
+        retry_reason=t.get("retry_reason"), not_before=seconds("not_before"), expires_at=seconds("expires_at"),
     )
 
 
@@ -241,6 +253,48 @@ def running_task(task_id: str, node: str, alloc: bytes | str, wire: Wire, starte
                        preempting, seq, submitted_s)
 
 
+# ---- the task catalogue ------------------------------------------------------------------------
+
+CATALOGUE_DEFAULTS = ("resources", "priority", "tenant", "preemptible", "estimated_runtime_s")
+
+
+def catalogue_entry(defaults: Mapping[str, Any], rate_limit: str | None, rate: float) -> str:
+    """What a worker registers of one task name: its declared defaults and rate limit."""
+    entry = {name: defaults.get(name) for name in CATALOGUE_DEFAULTS}
+    return json.dumps({**entry, "rate_limit": rate_limit, "rate": rate}, separators=(",", ":"), sort_keys=True)
+
+
+def decode_catalogue(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """``P tasks`` as task name -> entry; an entry this version cannot read is left out."""
+    out = {}
+    for name, text in raw.items():
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out[name.decode()] = entry
+    return out
+
+
+def rate_limits(catalogue: Mapping[str, Mapping[str, Any]], buckets: Mapping[bytes, bytes],
+                now_ms: int) -> dict[str, tuple[float, float]]:
+    """Rate-limited names -> (starts per second, starts its bucket allows now), as reserve.lua's
+    buckets hold them (``P ratelimit``: ``tokens,last_ms``; a burst of one second's worth)."""
+    out = {}
+    for name, entry in catalogue.items():
+        rate = entry.get("rate")
+        if not isinstance(rate, int | float) or rate <= 0:
+            continue
+        capacity, saved = max(1.0, float(rate)), buckets.get(name.encode())
+        tokens = capacity
+        if saved:
+            left, _, last = saved.decode().partition(",")
+            tokens = min(capacity, float(left) + max(0, now_ms - int(last)) * rate / 1000)
+        out[name] = (float(rate), tokens)
+    return out
+
+
 # ---- the node hash ------------------------------------------------------------------------------
 
 
@@ -270,6 +324,7 @@ def node_view(node_id: str, h: Mapping[bytes, bytes], lease: float | None, tasks
         memory_mb=_i(h.get(b"cap_mem")), slots=_i(h.get(b"cap_slots")), labels=node_labels(h),
         free_cpus=_i(h.get(b"free_cpu_m")) / MILLI, free_memory_mb=_i(h.get(b"free_mem")),
         free_slots=_i(h.get(b"free_slots")), tasks=tasks,
+        serves=None if (served := node_serves(h)) is None else sorted(served),
     )
 
 
@@ -284,6 +339,7 @@ class NodeShape:
     labels: dict[str, str]
     capacity: tuple[int, int, int]  # cpu milli, RAM MiB, slots
     fields: tuple[bytes, ...]  # what changes: FREE_FIELDS, then per GPU milli, then per GPU mem
+    serves: frozenset[str] | None  # the task names it runs (None: any)
 
 
 #: The node hash fields that change, read per cycle; ``registration`` is fields 1-4.
@@ -291,12 +347,23 @@ FREE_FIELDS = (b"state", b"incarnation", b"registered_at", b"cap_gpus", b"gpu_me
                b"free_slots")
 
 
+def node_serves(h: Mapping[bytes, bytes]) -> frozenset[str] | None:
+    """The task names a node runs: its ``task:<name>`` fields when it listed them, else None (any)."""
+    if h.get(b"serves") != b"listed":
+        return None
+    return frozenset(k[len(SERVED):].decode() for k in h if k.startswith(SERVED))
+
+
+SERVED = b"task:"  # node hash fields task:<name> name the task names it runs
+
+
 def node_shape(h: Mapping[bytes, bytes]) -> NodeShape:
     gpus = int(h.get(b"cap_gpus", 0))
     return NodeShape(
         tuple(h.get(field) for field in FREE_FIELDS[1:5]), gpus, int(h.get(b"gpu_mem", 0)), node_labels(h),
         (int(h.get(b"cap_cpu_m", 0)), int(h.get(b"cap_mem", 0)), int(h.get(b"cap_slots", 0))),
-        FREE_FIELDS + tuple(b"g%d_milli" % i for i in range(gpus)) + tuple(b"g%d_mem" % i for i in range(gpus)))
+        FREE_FIELDS + tuple(b"g%d_milli" % i for i in range(gpus)) + tuple(b"g%d_mem" % i for i in range(gpus)),
+        node_serves(h))
 
 
 def same_registration(shape: NodeShape, values: list[bytes | None]) -> bool:
@@ -312,7 +379,7 @@ def node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> Nod
     n = shape.gpus
     return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
                     [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
-                    int(values[7] or 0), dict(shape.labels), *shape.capacity)
+                    int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves)
 
 
 def labels_arg(labels: Mapping[str, str]) -> str:

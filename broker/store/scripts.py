@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -54,6 +54,8 @@ class ReserveCode(enum.IntEnum):
     LABEL_MISMATCH = 3
     NO_CAPACITY = 4
     BAD_PLACEMENT = 5
+    NOT_SERVED = 6
+    RATE_LIMITED = 7
 
 
 class StartCode(enum.IntEnum):
@@ -62,6 +64,7 @@ class StartCode(enum.IntEnum):
     CANCELLED = 2
     STALE = 3
     ALREADY_RUNNING = 4
+    FENCED = 5
 
 
 class FinishCode(enum.IntEnum):
@@ -76,6 +79,22 @@ class CancelCode(enum.IntEnum):
     NOT_FOUND = 1
     ALREADY_FINAL = 2
     MOVED = 3
+    STOPPING = 4
+    REVOKED = 5
+
+
+class PromoteCode(enum.IntEnum):
+    OK = 0
+
+
+class ExpireCode(enum.IntEnum):
+    OK = 0
+
+
+class ProgressCode(enum.IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    STALE = 2
 
 
 class ReapCode(enum.IntEnum):
@@ -95,27 +114,27 @@ class PreemptCode(enum.IntEnum):
 SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]]] = {
     "register": (
         RegisterCode,
-        ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
-        ("node_id", "incarnation", "now", "lease_ms", "gpus", "gpu_mem", "cpu_m", "mem", "slots", "labels"),
+        ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes", "tasks"),
+        ("node_id", "incarnation", "now", "lease_ms", "gpus", "gpu_mem", "cpu_m", "mem", "slots", "labels", "serves"),
     ),
     "heartbeat": (HeartbeatCode, ("node", "leases"), ("node_id", "incarnation", "now", "lease_ms")),
     "submit": (
         SubmitCode,
-        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
+        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix", "delayed", "expiring"),
         ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
-         "gpu_kind"),
+         "gpu_kind", "not_before", "expires_at", "result_ttl"),
     ),
-    "reserve": (ReserveCode, ("pending", "requests", "leases", "changes"), ("now",)),
-    "start": (StartCode, ("task",), ("node_id", "tag", "now")),
+    "reserve": (ReserveCode, ("pending", "requests", "leases", "changes", "tasks", "ratelimit"), ("now",)),
+    "start": (StartCode, ("task", "node"), ("node_id", "tag", "now", "pid", "incarnation")),
     "finish": (
         FinishCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes"),
-        ("task_id", "node_id", "tag", "outcome", "payload", "now"),
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes", "prefix"),
+        ("task_id", "node_id", "tag", "outcome", "payload", "now", "detail", "not_before", "incarnation"),
     ),
     "cancel": (
         CancelCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake", "changes"),
-        ("task_id", "node_id", "now"),
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "changes", "prefix"),
+        ("task_id", "node_id", "now", "mode", "grace_ms"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
     "preempt": (
@@ -123,6 +142,9 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
         ("task_id", "node_id", "preemptor", "grace_ms", "now"),
     ),
+    "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
+    "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
 }
 
 
@@ -217,6 +239,11 @@ def wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _ms(seconds: float | None) -> int:
+    """Seconds since the epoch as scripts take them (ms); 0 for none."""
+    return 0 if seconds is None else int(seconds * 1000)
+
+
 Clock = Callable[[], int]
 
 
@@ -249,12 +276,17 @@ class Scripts:
     # ---- nodes ----------------------------------------------------------------
 
     def register(self, node_id: str, incarnation: str, lease_ms: int, gpus: int, gpu_mem: int,
-                 cpu_m: int, mem: int, slots: int, labels: dict[str, str]) -> tuple[RegisterCode, int]:
+                 cpu_m: int, mem: int, slots: int, labels: dict[str, str],
+                 tasks: Mapping[str, str] | None = None) -> tuple[RegisterCode, int]:
+        """``tasks``: the task names the node runs, each with its catalogue entry (records); None:
+        it runs any task (a node that does not say)."""
         k = self.keys
+        listed = [part for name, entry in sorted((tasks or {}).items()) for part in (name, entry)]
         code, reclaimed = self._run(
             "register",
-            (k.prefix, k.node(node_id), k.nodes, k.leases, k.pending, k.requests, k.wake, k.changes),
-            (node_id, incarnation, self.clock(), lease_ms, gpus, gpu_mem, cpu_m, mem, slots, labels_arg(labels)),
+            (k.prefix, k.node(node_id), k.nodes, k.leases, k.pending, k.requests, k.wake, k.changes, k.tasks),
+            (node_id, incarnation, self.clock(), lease_ms, gpus, gpu_mem, cpu_m, mem, slots, labels_arg(labels),
+             "all" if tasks is None else "listed", *listed),
         )
         return RegisterCode(code), int(reclaimed)
 
@@ -271,20 +303,23 @@ class Scripts:
 
     # ---- tasks ----------------------------------------------------------------
 
-    def submit(self, task_id: str, req: SubmitRequest, message: str,
-               stored: StoredRequest | None = None) -> tuple[SubmitCode, str]:
+    def submit(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
+               result_ttl_ms: int = 0) -> tuple[SubmitCode, str]:
         """Store a validated request (``stored``, when the caller encoded it already) and its
-        Celery message under ``task_id``; returns the code and the task id it is known by."""
-        code, existing = self._run("submit", *self.submit_call(task_id, req, message, stored))
+        Celery message under ``task_id``; returns the code and the task id it is known by.
+        ``result_ttl_ms``: how long the record is kept once final (0: kept)."""
+        code, existing = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
         return SubmitCode(code), _text(existing)
 
-    def submit_call(self, task_id: str, req: SubmitRequest, message: str,
-                    stored: StoredRequest | None = None) -> tuple[list[str], list[Any]]:
+    def submit_call(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
+                    result_ttl_ms: int = 0) -> tuple[list[str], list[Any]]:
         """submit.lua's KEYS and ARGV (for ``call`` on a pipeline)."""
         k, stored = self.keys, stored or StoredRequest.of(req)
-        return ([k.task(task_id), k.pending, k.requests, k.idempotency, k.seq, k.wake, k.mix],
-                [task_id, req.idempotency_key or "", req.priority, self.clock(), stored.text, message, req.task_name,
-                 req.tenant, req.max_retries, stored.gpu_kind])
+        key = req.idempotency_key
+        return ([k.task(task_id), k.pending, k.requests, k.idempotency(key) if key else k.task(task_id), k.seq,
+                 k.wake, k.mix, k.delayed, k.expiring],
+                [task_id, key or "", req.priority, self.clock(), stored.text, message, req.task_name, req.tenant,
+                 req.max_retries, stored.gpu_kind, _ms(req.not_before), _ms(req.expires_at), result_ttl_ms])
 
     def reserve(self, placements: Sequence[Placement]) -> list[ReserveCode]:
         """Commit a batch; returns one code per placement, in order. The plain path, for tests and
@@ -311,20 +346,31 @@ class Scripts:
             args += (p.task_id, p.node_id, gpus_arg(p.gpu_indices))
         return keys, args
 
-    def start(self, task_id: str, node_id: str, tag: str) -> tuple[StartCode, str]:
-        code, gpus = self._run("start", (self.keys.task(task_id),), (node_id, tag, self.clock()))
+    def start(self, task_id: str, node_id: str, tag: str, pid: int | None = None,
+              incarnation: str = "") -> tuple[StartCode, str]:
+        """Pass the fence; ``pid``: the process that will run the attempt; ``incarnation``: the
+        worker process asking (refused if the node has a newer one)."""
+        code, gpus = self._run("start", (self.keys.task(task_id), self.keys.node(node_id)),
+                               (node_id, tag, self.clock(), pid or "", incarnation))
         return StartCode(code), _text(gpus)
 
-    def finish(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str) -> tuple[FinishCode, str]:
-        code, state = self._run("finish", *self.finish_call(task_id, node_id, tag, outcome, payload))
+    def finish(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",
+               not_before: float | None = None, incarnation: str = "") -> tuple[FinishCode, str]:
+        """End an attempt: outcome succeeded (payload: result JSON), failed (error text; detail: the
+        exception as JSON), retry (payload: the new message; detail: why; not placed before
+        ``not_before``, seconds) or lost (error text). ``incarnation``: the worker process
+        reporting (refused if the node has a newer one)."""
+        code, state = self._run("finish", *self.finish_call(task_id, node_id, tag, outcome, payload, detail,
+                                                            not_before, incarnation))
         return FinishCode(code), _text(state)
 
-    def finish_call(self, task_id: str, node_id: str, tag: str, outcome: str,
-                    payload: str) -> tuple[list[str], list[Any]]:
+    def finish_call(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",
+                    not_before: float | None = None, incarnation: str = "") -> tuple[list[str], list[Any]]:
         """finish.lua's KEYS and ARGV (for ``call`` on a pipeline)."""
         k = self.keys
         return ([k.task(task_id), k.node(node_id), k.node_tasks(node_id), k.pending, k.requests, k.wake, k.runtimes,
-                 k.changes], [task_id, node_id, tag, outcome, payload, self.clock()])
+                 k.changes, k.prefix],
+                [task_id, node_id, tag, outcome, payload, self.clock(), detail, _ms(not_before), incarnation])
 
     def preempt(self, task_id: str, node_id: str, preemptor: str, grace_ms: int) -> PreemptCode:
         k = self.keys
@@ -336,7 +382,10 @@ class Scripts:
         )
         return PreemptCode(code)
 
-    def cancel(self, task_id: str, node_id: str | None) -> tuple[CancelCode, str]:
+    def cancel(self, task_id: str, node_id: str | None, mode: str = "cancel",
+               grace_ms: int = 0) -> tuple[CancelCode, str]:
+        """Cancel (``mode="revoke"``: a running attempt may finish); ``node_id``: where the caller
+        believes a reserved task is held; ``grace_ms``: SIGTERM to SIGKILL for a running one."""
         k = self.keys
         node = node_id or ""
         # With no node, KEYS[2]/[3] are never touched: pass the task's own key rather than
@@ -345,7 +394,25 @@ class Scripts:
                                         else (k.task(task_id),) * 3)
         code, detail = self._run(
             "cancel",
-            (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes),
-            (task_id, node, self.clock()),
+            (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes, k.prefix),
+            (task_id, node, self.clock(), mode, grace_ms),
         )
         return CancelCode(code), _text(detail)
+
+    def promote(self, limit: int = 1000) -> int:
+        """Move delayed tasks whose start time has come to the pending queue; how many moved."""
+        k = self.keys
+        _ok, moved = self._run("promote", (k.prefix, k.delayed, k.pending, k.requests, k.wake), (self.clock(), limit))
+        return int(moved)
+
+    def expire(self, limit: int = 1000) -> list[str]:
+        """Cancel tasks whose expires time passed before they started; their ids."""
+        k = self.keys
+        _ok, *ids = self._run("expire", (k.prefix, k.expiring, k.pending, k.requests, k.wake, k.changes),
+                              (self.clock(), limit))
+        return [_text(i) for i in ids]
+
+    def progress(self, task_id: str, tag: str, state: str, meta: str) -> ProgressCode:
+        """Record a running attempt's custom state and its meta (JSON)."""
+        (code,) = self._run("progress", (self.keys.task(task_id),), (tag, state, meta, self.clock()))
+        return ProgressCode(code)

@@ -574,10 +574,11 @@ def test_cancel_of_pending_reserved_and_running_tasks(
             wait_state(client, reserved, TaskState.RESERVED, 3)
             assert client.cancel(reserved).state is TaskState.CANCELLED
 
-        cancelled = client.cancel(running)
+        # A running task keeps its GPU until its process is gone, then ends CANCELLED.
+        assert client.cancel(running).state is TaskState.RUNNING
+        cancelled = client.wait(running, 15)
         assert (cancelled.state, cancelled.result) == (TaskState.CANCELLED, None)
-        wait_until(lambda: f"Terminating {running}" in procs.log("worker-node-a"), 15,
-                   what="the worker to terminate the running task's process")
+        assert f"task {running} cancelled: SIGTERM" in procs.log("worker-node-a"), "its worker stopped its process"
         assert_node_free(client, "node-a")
 
         finished = client.wait(client.submit("workers.tasks.probe", resources=Resources(gpus=2)).id, 30)

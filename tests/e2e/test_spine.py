@@ -8,6 +8,7 @@ from collections import defaultdict
 import pytest
 
 from broker import Client, Resources, TaskState, TaskStatus
+from broker.errors import NotRegistered
 from broker.models import MILLI
 from broker.settings import Settings
 from tests.support import Processes, wait_until
@@ -94,8 +95,8 @@ def test_a_task_that_raises_still_releases_its_capacity(procs: Processes, settin
         assert failed.state is TaskState.FAILED
         assert failed.error == "RuntimeError: kaput"
         assert failed.node in NODES and len(failed.gpus) == 2
-        unknown = client.wait(client.submit("no.such.task", resources=Resources(gpus=1)).id, 60)
-        assert unknown.state is TaskState.FAILED and "NotRegistered" in (unknown.error or "")
+        with pytest.raises(NotRegistered, match=r"no registered node runs task 'no\.such\.task'"):
+            client.submit("no.such.task", resources=Resources(gpus=1))  # refused at once: no node runs it
         cpu = client.wait(client.submit("tests.visible", resources=Resources(cpus=1)).id, 60)
         assert (cpu.state, cpu.result) == (TaskState.SUCCEEDED, "")
         wait_until(lambda: all(n.tasks == 0 for n in client.nodes()), 10, what="reservations to be released")
@@ -108,10 +109,10 @@ def test_cancel_of_a_running_task_stops_it_and_frees_its_gpus(procs: Processes, 
         task_id = client.submit("workers.tasks.probe", kwargs={"seconds": 60}, resources=Resources(gpus=2)).id
         running = wait_until(lambda: (s := client.status(task_id)).state is TaskState.RUNNING and s, 30,
                              what="the task to start")
-        cancelled = client.cancel(task_id)
+        assert client.cancel(task_id).state is TaskState.RUNNING  # until its process has ended
+        cancelled = client.wait(task_id, 15)
         assert cancelled.state is TaskState.CANCELLED and cancelled.result is None
-        wait_until(lambda: "Terminating " + task_id in procs.log(f"worker-{running.node}"), 15,
-                   what="the worker to terminate the task's process")
+        assert f"task {task_id} cancelled: SIGTERM" in procs.log(f"worker-{running.node}")
         assert_all_capacity_free(client)
         # The freed GPUs are usable at once, and the cancelled task never reports a result.
         after = client.wait(client.submit("workers.tasks.probe", resources=Resources(gpus=2)).id, 60)

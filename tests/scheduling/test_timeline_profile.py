@@ -50,7 +50,7 @@ class Plain:
     def earliest(self, t: TaskRequest, duration: float, order: dict[str, int]) -> tuple[float, str, list[int]] | None:
         best = None
         for node_id, free in self.t.nodes.items():
-            if len(free.free_milli) < t.whole_gpus or not free.carries_labels(t):
+            if len(free.free_milli) < t.whole_gpus or not free.matches(t):
                 continue
             times = sorted({NOW, *(at for at, _ in self.t.releases[node_id] if at < INF),
                             *(h.end for h in self.t.holds.get(node_id, ()) if NOW < h.end < INF)})

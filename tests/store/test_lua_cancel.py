@@ -1,4 +1,6 @@
-"""cancel.lua against a real Redis: CANCELLED from each live state, ALREADY_FINAL, MOVED, NOT_FOUND."""
+"""cancel.lua against a real Redis: CANCELLED from PENDING (queued or delayed) and RESERVED; a
+RUNNING task marked and its capacity kept until finish.lua ends it; revoke; ALREADY_FINAL, MOVED,
+NOT_FOUND; a final record's expiry."""
 
 from __future__ import annotations
 
@@ -49,17 +51,27 @@ def test_pending_task_leaves_the_queue(scripts: Scripts, redis_client: redis.Red
     assert_capacity_invariant(redis_client, keys)
 
 
-@pytest.mark.parametrize("state", ["RESERVED", "RUNNING"])
-def test_live_task_releases_its_reservation(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
-                                            clock: ControlledClock, node: str, *, state: str) -> None:
+def test_delayed_task_leaves_its_wait(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                      clock: ControlledClock, node: str) -> None:
+    task = submit_task(scripts, resources=TASK, not_before=clock() / 1000 + 60)
+    assert redis_client.zscore(keys.delayed, task) is not None
+
+    assert scripts.cancel(task, None) == (CancelCode.CANCELLED, "PENDING")
+
+    assert task_hash(redis_client, keys, task)["state"] == "CANCELLED"
+    assert redis_client.zcard(keys.delayed) == 0 and pending_ids(redis_client, keys) == []
+
+
+def test_reserved_task_releases_its_reservation(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                                clock: ControlledClock, node: str) -> None:
     free = free_of(redis_client, keys, node)
     task = submit_task(scripts, resources=TASK)
     keep = submit_task(scripts, resources=TASK)
-    place(scripts, task, node, 1, start=state == "RUNNING")
+    place(scripts, task, node, 1)
     place(scripts, keep, node, 0)
     clock.advance(1)
 
-    assert scripts.cancel(task, node) == (CancelCode.CANCELLED, state)
+    assert scripts.cancel(task, node) == (CancelCode.CANCELLED, "RESERVED")
 
     t = task_hash(redis_client, keys, task)
     assert (t["state"], t["finished_at"]) == ("CANCELLED", str(clock()))
@@ -74,6 +86,57 @@ def test_live_task_releases_its_reservation(scripts: Scripts, redis_client: redi
     assert_capacity_invariant(redis_client, keys)
 
 
+@pytest.mark.parametrize("outcome", ["failed", "lost", "succeeded"])
+def test_running_task_keeps_its_gpus_until_its_process_ends(scripts: Scripts, redis_client: redis.Redis,
+                                                            keys: PoolKeys, clock: ControlledClock, node: str,
+                                                            *, outcome: str) -> None:
+    """The process may ignore SIGTERM for the whole grace period: until finish.lua records that it
+    ended, its GPUs are not offered to another task."""
+    task = submit_task(scripts, resources=TASK)
+    tag = place(scripts, task, node, 1, start=True)
+    held = free_of(redis_client, keys, node)
+    clock.advance(1)
+
+    assert scripts.cancel(task, None, grace_ms=5000) == (CancelCode.STOPPING, node)
+
+    t = task_hash(redis_client, keys, task)
+    assert (t["state"], t["cancel_at"], t["cancel_grace"]) == ("RUNNING", str(clock()), "5000")
+    assert free_of(redis_client, keys, node) == held and node_task_ids(redis_client, keys, node) == {task}
+    clock.advance(3)
+    state = "SUCCEEDED" if outcome == "succeeded" else "CANCELLED"  # work that completed is kept
+    assert scripts.finish(task, node, tag, outcome, "null" if outcome == "succeeded" else "Preempted: x")[1] == state
+    assert task_hash(redis_client, keys, task)["state"] == state
+    assert node_task_ids(redis_client, keys, node) == set()
+    assert_capacity_invariant(redis_client, keys)
+
+
+@pytest.mark.parametrize(("outcome", "state"), [("succeeded", "SUCCEEDED"), ("failed", "FAILED"),
+                                                 ("lost", "CANCELLED"), ("retry", "CANCELLED")])
+def test_revoke_lets_a_running_attempt_finish_but_runs_no_other(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, node: str, *, outcome: str, state: str) -> None:
+    """Celery's revoke without terminate: what the attempt does counts; it is never run again."""
+    task = submit_task(scripts, resources=TASK)
+    tag = place(scripts, task, node, 0, start=True)
+
+    assert scripts.cancel(task, node, "revoke") == (CancelCode.REVOKED, node)
+    assert task_hash(redis_client, keys, task)["state"] == "RUNNING"
+
+    assert scripts.finish(task, node, tag, outcome, "null" if outcome == "succeeded" else "x")[1] == state
+    assert pending_ids(redis_client, keys) == [] and redis_client.zcard(keys.delayed) == 0
+    assert_capacity_invariant(redis_client, keys)
+
+
+def test_a_final_record_expires_with_its_idempotency_key(scripts: Scripts, redis_client: redis.Redis,
+                                                         keys: PoolKeys, node: str) -> None:
+    task = submit_task(scripts, resources=TASK, idempotency_key="k-1", result_ttl_ms=60_000)
+    assert redis_client.pttl(keys.task(task)) == -1 and redis_client.pttl(keys.idempotency("k-1")) == -1
+
+    scripts.cancel(task, None)
+
+    assert 0 < redis_client.pttl(keys.task(task)) <= 60_000
+    assert 0 < redis_client.pttl(keys.idempotency("k-1")) <= 60_000
+
+
 @pytest.mark.parametrize("outcome", ["succeeded", "failed", "cancel"])
 def test_already_final_changes_nothing(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
                                        clock: ControlledClock, node: str, *, outcome: str) -> None:
@@ -81,6 +144,7 @@ def test_already_final_changes_nothing(scripts: Scripts, redis_client: redis.Red
     tag = place(scripts, task, node, 0, start=True)
     if outcome == "cancel":
         scripts.cancel(task, node)
+        scripts.finish(task, node, tag, "lost", "killed")
     else:
         scripts.finish(task, node, tag, outcome, "x")
     before = (task_hash(redis_client, keys, task), free_of(redis_client, keys, node))
@@ -99,7 +163,7 @@ def test_moved_names_the_holder_and_changes_nothing(scripts: Scripts, redis_clie
                                                     node: str, believed: str | None) -> None:
     register_node(scripts, "n2", gpus=1, gpu_mem=40_000)
     task = submit_task(scripts, resources=TASK)
-    place(scripts, task, node, 0, start=True)
+    place(scripts, task, node, 0)
     before = (task_hash(redis_client, keys, task), free_of(redis_client, keys, node), free_of(redis_client, keys, "n2"))
 
     assert scripts.cancel(task, believed) == (CancelCode.MOVED, node)
@@ -108,7 +172,7 @@ def test_moved_names_the_holder_and_changes_nothing(scripts: Scripts, redis_clie
     assert after == before
     assert node_task_ids(redis_client, keys, node) == {task}
     # The retry Client.cancel makes with the node MOVED named succeeds.
-    assert scripts.cancel(task, node) == (CancelCode.CANCELLED, "RUNNING")
+    assert scripts.cancel(task, node) == (CancelCode.CANCELLED, "RESERVED")
     assert_capacity_invariant(redis_client, keys)
 
 

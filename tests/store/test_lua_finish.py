@@ -144,8 +144,8 @@ def test_second_finish_is_stale_and_releases_nothing(scripts: Scripts, redis_cli
 
 def test_stale_on_a_cancelled_task(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, node: str) -> None:
     task = submit_task(scripts, resources=TASK)
-    tag = place(scripts, task, node, 0, start=True)
-    scripts.cancel(task, node)
+    tag = place(scripts, task, node, 0)
+    scripts.cancel(task, node)  # reserved: CANCELLED and released at once
     free = free_of(redis_client, keys, node)
     assert scripts.finish(task, node, tag, "failed", "SIGTERM") == (FinishCode.STALE, "CANCELLED")
     assert free_of(redis_client, keys, node) == free
@@ -171,3 +171,51 @@ def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, keys
     redis_client.script_flush()
     assert scripts.finish(task, node, tag, "succeeded", "null") == (FinishCode.OK, "SUCCEEDED")
     assert_capacity_invariant(redis_client, keys)
+
+
+@pytest.mark.parametrize("wait_s", [0, 30])
+def test_a_retry_ends_the_attempt_with_the_new_message(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                                       clock: ControlledClock, node: str, *, wait_s: int) -> None:
+    """Celery's self.retry(countdown=...): capacity back at once; the task waits, holding nothing,
+    with the message Celery built for the retry (its retries header counts up)."""
+    free = free_of(redis_client, keys, node)
+    task = submit_task(scripts, resources=TASK)
+    tag = place(scripts, task, node, 0, start=True)
+    not_before = clock() / 1000 + wait_s
+
+    assert scripts.finish(task, node, tag, "retry", '{"retry": 1}', "Retry in 30s", not_before) == (
+        FinishCode.OK, "PENDING")
+
+    t = task_hash(redis_client, keys, task)
+    assert (t["state"], t["message"], t["retried"], t["retry_reason"]) == ("PENDING", '{"retry": 1}', "1",
+                                                                           "Retry in 30s")
+    assert "node" not in t and "alloc" not in t and t["retries"] == "0"  # Celery counts its own retries
+    assert free_of(redis_client, keys, node) == free and node_task_ids(redis_client, keys, node) == set()
+    if wait_s:
+        assert pending_ids(redis_client, keys) == [] and redis_client.zscore(keys.delayed, task) == not_before * 1000
+    else:
+        assert pending_ids(redis_client, keys) == [task]
+    assert_capacity_invariant(redis_client, keys)
+
+
+def test_a_failure_keeps_its_exception(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                       node: str) -> None:
+    task = submit_task(scripts, resources=TASK, result_ttl_ms=60_000)
+    tag = place(scripts, task, node, 0, start=True)
+    exc = '{"exc_type": "ValueError", "exc_module": "builtins", "exc_message": ["bad"], "traceback": "..."}'
+    assert scripts.finish(task, node, tag, "failed", "ValueError: bad", exc) == (FinishCode.OK, "FAILED")
+    t = task_hash(redis_client, keys, task)
+    assert (t["error"], t["exc"]) == ("ValueError: bad", exc)
+    assert 0 < redis_client.pttl(keys.task(task)) <= 60_000  # kept for result_expires
+
+
+def test_a_replaced_worker_process_cannot_report(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                                 node: str) -> None:
+    """Its successor runs the attempt now: a late 'lost' from the old process must not requeue it."""
+    task = submit_task(scripts, resources=TASK)
+    register_node(scripts, node, gpus=2, gpu_mem=40_000, cpus=8, mem=16_384, slots=4, incarnation="inc-2")
+    tag = place(scripts, task, node, 0, start=True)
+    before = task_hash(redis_client, keys, task)
+    assert scripts.finish(task, node, tag, "lost", "killed", incarnation="inc-1") == (FinishCode.STALE, "RUNNING")
+    assert task_hash(redis_client, keys, task) == before
+    assert scripts.finish(task, node, tag, "succeeded", "1", incarnation="inc-2") == (FinishCode.OK, "SUCCEEDED")

@@ -27,7 +27,9 @@ MAX_LINES = 90
 SCRIPTS = sorted(p.name.removesuffix(".lua") for p in LUA.iterdir()
                  if p.name.endswith(".lua") and not p.name.startswith("_"))
 HELPERS = sorted(p.name for p in LUA.iterdir() if p.name.endswith(".lua") and p.name.startswith("_"))
-BATCHED = {"reserve"}  # takes a fixed prefix of KEYS/ARGV, then one group per placement
+# Scripts that take a fixed prefix, then one group per item: of KEYS and ARGV (reserve: per
+# placement), or of ARGV only (register: per task name).
+BATCHED = {"reserve": ("KEYS", "ARGV"), "register": ("ARGV",)}
 
 _KEY = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG = re.compile(r"^-- ARGV\[(\d+)\]\s+(\w+)")
@@ -92,7 +94,8 @@ def test_keys_and_argv_match_the_wrapper(name: str) -> None:
     assert header.argv == numbered(argv), f"{name}.lua ARGV"
     if name in BATCHED:
         text = "\n".join(header.lines)
-        assert f"KEYS[{len(keys) + 1}+" in text and f"ARGV[{len(argv) + 1}+" in text, "document the per-item groups"
+        groups = {"KEYS": len(keys), "ARGV": len(argv)}
+        assert all(f"{part}[{groups[part] + 1}+" in text for part in BATCHED[name]), "document the per-item groups"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -126,14 +129,23 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.cancel("t1", "n1")
     s.reap()
     s.preempt("t1", "n1", "t2", 1000)
+    s.promote()
+    s.expire()
+    s.progress("t1", "t1.1", "PROGRESS", "{}")
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
-    expected["reserve"] = (4 + 2 * 4, 1 + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
+    fixed_keys, fixed_argv = expected["reserve"]
+    expected["reserve"] = (fixed_keys + 2 * 4, fixed_argv + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
     assert s.calls == expected
 
 
 _STATE = re.compile(r"'([A-Z][A-Z_]+)'")
 _FUNCTION = re.compile(r"^local function (\w+)|^local (\w+(?:, \w+)*) =", re.MULTILINE)
+
+
+def code_of(file: str) -> str:
+    """A Lua file without its comments."""
+    return re.sub(r"--.*", "", (LUA / file).read_text())
 
 
 def defined_in(helper: str) -> set[str]:
@@ -148,10 +160,10 @@ def test_includes_are_exactly_what_the_script_uses(name: str) -> None:
     """A script loads only the helper files it uses, and each one it uses (or a helper it uses needs)."""
     listed = includes(name)
     assert set(listed) <= set(HELPERS), f"{name}.lua includes a file that does not exist"
-    body = (LUA / f"{name}.lua").read_text()
+    body = code_of(f"{name}.lua")
     needed = {h for h in HELPERS if any(re.search(rf"\b{n}\b", body) for n in defined_in(h))}
     for helper in list(needed):  # what the included helpers use in turn
-        text = (LUA / helper).read_text()
+        text = code_of(helper)
         needed |= {h for h in HELPERS if h != helper and any(re.search(rf"\b{n}\b", text) for n in defined_in(h))}
     assert set(listed) == needed, f"{name}.lua: Includes {listed}, uses {sorted(needed)}"
     assert listed == sorted(listed, key=lambda h: h != "_lib.lua"), "_lib.lua first: the others build on it"

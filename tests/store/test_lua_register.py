@@ -6,7 +6,9 @@ import pytest
 import redis
 
 from broker.models import Resources
+from broker.store import reads
 from broker.store.keys import PoolKeys
+from broker.store.records import catalogue_entry
 from broker.store.scripts import RegisterCode, Scripts
 from tests.invariants import (
     LEASE_MS,
@@ -157,3 +159,20 @@ def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, keys
     redis_client.script_flush()
     assert register_node(scripts, "n2", **SHAPE) == (RegisterCode.CREATED, 0)
     assert_capacity_invariant(redis_client, keys)
+
+
+def test_a_node_records_the_task_names_it_runs_and_the_pool_their_catalogue(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    probe = catalogue_entry({"resources": {"gpus": 1}, "priority": 5}, "10/m", 10 / 60)
+    register_node(scripts, "n1", gpus=1, gpu_mem=1000, tasks={"workers.tasks.probe": probe, "x.y": "{}"})
+    register_node(scripts, "n2", gpus=1, gpu_mem=1000)  # says nothing: runs any task
+
+    node = node_hash(redis_client, keys, "n1")
+    assert (node["serves"], node["task:workers.tasks.probe"], node["task:x.y"]) == ("listed", "1", "1")
+    assert node_hash(redis_client, keys, "n2")["serves"] == "all"
+    assert redis_client.hget(keys.tasks, "workers.tasks.probe").decode() == probe
+    views = {n.id: n for n in reads.read_nodes(redis_client, keys)}
+    assert (views["n1"].serves, views["n2"].serves) == (["workers.tasks.probe", "x.y"], None)
+    # A new incarnation that runs fewer names forgets the others.
+    register_node(scripts, "n1", gpus=1, gpu_mem=1000, incarnation="inc-2", tasks={"x.y": "{}"})
+    assert "task:workers.tasks.probe" not in node_hash(redis_client, keys, "n1")

@@ -7,12 +7,14 @@ import json
 import pytest
 import redis
 
-from broker.models import Resources
+from broker.models import MILLI, Resources
 from broker.scheduling.model import Placement
 from broker.store.keys import PoolKeys
+from broker.store.records import catalogue_entry
 from broker.store.scripts import ReserveCode, Scripts
 from tests.invariants import (
     LEASE_MS,
+    PROBE,
     ControlledClock,
     alloc_of,
     assert_capacity_invariant,
@@ -94,9 +96,10 @@ def test_message_is_the_submitted_one_plus_routing_and_tag(scripts: Scripts, red
     assert pushed.endswith("}}")
     doc, original = json.loads(pushed), json.loads(submitted)
     properties = doc["properties"]
-    assert list(properties)[-2:] == ["delivery_info", "delivery_tag"]
+    assert list(properties)[-3:] == ["delivery_info", "delivery_tag", "gpubroker"]
     assert properties.pop("delivery_info") == {"exchange": "", "routing_key": keys.queue(node)}
     assert properties.pop("delivery_tag") == f"{task}.1"
+    assert properties.pop("gpubroker") == {"gpus": "2", "tenant": "default"}  # what Flower shows
     assert doc == original
     assert list(doc) == list(original)  # properties stays the last member, as reserve.lua relies on
 
@@ -385,3 +388,38 @@ def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, keys
     assert reserve_one(scripts, second, node) is ReserveCode.OK
     assert pending_score(redis_client, keys, second) is None
     assert_capacity_invariant(redis_client, keys)
+
+
+def test_a_delayed_task_is_not_pending_yet(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                           node: str, clock: ControlledClock) -> None:
+    task = submit_task(scripts, resources=Resources(gpus=1), not_before=clock() / 1000 + 60)
+    assert reserve_one(scripts, task, node, 0) is ReserveCode.NOT_PENDING
+    assert node_task_ids(redis_client, keys, node) == set() and free_of(redis_client, keys, node)["g0_milli"] == MILLI
+
+
+def test_a_node_that_lists_its_tasks_takes_only_those(scripts: Scripts, redis_client: redis.Redis,
+                                                      keys: PoolKeys) -> None:
+    register_node(scripts, "picky", gpus=1, gpu_mem=GPU_MEM, tasks={PROBE: catalogue_entry({}, None, 0)})
+    other = submit_task(scripts, resources=Resources(gpus=1), name="other.task")
+    probe = submit_task(scripts, resources=Resources(gpus=1))
+    assert reserve_one(scripts, other, "picky", 0) is ReserveCode.NOT_SERVED
+    assert reserve_one(scripts, probe, "picky", 0) is ReserveCode.OK
+    assert_capacity_invariant(redis_client, keys)
+
+
+def test_a_rate_limit_allows_a_second_s_worth_then_one_start_per_interval(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: ControlledClock) -> None:
+    """2 starts a second, pool-wide: a burst of 2, then one more every 0.5 s; a refused placement
+    takes no start."""
+    entry = catalogue_entry({}, "2/s", 2.0)
+    register_node(scripts, "a", cpus=16, slots=10, tasks={PROBE: entry})
+    register_node(scripts, "b", cpus=16, slots=10, tasks={PROBE: entry})
+    tasks = [submit_task(scripts, resources=Resources(cpus=1)) for _ in range(4)]
+    codes = scripts.reserve([Placement(tasks[0], "a"), Placement(tasks[1], "b"), Placement(tasks[2], "a")])
+    assert codes == [ReserveCode.OK, ReserveCode.OK, ReserveCode.RATE_LIMITED]
+    clock.advance(0.4)
+    assert scripts.reserve([Placement(tasks[2], "b")]) == [ReserveCode.RATE_LIMITED]
+    clock.advance(0.1)
+    assert scripts.reserve([Placement(tasks[2], "b"), Placement(tasks[3], "a")]) == [ReserveCode.OK,
+                                                                                    ReserveCode.RATE_LIMITED]
+    assert pending_ids(redis_client, keys) == [tasks[3]]

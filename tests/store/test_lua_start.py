@@ -53,6 +53,8 @@ def test_cancelled_message_is_dropped(scripts: Scripts, redis_client: redis.Redi
     task = submit_task(scripts, resources=Resources(gpus=1))
     tag = place(scripts, task, node, 0, start=started)
     scripts.cancel(task, node)
+    if started:  # a cancelled running task ends when its process does
+        scripts.finish(task, node, tag, "lost", "SIGKILL after the grace period")
     assert scripts.start(task, node, tag) == (StartCode.CANCELLED, "")
     assert task_hash(redis_client, keys, task)["state"] == "CANCELLED"
     assert_capacity_invariant(redis_client, keys)
@@ -101,3 +103,17 @@ def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, node
     tag = place(scripts, task, node, 0)
     redis_client.script_flush()
     assert scripts.start(task, node, tag) == (StartCode.OK, "0")
+
+
+def test_a_replaced_worker_process_is_fenced_off(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,
+                                                 node: str) -> None:
+    """A worker that hung and came back after a new incarnation registered under its node id must not
+    run what was reserved for its successor (both read the node's queue)."""
+    task = submit_task(scripts, resources=Resources(gpus=1))
+    register_node(scripts, node, gpus=4, gpu_mem=24_000, incarnation="inc-2")
+    tag = place(scripts, task, node, 0)
+    before = task_hash(redis_client, keys, task)
+    assert scripts.start(task, node, tag, 123, "inc-1") == (StartCode.FENCED, "")
+    assert task_hash(redis_client, keys, task) == before
+    assert scripts.start(task, node, tag, 124, "inc-2") == (StartCode.OK, "0")
+    assert task_hash(redis_client, keys, task)["pid"] == "124"

@@ -34,7 +34,7 @@ def test_created_writes_the_whole_task(scripts: Scripts, redis_client: redis.Red
     assert task_hash(redis_client, keys, "t1") == {
         "id": "t1", "name": PROBE, "tenant": "lab", "priority": "7", "state": "PENDING", "seq": "1",
         "score": str(score), "submitted_at": str(scripts.clock()), "req": wire, "message": message,
-        "max_retries": "2", "retries": "0", "attempts": "0", "gpu_kind": "0,500"}
+        "max_retries": "2", "retries": "0", "attempts": "0", "gpu_kind": "0,500", "result_ttl": "0"}
     assert redis_client.hgetall(keys.mix) == {b"0,500": b"1"}  # the request mix frag_aware learns from
     wire_fields = json.loads(wire)  # what reserve.lua reads from the stored request
     assert {k: wire_fields[k] for k in ("g", "m", "gm", "c", "r", "l")} == {
@@ -42,7 +42,23 @@ def test_created_writes_the_whole_task(scripts: Scripts, redis_client: redis.Red
     assert pending_score(redis_client, keys, "t1") == score
     assert request_of(redis_client, keys, "t1") == wire
     assert redis_client.get(keys.seq) == b"1"
-    assert redis_client.hlen(keys.idempotency) == 0
+    assert redis_client.keys(keys.idempotency("*")) == []
+    assert redis_client.zcard(keys.delayed) == redis_client.zcard(keys.expiring) == 0
+
+
+def test_a_start_time_to_come_waits_in_delayed_and_an_expiry_is_timed(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    """countdown/ETA: the task holds nothing and is not in the queue the dispatcher reads."""
+    now_s = scripts.clock() / 1000
+    assert submit_raw(scripts, "later", not_before=now_s + 30, expires_at=now_s + 60) == (SubmitCode.CREATED, "later")
+    assert submit_raw(scripts, "due", not_before=now_s - 1) == (SubmitCode.CREATED, "due")  # already due: queued
+
+    assert pending_ids(redis_client, keys) == ["due"] and request_of(redis_client, keys, "later") is None
+    assert redis_client.zscore(keys.delayed, "later") == (now_s + 30) * 1000
+    assert redis_client.zscore(keys.expiring, "later") == (now_s + 60) * 1000
+    t = task_hash(redis_client, keys, "later")
+    assert (t["state"], t["not_before"], t["expires_at"]) == ("PENDING", str(int((now_s + 30) * 1000)),
+                                                               str(int((now_s + 60) * 1000)))
 
 
 def test_publishes_a_wake_up(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
@@ -72,7 +88,8 @@ def test_pending_order_is_priority_then_submit_order(scripts: Scripts, redis_cli
 def test_duplicate_idempotency_key_returns_the_first_task(scripts: Scripts, redis_client: redis.Redis,
                                                           keys: PoolKeys) -> None:
     first = submit_task(scripts, task_id="first", idempotency_key="job-42")
-    assert redis_client.hget(keys.idempotency, "job-42") == b"first"
+    assert redis_client.get(keys.idempotency("job-42")) == b"first"
+    assert task_hash(redis_client, keys, "first")["idempotency_key"] == "job-42"
 
     assert submit_raw(scripts, "second", idempotency_key="job-42", priority=9) == (SubmitCode.DUPLICATE, first)
 
@@ -95,7 +112,7 @@ def test_id_taken_writes_nothing(scripts: Scripts, redis_client: redis.Redis, ke
     assert pending_ids(redis_client, keys) == ["t1"]
     assert pending_score(redis_client, keys, "t1") == 1
     assert redis_client.get(keys.seq) == b"1"
-    assert redis_client.hlen(keys.idempotency) == 0  # the key stays free for a real submit
+    assert redis_client.keys(keys.idempotency("*")) == []  # the key stays free for a real submit
 
 
 def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:

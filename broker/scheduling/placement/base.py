@@ -57,28 +57,33 @@ class ChooseThenTake:
 
 
 class LabelGroups:
-    """Nodes by their exact label set: a task's labels are matched once per group, not per node."""
+    """Nodes by their exact label set and the task names they run: a task is matched once per
+    group, not per node."""
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
         self.labels: list[dict[str, str]] = []
+        self.serves: list[frozenset[str] | None] = []
         self.of: dict[str, int] = {}  # node id -> group
-        known: dict[tuple[tuple[str, str], ...], int] = {}
+        known: dict[tuple[Any, ...], int] = {}
         for node in nodes:
-            key = tuple(sorted(node.labels.items()))
+            key = (tuple(sorted(node.labels.items())), node.serves)
             if key not in known:
                 known[key] = len(self.labels)
                 self.labels.append(dict(node.labels))
+                self.serves.append(node.serves)
             self.of[node.id] = known[key]
         self._matching: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
 
     def matching(self, task: TaskRequest) -> list[tuple[int, int]]:
-        """(group, its ``NodeFree.preference``) for each group carrying the task's labels and preferences."""
-        key = (task.labels, task.prefer)
+        """(group, its ``NodeFree.preference``) for each group that runs the task's name and has its
+        labels and preferences."""
+        key = (task.labels, task.prefer, task.name)
         found = self._matching.get(key)
         if found is None:
             found = self._matching[key] = [
                 (group, sum(values.index(labels[k]) for k, values in task.prefer))
-                for group, labels in enumerate(self.labels) if labels_fit(labels, task.labels, task.prefer)]
+                for group, (labels, serves) in enumerate(zip(self.labels, self.serves, strict=True))
+                if (serves is None or task.name in serves) and labels_fit(labels, task.labels, task.prefer)]
         return found
 
 

@@ -255,8 +255,10 @@ def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:
     return [tuple(sorted((*task.labels, *zip(keys, (v for _, v in combo), strict=True)))) for combo in ranked]
 
 
-def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree]) -> Iterator[Placement]:
+def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree],
+            tokens: dict[str, float] | None = None) -> Iterator[Placement]:
     """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``, one at a time.
+    ``tokens``: starts each rate-limited task name may take now (taken from as tasks are placed).
 
     Lazy on both sides: the dispatcher commits each batch while the next is planned, and
     ``tasks`` is not read past the point where every free slot is taken."""
@@ -269,9 +271,15 @@ def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree]) -> Iterator
             return
         if failed and task.shape in failed:  # capacity only shrinks within a plan
             continue
+        if tokens and task.name in tokens:
+            if tokens[task.name] < 1:
+                continue
+            tokens[task.name] -= 1
         placement = fit.place(task)
         if placement is None:
             failed.add(task.shape)
+            if tokens and task.name in tokens:
+                tokens[task.name] += 1
         else:
             yield placement
 

@@ -70,6 +70,16 @@ def gpu_demands(mix: Mapping[Demand, int]) -> dict[Demand, int]:
     return {kind: count for kind, count in mix.items() if count and (kind[0] or kind[1])}
 
 
+# A node that runs only some task names keeps them with its labels (sorted last), so that its
+# state, and every verdict on it, says which names it runs; no task asks for this label.
+SERVES = "\x7fserves"
+
+
+def _labels_of(node: NodeFree) -> Labels:
+    labels = tuple(sorted(node.labels.items()))
+    return labels if node.serves is None else (*labels, (SERVES, "\0".join(sorted(node.serves))))
+
+
 def _state(node: NodeFree, labels: Labels) -> State:
     return (tuple(sorted(zip(node.free_milli, node.free_mem, strict=True))), node.free_cpu_milli,
             node.free_memory_mb, node.free_slots, node.gpu_memory_mb, labels)
@@ -120,7 +130,7 @@ class FragAware(ChooseThenTake):
     def __init__(self, nodes: Iterable[NodeFree], mix: Mapping[GpuKind, int]) -> None:
         self.nodes = {n.id: n.copy() for n in nodes}
         self.mix = gpu_demands(mix)
-        self._labels = {n.id: tuple(sorted(n.labels.items())) for n in self.nodes.values()}
+        self._labels = {n.id: _labels_of(n) for n in self.nodes.values()}
         # Node states get ids in the order they appear (a state that empties and comes back gets a
         # new one); ties go to the lowest id, then to the node filed first.
         self._states: list[State] = []
@@ -270,6 +280,8 @@ class FragAware(ChooseThenTake):
         """How good a node in ``state`` is for ``task`` (lower is better), and the GPU value to take."""
         labels = state[5]
         if (task.labels or task.prefer) and not labels_fit(dict(labels), task.labels, task.prefer):
+            return None
+        if labels and labels[-1][0] == SERVES and task.name not in labels[-1][1].split("\0"):
             return None
         verdict = self._judge(state, task)
         if verdict is None:

@@ -29,9 +29,9 @@ end
 -- The memos, made by batch_begin().
 -- Text -> number (strtod) and number -> text (sprintf) cost more than the rest of a placement's
 -- Lua, and a batch converts the same few values over and over.
-local batch_num, batch_text, batch_gpu_fields, batch_indices, batch_request
+local batch_num, batch_text, batch_gpu_fields, batch_indices, batch_request, batch_rates, batch_buckets
 
-local function batch_begin()
+local function batch_begin(catalogue_key)
   batch_num = memo(function(s) return tonumber(s) or 0 end) -- false (missing field) -> 0
   batch_text = memo(int)
   batch_gpu_fields = memo(function(count) -- GPU count -> {'g0_milli', 'g0_mem', 'g1_milli', ...}
@@ -59,6 +59,51 @@ local function batch_begin()
     r.count, r.labelled, r.allocs = (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
     return r
   end)
+  -- A task name's rate limit in starts per second from the pool's task catalogue (0: none).
+  batch_rates = memo(function(name)
+    local entry = redis.call('HGET', catalogue_key, name)
+    return entry and tonumber(cjson.decode(entry).rate) or 0
+  end)
+  batch_buckets = {}
+end
+
+-- Take one start from task `name`'s token bucket (pool-wide; a burst of one second's worth,
+-- at least one start); false when it is empty. Buckets are read once per batch.
+local function batch_token(ratelimit_key, now, name)
+  local rate = batch_rates[name]
+  if rate <= 0 then return true end
+  local b = batch_buckets[name]
+  if b == nil then
+    local capacity, saved = math.max(1, rate), redis.call('HGET', ratelimit_key, name)
+    local tokens, last = capacity, now
+    if saved then
+      local sep = string.find(saved, ',', 1, true)
+      tokens, last = tonumber(string.sub(saved, 1, sep - 1)), tonumber(string.sub(saved, sep + 1))
+    end
+    b = {tokens = math.min(capacity, tokens + math.max(0, now - last) * rate / 1000)}
+    batch_buckets[name] = b
+  end
+  if b.tokens < 1 then return false end
+  b.tokens = b.tokens - 1
+  return true
+end
+
+-- Write the buckets a batch took from back, as of now.
+local function batch_save_tokens(ratelimit_key, now)
+  for name, b in pairs(batch_buckets) do
+    redis.call('HSET', ratelimit_key, name, string.format('%.6f,%d', b.tokens, now))
+  end
+end
+
+-- Whether the node runs task `name`: a node that listed its task names runs only those.
+local function batch_serves(n, name)
+  if not n.listed then return true end
+  local known = n.serves[name]
+  if known == nil then
+    known = redis.call('HEXISTS', n.key, 'task:' .. name) == 1
+    n.serves[name] = known
+  end
+  return known
 end
 
 -- The `alloc` JSON of request r on GPUs `indices` (listed), each holding milli and mem:
@@ -82,11 +127,13 @@ local function batch_node(cache, leases_key, now, key, id, tasks_key, queue_key)
   local n = cache[id]
   if n == nil then
     local lease = redis.call('ZSCORE', leases_key, id)
-    local h = redis.call('HMGET', key, 'state', 'free_cpu_m', 'free_mem', 'free_slots', 'cap_gpus', 'gpu_mem')
+    local h = redis.call('HMGET', key, 'state', 'free_cpu_m', 'free_mem', 'free_slots', 'cap_gpus', 'gpu_mem',
+      'serves')
     local v = batch_num
     n = h[1] == 'up' and lease and tonumber(lease) >= now and {key = key, cpu = v[h[2]], mem = v[h[3]],
       slots = v[h[4]], gpus = v[h[5]], gpu_mem = v[h[6]], milli = false, gmem = {}, labels = {},
       count = 0, tasks = {}, messages = {}, tasks_key = tasks_key, queue = queue_key,
+      listed = h[7] == 'listed', serves = {},
       -- what kombu's Redis transport adds to a message's properties, up to the delivery tag
       route = ',"delivery_info":{"exchange":"","routing_key":"' .. queue_key .. '"},"delivery_tag":"'}
     cache[id] = n
@@ -122,4 +169,14 @@ local function batch_flush(n)
   call_chunked('HSET', n.key, fields)
   call_chunked('SADD', n.tasks_key, n.tasks)
   call_chunked('LPUSH', n.queue, n.messages)
+end
+
+-- The message reserve.lua queues: Celery's own JSON ends in its properties object, to which
+-- only what kombu's Redis transport would add (routing, delivery tag) and what the worker
+-- shows Flower (GPU indices, tenant) are added: never decoded and re-encoded. A tenant that
+-- would need escaping is left out.
+local function batch_message(n, message, tag, indices, r)
+  local tenant = string.find(r.t or '', '^[%w_.%-]+$') and r.t or ''
+  return string.sub(message, 1, -3) .. n.route .. tag .. '","gpubroker":{"gpus":"' .. indices ..
+    '","tenant":"' .. tenant .. '"}}}'
 end

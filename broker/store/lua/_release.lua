@@ -35,26 +35,57 @@ local function reset_free(node_key)
   redis.call('HSET', node_key, 'free_cpu_m', cap[3], 'free_mem', cap[4], 'free_slots', cap[5])
 end
 
+-- Fields of an attempt: gone when the task goes back in line.
+local ATTEMPT = {'node', 'gpus', 'tag', 'pid', 'reserved_at', 'started_at', 'preempt_at', 'preempt_by',
+  'preempt_grace', 'progress_state', 'progress', 'progress_at'}
+
 -- Back to PENDING at its original place in line (the score keeps its submit order).
 local function requeue(task_key, pending_key, requests_key, task_id, now)
   local t = redis.call('HMGET', task_key, 'score', 'req')
   redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now)
-  redis.call('HDEL', task_key, 'node', 'gpus', 'tag', 'reserved_at', 'started_at', 'preempt_at', 'preempt_by',
-    'preempt_grace')
+  redis.call('HDEL', task_key, unpack(ATTEMPT))
   redis.call('ZADD', pending_key, t[1], task_id)
   redis.call('HSET', requests_key, task_id, t[2])
 end
 
--- A task whose process or node was lost. `charge` counts it against max_retries
--- (it had started); returns the task's new state.
-local function recover(task_key, pending_key, requests_key, task_id, now, reason, charge)
-  if charge then
-    local retries = redis.call('HINCRBY', task_key, 'retries', 1)
-    if retries > num(redis.call('HGET', task_key, 'max_retries')) then
-      redis.call('HSET', task_key, 'state', 'FAILED', 'finished_at', now,
-        'error', reason .. ' (retry limit reached)')
-      return 'FAILED'
-    end
+-- Back to PENDING, but not placed before `not_before` (ms): it waits in `delayed` until
+-- promote.lua moves it to the pending queue at its original place in line.
+local function delay(task_key, delayed_key, task_id, now, not_before)
+  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now, 'not_before', int(not_before))
+  redis.call('HDEL', task_key, unpack(ATTEMPT))
+  redis.call('ZADD', delayed_key, int(not_before), task_id)
+end
+
+-- A task reached a final state: its record and its idempotency key expire after the record's
+-- result_ttl (ms; 0: kept), and it leaves the timer sets. prefix carries the pool's hash tag.
+local function finalize(prefix, task_key, task_id)
+  local t = redis.call('HMGET', task_key, 'result_ttl', 'idempotency_key')
+  local ttl = num(t[1])
+  if ttl > 0 then
+    redis.call('PEXPIRE', task_key, int(ttl))
+    if t[2] then redis.call('PEXPIRE', prefix .. 'idem:' .. t[2], int(ttl)) end
+  end
+  redis.call('ZREM', prefix .. 'delayed', task_id)
+  redis.call('ZREM', prefix .. 'expiring', task_id)
+end
+
+-- End a task: state `final` with `fields` (name, value, ...), then finalize.
+local function conclude(prefix, task_key, task_id, final, now, ...)
+  redis.call('HSET', task_key, 'state', final, 'finished_at', now, ...)
+  finalize(prefix, task_key, task_id)
+  return final
+end
+
+-- A task whose process or node was lost. `charge` counts it against max_retries (it had
+-- started). A task being cancelled, or revoked, ends CANCELLED instead of running again.
+-- Returns the task's new state.
+local function recover(prefix, task_key, pending_key, requests_key, task_id, now, reason, charge)
+  local t = redis.call('HMGET', task_key, 'cancel_at', 'revoked', 'max_retries')
+  if t[1] or t[2] then
+    return conclude(prefix, task_key, task_id, 'CANCELLED', now, 'error', reason .. ' (cancelled)')
+  end
+  if charge and redis.call('HINCRBY', task_key, 'retries', 1) > num(t[3]) then
+    return conclude(prefix, task_key, task_id, 'FAILED', now, 'error', reason .. ' (retry limit reached)')
   end
   requeue(task_key, pending_key, requests_key, task_id, now)
   return 'PENDING'
@@ -71,7 +102,7 @@ local function reclaim_node(prefix, node_id, pending_key, requests_key, now, rea
     local task_key = prefix .. 'task:' .. id
     local state = redis.call('HGET', task_key, 'state')
     redis.call('HDEL', task_key, 'alloc')
-    recover(task_key, pending_key, requests_key, id, now, reason, state == 'RUNNING')
+    recover(prefix, task_key, pending_key, requests_key, id, now, reason, state == 'RUNNING')
   end
   local q = prefix .. 'q:' .. node_id
   redis.call('DEL', tasks_key, q, q .. ':unacked', q .. ':unacked_index', q .. ':unacked_mutex')

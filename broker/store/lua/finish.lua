@@ -1,11 +1,15 @@
 -- finish.lua: end one attempt of a task and release its reservation.
 --
--- Called by the worker on success, on an exception, on a time limit and when the
--- process running the task was lost. Fenced by the delivery tag: a finish for an
--- attempt that no longer holds the task changes nothing, so releasing twice is
--- impossible.
+-- Called by the worker on success, on an exception, on a Celery retry, on a time limit and
+-- when the process running the task was lost. Fenced by the delivery tag (a finish for an
+-- attempt that no longer holds the task changes nothing, so releasing twice is impossible)
+-- and by the worker's incarnation (a replaced worker process changes nothing either).
+-- What comes next: SUCCEEDED; or CANCELLED if it was being cancelled (or revoked and would
+-- run again); else back in line uncharged if it was being preempted; else PENDING for a
+-- retry (its new message, not before its countdown), FAILED, or, for a lost one, requeued
+-- while retries remain.
 --
--- Transitions: RESERVED | RUNNING -> SUCCEEDED | FAILED | PENDING
+-- Transitions: RESERVED | RUNNING -> SUCCEEDED | FAILED | CANCELLED | PENDING
 -- Includes: _lib.lua _release.lua
 --
 -- KEYS[1] task        hash of the task
@@ -16,34 +20,39 @@
 -- KEYS[6] wake        channel dispatchers listen on
 -- KEYS[7] runtimes    hash of succeeded runs' count and seconds per task name and GPU kind
 -- KEYS[8] changes     zset node id -> sequence of its last change
+-- KEYS[9] prefix      the pool prefix (carries the hash tag): delayed, expiring, idempotency keys
 -- ARGV[1] task_id
 -- ARGV[2] node_id
 -- ARGV[3] tag         delivery tag of the attempt
--- ARGV[4] outcome     'succeeded' | 'failed' | 'lost' (requeued while retries remain);
---                     a task being preempted that did not succeed is requeued uncharged
--- ARGV[5] payload     result JSON when succeeded, error text otherwise
+-- ARGV[4] outcome     'succeeded' | 'failed' | 'retry' | 'lost'
+-- ARGV[5] payload     result JSON (succeeded), error text (failed, lost), new message (retry)
 -- ARGV[6] now         ms since epoch
+-- ARGV[7] detail      failed: the exception as JSON; retry: why; '' otherwise
+-- ARGV[8] not_before  retry: ms before which it is not placed again (0: at once)
+-- ARGV[9] incarnation the worker process reporting ('' to skip the check)
 -- Returns {code, state}; state is the task's state afterwards:
 --   0 OK
 --   1 NOT_FOUND  no such task
 --   2 STALE      this attempt no longer holds the task; nothing changed
 --   3 BAD_OUTCOME unknown outcome; nothing changed
 
-local task_key, id, now = KEYS[1], ARGV[1], tonumber(ARGV[6])
-local t = redis.call('HMGET', task_key, 'state', 'tag', 'node', 'preempt_at', 'started_at', 'name', 'gpu_kind')
+local task_key, id, now, prefix, outcome = KEYS[1], ARGV[1], tonumber(ARGV[6]), KEYS[9], ARGV[4]
+local t = redis.call('HMGET', task_key, 'state', 'tag', 'node', 'preempt_at', 'started_at', 'name', 'gpu_kind',
+  'cancel_at', 'revoked')
 if not t[1] then return {1, ''} end
-if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED') then
+if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED')
+    or (ARGV[9] ~= '' and redis.call('HGET', KEYS[2], 'incarnation') ~= ARGV[9]) then
   return {2, t[1]}
 end
-local outcome = ARGV[4]
-if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'lost' then return {3, t[1]} end
+if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'lost' and outcome ~= 'retry' then
+  return {3, t[1]}
+end
 
 unhold(task_key, KEYS[2], KEYS[3], id)
 touch(KEYS[8], ARGV[2])
 local state
 if outcome == 'succeeded' then
-  state = 'SUCCEEDED'
-  redis.call('HSET', task_key, 'state', state, 'result', ARGV[5], 'finished_at', now)
+  state = conclude(prefix, task_key, id, 'SUCCEEDED', now, 'result', ARGV[5])
   if t[5] then -- learn the runtime, per task name and GPU kind, and per name alone
     local seconds = string.format('%.3f', (now - tonumber(t[5])) / 1000)
     for _, key in ipairs({t[6] .. '|' .. (t[7] or ''), t[6] .. '|'}) do
@@ -51,15 +60,24 @@ if outcome == 'succeeded' then
       redis.call('HINCRBYFLOAT', KEYS[7], 's:' .. key, seconds)
     end
   end
+elseif t[8] or (t[9] and outcome ~= 'failed') then -- stopped for a cancel, or revoked: runs no more
+  state = conclude(prefix, task_key, id, 'CANCELLED', now, 'error', t[8] and 'cancelled' or 'revoked')
 elseif t[4] then -- stopped for a more urgent task: back in line, no retry charged
   redis.call('HINCRBY', task_key, 'preemptions', 1)
   requeue(task_key, KEYS[4], KEYS[5], id, now)
   state = 'PENDING'
+elseif outcome == 'retry' then -- Celery's self.retry(): the attempt ends, a new message waits its turn
+  redis.call('HSET', task_key, 'message', ARGV[5], 'retried', 1, 'retry_reason', ARGV[7])
+  if tonumber(ARGV[8]) > now then
+    delay(task_key, prefix .. 'delayed', id, now, tonumber(ARGV[8]))
+  else
+    requeue(task_key, KEYS[4], KEYS[5], id, now)
+  end
+  state = 'PENDING'
 elseif outcome == 'failed' then
-  state = 'FAILED'
-  redis.call('HSET', task_key, 'state', state, 'error', ARGV[5], 'finished_at', now)
+  state = conclude(prefix, task_key, id, 'FAILED', now, 'error', ARGV[5], 'exc', ARGV[7])
 else
-  state = recover(task_key, KEYS[4], KEYS[5], id, now, ARGV[5], true)
+  state = recover(prefix, task_key, KEYS[4], KEYS[5], id, now, ARGV[5], true)
 end
 redis.call('PUBLISH', KEYS[6], 'finish')
 return {0, state}

@@ -5,7 +5,7 @@
 -- queue is dropped and its capacity freed. Kombu's visibility timeout is never the
 -- recovery path, so a long task is not redelivered while it is still healthy.
 --
--- Transitions: RESERVED | RUNNING -> PENDING | FAILED (the tasks of an expired node)
+-- Transitions: RESERVED | RUNNING -> PENDING | FAILED | CANCELLED (the tasks of an expired node)
 -- Includes: _lib.lua _release.lua
 --
 -- KEYS[1] prefix      the pool prefix (carries the hash tag) for node and task keys

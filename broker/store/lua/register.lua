@@ -5,7 +5,7 @@
 -- worker process is gone: its reservations are reclaimed (tasks requeued, queue
 -- dropped) before the new shape is written, so capacity is never counted twice.
 --
--- Transitions: RESERVED | RUNNING -> PENDING | FAILED (the tasks of a replaced incarnation)
+-- Transitions: RESERVED | RUNNING -> PENDING | FAILED | CANCELLED (the tasks of a replaced incarnation)
 -- Includes: _lib.lua _release.lua
 --
 -- KEYS[1] prefix      the pool prefix (carries the hash tag) for reclaimed task keys
@@ -16,6 +16,7 @@
 -- KEYS[6] requests    hash task id -> request of pending tasks
 -- KEYS[7] wake        channel dispatchers listen on
 -- KEYS[8] changes     zset node id -> sequence of its last change
+-- KEYS[9] tasks       hash task name -> catalogue entry (defaults, rate limit) for submits by name
 -- ARGV[1] node_id
 -- ARGV[2] incarnation unique id of the registering worker process
 -- ARGV[3] now         ms since epoch
@@ -26,6 +27,8 @@
 -- ARGV[8] mem         RAM (MiB)
 -- ARGV[9] slots       tasks that may run at once
 -- ARGV[10] labels     JSON object of label -> value
+-- ARGV[11] serves     'listed': it runs only the task names below; 'all': any task
+-- ARGV[12+2i..13+2i]  for task name i it runs: the name, its catalogue entry (JSON, for P tasks)
 -- Returns {code, reclaimed task count}:
 --   0 CREATED        a node id not seen before
 --   1 REFRESHED      same incarnation again; reservations kept
@@ -54,8 +57,14 @@ else
   for key, value in pairs(cjson.decode(ARGV[10])) do
     redis.call('HSET', node_key, 'label:' .. key, value)
   end
-  redis.call('HSET', node_key, 'id', ARGV[1], 'incarnation', ARGV[2], 'registered_at', now)
+  redis.call('HSET', node_key, 'id', ARGV[1], 'incarnation', ARGV[2], 'registered_at', now, 'serves', ARGV[11])
+  for i = 12, #ARGV, 2 do
+    redis.call('HSET', node_key, 'task:' .. ARGV[i], 1)
+  end
   reset_free(node_key)
+end
+for i = 12, #ARGV, 2 do -- the latest worker to register a name says what it is
+  redis.call('HSET', KEYS[9], ARGV[i], ARGV[i + 1])
 end
 
 redis.call('HSET', node_key, 'state', 'up', 'heartbeat_at', now)

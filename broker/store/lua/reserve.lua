@@ -1,12 +1,10 @@
 -- reserve.lua: commit a batch of placements the dispatcher's policy proposed.
 --
--- Python proposes, Lua commits: each placement is re-checked against the node's
--- current free capacity; if it fits, the task moves PENDING -> RESERVED, the
--- capacity is taken per GPU index, and the task's Celery message goes onto the
--- node's queue, all in this one script (no capacity without a message, no
--- message without capacity). A refused placement changes nothing. Each node is
--- read once and written once per batch (_lib's batch_* helpers); later
--- placements see what earlier ones in the batch took.
+-- Python proposes, Lua commits: each placement is re-checked (node up, labels, task
+-- name served, capacity per GPU index, the name's rate limit); if it fits, the task moves
+-- PENDING -> RESERVED, the capacity is taken and the task's Celery message goes onto the
+-- node's queue, in this one script (no capacity without a message, nor the reverse). A
+-- refused placement changes nothing. Nodes are read and written once per batch.
 --
 -- Transitions: PENDING -> RESERVED
 -- Includes: _lib.lua _batch.lua
@@ -15,7 +13,9 @@
 -- KEYS[2] requests     hash task id -> request of pending tasks
 -- KEYS[3] leases       zset node id -> lease expiry (ms)
 -- KEYS[4] changes      zset node id -> sequence of its last change
--- KEYS[5+4i..8+4i]     for placement i: task hash, node hash, node's task set, node queue
+-- KEYS[5] tasks        hash task name -> catalogue entry (its rate limit)
+-- KEYS[6] ratelimit    hash task name -> token bucket "tokens,last_ms"
+-- KEYS[7+4i..10+4i]    for placement i: task hash, node hash, node's task set, node queue
 -- ARGV[1] now          ms since epoch
 -- ARGV[2+3i..4+3i]     for placement i: task id, node id, GPU indices ("0,3" or "")
 -- Returns one code per placement, in order:
@@ -25,27 +25,28 @@
 --   3 LABEL_MISMATCH the node lacks a label the task selects
 --   4 NO_CAPACITY    not enough free CPU, RAM, slots or GPU share/memory now
 --   5 BAD_PLACEMENT  wrong number of GPU indices, unknown or repeated index
+--   6 NOT_SERVED     the node does not run this task name
+--   7 RATE_LIMITED   the task name's rate limit allows no start now
 
-batch_begin()
+batch_begin(KEYS[5])
 local now, nodes, taken, text = tonumber(ARGV[1]), {}, {}, batch_text
 
 local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, indices)
-  local t = redis.call('HMGET', task_key, 'state', 'req', 'message', 'attempts')
-  if t[1] ~= 'PENDING' then return 1 end
+  local t = redis.call('HMGET', task_key, 'state', 'req', 'message', 'attempts', 'not_before')
+  if t[1] ~= 'PENDING' or t[5] then return 1 end -- a delayed task is not in the queue yet
   local n = nodes[node_id]
   if n == nil then n = batch_node(nodes, KEYS[3], now, node_key, node_id, tasks_key, queue_key) end
   if not n then return 2 end
   local r, listed = batch_request[t[2]], batch_indices[indices]
   if not listed or #listed ~= r.count then return 5 end
-  for k = 1, #listed do
-    if listed[k] < 0 or listed[k] >= n.gpus then return 5 end
-  end
+  for k = 1, #listed do if listed[k] < 0 or listed[k] >= n.gpus then return 5 end end
   if r.labelled then
     for key, value in pairs(r.l) do
       if n.labels[key] == nil then n.labels[key] = redis.call('HGET', n.key, 'label:' .. key) end
       if not label_ok(value, n.labels[key]) then return 3 end
     end
   end
+  if not batch_serves(n, r.n) then return 6 end
   if n.slots < 1 or n.cpu < r.c or n.mem < r.r then return 4 end
   local whole, milli, mem = r.m == 0, MILLI, n.gpu_mem -- a whole GPU: all of it, and wholly free
   if not whole then milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI) end
@@ -54,6 +55,7 @@ local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, in
     if free_milli < milli or free_mem < mem then return 4 end
     if whole and (n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem) then return 4 end
   end
+  if not batch_token(KEYS[6], now, r.n) then return 7 end -- last: a refused placement takes no start
 
   for k = 1, #listed do
     local i = listed[k]
@@ -66,15 +68,13 @@ local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, in
   redis.call('HSET', task_key, 'state', 'RESERVED', 'node', node_id, 'gpus', indices, 'tag', tag,
     'attempts', attempts, 'reserved_at', ARGV[1], 'alloc', batch_alloc(r, listed, indices, milli, mem))
   taken[#taken + 1], n.tasks[n.count] = id, id
-  -- Celery's own JSON ends in its properties object; only the routing and the tag are
-  -- added, as kombu's Redis transport would (never decoded and re-encoded).
-  n.messages[n.count] = string.sub(t[3], 1, -3) .. n.route .. tag .. '"}}'
+  n.messages[n.count] = batch_message(n, t[3], tag, indices, r)
   return 0
 end
 
 local out = {}
 for i = 0, (#ARGV - 1) / 3 - 1 do
-  out[i + 1] = reserve(KEYS[5 + 4 * i], KEYS[6 + 4 * i], KEYS[7 + 4 * i], KEYS[8 + 4 * i],
+  out[i + 1] = reserve(KEYS[7 + 4 * i], KEYS[8 + 4 * i], KEYS[9 + 4 * i], KEYS[10 + 4 * i],
     ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i])
 end
 for id, n in pairs(nodes) do
@@ -83,6 +83,7 @@ for id, n in pairs(nodes) do
     touch(KEYS[4], id)
   end
 end
+batch_save_tokens(KEYS[6], now)
 call_chunked('ZREM', KEYS[1], taken)
 call_chunked('HDEL', KEYS[2], taken)
 return out

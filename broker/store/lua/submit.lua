@@ -1,7 +1,8 @@
 -- submit.lua: accept a validated task into the pool's pending queue.
 --
--- Invariant: a task is written whole (record, pending entry, request) or not at
--- all; an idempotency key maps to exactly one task.
+-- Invariant: a task is written whole (record, queue entry, request) or not at all; an
+-- idempotency key maps to exactly one task. A task with a start time in the future
+-- (countdown, ETA) waits in `delayed` and holds nothing until promote.lua moves it.
 --
 -- Transitions: (new) -> PENDING
 -- Includes: _lib.lua
@@ -9,10 +10,12 @@
 -- KEYS[1] task         hash of the new task
 -- KEYS[2] pending      zset of pending tasks, scored -priority * 2^32 + seq
 -- KEYS[3] requests     hash task id -> request of pending tasks
--- KEYS[4] idempotency  hash idempotency key -> task id
+-- KEYS[4] idempotency  string: the task id the idempotency key stands for (KEYS[1] if no key)
 -- KEYS[5] seq          submit counter
 -- KEYS[6] wake         channel dispatchers listen on
 -- KEYS[7] mix          hash GPU kind -> tasks submitted of that kind
+-- KEYS[8] delayed      zset of tasks not to start before their score (ms)
+-- KEYS[9] expiring     zset of tasks cancelled if still pending at their score (ms)
 -- ARGV[1] task_id
 -- ARGV[2] idempotency_key  '' for none
 -- ARGV[3] priority     integer, higher runs first
@@ -23,14 +26,17 @@
 -- ARGV[8] tenant
 -- ARGV[9] max_retries  requeues allowed after a lost worker
 -- ARGV[10] gpu_kind    the request's GPU kind ("whole,milli"), counted in the mix
+-- ARGV[11] not_before  ms; not placed before then (0: at once)
+-- ARGV[12] expires_at  ms; cancelled if not started by then (0: never)
+-- ARGV[13] result_ttl  ms the record is kept once final (0: kept)
 -- Returns {code, task_id}:
 --   0 CREATED
 --   1 DUPLICATE   the idempotency key is known: task_id is the existing task
 --   2 ID_TAKEN    a task with this id already exists; nothing written
 
-local id, key = ARGV[1], ARGV[2]
+local id, key, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 if key ~= '' then
-  local existing = redis.call('HGET', KEYS[4], key)
+  local existing = redis.call('GET', KEYS[4])
   if existing then return {1, existing} end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {2, id} end
@@ -39,10 +45,24 @@ local seq = redis.call('INCR', KEYS[5])
 local score = int(-tonumber(ARGV[3]) * 4294967296 + seq)
 redis.call('HSET', KEYS[1], 'id', id, 'name', ARGV[7], 'tenant', ARGV[8], 'priority', ARGV[3],
   'state', 'PENDING', 'seq', seq, 'score', score, 'submitted_at', ARGV[4], 'req', ARGV[5],
-  'message', ARGV[6], 'max_retries', ARGV[9], 'retries', 0, 'attempts', 0, 'gpu_kind', ARGV[10])
-redis.call('ZADD', KEYS[2], score, id)
-redis.call('HSET', KEYS[3], id, ARGV[5])
-if key ~= '' then redis.call('HSET', KEYS[4], key, id) end
+  'message', ARGV[6], 'max_retries', ARGV[9], 'retries', 0, 'attempts', 0, 'gpu_kind', ARGV[10],
+  'result_ttl', ARGV[13])
+local not_before, expires_at = tonumber(ARGV[11]), tonumber(ARGV[12])
+if not_before > now then
+  redis.call('HSET', KEYS[1], 'not_before', ARGV[11])
+  redis.call('ZADD', KEYS[8], ARGV[11], id)
+else
+  redis.call('ZADD', KEYS[2], score, id)
+  redis.call('HSET', KEYS[3], id, ARGV[5])
+end
+if expires_at > 0 then
+  redis.call('HSET', KEYS[1], 'expires_at', ARGV[12])
+  redis.call('ZADD', KEYS[9], ARGV[12], id)
+end
+if key ~= '' then
+  redis.call('HSET', KEYS[1], 'idempotency_key', key)
+  redis.call('SET', KEYS[4], id)
+end
 redis.call('HINCRBY', KEYS[7], ARGV[10], 1)
 redis.call('PUBLISH', KEYS[6], 'submit')
 return {0, id}

@@ -1,0 +1,139 @@
+"""The one submit path, and the one cancel path behind Celery's revoke.
+
+``Client.submit``, ``apply_async``/``delay``/``send_task``, canvas callbacks, retries, beat,
+and messages published straight to Celery's default queue all end in ``Submitter.submit``:
+a request validated field by field (``SubmitRequest``), refused at once when no registered
+node runs its task name or could ever hold it, then written by submit.lua.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import redis
+
+from broker.errors import InvalidRequest, NotRegistered, Unsatisfiable
+from broker.models import NodeView, Resources, SubmitRequest, shortfall
+from broker.native.messages import TaskMessage
+from broker.settings import Settings
+from broker.store import reads
+from broker.store.keys import PoolKeys
+from broker.store.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
+
+
+def declared(defaults: Mapping[str, Any], name: str) -> Any:
+    """A task's declared default: a Resources object becomes the dict it validates from."""
+    value = defaults.get(name)
+    return value.model_dump() if isinstance(value, Resources) else value
+
+
+class Submitter:
+    """Submits and cancels in one pool through one Redis connection."""
+
+    NODES_CACHE_S = 5.0  # how long a read of the registered nodes serves submit-time checks
+
+    def __init__(self, settings: Settings, client: redis.Redis, clock: Clock = wall_clock_ms) -> None:
+        self.settings = settings
+        self.keys = PoolKeys(settings.pool)
+        self.redis = client
+        self.scripts = Scripts(client, self.keys, clock)
+        self.catalogue = reads.Catalogue(self.NODES_CACHE_S)
+        self._nodes: tuple[float, list[NodeView]] | None = None
+
+    # ---- submit ---------------------------------------------------------------------------
+
+    def request(self, name: str, args: Any, kwargs: Any, options: Mapping[str, Any], not_before: float | None = None,
+                expires_at: float | None = None) -> SubmitRequest:
+        """The validated request: ``options`` as given, the rest from what workers registered of
+        the task name (its ``@app.task`` defaults), then the built-in defaults."""
+        # (a name that is not a string is refused by SubmitRequest below, naming the field)
+        defaults = self.catalogue.get(self.redis, self.keys).get(name, {}) if isinstance(name, str) else {}
+        values = {key: options[key] if options.get(key) is not None else declared(defaults, key)
+                  for key in ("resources", "priority", "tenant", "preemptible", "estimated_runtime_s")}
+        resources = values["resources"]
+        if isinstance(resources, Mapping):
+            try:
+                resources = Resources(**resources)
+            except InvalidRequest as exc:
+                raise InvalidRequest({f"resources.{k}": v for k, v in exc.problems.items()}) from None
+        elif resources is not None and not isinstance(resources, Resources):
+            raise InvalidRequest({"resources": f"must be Resources(...) or a dict of its fields, not "
+                                               f"{type(resources).__name__}"})
+        given = {"resources": resources, "priority": values["priority"], "tenant": values["tenant"],
+                 "estimated_runtime_s": values["estimated_runtime_s"], "preemptible": values["preemptible"],
+                 "idempotency_key": options.get("idempotency_key"), "max_retries": options.get("max_retries"),
+                 "not_before": not_before, "expires_at": expires_at}
+        return SubmitRequest(task_name=name, args=args if args is not None else [],
+                             kwargs=kwargs if kwargs is not None else {},
+                             **{k: v for k, v in given.items() if v is not None})
+
+    def submit(self, task_id: str, req: SubmitRequest, message: str) -> tuple[str, bool]:
+        """Write the task; returns the id it is known by and whether this call created it (an
+        idempotency key already taken returns the task it stands for)."""
+        if len(message) > self.settings.max_payload_bytes:
+            field = "kwargs" if len(str(req.kwargs)) > len(str(req.args)) else "args"
+            raise InvalidRequest({field: f"the encoded task (args and kwargs) is {len(message)} bytes; the limit "
+                                         f"is {self.settings.max_payload_bytes}"})
+        self.check(req)
+        code, existing = self.scripts.submit(task_id, req, message,
+                                             result_ttl_ms=int(self.settings.result_expires_s * 1000))
+        if code is SubmitCode.DUPLICATE:
+            return existing, existing == task_id
+        # ID_TAKEN: the id is this call's own (a fresh or idempotency-derived uuid): the reply to an
+        # earlier try was lost and kombu or redis-py sent it again.
+        return task_id, True
+
+    def submit_message(self, task: TaskMessage) -> tuple[str, bool]:
+        """Submit a task as Celery published it."""
+        req = self.request(task.name, task.args, task.kwargs, task.options, task.not_before, task.expires_at)
+        return self.submit(task.id, req, task.stored())
+
+    def check(self, req: SubmitRequest) -> None:
+        """Refuse what no registered node runs or could ever hold. Nodes are cached briefly to keep
+        submit cheap; a refusal is always confirmed against a fresh read."""
+        nodes = self._registered(fresh=False)
+        if not nodes or not self._refusal(req, nodes):
+            return
+        nodes = self._registered(fresh=True)
+        refusal = self._refusal(req, nodes) if nodes else None
+        if refusal is not None:
+            raise refusal
+
+    def _registered(self, fresh: bool) -> list[NodeView]:
+        now = time.monotonic()
+        if fresh or self._nodes is None or now - self._nodes[0] > self.NODES_CACHE_S:
+            self._nodes = (now, reads.read_nodes(self.redis, self.keys))
+        return self._nodes[1]
+
+    @staticmethod
+    def _refusal(req: SubmitRequest, nodes: list[NodeView]) -> InvalidRequest | None:
+        runs = [n for n in nodes if n.serves is None or req.task_name in n.serves]
+        if not runs:
+            return NotRegistered(req.task_name)
+        short = shortfall(req.resources, runs)
+        return Unsatisfiable(short) if short else None
+
+    # ---- cancel -----------------------------------------------------------------------------
+
+    def cancel(self, task_id: str, mode: str = "cancel") -> tuple[CancelCode, str]:
+        """Cancel (``mode="revoke"``: a running attempt may finish) wherever the task is now."""
+        state, held_by = cast(list[bytes | None], self.redis.hmget(self.keys.task(task_id), "state", "node"))
+        # A running task is only marked (its worker releases it): no node key, so a Redis user
+        # without node access (the producer role) may cancel it.
+        node = held_by.decode() if held_by and state != b"RUNNING" else None
+        grace_ms = int(self.settings.cancel_grace_s * 1000)
+        for _ in range(10):
+            code, detail = self.scripts.cancel(task_id, node, mode, grace_ms)
+            if code is not CancelCode.MOVED:
+                return code, detail
+            node = detail or None
+        return code, detail
+
+    def revoke(self, task_ids: list[str], terminate: bool) -> None:
+        """Celery's revoke of ``task_ids``, through the broker; tasks it does not know are left to
+        Celery (a chord's callback, say, has no record until it is sent)."""
+        for task_id in task_ids:
+            self.cancel(task_id, "cancel" if terminate else "revoke")
+

@@ -1,0 +1,115 @@
+"""kombu's Redis transport, where a Celery task publish becomes a broker submit.
+
+Every process configured with the project's Celery settings uses it (``celery_conf`` names it
+``broker_transport``): the client, workers (``workers.rejects`` adds its guards on top), beat,
+Flower. Celery builds the message as always; ``_put``, where kombu would push it onto a Celery
+queue, hands it to ``Submitter.submit_message`` instead. Everything else (events, control
+broadcasts and their replies, the node queues workers read) is plain kombu. Two more things
+are caught on the way, each then passed on as kombu would:
+
+- a ``revoke`` broadcast (``AsyncResult.revoke``, ``app.control.revoke``, Flower's buttons)
+  cancels through the broker before the workers hear it;
+- inside a running task, the message Celery's ``Task.retry`` publishes for the task itself is
+  kept for ``workers.task``, which ends the attempt as a retry with it (finish.lua), rather than
+  submitted as a second task under the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery._state import get_current_worker_task
+from kombu.transport import redis as kombu_redis
+
+from broker.native.messages import BadMessage, TaskMessage, revoke_request, task_message
+from broker.native.submitter import Submitter
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: broker_transport_options key with the gpubroker settings this transport needs (celery_conf).
+OPTIONS_KEY = "gpubroker"
+
+_local = threading.local()
+
+
+RESULTS_KEPT = 1024  # a producer that never reads them (a plain Celery app) keeps this many
+
+
+def _results() -> dict[str, tuple[str, bool]]:
+    results: dict[str, tuple[str, bool]] | None = getattr(_local, "results", None)
+    if results is None:
+        results = _local.results = {}
+    elif len(results) >= RESULTS_KEPT:
+        del results[next(iter(results))]
+    return results
+
+
+def submitted(task_id: str) -> tuple[str, bool] | None:
+    """What the last publish of ``task_id`` in this thread became: (the id the task is known by,
+    created); an idempotency key already taken names another task. Read once."""
+    return _results().pop(task_id, None)
+
+
+class RetryMessage:
+    """The message ``Task.retry`` published for the running task, kept for ``workers.task``."""
+
+    _pending: dict[str, TaskMessage] = {}
+
+    @classmethod
+    def keep(cls, task: TaskMessage) -> None:
+        cls._pending[task.id] = task
+
+    @classmethod
+    def take(cls, task_id: str) -> TaskMessage | None:
+        return cls._pending.pop(task_id, None)
+
+
+def _own_retry(task: TaskMessage) -> bool:
+    """Is this the running task (in this process) publishing its own retry?"""
+    current = get_current_worker_task()
+    request = getattr(current, "request", None)
+    return (request is not None and request.id == task.id and not request.called_directly
+            and task.retries > int(request.retries or 0))
+
+
+class Channel(kombu_redis.Channel):
+    _submitter: Submitter | None = None
+
+    @property
+    def submitter(self) -> Submitter:
+        if self._submitter is None:
+            options = dict(self.connection.client.transport_options.get(OPTIONS_KEY) or {})
+            settings = Settings(**{**Settings().model_dump(), **options})
+            self._submitter = Submitter(settings, self._create_client())
+        return self._submitter
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        try:
+            task = task_message(message)
+        except BadMessage as exc:
+            raise ValueError(f"gpubroker cannot submit this task message: {exc}") from None
+        if task is None:
+            super()._put(queue, message, **kwargs)
+            return
+        kwargs.pop("_publish_batch", None)  # each submit is its own script call
+        if _own_retry(task):
+            RetryMessage.keep(task)
+            return
+        _results()[task.id] = self.submitter.submit_message(task)
+
+    def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
+        revoke = revoke_request(message)
+        if revoke is not None:
+            try:
+                self.submitter.revoke(*revoke)
+            except redis.exceptions.NoPermissionError:
+                log.info("revoke: this Redis user may not release node capacity; the workers will")
+        super()._put_fanout(exchange, message, routing_key, **kwargs)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

@@ -129,3 +129,16 @@ def stubborn(seconds: float) -> str:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(seconds)
     return "finished"
+
+
+@app.task(name="tests.echo")
+def echo(value: Any) -> Any:
+    return value
+
+
+@app.task(name="tests.note", bind=True)
+def note(self: Any, path: str) -> str:
+    """Appends its task id to ``path``: what a beat-scheduled task leaves behind."""
+    with open(path, "a") as out:
+        out.write(f"{self.request.id}\n")
+    return str(self.request.id)

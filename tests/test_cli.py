@@ -33,6 +33,21 @@ def test_submit_status_queue_cancel(env: dict[str, str]) -> None:
     assert json.loads(cancelled.output)["state"] == "CANCELLED"
 
 
+def test_status_shows_a_countdown_and_an_expiry(env: dict[str, str]) -> None:
+    submitted = runner.invoke(app, ["submit", "workers.tasks.probe", "--countdown", "120", "--expires", "600",
+                                    "--json"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    task_id = json.loads(submitted.output)["id"]
+    shown = runner.invoke(app, ["status", task_id], env=env, terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in shown.output.splitlines()
+             if line.count("│") >= 3}
+    assert lines["state"] == "PENDING"
+    assert lines["not before"].startswith(("in 1m 5", "in 2m")), lines  # ~120 s from now
+    assert lines["expires"].startswith(("in 9m", "in 10m")), lines
+    assert lines["tenant"] == "default" and lines["priority"] == "0"  # the defaults, none declared
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -67,31 +67,36 @@ def submit(
     task_name: Annotated[str, typer.Argument(help="Celery task name, e.g. workers.tasks.probe")],
     args: Annotated[str | None, typer.Option(help="JSON array of positional arguments")] = None,
     kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments")] = None,
-    gpus: Annotated[float, typer.Option(help="Whole GPUs (>= 1) or a share of one (0 < g < 1)")] = 0,
+    gpus: Annotated[float | None, typer.Option(help="Whole GPUs (>= 1) or a share of one (0 < g < 1)")] = None,
     gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB of GPU memory per GPU")] = None,
-    cpus: Annotated[float, typer.Option()] = 0,
-    memory_mb: Annotated[int, typer.Option()] = 0,
+    cpus: Annotated[float | None, typer.Option()] = None,
+    memory_mb: Annotated[int | None, typer.Option()] = None,
     label: Annotated[list[str] | None, typer.Option(
         help="Node label to require, key=value; key=a|b accepts a or b, preferring a")] = None,
-    priority: Annotated[int, typer.Option()] = 0,
-    tenant: Annotated[str, typer.Option()] = "default",
+    priority: Annotated[int | None, typer.Option()] = None,
+    tenant: Annotated[str | None, typer.Option()] = None,
     estimated_runtime_s: Annotated[float | None, typer.Option("--estimate")] = None,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
     preemptible: Annotated[bool | None, typer.Option(
         "--preemptible/--not-preemptible", help="May be stopped and requeued for a more urgent task")] = None,
+    countdown: Annotated[float | None, typer.Option(help="Not placed before this many seconds from now")] = None,
+    expires: Annotated[float | None, typer.Option(help="Cancelled if not started within this many seconds")] = None,
     wait: Annotated[float | None, typer.Option(help="Wait up to this many seconds for the result")] = None,
     redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
 ) -> None:
-    """Submit a task; prints its id (or its final status with --wait)."""
+    """Submit a task; prints its id (or its final status with --wait). Options left out are the
+    task's declared defaults (its decorator's), else none: no GPU, priority 0, tenant default."""
 
     def go() -> None:
-        resources = Resources(gpus=gpus, gpu_memory_mb=gpu_memory_mb, cpus=cpus, memory_mb=memory_mb,
-                              labels=parse_selector(label or []))
+        asked = {"gpus": gpus, "gpu_memory_mb": gpu_memory_mb, "cpus": cpus, "memory_mb": memory_mb}
+        given = {k: v for k, v in asked.items() if v is not None}
+        resources = (Resources(**given, labels=parse_selector(label or [])) if given or label else None)
         with client_for(redis_url, pool) as client:
             handle = client.submit(task_name, args=parse_json(args, "args", list),
                                    kwargs=parse_json(kwargs, "kwargs", dict), resources=resources,
                                    priority=priority, tenant=tenant, estimated_runtime_s=estimated_runtime_s,
-                                   idempotency_key=idempotency_key, preemptible=preemptible)
+                                   idempotency_key=idempotency_key, preemptible=preemptible,
+                                   countdown=countdown, expires=expires)
             if wait is None:
                 console.print(json.dumps({"id": handle.id}) if as_json else handle.id)
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
@@ -88,8 +89,18 @@ def status_table(status: TaskStatus) -> Table:
         rows["position"] = str(status.position)
     if status.reason:
         rows["waiting for"] = status.reason
+    now = time.time()
+    if status.retried:
+        rows["retrying"] = status.retry_reason or "the task asked Celery to retry"
+    if status.not_before is not None and status.state is TaskState.PENDING and status.not_before > now:
+        rows["not before"] = _eta(status.not_before, now)
+    if status.expires_at is not None and not status.state.is_final:
+        rows["expires"] = _eta(status.expires_at, now)
     if status.state is TaskState.PENDING:
-        rows["est. start"] = _eta(status.estimated_start_at, time.time())
+        rows["est. start"] = _eta(status.estimated_start_at, now)
+    if status.progress_state is not None and not status.state.is_final:
+        progress = "" if status.progress is None else f" {json.dumps(status.progress, default=str)}"
+        rows["progress"] = f"{status.progress_state}{progress}"
     if status.result is not None:
         rows["result"] = repr(status.result)
     if status.error:

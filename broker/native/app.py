@@ -9,13 +9,14 @@ knows the task by (the same as the one sent, unless an idempotency key already n
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
 from celery.result import AsyncResult
 
 from broker.models import Resources
-from broker.native.transport import submitted
+from broker.native.transport import OPTIONS_KEY, submitted
 
 #: Task attributes that are the broker's defaults for each call (``None``: not declared).
 DEFAULTS = ("resources", "tenant", "preemptible", "estimated_runtime_s")
@@ -45,12 +46,15 @@ class BrokerTask(Task):
     tenant: str | None = None
     preemptible: bool | None = None
     estimated_runtime_s: float | None = None
+    #: ``@app.task(priority=...)``, kept apart from Celery's own task attribute ``priority``,
+    #: which Celery 5.3+ deprecates (and warns of) for routing to broker priority queues.
+    declared_priority: int | None = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, producer: Any = None,
                     link: Any = None, link_error: Any = None, shadow: Any = None, **options: Any) -> AsyncResult:
-        for name in DEFAULTS:
-            if options.get(name) is None and getattr(self, name) is not None:
-                options[name] = getattr(self, name)
+        for name, value in self.declared().items():
+            if options.get(name) is None and value is not None:
+                options[name] = value
         result = super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                      **message_options(options))
         return _known_as(result, self.AsyncResult)
@@ -58,11 +62,27 @@ class BrokerTask(Task):
     @classmethod
     def declared(cls) -> dict[str, Any]:
         """The broker's defaults this task declares (what its worker registers in the catalogue)."""
-        return {name: getattr(cls, name) for name in (*DEFAULTS, "priority")}
+        return {**{name: getattr(cls, name) for name in DEFAULTS},
+                "priority": cls.priority if cls.declared_priority is None else cls.declared_priority}
 
 
 class GpuCelery(Celery):
-    """Celery, with ``send_task`` taking the broker's options the same way ``apply_async`` does."""
+    """Celery, with ``send_task`` taking the broker's options the same way ``apply_async`` does,
+    and the app's ``result_expires`` (what a Celery user sets) the time the broker keeps a
+    finished task's record."""
+
+    def _task_from_fun(self, fun: Any, name: Any = None, base: Any = None, bind: bool = False,
+                       **options: Any) -> Any:
+        if "priority" in options:
+            options["declared_priority"] = options.pop("priority")
+        return super()._task_from_fun(fun, name, base, bind, **options)
+
+    def _connection(self, url: str, transport_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        expires = self.conf.result_expires
+        seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires or 0)
+        options = dict(self.conf.broker_transport_options or {})
+        options[OPTIONS_KEY] = {**options.get(OPTIONS_KEY, {}), "result_expires_s": seconds}
+        return super()._connection(url, transport_options={**options, **(transport_options or {})}, **kwargs)
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, countdown: Any = None, eta: Any = None,
                   task_id: str | None = None, producer: Any = None, connection: Any = None, router: Any = None,

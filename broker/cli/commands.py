@@ -88,9 +88,11 @@ def submit(
     task's declared defaults (its decorator's), else none: no GPU, priority 0, tenant default."""
 
     def go() -> None:
-        asked = {"gpus": gpus, "gpu_memory_mb": gpu_memory_mb, "cpus": cpus, "memory_mb": memory_mb}
-        given = {k: v for k, v in asked.items() if v is not None}
-        resources = (Resources(**given, labels=parse_selector(label or [])) if given or label else None)
+        # Any resource option given: the request is these (unset ones none); none given: the task's.
+        asked = (gpus, gpu_memory_mb, cpus, memory_mb, label)
+        resources = None if all(v is None for v in asked) else Resources(
+            gpus=gpus or 0, gpu_memory_mb=gpu_memory_mb, cpus=cpus or 0, memory_mb=memory_mb or 0,
+            labels=parse_selector(label or []))
         with client_for(redis_url, pool) as client:
             handle = client.submit(task_name, args=parse_json(args, "args", list),
                                    kwargs=parse_json(kwargs, "kwargs", dict), resources=resources,

@@ -14,6 +14,15 @@ pool moves every object the worker has built so far into the permanent generatio
 (``gc.freeze``; Sentry does the same for its prefork workers), so each of those
 collections only looks at what was allocated since. It happens once, at start-up: what
 the worker allocates later is collected as usual.
+
+When the broker connection comes back after an outage, Celery registers the pool with the
+consumer's new event loop, watching every process in the pool for its exit. A process that
+has exited and whose exit was already handled (its watch removed, ``_sentinel_poll`` set to
+None) but that ``maintain_pool`` has not yet replaced is still in the pool: stock Celery
+passes its None to the event loop, which raises ``ValueError: file descriptor is None``, an
+"Unrecoverable error" that stops the consumer for good (seen after a Redis restart; the same
+family as celery#9250). With a fresh process per task there is often such a process. This
+pool skips it: nothing is left to watch, and its replacement is watched when it starts.
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ class FreshProcessAsynPool(AsynPool):
     @property
     def timers(self) -> dict[Callable[..., Any], float]:
         return {self.maintain_pool: MAINTAIN_EVERY_S}
+
+    def _track_child_process(self, proc: Any, hub: Any) -> None:
+        if getattr(proc, "_sentinel_poll", 0) is None:  # exited, exit handled: see the module docstring
+            return
+        super()._track_child_process(proc, hub)
 
 
 class FreshProcessPool(TaskPool):

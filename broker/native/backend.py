@@ -18,6 +18,7 @@ member list, a chord's counter, and the outcome Celery records for an id the bro
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, cast
 
@@ -32,6 +33,8 @@ from broker.store import records
 from broker.store.connection import connect
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Scripts
+
+log = logging.getLogger(__name__)
 
 _STATES = {"SUCCEEDED": states.SUCCESS, "FAILED": states.FAILURE, "CANCELLED": states.REVOKED,
            "RUNNING": states.STARTED}
@@ -144,17 +147,27 @@ class BrokerBackend(KeyValueStoreBackend):
     def _store_result(self, task_id: str, result: Any, state: str, traceback: str | None = None,
                       request: Any = None, **kwargs: Any) -> Any:
         """Only what the records do not say already: a running task's custom state (update_state),
-        the children a finished one started, and outcomes of ids the broker does not hold."""
-        key = self.keys.task(task_id)
-        if not self.client.exists(key):
+        the children a finished one started, and outcomes of ids the broker does not hold.
+
+        An attempt's own writes (its request carries the delivery tag reserve.lua gave it) never
+        fail the task: STARTED is not stored (start.lua made the record RUNNING), its outcome is
+        finish.lua's, and a custom state or the children that Redis cannot take now are dropped
+        with a warning (they describe the task; a Redis outage must not fail one that ran)."""
+        tag = str(((getattr(request, "properties", None) or {}).get("delivery_tag") or "") if request else "")
+        if not tag.startswith(f"{task_id}."):  # not an attempt of a broker task: maybe an id it never held
+            if self.client.exists(self.keys.task(task_id)):
+                return result  # its record says it
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
-        if state not in states.ALL_STATES:
-            tag = ((getattr(request, "properties", None) or {}).get("delivery_tag") or "") if request else ""
-            self.scripts.progress(task_id, tag, state, json.dumps(self.prepare_value(result), default=str))
-        elif state == states.SUCCESS:
-            children = self.current_task_children(request)
-            if children:
-                self.client.hset(key, "children", json.dumps(children))
+        try:
+            if state not in states.ALL_STATES:
+                self.scripts.progress(task_id, tag, state, json.dumps(self.prepare_value(result), default=str))
+            elif state == states.SUCCESS:
+                children = self.current_task_children(request)
+                if children:
+                    self.client.hset(self.keys.task(task_id), "children", json.dumps(children))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("task %s: %s not recorded, Redis is unreachable (%s)", task_id,
+                        "its children" if state == states.SUCCESS else f"state {state}", exc)
         return result
 
     def _forget(self, task_id: str) -> None:

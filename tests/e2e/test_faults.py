@@ -33,7 +33,7 @@ from kombu import Connection
 from broker import Client, Resources, TaskState, TaskStatus
 from broker.celery_conf import celery_settings
 from broker.dispatcher import CycleReport, Dispatcher
-from broker.errors import BrokerUnavailable
+from broker.errors import BrokerUnavailable, WaitTimeout
 from broker.models import MILLI
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
@@ -67,6 +67,30 @@ def wait_state(client: Client, task_id: str, state: TaskState, timeout: float = 
     status: TaskStatus = wait_until(lambda: (s := client.status(task_id)).state is state and s, timeout,
                                     what=f"task {task_id} to be {state}")
     return status
+
+
+def wait_all(client: Client, task_ids: Iterable[str], timeout: float, procs: Processes,
+             nodes: Iterable[str]) -> list[TaskStatus]:
+    """Each task's final status; when one is not final in time, fail with what Redis and the
+    processes say of it (a rare hang after a Redis restart needs this to be diagnosed)."""
+    deadline = time.monotonic() + timeout
+    ids = list(task_ids)
+    try:
+        return [client.wait(task_id, max(0.1, deadline - time.monotonic())) for task_id in ids]
+    except WaitTimeout:
+        keys = client.keys
+        stuck = [t for t in ids if not client.status(t).state.is_final]
+        lines = [f"not final after {timeout}s: {stuck}"]
+        for task_id in stuck[:3]:
+            record = {k.decode(): v.decode(errors="replace")[:200]
+                      for k, v in cast(dict[bytes, bytes], client.redis.hgetall(keys.task(task_id))).items()}
+            lines.append(f"{task_id}: record {record}; pending score {client.redis.zscore(keys.pending, task_id)}")
+        lines.append(f"nodes: {[(n.id, n.state, n.free_cpus, n.free_slots, n.tasks) for n in client.nodes()]}")
+        lines.append(f"queue: {[(e.id, e.reason) for e in client.queue()][:5]}")
+        lines.append("dispatcher log tail:\n" + procs.log("dispatcher")[-3000:])
+        for node in nodes:
+            lines.append(f"worker-{node} log tail:\n" + procs.log(f"worker-{node}")[-3000:])
+        raise AssertionError("\n".join(lines)) from None
 
 
 def worker_logs(procs: Processes, nodes: Iterable[str]) -> str:
@@ -346,9 +370,10 @@ def test_redis_kill_9_and_restart_keeps_every_acknowledged_submit(
 
         assert all(seconds < 3.0 for seconds, _ in feeder.refused), feeder.refused
         assert dispatcher.poll() is None and worker.poll() is None, "nobody was restarted"
-        done = [client.wait(task_id, 120) for task_id in feeder.acknowledged]
+        done = wait_all(client, feeder.acknowledged, 120, procs, ["node-a"])
         assert Counter(s.state for s in done) == Counter({TaskState.SUCCEEDED: len(done)}), \
-            [(s.id, s.state, s.error) for s in done if s.state is not TaskState.SUCCEEDED]
+            [(s.id, s.state, s.error, (s.exception or {}).get("traceback")) for s in done
+             if s.state is not TaskState.SUCCEEDED]
         assert client.wait(across, 10).attempts == 1, "its outcome was recorded once Redis was back"
         assert executions(procs, ["node-a"])[across] == 1
         wait_nodes_up(client, ["node-a"], 10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.models import NAME_PATTERN, NAME_RULE
@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     # A node whose worker has not heartbeated for lease_s is reaped and its tasks requeued.
     lease_s: float = Field(15.0, gt=0)
     heartbeat_s: float = Field(3.0, gt=0)
+    # A running attempt whose node has not renewed its lease for lease_s minus this stops itself
+    # (SIGTERM, then SIGKILL half of it later), so it never runs beside its requeued successor
+    # (workers/fence.py). None: a quarter of lease_s.
+    self_fence_margin_s: float | None = Field(None, gt=0)
     # Submitted messages (args + kwargs as Celery encodes them) above this are refused.
     max_payload_bytes: int = Field(1024 * 1024, gt=0)
     # How many pending tasks one dispatcher cycle looks at, and placements per reserve call.
@@ -42,6 +46,21 @@ class Settings(BaseSettings):
     # Lists where Celery producers that do not use these settings publish (task_default_queue):
     # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
     ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])
+
+    @property
+    def fence_margin_s(self) -> float:
+        return self.self_fence_margin_s if self.self_fence_margin_s is not None else self.lease_s / 4
+
+    @model_validator(mode="after")
+    def _lease_fits(self) -> Settings:
+        if self.fence_margin_s >= self.lease_s:
+            raise ValueError(f"self_fence_margin_s ({self.fence_margin_s:g}) must be shorter than lease_s "
+                             f"({self.lease_s:g})")
+        if self.heartbeat_s >= self.lease_s - self.fence_margin_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s:g}) must be shorter than lease_s minus the fence "
+                             f"margin ({self.lease_s - self.fence_margin_s:g} s), or running tasks would stop "
+                             "themselves between two renewals")
+        return self
 
     @field_validator("pool")
     @classmethod

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,36 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (through /proc's children lists)."""
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        try:
+            for thread in Path(f"/proc/{current}/task").iterdir():
+                stack.extend(int(child) for child in (thread / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+def signal_tree(pid: int, sig: int) -> list[int]:
+    """Send ``sig`` to ``pid``'s process group and to every process under it (stopping the parent
+    first, so none is started meanwhile); the pids signalled."""
+    tree = descendants(pid)
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for member in tree:
+        try:
+            os.kill(member, sig)
+        except ProcessLookupError:
+            pass
+    return tree
 
 
 class RedisServer:
@@ -115,11 +146,9 @@ class Processes:
 
     @staticmethod
     def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (a worker and its pool children)."""
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Signal the process and all it started (a worker, its pool children and their tasks,
+        each task in a process group of its own), as a machine that dies or stops would."""
+        signal_tree(proc.pid, sig)
         proc.wait(30)
 
     @staticmethod
@@ -130,26 +159,19 @@ class Processes:
         stopped = []
         try:
             for proc in procs:
-                try:
-                    os.killpg(proc.pid, signal.SIGSTOP)
-                    stopped.append(proc)
-                except ProcessLookupError:
-                    pass
+                stopped.extend(signal_tree(proc.pid, signal.SIGSTOP))
             yield
         finally:
-            for proc in stopped:
+            for pid in stopped:
                 try:
-                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
 
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
+                signal_tree(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
@@ -165,3 +187,68 @@ def processes(logdir: Path, redis_url: str, pool: str, env: dict[str, str] | Non
         yield procs
     finally:
         procs.stop_all()
+
+
+class StallingProxy:
+    """A TCP proxy to ``port`` on loopback that can stop moving bytes without closing anything:
+    a network partition as a worker sees it (no reset, no error; replies just never come)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self.moving = threading.Event()
+        self.moving.set()
+        self.closed = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        self.server.settimeout(0.2)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stall(self) -> None:
+        self.moving.clear()
+
+    def resume(self) -> None:
+        self.moving.set()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.moving.set()
+        self.server.close()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.2)
+        try:
+            while not self.closed.is_set():
+                self.moving.wait()
+                try:
+                    data = src.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                self.moving.wait()  # what was read while stalling is held back too
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.close()
+                except OSError:
+                    pass

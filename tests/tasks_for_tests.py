@@ -142,3 +142,53 @@ def note(self: Any, path: str) -> str:
     with open(path, "a") as out:
         out.write(f"{self.request.id}\n")
     return str(self.request.id)
+
+
+# ---- an attempt's processes (workers.unit) and self-fencing (workers.fence) -------------------
+
+TICKER = """
+import signal, sys, time
+path = sys.argv[1]
+if sys.argv[2] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    with open(path, "a") as out:
+        out.write(f"{time.time()}\\n")
+    time.sleep(0.02)
+"""
+
+
+@app.task(name="tests.family", bind=True)
+def family(self: Any, path: str, seconds: float = 0.0, die_on: int = 0, scrub: bool = False,
+           stubborn: bool = False) -> dict[str, Any]:
+    """Starts a grandchild in a session of its own (``setsid``) that appends the time to ``path``
+    every 20 ms for ever, then sleeps ``seconds``; SIGKILLs itself on attempt ``die_on``.
+    ``scrub``: the grandchild gets an empty environment (no attempt marker); ``stubborn``: it
+    and this task ignore SIGTERM."""
+    import subprocess
+    import sys
+
+    attempt = _attempt(self)
+    env = {} if scrub else None
+    grandchild = subprocess.Popen([sys.executable, "-c", TICKER, f"{path}.{attempt}", str(stubborn and "stubborn")],
+                                  env=env, start_new_session=True)
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(f"{path}.{attempt}.pid").write_text(str(grandchild.pid))
+    if attempt == die_on:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(seconds)
+    return {"attempt": attempt, "grandchild": grandchild.pid, "node": context.node_id()}
+
+
+@app.task(name="tests.ticker", bind=True)
+def ticker(self: Any, path: str, seconds: float) -> dict[str, Any]:
+    """Appends ``<attempt> <time>`` to ``path`` every 20 ms for ``seconds``: when each attempt ran."""
+    attempt = _attempt(self)
+    end = time.time() + seconds
+    while time.time() < end:
+        with open(path, "a") as out:
+            out.write(f"{attempt} {time.time()}\n")
+        time.sleep(0.02)
+    return {"attempt": attempt, "node": context.node_id()}

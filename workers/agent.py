@@ -33,8 +33,9 @@ from broker.store.connection import connect
 from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
-from workers import context
+from workers import context, fence
 from workers.recovery import RedeliverUnacked
+from workers.unit import CGROUP_ROOT_ENV, Unit, alive, cgroup_root, containment, remove_empty_cgroups, sweep_node
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,12 @@ class NodeAgent:
 
     def register(self) -> RegisterCode:
         s = self.spec
+        sent = time.monotonic()
         code, reclaimed = self.scripts.register(
             s.node_id, self.incarnation, self.lease_ms, s.gpus, s.gpu_memory_mb, s.cpu_milli,
             s.memory_mb, s.slots, s.labels, self.tasks)
+        if code is not RegisterCode.SHAPE_CHANGED:
+            fence.window().renewed(sent, self.settings.lease_s, self.settings.fence_margin_s)
         if code is RegisterCode.SHAPE_CHANGED:
             raise NodeRejected(f"node {s.node_id} is registered with another shape by this process")
         if reclaimed:
@@ -79,8 +83,11 @@ class NodeAgent:
         return code
 
     def heartbeat_once(self) -> HeartbeatCode:
+        sent = time.monotonic()
         code = self.scripts.heartbeat(self.spec.node_id, self.incarnation, self.lease_ms)
-        if code is HeartbeatCode.NOT_REGISTERED:
+        if code is HeartbeatCode.OK:
+            fence.window().renewed(sent, self.settings.lease_s, self.settings.fence_margin_s)
+        elif code is HeartbeatCode.NOT_REGISTERED:
             log.warning("node %s unknown to Redis (data lost?); registering again", self.spec.node_id)
             self.register()
         elif code is HeartbeatCode.REAPED:
@@ -125,20 +132,26 @@ class NodeAgent:
             live.add(attempt)
             why, grace = ("cancelled", cancel_grace) if cancel_at is not None else ("preempted", preempt_grace)
             first = self._stopping.get(attempt)
+            unit = Unit(self.spec.node_id, tag)
             if first is None:
-                log.warning("task %s %s: SIGTERM to pid %s (grace %s ms)", task_id, why, pid, grace)
+                log.warning("task %s %s: SIGTERM to pid %s and its processes (grace %s ms)", task_id, why, pid, grace)
                 self._stopping[attempt] = now
-                _signal_child(int(pid), signal.SIGTERM)
+                if _is_pool_child(int(pid)):
+                    unit.signal(signal.SIGTERM, int(pid))
                 signalled.append(task_id)
-            elif not _alive(int(pid)):
+            elif not alive(int(pid)):
                 # Its process is gone and nobody recorded it (a child that died of the signal while
-                # Celery had already let go of its request): record it here, fenced by the tag.
-                code, after = self.scripts.finish(task_id, self.spec.node_id, tag, "lost",
-                                                  f"stopped ({why}): its process ended", incarnation=self.incarnation)
-                log.warning("task %s %s: process %s ended -> %s", task_id, why, pid, after or code.name)
+                # Celery had already let go of its request): once nothing of it is left, record it
+                # here, fenced by the tag.
+                if unit.kill(wait_s=1.0):  # not yet: the next look tries again
+                    code, after = self.scripts.finish(task_id, self.spec.node_id, tag, "lost",
+                                                      f"stopped ({why}): its process ended",
+                                                      incarnation=self.incarnation)
+                    log.warning("task %s %s: process %s ended -> %s", task_id, why, pid, after or code.name)
             elif now - first >= int(grace or 0) / 1000:
-                log.warning("task %s %s: grace over, SIGKILL to pid %s", task_id, why, pid)
-                _signal_child(int(pid), signal.SIGKILL)
+                log.warning("task %s %s: grace over, SIGKILL to pid %s and its processes", task_id, why, pid)
+                if _is_pool_child(int(pid)):
+                    unit.signal(signal.SIGKILL, int(pid))
                 signalled.append(task_id)
         for attempt in [a for a in self._stopping if a not in live]:
             del self._stopping[attempt]
@@ -154,6 +167,7 @@ class NodeAgent:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.settings.heartbeat_s
                     self.heartbeat_once()
+                    remove_empty_cgroups(self.spec.node_id)
                 self.stop_marked()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("heartbeat failed: Redis unreachable (%s); retrying", exc)
@@ -202,43 +216,26 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    """Is ``pid`` a process that has not ended (a zombie has)?"""
+def _is_pool_child(pid: int) -> bool:
+    """Is ``pid`` a process of this worker's pool (a pid recorded in Redis may have ended and been
+    reused by something else since)?"""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        if sys.platform.startswith("linux"):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _signal_child(pid: int, signum: int) -> None:
-    """Signal ``pid`` if it is a process of this worker's pool (a pid recorded in Redis may have
-    ended and been reused by something else since)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        if sys.platform.startswith("linux"):
-            return  # gone
-        _signal(pid, signum)  # no /proc here to check against
-        return
-    parent = int(stat.rpartition(")")[2].split()[1])  # the field after the (command name) and state
-    if parent == os.getpid():
-        _signal(pid, signum)
+        return not sys.platform.startswith("linux")  # gone; or no /proc here to check against
+    return int(stat.rpartition(")")[2].split()[1]) == os.getpid()  # the field after state: the parent
 
 
 def terminate_active_tasks() -> None:
-    """SIGKILL the pool children of every task this worker is running."""
+    """SIGKILL every process of every task this worker is running (its pool child and what it started)."""
     from celery.worker import state  # only meaningful inside a running worker
 
     for request in list(state.active_requests):
+        tag = (request.request_dict.get("properties") or {}).get("delivery_tag")
         if request.worker_pid:
             _signal(request.worker_pid, signal.SIGKILL)
+        if tag:
+            Unit(context.node_id(), tag).signal(signal.SIGKILL, request.worker_pid)
 
 
 def served_tasks(app: Celery) -> dict[str, str]:
@@ -262,6 +259,13 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
     app.loader.import_default_modules()  # the task modules: the node registers what it runs
     agent = NodeAgent(settings, spec, served_tasks(app))
     argv = agent.configure(app)
+    os.environ[CGROUP_ROOT_ENV] = str(cgroup_root() or "")  # found once, for every pool process
+    log.info("node %s: task processes are contained by %s", spec.node_id, containment())
+    left = sweep_node(spec.node_id)  # what a previous worker of this node left running here
+    if left:
+        log.warning("node %s: killed %d processes a previous worker process of this node left running", spec.node_id,
+                    left)
+    fence.window()  # shared with the pool's processes: created before Celery forks them
     agent.register()
     agent.start_heartbeat()
     try:

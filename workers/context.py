@@ -41,9 +41,18 @@ def replaced() -> bool:
 
 
 @functools.cache
+def _settings(pid: int) -> Settings:
+    return Settings()
+
+
+def settings() -> Settings:
+    """This worker's settings (the agent exports them to the environment before Celery starts)."""
+    return _settings(os.getpid())
+
+
+@functools.cache
 def _scripts(pid: int) -> Scripts:
-    settings = Settings()
-    return Scripts(connect(settings), PoolKeys(settings.pool))
+    return Scripts(connect(settings()), PoolKeys(settings().pool))
 
 
 def scripts() -> Scripts:

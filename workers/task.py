@@ -34,6 +34,8 @@ from broker.native.app import BrokerTask
 from broker.native.transport import RetryMessage
 from broker.store.scripts import FinishCode, StartCode
 from workers import context, rejects
+from workers.fence import Watchdog
+from workers.unit import Unit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +114,15 @@ def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: st
     return None
 
 
+def _end_unit(unit: Unit, watchdog: Watchdog) -> None:
+    """The attempt's code is done: every process it started goes before its outcome is recorded
+    (which releases its capacity). A SIGTERM from now on (a stop that came late) must not break
+    off the report: this process ends right after it anyway, and SIGKILL still ends it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    watchdog.stop()
+    unit.end_here()
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -178,6 +189,8 @@ class GpuRequest(Request):
             self.reject(requeue=True)
             return
         if isinstance(exc, WorkerLostError):
+            # Nothing it started may outlive it: its GPUs are released by the report below.
+            self._end_unit()
             # Report first: a lost attempt that is run again (or was cancelled) is not a failure.
             after = report(self.id, self.delivery_tag, "lost", _describe(exc),
                            _exception(self.task, exc, exc_info.traceback))
@@ -198,7 +211,13 @@ class GpuRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)
         if not soft:
+            self._end_unit()
             report(self.id, self.delivery_tag, "failed", f"TimeLimitExceeded: hard time limit ({timeout}s)")
+
+    def _end_unit(self) -> None:
+        """Kill whatever is left of this attempt (its pool child, what it started) and wait for it."""
+        if self.delivery_tag:
+            Unit(context.node_id(), self.delivery_tag).kill(self.worker_pid, wait_s=10.0)
 
 
 class GpuTask(BrokerTask):
@@ -230,18 +249,25 @@ class GpuTask(BrokerTask):
                 self._announce_revoked()
             raise Ignore()
         os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
+        unit = Unit(context.node_id(), tag or task_id)
+        unit.enter()
+        watchdog = Watchdog(unit, context.settings().fence_margin_s)
+        watchdog.start()
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
             result = self.run(*args, **kwargs)
             payload = encode_result(result)
         except Retry as exc:
+            _end_unit(unit, watchdog)
             self._end_as_retry(task_id, tag, exc)
             raise
         except BaseException as exc:
-            self._end_as_failure(task_id, tag, exc)
+            _end_unit(unit, watchdog)
+            self._end_as_failure(task_id, tag, exc, fenced=watchdog.fired)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+        _end_unit(unit, watchdog)
         report(task_id, tag, "succeeded", payload, patience_s=None)
         return result
 
@@ -254,9 +280,11 @@ class GpuTask(BrokerTask):
         else:
             report(task_id, tag, "retry", retry.stored(), str(exc), retry.not_before, patience_s=None)
 
-    def _end_as_failure(self, task_id: str, tag: str | None, exc: BaseException) -> None:
-        after = report(task_id, tag, "failed", _describe(exc), _exception(self, exc, traceback.format_exc()),
-                       patience_s=None)
+    def _end_as_failure(self, task_id: str, tag: str | None, exc: BaseException, fenced: bool = False) -> None:
+        # Stopped by its own watchdog (workers.fence): the node lost its lease, as if it were lost.
+        after = report(task_id, tag, "lost" if fenced else "failed",
+                       "stopped itself: its node's lease was not renewed in time" if fenced else _describe(exc),
+                       _exception(self, exc, traceback.format_exc()), patience_s=None)
         if isinstance(exc, Preempted):
             if after == "PENDING":  # preempted: requeued, to run again. Celery shows a retry.
                 raise Retry(f"preempted: back in line ({exc})", exc) from exc

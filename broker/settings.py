@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(3.0, gt=0)
     # A running attempt whose node has not renewed its lease for lease_s minus this stops itself
     # (SIGTERM, then SIGKILL half of it later), so it never runs beside its requeued successor
-    # (workers/fence.py). None: a quarter of lease_s.
+    # (workers/fence.py). None (or an empty GPUBROKER_SELF_FENCE_MARGIN_S): a quarter of lease_s.
     self_fence_margin_s: float | None = Field(None, gt=0)
     # Submitted messages (args + kwargs as Celery encodes them) above this are refused.
     max_payload_bytes: int = Field(1024 * 1024, gt=0)
@@ -61,6 +61,11 @@ class Settings(BaseSettings):
                              f"margin ({self.lease_s - self.fence_margin_s:g} s), or running tasks would stop "
                              "themselves between two renewals")
         return self
+
+    @field_validator("self_fence_margin_s", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("pool")
     @classmethod

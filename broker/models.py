@@ -344,6 +344,7 @@ class TaskStatus(BaseModel):
     exception: dict[str, Any] | None = None
     retried: bool = False  # it asked Celery to retry and waits to run again
     retry_reason: str | None = None
+    replaced_by: str | None = None  # it replaced itself (Task.replace) and waits for this to be sent
     not_before: float | None = None  # seconds: not placed before then (countdown, ETA, a retry's wait)
     expires_at: float | None = None
     # While PENDING, as of the dispatcher's last pass:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from celery import Task
+
 from broker.models import Resources
 from workers import context
 from workers.app import app
@@ -192,3 +194,81 @@ def ticker(self: Any, path: str, seconds: float) -> dict[str, Any]:
             out.write(f"{attempt} {time.time()}\n")
         time.sleep(0.02)
     return {"attempt": attempt, "node": context.node_id()}
+
+
+# ---- more of Celery's task API: replace, Reject, Ignore, base classes, request fields -----------
+
+@app.task(name="tests.replacer", bind=True)
+def replacer(self: Any, x: int, how: str) -> Any:
+    """Replaces itself: with one GPU task, a chain, or a group."""
+    from celery import chain, group
+
+    if how == "task":
+        return self.replace(gpu_where.s())
+    if how == "chain":
+        return self.replace(chain(add.s(x, 1), add.s(10)))
+    return self.replace(group(add.s(i, i) for i in range(x)))
+
+
+@app.task(name="tests.rejector", bind=True)
+def rejector(self: Any, path: str) -> int:
+    """Rejects its message (requeue) on the first attempt, succeeds on the next."""
+    from celery.exceptions import Reject
+
+    if not Path(path).exists():
+        Path(path).write_text("rejected once")
+        raise Reject("not yet", requeue=True)
+    return _attempt(self)
+
+
+@app.task(name="tests.ignorer")
+def ignorer() -> None:
+    from celery.exceptions import Ignore
+
+    raise Ignore()
+
+
+@app.task(name="tests.request_info", bind=True)
+def request_info(self: Any) -> dict[str, Any]:
+    return {"eta": self.request.eta, "expires": self.request.expires,
+            "priority": (self.request.delivery_info or {}).get("priority")}
+
+
+@app.task(name="tests.typed")
+def typed() -> dict[str, Any]:
+    import datetime
+    import decimal
+    import uuid
+
+    return {"when": datetime.datetime(2026, 12, 2, 12, 30, tzinfo=datetime.UTC), "id": uuid.UUID(int=7),
+            "amount": decimal.Decimal("1.25")}
+
+
+class Hooked(Task):
+    """A base class of the user's own, with a hook and an autoretry, as Celery apps often have."""
+
+    autoretry_for = (ValueError,)
+    max_retries = 3
+    default_retry_delay = 0
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        Path(kwargs["path"]).with_suffix(".hook").write_text(f"{task_id} {retval}")
+
+
+@app.task(name="tests.hooked", base=Hooked, bind=True)
+def hooked(self: Any, path: str, fail_times: int) -> dict[str, Any]:
+    if self.request.retries < fail_times:
+        raise ValueError("not yet")
+    return {"retries": self.request.retries, "node": context.node_id()}
+
+
+class ClassBased(Task):
+    """A Celery 1.0-style task class, registered with ``app.register_task``."""
+
+    name = "tests.class_based"
+
+    def run(self, x: int) -> dict[str, Any]:
+        return {"x": x, "node": context.node_id()}
+
+
+app.register_task(ClassBased())

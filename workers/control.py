@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import redis
+from celery.signals import task_revoked
 from celery.utils.functional import maybe_list
 from celery.worker import control
 
@@ -36,6 +37,18 @@ def _cancel(task_ids: list[str], terminate: bool) -> None:
         _submitter.revoke(task_ids, terminate)
     except redis.RedisError:
         log.warning("revoke of %s: could not cancel through the broker", task_ids, exc_info=True)
+
+
+@task_revoked.connect
+def _discarded(request: Any = None, terminated: bool = False, expired: bool = False, **_: Any) -> None:
+    """The worker dropped a message as revoked: by stamped headers (``revoke_by_stamped_headers``),
+    or expired by the time it arrived. Its task is cancelled through the broker too, or its
+    reservation would hold the node's capacity for ever."""
+    task_id = getattr(request, "id", None)
+    if task_id and not terminated:
+        log.info("task %s: %s at the worker; cancelling it through the broker", task_id,
+                 "expired" if expired else "revoked")
+        _cancel([str(task_id)], False)
 
 
 @control.control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")

@@ -29,9 +29,12 @@ from billiard.exceptions import WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, Terminated
 from celery.signals import task_rejected, task_unknown
 from celery.worker.request import Request
+from kombu.utils import json as kombu_json
 
+from broker.errors import InvalidRequest
 from broker.native.app import BrokerTask
-from broker.native.transport import RetryMessage
+from broker.native.submitter import Submitter
+from broker.native.transport import OwnMessage
 from broker.store.scripts import FinishCode, StartCode
 from workers import context, rejects
 from workers.fence import Watchdog
@@ -66,9 +69,12 @@ def _raise_preempted(signum: int, frame: Any) -> None:
     raise Preempted("stopped by the scheduler for a more urgent task, or cancelled (SIGTERM)")
 
 
-def encode_result(result: Any) -> str:
+def encode_result(result: Any, backend: Any = None) -> str:
+    """The result as Celery's JSON serializer writes it: an AsyncResult or GroupResult as its
+    tuple, datetimes, UUIDs and Decimals tagged so that AsyncResult.get gives them back."""
     try:
-        return json.dumps(result, allow_nan=False)
+        value = backend.prepare_value(result) if backend is not None else result
+        return str(kombu_json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"task result must be JSON-serialisable: {exc}") from None
 
@@ -175,7 +181,7 @@ class GpuRequest(Request):
         failed, retval, _ = failed__retval__runtime
         if not failed:
             try:
-                report(self.id, self.delivery_tag, "succeeded", encode_result(retval))
+                report(self.id, self.delivery_tag, "succeeded", encode_result(retval, self.task.backend))
             except TypeError as exc:
                 report(self.id, self.delivery_tag, "failed", str(exc))
 
@@ -230,6 +236,44 @@ class GpuTask(BrokerTask):
             return self.run(*args, **kwargs)
         task_id = self.request.id
         tag = (self.request.properties or {}).get("delivery_tag")
+        gpus = self._start(task_id, tag)
+        os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
+        unit = Unit(context.node_id(), tag or task_id)
+        unit.enter()
+        watchdog = Watchdog(unit, context.settings().fence_margin_s)
+        watchdog.start()
+        previous = signal.signal(signal.SIGTERM, _raise_preempted)
+        try:
+            result = self.run(*args, **kwargs)
+            payload = encode_result(result, self.backend)
+        except Retry as exc:
+            _end_unit(unit, watchdog)
+            self._end_as_retry(task_id, tag, exc)
+            raise
+        except Ignore as exc:
+            _end_unit(unit, watchdog)
+            if OwnMessage.replaced(task_id):
+                self._end_as_replaced(task_id, tag)
+            else:
+                report(task_id, tag, "ignored", f"the task raised Ignore ({exc}): Celery records no outcome",
+                       patience_s=None)
+            raise
+        except Reject as exc:
+            _end_unit(unit, watchdog)
+            self._end_as_rejected(task_id, tag, exc)
+            raise
+        except BaseException as exc:
+            _end_unit(unit, watchdog)
+            self._end_as_failure(task_id, tag, exc, fenced=watchdog.fired)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        _end_unit(unit, watchdog)
+        report(task_id, tag, "succeeded", payload, patience_s=None)
+        return result
+
+    def _start(self, task_id: str, tag: str | None) -> str:
+        """start.lua's fence; the reserved GPUs. Raises what Celery needs when it may not run."""
         code, gpus = through_outages(lambda: context.scripts().start(task_id, context.node_id(), tag or "",
                                                                      os.getpid(), context.incarnation()),
                                      f"starting task {task_id}", None)
@@ -248,37 +292,48 @@ class GpuTask(BrokerTask):
             if code is StartCode.CANCELLED:
                 self._announce_revoked()
             raise Ignore()
-        os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
-        unit = Unit(context.node_id(), tag or task_id)
-        unit.enter()
-        watchdog = Watchdog(unit, context.settings().fence_margin_s)
-        watchdog.start()
-        previous = signal.signal(signal.SIGTERM, _raise_preempted)
-        try:
-            result = self.run(*args, **kwargs)
-            payload = encode_result(result)
-        except Retry as exc:
-            _end_unit(unit, watchdog)
-            self._end_as_retry(task_id, tag, exc)
-            raise
-        except BaseException as exc:
-            _end_unit(unit, watchdog)
-            self._end_as_failure(task_id, tag, exc, fenced=watchdog.fired)
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        _end_unit(unit, watchdog)
-        report(task_id, tag, "succeeded", payload, patience_s=None)
-        return result
+        return gpus
+
+    def _end_as_rejected(self, task_id: str, tag: str | None, exc: Reject) -> None:
+        """Celery's Reject: with requeue the task runs again (as a retry would), else it fails."""
+        if exc.requeue:
+            report(task_id, tag, "retry", self._stored_message(), f"rejected and requeued ({exc.reason})", None,
+                   patience_s=None)
+        else:
+            report(task_id, tag, "failed", f"Reject: {exc.reason}", patience_s=None)
 
     def _end_as_retry(self, task_id: str, tag: str | None, exc: Retry) -> None:
         """``self.retry()`` published the task's next message (kept by the transport): this attempt
         ends and the task waits, holding nothing, for its countdown (finish.lua)."""
-        retry = RetryMessage.take(task_id)
+        retry = OwnMessage.take(task_id)
         if retry is None:  # a Retry raised by hand, with no new message: run the same one again
             report(task_id, tag, "retry", self._stored_message(), str(exc), None, patience_s=None)
         else:
             report(task_id, tag, "retry", retry.stored(), str(exc), retry.not_before, patience_s=None)
+
+    def on_replace(self, sig: Any) -> Any:
+        """Celery's ``Task.replace``: what it sends under this task's id is kept (the transport),
+        and this attempt ends as replaced (``_end_as_replaced``) when Celery raises Ignore."""
+        if not self.request.called_directly and not self.request.is_eager:
+            OwnMessage.replacing(self.request.id)
+        return super().on_replace(sig)
+
+    def _end_as_replaced(self, task_id: str, tag: str | None) -> None:
+        """The attempt ends; the task waits, holding nothing, for what replaced it: sent now (a
+        single task) or later by whoever runs the chain or group it became."""
+        replacement = OwnMessage.take(task_id)
+        submitter = Submitter(context.settings(), context.scripts().redis)
+        if replacement is not None:
+            try:  # refused now, not after the task gave up its place: it would wait for ever
+                submitter.check(submitter.request(replacement.name, replacement.args, replacement.kwargs,
+                                                  replacement.options))
+            except InvalidRequest as exc:
+                report(task_id, tag, "failed", f"could not be replaced by {replacement.name}: {exc}", patience_s=None)
+                return
+        what = replacement.name if replacement is not None else "a chain or group, sent as it runs"
+        after = report(task_id, tag, "replaced", what, patience_s=None)
+        if replacement is not None and after == "PENDING":
+            through_outages(lambda: submitter.submit_message(replacement), f"submitting what replaced {task_id}", None)
 
     def _end_as_failure(self, task_id: str, tag: str | None, exc: BaseException, fenced: bool = False) -> None:
         # Stopped by its own watchdog (workers.fence): the node lost its lease, as if it were lost.

@@ -9,11 +9,13 @@ knows the task by (the same as the one sent, unless an idempotency key already n
 
 from __future__ import annotations
 
+import inspect
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
 from celery.result import AsyncResult
+from kombu.utils.imports import symbol_by_name
 
 from broker.models import Resources
 from broker.native.transport import OPTIONS_KEY, submitted
@@ -75,7 +77,23 @@ class GpuCelery(Celery):
                        **options: Any) -> Any:
         if "priority" in options:
             options["declared_priority"] = options.pop("priority")
-        return super()._task_from_fun(fun, name, base, bind, **options)
+        return super()._task_from_fun(fun, name, self._ours(base) if base is not None else None, bind, **options)
+
+    def register_task(self, task: Any, **options: Any) -> Any:
+        """A class-based task (Celery 1.0 style) gets the app's task class too."""
+        cls = task if inspect.isclass(task) else type(task)
+        ours = self._ours(cls)
+        return super().register_task(ours() if ours is not cls else task, **options)
+
+    def _ours(self, base: type) -> type:
+        """``base`` with the app's task class (``task_cls``, e.g. ``workers.task:GpuTask``) in
+        front: a task declared with ``base=YourTask`` still goes through the broker (its fence,
+        its unit, its reports) and keeps your class's hooks (the app's class calls them through
+        ``super()``)."""
+        mine = symbol_by_name(self.task_cls)
+        if issubclass(base, mine) or mine is Task:
+            return base
+        return type(base.__name__, (mine, base), {"__module__": base.__module__, "__qualname__": base.__qualname__})
 
     def _connection(self, url: str, transport_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         expires = self.conf.result_expires

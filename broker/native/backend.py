@@ -26,6 +26,7 @@ import redis
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.utils import json as kombu_json
 
 from broker.native.transport import OPTIONS_KEY
 from broker.settings import Settings
@@ -61,7 +62,7 @@ class BrokerBackend(KeyValueStoreBackend):
     """``result_backend = "broker.native.backend:BrokerBackend"`` (set by ``celery_conf``)."""
 
     supports_autoexpire = True  # records expire with result_expires: no celery.backend_cleanup task
-    supports_native_join = False
+    supports_native_join = True  # get_many reads the records (mget)
     implements_incr = True  # chords count their parts here
     FIRST_POLL_S = 0.01
 
@@ -97,7 +98,22 @@ class BrokerBackend(KeyValueStoreBackend):
         return self.client.get(self._key(key))
 
     def mget(self, keys: list[bytes | str]) -> list[Any]:
-        return cast(list[Any], self.client.mget([self._key(k) for k in keys])) if keys else []
+        """The backend's own keys; a task's result key reads its record (``get_many``,
+        ``join_native``, ``GroupResult.collect`` come this way)."""
+        if not keys:
+            return []
+        names = [k.decode() if isinstance(k, bytes) else k for k in keys]
+        values = cast(list[Any], self.client.mget([self._key(k) for k in names]))
+        prefix = self.task_keyprefix.decode()
+        ids = [(i, name[len(prefix):]) for i, name in enumerate(names) if values[i] is None and name.startswith(prefix)]
+        if ids:
+            with self.client.pipeline(transaction=False) as pipe:
+                for _, task_id in ids:
+                    pipe.hgetall(self.keys.task(task_id))
+                for (i, task_id), h in zip(ids, pipe.execute(), strict=True):
+                    if h:
+                        values[i] = self.encode(self._record_meta(task_id, h))
+        return values
 
     def set(self, key: bytes | str, value: Any) -> None:
         ttl = int(self.expires * 1000) if self.expires else None
@@ -122,6 +138,10 @@ class BrokerBackend(KeyValueStoreBackend):
         h = cast(dict[bytes, bytes], self.client.hgetall(self.keys.task(task_id)))
         if not h:  # not a broker task: what Celery recorded of it here, if anything
             return cast(dict[str, Any], super()._get_task_meta_for(task_id))
+        return cast(dict[str, Any], self.meta_from_decoded(self._record_meta(task_id, h)))
+
+    def _record_meta(self, task_id: str, h: dict[bytes, bytes]) -> dict[str, Any]:
+        """Celery's result meta for a task record, as its backends store it (before decoding)."""
         status = records.task_status(task_id, h, None)
         state, result, traceback = _STATES.get(status.state.value, states.PENDING), None, None
         if status.state.value in ("PENDING", "RESERVED") and status.retried:
@@ -130,7 +150,7 @@ class BrokerBackend(KeyValueStoreBackend):
             state = status.progress_state or states.STARTED
             result = status.progress if status.progress_state else {"hostname": status.node}
         elif status.state.value == "SUCCEEDED":
-            result = status.result
+            result = kombu_json.loads(h[b"result"]) if b"result" in h else None  # datetimes etc. revived
         elif status.state.value == "FAILED":
             exc = status.exception or {}
             traceback = exc.get("traceback")
@@ -142,7 +162,7 @@ class BrokerBackend(KeyValueStoreBackend):
                 "children": json.loads(h[b"children"]) if b"children" in h else [],
                 "date_done": status.finished_at and time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(status.finished_at)),
                 "name": status.name, "retries": status.attempts}
-        return cast(dict[str, Any], self.meta_from_decoded(meta))
+        return meta
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: str | None = None,
                       request: Any = None, **kwargs: Any) -> Any:
@@ -188,15 +208,16 @@ class BrokerBackend(KeyValueStoreBackend):
     def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5, no_ack: bool = True,
                  on_interval: Any = None) -> dict[str, Any]:
         """Celery's polling loop, starting at 10 ms rather than ``interval`` (a short task is seen
-        done as soon as it is)."""
+        done as soon as it is), and asking ``on_interval`` (a failed parent raises there) before
+        returning what it found, as Celery's Redis backend does."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = min(self.FIRST_POLL_S, interval)
         while True:
             meta = cast(dict[str, Any], self.get_task_meta(task_id))
+            if on_interval:  # a failed parent's error first, as Celery's Redis backend raises it
+                on_interval()
             if meta["status"] in states.READY_STATES:
                 return meta
-            if on_interval:
-                on_interval()
             if deadline is not None and time.monotonic() >= deadline:
                 raise CeleryTimeout("The operation timed out.")
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))

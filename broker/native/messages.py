@@ -71,13 +71,13 @@ class TaskMessage:
 
     def stored(self) -> str:
         """The envelope the broker stores (reserve.lua appends the routing and tag to its
-        properties, which must close the document)."""
-        headers = {**self.message["headers"], "eta": None, "expires": None}
+        properties, which must close the document). Celery's own fields stay as Celery wrote them:
+        the task sees its ``eta``, ``expires`` and ``delivery_info['priority']``; by the time the
+        message reaches a worker its eta has passed, and one that expired on the way is revoked
+        there, which cancels it through the broker (``workers.control``)."""
         properties = {k: v for k, v in self.message["properties"].items() if k not in _DROPPED}
-        properties["priority"] = 0  # the broker orders by its own priority; the node queue has one bucket
-        envelope = {k: v for k, v in self.message.items() if k not in ("headers", "properties")}
-        return json.dumps({**envelope, "headers": headers, "properties": properties}, separators=(",", ":"),
-                          allow_nan=False)
+        envelope = {k: v for k, v in self.message.items() if k != "properties"}
+        return json.dumps({**envelope, "properties": properties}, separators=(",", ":"), allow_nan=False)
 
 
 def task_message(message: Any) -> TaskMessage | None:

@@ -9,9 +9,10 @@ are caught on the way, each then passed on as kombu would:
 
 - a ``revoke`` broadcast (``AsyncResult.revoke``, ``app.control.revoke``, Flower's buttons)
   cancels through the broker before the workers hear it;
-- inside a running task, the message Celery's ``Task.retry`` publishes for the task itself is
-  kept for ``workers.task``, which ends the attempt as a retry with it (finish.lua), rather than
-  submitted as a second task under the same id.
+- inside a running task, the message Celery's ``Task.retry`` or ``Task.replace`` publishes for
+  the task itself (under its own id) is kept for ``workers.task``, which ends the attempt as a
+  retry with it, or submits it as what replaced the task, rather than submitted as a second
+  task under the same id.
 """
 
 from __future__ import annotations
@@ -54,10 +55,21 @@ def submitted(task_id: str) -> tuple[str, bool] | None:
     return _results().pop(task_id, None)
 
 
-class RetryMessage:
-    """The message ``Task.retry`` published for the running task, kept for ``workers.task``."""
+class OwnMessage:
+    """The message the running task published under its own id (``Task.retry``, or
+    ``Task.replace`` once ``replacing`` said so), kept for ``workers.task``."""
 
     _pending: dict[str, TaskMessage] = {}
+    _replacing: set[str] = set()
+
+    @classmethod
+    def replacing(cls, task_id: str) -> None:
+        """The running task ``task_id`` is replacing itself: what it sends under its id is kept."""
+        cls._replacing.add(task_id)
+
+    @classmethod
+    def replaced(cls, task_id: str) -> bool:
+        return task_id in cls._replacing
 
     @classmethod
     def keep(cls, task: TaskMessage) -> None:
@@ -65,15 +77,16 @@ class RetryMessage:
 
     @classmethod
     def take(cls, task_id: str) -> TaskMessage | None:
+        cls._replacing.discard(task_id)
         return cls._pending.pop(task_id, None)
 
 
-def _own_retry(task: TaskMessage) -> bool:
-    """Is this the running task (in this process) publishing its own retry?"""
+def _own(task: TaskMessage) -> bool:
+    """Is this the running task (in this process) publishing its own retry, or what replaces it?"""
     current = get_current_worker_task()
     request = getattr(current, "request", None)
     return (request is not None and request.id == task.id and not request.called_directly
-            and task.retries > int(request.retries or 0))
+            and (task.retries > int(request.retries or 0) or OwnMessage.replaced(task.id)))
 
 
 class Channel(kombu_redis.Channel):
@@ -96,8 +109,8 @@ class Channel(kombu_redis.Channel):
             super()._put(queue, message, **kwargs)
             return
         kwargs.pop("_publish_batch", None)  # each submit is its own script call
-        if _own_retry(task):
-            RetryMessage.keep(task)
+        if _own(task):
+            OwnMessage.keep(task)
             return
         _results()[task.id] = self.submitter.submit_message(task)
 

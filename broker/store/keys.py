@@ -94,6 +94,9 @@ Fields of ``P task:<id>`` (formats in ``store/records.py``):
 |                                         |                  | (``update_state``)                            |
 | ``retried retry_reason``                | finish           | it asked Celery to retry and waits to run     |
 |                                         |                  | again                                         |
+| ``awaiting replaced_by``                | finish, submit   | it replaced itself (``Task.replace``) and     |
+|                                         |                  | waits, in no queue, for the message sent      |
+|                                         |                  | under its id                                  |
 | ``finished_at result error``            | finish, cancel   | the outcome                                   |
 | ``exc``                                 | finish           | a failure's exception as JSON: type, module,  |
 |                                         |                  | message, traceback                            |

@@ -61,7 +61,7 @@ P, R, U, S, F, C = (TaskState.PENDING, TaskState.RESERVED, TaskState.RUNNING, Ta
 #: script -> (the states it moves a task from, the states it may leave it in). A script's header
 #: says ``Transitions: FROM -> TO`` with the same names.
 TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
-    "submit": (frozenset(), frozenset({P})),
+    "submit": (frozenset({P}), frozenset({P})),  # (new), or a task awaiting its replacement
     "promote": (frozenset({P}), frozenset({P})),
     "reserve": (frozenset({P}), frozenset({R})),
     "start": (frozenset({R}), frozenset({U})),
@@ -180,7 +180,8 @@ def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, An
         reason=waiting["reason"] if waiting else None, estimated_start_at=waiting["eta"] if waiting else None,
         progress_state=t.get("progress_state"), progress=json.loads(t["progress"]) if "progress" in t else None,
         exception=json.loads(t["exc"]) if t.get("exc") else None, retried="retried" in t,
-        retry_reason=t.get("retry_reason"), not_before=seconds("not_before"), expires_at=seconds("expires_at"),
+        retry_reason=t.get("retry_reason"), replaced_by=t.get("replaced_by") if "awaiting" in t else None,
+        not_before=seconds("not_before"), expires_at=seconds("expires_at"),
     )
 
 

@@ -1,101 +1,33 @@
-"""Celery's own API, end to end: what a Celery user writes runs through the broker.
-
-One cluster for the module: Redis, a dispatcher (priority ordering, preemption), node
-``nat-gpu`` (2 GPUs, runs ``tests.tasks_for_tests``) and node ``nat-cpu`` (CPUs only, runs only
-``workers.tasks``). The test process is a producer as a user's would be: it imports the tasks
-module and calls ``.delay()``, ``apply_async``, canvas, ``AsyncResult``; ``Client`` reads the
-broker's side of each task (node, GPUs, state) to check what Celery's answer means.
-"""
+"""Celery's own API, end to end: what a Celery user writes runs through the broker
+(the cluster: ``tests.e2e.native_cluster``)."""
 
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery, chain, chord, group
 from celery.exceptions import TaskRevokedError
 
-from broker import Client, Resources, TaskState, TaskStatus
+from broker import Resources, TaskState
 from broker.celery_conf import celery_settings
-from broker.errors import NotRegistered, TaskNotFound
+from broker.errors import NotRegistered
 from broker.native.app import GpuCelery
-from broker.settings import Settings
 from broker.store.keys import PoolKeys
 from tests import tasks_for_tests as t
+from tests.e2e.native_cluster import CPU_NODE, GPU_NODE, GRACE_S, POOL, Cluster
 from tests.e2e.test_flower import PASSWORD, USER, FlowerApi, start_flower
-from tests.support import ROOT, Processes, RedisServer, processes, wait_until
+from tests.support import ROOT, Processes, wait_until
 from workers.app import app
 
 pytestmark = pytest.mark.e2e
-
-POOL = "native"
-GPU_NODE, CPU_NODE = "nat-gpu", "nat-cpu"
-GRACE_S = 2.0
-
-
-@dataclass
-class Cluster:
-    settings: Settings
-    procs: Processes
-    client: Client
-    redis: redis.Redis
-
-    def status(self, task_id: str) -> TaskStatus:
-        return self.client.status(task_id)
-
-    def until(self, task_id: str, *states: TaskState, timeout: float = 30) -> TaskStatus:
-        def reached() -> TaskStatus | None:
-            try:
-                status = self.status(task_id)
-            except TaskNotFound:  # not taken in yet
-                return None
-            return status if status.state in states else None
-
-        return wait_until(reached, timeout, what=f"task {task_id} to be {'/'.join(s.value for s in states)}")
-
-    def free_gpus(self, node: str = GPU_NODE) -> int:
-        return next(n.free_gpus for n in self.client.nodes() if n.id == node)
-
-
-@pytest.fixture(scope="module")
-def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if redis_server.proc is None or redis_server.proc.poll() is not None:
-        redis_server.start()  # an earlier test killed it
-    r = redis.Redis(port=redis_server.port)
-    r.flushall()
-    r.script_flush()
-    settings = Settings(redis_url=redis_server.url, pool=POOL, lease_s=4, heartbeat_s=0.5, reap_interval_s=0.5,
-                        cancel_grace_s=GRACE_S)
-    # The producer: the app the tasks are declared on, configured as a user's process would be.
-    app.conf.update(celery_settings(settings))
-    env = {"GPUBROKER_LEASE_S": "4", "GPUBROKER_HEARTBEAT_S": "0.5", "GPUBROKER_REAP_INTERVAL_S": "0.5",
-           "GPUBROKER_CANCEL_GRACE_S": str(GRACE_S)}
-    with processes(tmp_path_factory.mktemp("native"), settings.redis_url, POOL, env) as procs:
-        procs.worker(GPU_NODE, "--tasks", "tests.tasks_for_tests", "--gpus", "2", "--gpu-memory-mb", "16000",
-                     "--cpus", "8", "--memory-mb", "16384", "--slots", "4")
-        procs.worker(CPU_NODE, "--cpus", "4", "--memory-mb", "8192", "--slots", "2")
-        client = Client(settings=settings)
-        wait_until(lambda: {n.id for n in client.nodes() if n.state == "up"} == {GPU_NODE, CPU_NODE}, 30,
-                   what="both nodes to register")
-        procs.spawn("dispatcher", "dispatcher", "--log-level", "INFO",
-                    env={"GPUBROKER_SCHEDULING": json.dumps({"ordering": "priority", "preempt_grace_s": 5})})
-        try:
-            yield Cluster(settings, procs, client, r)
-        finally:
-            client.close()
-            r.close()
-
 
 # ---- calling tasks ----------------------------------------------------------------------------
 
@@ -144,12 +76,14 @@ def test_unknown_and_unplaceable_tasks_are_refused_at_the_call(cluster: Cluster)
 
 def test_a_task_runs_only_on_a_node_that_has_it(cluster: Cluster) -> None:
     # nat-gpu's four slots are busy; nat-cpu is idle but does not run tests.add: it waits.
-    fillers = [t.sleeper.delay(2) for _ in range(4)]
+    # The fillers run long enough that a slow machine still checks while all four hold their slots.
+    fillers = [t.sleeper.delay(6) for _ in range(4)]
     for f in fillers:
         cluster.until(f.id, TaskState.RUNNING)
     waiting = t.add.delay(20, 22)
     time.sleep(1)
     assert cluster.status(waiting.id).state is TaskState.PENDING
+    assert all(cluster.status(f.id).state is TaskState.RUNNING for f in fillers), "checked while nat-gpu was full"
     assert waiting.get(timeout=30) == 42
     assert cluster.status(waiting.id).node == GPU_NODE
     # A task both nodes run goes to whichever is free.

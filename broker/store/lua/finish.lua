@@ -1,13 +1,12 @@
 -- finish.lua: end one attempt of a task and release its reservation.
 --
--- Called by the worker on success, on an exception, on a Celery retry, on a time limit and
--- when the process running the task was lost. Fenced by the delivery tag (a finish for an
--- attempt that no longer holds the task changes nothing, so releasing twice is impossible)
--- and by the worker's incarnation (a replaced worker process changes nothing either).
--- What comes next: SUCCEEDED; or CANCELLED if it was being cancelled (or revoked and would
--- run again); else back in line uncharged if it was being preempted; else PENDING for a
--- retry (its new message, not before its countdown), FAILED, or, for a lost one, requeued
--- while retries remain.
+-- Called by the worker on success, an exception, a Celery retry, replace or Ignore, a time
+-- limit, a lost process. Fenced by the delivery tag (a finish for an attempt that no longer
+-- holds the task changes nothing: no double release) and the worker's incarnation. Next:
+-- SUCCEEDED; CANCELLED if being cancelled (or revoked and would run again), or on Ignore;
+-- back in line uncharged if being preempted; PENDING for a retry (its new message, not before
+-- its countdown); PENDING `awaiting` (in no queue) the message sent under its id after
+-- Task.replace (submit.lua takes it); FAILED; or, lost, requeued while retries remain.
 --
 -- Transitions: RESERVED | RUNNING -> SUCCEEDED | FAILED | CANCELLED | PENDING
 -- Includes: _lib.lua _release.lua
@@ -24,8 +23,9 @@
 -- ARGV[1] task_id
 -- ARGV[2] node_id
 -- ARGV[3] tag         delivery tag of the attempt
--- ARGV[4] outcome     'succeeded' | 'failed' | 'retry' | 'lost'
--- ARGV[5] payload     result JSON (succeeded), error text (failed, lost), new message (retry)
+-- ARGV[4] outcome     'succeeded' | 'failed' | 'retry' | 'lost' | 'replaced' | 'ignored'
+-- ARGV[5] payload     result JSON (succeeded), error text (failed, lost, ignored), new message (retry),
+--                     what replaced it (replaced)
 -- ARGV[6] now         ms since epoch
 -- ARGV[7] detail      failed: the exception as JSON; retry: why; '' otherwise
 -- ARGV[8] not_before  retry: ms before which it is not placed again (0: at once)
@@ -44,9 +44,8 @@ if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVE
     or (ARGV[9] ~= '' and redis.call('HGET', KEYS[2], 'incarnation') ~= ARGV[9]) then
   return {2, t[1]}
 end
-if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'lost' and outcome ~= 'retry' then
-  return {3, t[1]}
-end
+local OUTCOMES = {succeeded = true, failed = true, lost = true, retry = true, replaced = true, ignored = true}
+if not OUTCOMES[outcome] then return {3, t[1]} end
 
 unhold(task_key, KEYS[2], KEYS[3], id)
 touch(KEYS[8], ARGV[2])
@@ -62,6 +61,12 @@ if outcome == 'succeeded' then
   end
 elseif t[8] or (t[9] and outcome ~= 'failed') then -- stopped for a cancel, or revoked: runs no more
   state = conclude(prefix, task_key, id, 'CANCELLED', now, 'error', t[8] and 'cancelled' or 'revoked')
+elseif outcome == 'replaced' then -- its code is done; what replaced it comes under its id (submit.lua)
+  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now, 'awaiting', 1, 'replaced_by', ARGV[5])
+  redis.call('HDEL', task_key, 'retried', unpack(ATTEMPT))
+  state = 'PENDING'
+elseif outcome == 'ignored' then -- Celery's Ignore: the task asked that no outcome be recorded
+  state = conclude(prefix, task_key, id, 'CANCELLED', now, 'error', ARGV[5])
 elseif t[4] then -- stopped for a more urgent task: back in line, no retry charged
   redis.call('HINCRBY', task_key, 'preemptions', 1)
   requeue(task_key, KEYS[4], KEYS[5], id, now)

@@ -3,8 +3,12 @@
 -- Invariant: a task is written whole (record, queue entry, request) or not at all; an
 -- idempotency key maps to exactly one task. A task with a start time in the future
 -- (countdown, ETA) waits in `delayed` and holds nothing until promote.lua moves it.
+-- A task that replaced itself (Celery's Task.replace; finish.lua's outcome 'replaced') waits,
+-- PENDING and `awaiting`, for the message sent under its id: that one takes the record over
+-- (its attempts go on counting, so no delivery tag is ever reused). Any other id taken is
+-- refused.
 --
--- Transitions: (new) -> PENDING
+-- Transitions: (new) | PENDING (awaiting its replacement) -> PENDING
 -- Includes: _lib.lua
 --
 -- KEYS[1] task         hash of the new task
@@ -32,21 +36,27 @@
 -- Returns {code, task_id}:
 --   0 CREATED
 --   1 DUPLICATE   the idempotency key is known: task_id is the existing task
---   2 ID_TAKEN    a task with this id already exists; nothing written
+--   2 ID_TAKEN    a task with this id already exists (and is not awaiting its replacement); nothing written
 
 local id, key, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 if key ~= '' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {1, existing} end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {2, id} end
+local held = redis.call('HMGET', KEYS[1], 'state', 'awaiting')
+local replacing = held[1] == 'PENDING' and held[2] ~= false
+if held[1] and not replacing then return {2, id} end
 
 local seq = redis.call('INCR', KEYS[5])
 local score = int(-tonumber(ARGV[3]) * 4294967296 + seq)
 redis.call('HSET', KEYS[1], 'id', id, 'name', ARGV[7], 'tenant', ARGV[8], 'priority', ARGV[3],
-  'state', 'PENDING', 'seq', seq, 'score', score, 'submitted_at', ARGV[4], 'req', ARGV[5],
-  'message', ARGV[6], 'max_retries', ARGV[9], 'retries', 0, 'attempts', 0, 'gpu_kind', ARGV[10],
-  'result_ttl', ARGV[13])
+  'state', 'PENDING', 'seq', seq, 'score', score, 'req', ARGV[5], 'message', ARGV[6],
+  'max_retries', ARGV[9], 'gpu_kind', ARGV[10], 'result_ttl', ARGV[13])
+if replacing then
+  redis.call('HDEL', KEYS[1], 'awaiting', 'replaced_by', 'not_before', 'expires_at')
+else
+  redis.call('HSET', KEYS[1], 'submitted_at', ARGV[4], 'retries', 0, 'attempts', 0)
+end
 local not_before, expires_at = tonumber(ARGV[11]), tonumber(ARGV[12])
 if not_before > now then
   redis.call('HSET', KEYS[1], 'not_before', ARGV[11])

@@ -207,6 +207,8 @@ def replacer(self: Any, x: int, how: str) -> Any:
         return self.replace(gpu_where.s())
     if how == "chain":
         return self.replace(chain(add.s(x, 1), add.s(10)))
+    if how == "slow chain":  # its first link takes 3 s: the replaced task waits meanwhile
+        return self.replace(chain(sleeper.si(3), add.si(x, 1)))
     return self.replace(group(add.s(i, i) for i in range(x)))
 
 

@@ -92,6 +92,8 @@ def status_table(status: TaskStatus) -> Table:
     now = time.time()
     if status.retried:
         rows["retrying"] = status.retry_reason or "the task asked Celery to retry"
+    if status.replaced_by:
+        rows["replaced by"] = status.replaced_by
     if status.not_before is not None and status.state is TaskState.PENDING and status.not_before > now:
         rows["not before"] = _eta(status.not_before, now)
     if status.expires_at is not None and not status.state.is_final:

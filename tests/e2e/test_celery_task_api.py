@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from celery import group
 from celery.exceptions import TaskRevokedError
+from typer.testing import CliRunner
 
 from broker import Resources, TaskState
 from tests import tasks_for_tests as t
 from tests.e2e.native_cluster import GPU_NODE, Cluster
 from tests.support import wait_until
 from workers.app import app
+from workers.cli import app as cli
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +40,16 @@ def test_replace_with_a_chain_or_a_group(cluster: Cluster) -> None:
     # The last link of the chain (or the group's gather) comes under the replaced task's id.
     assert t.replacer.delay(5, "chain").get(timeout=30) == 16
     assert t.replacer.delay(3, "group").get(timeout=30) == [0, 2, 4]
+    # While the chain's first link runs, the replaced task waits on no node, and says for what.
+    slow = t.replacer.delay(7, "slow chain")
+    waiting = wait_until(lambda: (s := cluster.status(slow.id)).replaced_by and s, 20, what="the task to be replaced")
+    assert (waiting.state, waiting.node, waiting.gpus) == (TaskState.PENDING, None, [])
+    assert "chain" in (waiting.replaced_by or "")
+    env = {"GPUBROKER_REDIS_URL": cluster.settings.redis_url, "GPUBROKER_POOL": cluster.settings.pool}
+    shown = CliRunner().invoke(cli, ["status", slow.id], env=env, terminal_width=200)
+    assert "replaced by" in shown.output and "chain" in shown.output, shown.output
+    assert slow.get(timeout=30) == 8
+    assert cluster.status(slow.id).replaced_by is None
 
 
 def test_reject_with_requeue_runs_the_task_again(cluster: Cluster, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 import redis
 from billiard.exceptions import WorkerLostError
+from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, Terminated
 from celery.signals import task_rejected, task_unknown
 from celery.worker.request import Request
@@ -69,9 +70,13 @@ def _raise_preempted(signum: int, frame: Any) -> None:
     raise Preempted("stopped by the scheduler for a more urgent task, or cancelled (SIGTERM)")
 
 
-def encode_result(result: Any, backend: Any = None) -> str:
+def encode_result(result: Any, backend: Any = None, ignored: bool = False) -> str:
     """The result as Celery's JSON serializer writes it: an AsyncResult or GroupResult as its
-    tuple, datetimes, UUIDs and Decimals tagged so that AsyncResult.get gives them back."""
+    tuple, datetimes, UUIDs and Decimals tagged so that AsyncResult.get gives them back. With
+    ``ignore_result`` (the task's or the call's) none is kept: the record says SUCCEEDED, and
+    ``get`` gives None, as Celery's does."""
+    if ignored:
+        return "null"
     try:
         value = backend.prepare_value(result) if backend is not None else result
         return str(kombu_json.dumps(value, allow_nan=False))
@@ -181,7 +186,8 @@ class GpuRequest(Request):
         failed, retval, _ = failed__retval__runtime
         if not failed:
             try:
-                report(self.id, self.delivery_tag, "succeeded", encode_result(retval, self.task.backend))
+                report(self.id, self.delivery_tag, "succeeded",
+                       encode_result(retval, self.task.backend, bool(self.ignore_result)))
             except TypeError as exc:
                 report(self.id, self.delivery_tag, "failed", str(exc))
 
@@ -245,7 +251,7 @@ class GpuTask(BrokerTask):
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
             result = self.run(*args, **kwargs)
-            payload = encode_result(result, self.backend)
+            payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
         except Retry as exc:
             _end_unit(unit, watchdog)
             self._end_as_retry(task_id, tag, exc)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from celery import group
 from celery.exceptions import TaskRevokedError
+from celery.result import AsyncResult
 from typer.testing import CliRunner
 
 from broker import Resources, TaskState
@@ -92,6 +93,15 @@ def test_results_keep_their_types(cluster: Cluster) -> None:
     value = t.typed.delay().get(timeout=30)
     assert value == {"when": datetime.datetime(2026, 12, 2, 12, 30, tzinfo=datetime.UTC), "id": uuid.UUID(int=7),
                      "amount": decimal.Decimal("1.25")}
+
+
+def test_ignore_result_keeps_no_result(cluster: Cluster) -> None:
+    # As in Celery: the task runs, and no result is kept (its record still says it succeeded).
+    result = t.add.apply_async((20, 22), ignore_result=True)
+    status = cluster.until(result.id, TaskState.SUCCEEDED)
+    assert status.result is None
+    assert AsyncResult(result.id, app=app).get(timeout=5) is None
+    assert t.add.delay(20, 22).get(timeout=30) == 42  # the same task without it
 
 
 def test_a_group_joins_natively(cluster: Cluster) -> None:

@@ -81,6 +81,7 @@ class CancelCode(enum.IntEnum):
     MOVED = 3
     STOPPING = 4
     REVOKED = 5
+    REQUESTED = 6
 
 
 class PromoteCode(enum.IntEnum):
@@ -99,6 +100,19 @@ class ProgressCode(enum.IntEnum):
 
 class ReapCode(enum.IntEnum):
     OK = 0
+
+
+class DrainCode(enum.IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    FENCED = 2
+
+
+class ForgetCode(enum.IntEnum):
+    REMOVED = 0
+    NOT_FOUND = 1
+    UP = 2
+    FENCED = 3
 
 
 class PreemptCode(enum.IntEnum):
@@ -134,9 +148,13 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "cancel": (
         CancelCode,
         ("task", "node", "node_tasks", "pending", "requests", "wake", "changes", "prefix"),
-        ("task_id", "node_id", "now", "mode", "grace_ms"),
+        ("task_id", "node_id", "now", "mode", "grace_ms", "ask"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "drain": (DrainCode, ("prefix", "node", "node_tasks", "pending", "requests", "wake", "changes"),
+              ("node_id", "now", "by", "incarnation")),
+    "forget": (ForgetCode, ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
+               ("node_id", "now", "incarnation")),
     "preempt": (
         PreemptCode,
         ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
@@ -301,6 +319,21 @@ class Scripts:
                                  (self.clock(), limit))
         return [_text(n) for n in nodes]
 
+    def drain(self, node_id: str, by: str, incarnation: str = "") -> tuple[DrainCode, int]:
+        """Drain ``node_id`` (``by``: "operator", or "shutdown", which also hands back what was
+        reserved there and has not started), or undrain it (``by=""``); how many were handed back."""
+        k = self.keys
+        code, handed = self._run("drain", (k.prefix, k.node(node_id), k.node_tasks(node_id), k.pending, k.requests,
+                                           k.wake, k.changes), (node_id, self.clock(), by, incarnation))
+        return DrainCode(code), int(handed)
+
+    def forget(self, node_id: str, incarnation: str = "") -> tuple[ForgetCode, int]:
+        """Remove a down node (or, with ``incarnation``, the leaving worker's own); tasks reclaimed."""
+        k = self.keys
+        code, reclaimed = self._run("forget", (k.prefix, k.node(node_id), k.nodes, k.leases, k.pending, k.requests,
+                                               k.wake, k.changes), (node_id, self.clock(), incarnation))
+        return ForgetCode(code), int(reclaimed)
+
     # ---- tasks ----------------------------------------------------------------
 
     def submit(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
@@ -383,9 +416,10 @@ class Scripts:
         return PreemptCode(code)
 
     def cancel(self, task_id: str, node_id: str | None, mode: str = "cancel",
-               grace_ms: int = 0) -> tuple[CancelCode, str]:
+               grace_ms: int = 0, ask: bool = False) -> tuple[CancelCode, str]:
         """Cancel (``mode="revoke"``: a running attempt may finish); ``node_id``: where the caller
-        believes a reserved task is held; ``grace_ms``: SIGTERM to SIGKILL for a running one."""
+        believes a reserved task is held; ``grace_ms``: SIGTERM to SIGKILL for a running one;
+        ``ask``: the caller may not write node state, so a reserved task is left to a dispatcher."""
         k = self.keys
         node = node_id or ""
         # With no node, KEYS[2]/[3] are never touched: pass the task's own key rather than
@@ -395,7 +429,7 @@ class Scripts:
         code, detail = self._run(
             "cancel",
             (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes, k.prefix),
-            (task_id, node, self.clock(), mode, grace_ms),
+            (task_id, node, self.clock(), mode, grace_ms, "1" if ask else ""),
         )
         return CancelCode(code), _text(detail)
 

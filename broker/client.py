@@ -13,7 +13,7 @@ from kombu.exceptions import ChannelError, OperationalError
 from redis.exceptions import NoPermissionError
 
 from broker.celery_conf import monitor_app
-from broker.errors import AccessDenied, TaskNotFound, WaitTimeout
+from broker.errors import AccessDenied, NodeNotFound, NodeRejected, TaskNotFound, WaitTimeout
 from broker.message import new_task_id
 from broker.models import NodeView, QueueEntry, Resources, TaskStatus
 from broker.native.app import message_options
@@ -23,7 +23,7 @@ from broker.settings import Settings
 from broker.store import reads, records
 from broker.store.connection import as_broker_error, connect, unavailable_as_error
 from broker.store.keys import PoolKeys
-from broker.store.scripts import CancelCode, Clock, Scripts, wall_clock_ms
+from broker.store.scripts import CancelCode, Clock, DrainCode, ForgetCode, Scripts, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +101,60 @@ class Client:
         A pending or reserved one is CANCELLED at once. A running one keeps its GPUs until its
         process is gone: within half a second its worker sends SIGTERM (``workers.task.Preempted``
         in the task), waits ``cancel_grace_s``, then SIGKILLs; its status shows RUNNING until
-        then, then CANCELLED. Needs no Celery broadcast, so a producer's Redis user may do it.
+        then, then CANCELLED. Needs no Celery broadcast. A Redis user that may not write node
+        state (the producer role) cannot release a reserved task itself: the cancel is recorded
+        and a dispatcher releases it on its next cycle (its status shows RESERVED until then).
         Cancelling a task that already ended changes nothing and returns its status.
         """
         try:
             code, _detail = self.submitter.cancel(task_id)
         except NoPermissionError as exc:
             raise AccessDenied(
-                f"task {task_id} is reserved on a node: cancelling it releases that node's capacity, which the "
-                f"Redis user in the Redis URL may not write ({exc}); nothing was changed. Cancel it as a user "
-                "with node access (admin in config/redis-acl.conf)") from exc
+                f"cancelling task {task_id} writes its record, which the Redis user in the Redis URL may not do "
+                f"({exc}); nothing was changed. Cancel it as a producer or admin (config/redis-acl.conf)") from exc
         if code is CancelCode.NOT_FOUND:
             raise TaskNotFound(task_id)
         # Nothing to broadcast: the node's worker sees the mark on a running task within
         # workers.agent.STOP_CHECK_S, and drops a reserved one's queued message (start.lua).
         return self.status(task_id)
+
+    # ---- nodes ----------------------------------------------------------------
+
+    @unavailable_as_error
+    def drain(self, node_id: str) -> NodeView:
+        """Place nothing new on ``node_id``; what runs there finishes. Kept across a restart of its
+        worker, until ``undrain``."""
+        return self._drain(node_id, "operator")
+
+    @unavailable_as_error
+    def undrain(self, node_id: str) -> NodeView:
+        """Place tasks on ``node_id`` again."""
+        return self._drain(node_id, "")
+
+    def _drain(self, node_id: str, by: str) -> NodeView:
+        try:
+            code, _ = self.scripts.drain(node_id, by)
+        except NoPermissionError as exc:
+            raise AccessDenied(f"draining node {node_id} writes node state, which the Redis user in the Redis URL "
+                               f"may not do ({exc}); nothing was changed. Use the admin user") from exc
+        if code is DrainCode.NOT_FOUND:
+            raise NodeNotFound(node_id)
+        return next(n for n in self.nodes() if n.id == node_id)
+
+    @unavailable_as_error
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node that is down (its tasks were already requeued by the reaper). A node that
+        is up is refused: stop its worker first (it then leaves by itself)."""
+        try:
+            code, _ = self.scripts.forget(node_id)
+        except NoPermissionError as exc:
+            raise AccessDenied(f"removing node {node_id} writes node state, which the Redis user in the Redis URL "
+                               f"may not do ({exc}); nothing was changed. Use the admin user") from exc
+        if code is ForgetCode.NOT_FOUND:
+            raise NodeNotFound(node_id)
+        if code is ForgetCode.UP:
+            raise NodeRejected(f"node {node_id} is up (its worker is heartbeating); nothing was changed. Stop its "
+                               "worker (it drains and leaves by itself), or drain it: gpubroker drain NODE")
 
     # ---- reading --------------------------------------------------------------
 

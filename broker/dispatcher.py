@@ -1,8 +1,9 @@
 """The dispatcher: one cycle of numbered phases, woken by the scripts, never polling.
 
     1 reap      reclaim nodes whose lease expired (reap.lua); move delayed tasks whose time has
-                come to the queue (promote.lua) and cancel those past their expiry (expire.lua);
-                now and then, take in tasks Celery producers pushed past the broker
+                come to the queue (promote.lua) and cancel those past their expiry or that a
+                producer asked to cancel (expire.lua); now and then, take in tasks Celery
+                producers pushed past the broker and forget nodes down for node_forget_after_s
     2 snapshot  read free capacity per GPU and the head of the pending queue
     3 plan      pure-Python policy proposes placements (broker.scheduling)
     4 commit    reserve.lua re-checks and commits them in batches; preempt.lua marks
@@ -51,7 +52,7 @@ from broker.settings import Settings
 from broker.store import reads
 from broker.store.connection import connect
 from broker.store.keys import PoolKeys
-from broker.store.scripts import Clock, PreemptCode, ReserveCode, Scripts, wall_clock_ms
+from broker.store.scripts import Clock, ForgetCode, PreemptCode, ReserveCode, Scripts, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class CycleReport:
     promoted: int = 0  # delayed tasks whose time came
     expired: list[str] = field(default_factory=list)
     ingested: int = 0  # tasks taken in from Celery's own queues
+    forgotten: list[str] = field(default_factory=list)  # nodes down for node_forget_after_s, removed
     wake_at_ms: int | None = None  # something is due then (a delayed task, an expiry, a rate limit's next start)
 
 
@@ -118,6 +120,7 @@ class Dispatcher:
         self._published = False
         self._catalogue = reads.Catalogue()
         self._ingest = Ingest(settings, self.redis, clock)
+        self._next_forget_ms = 0
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
@@ -133,6 +136,7 @@ class Dispatcher:
             report.promoted = self.scripts.promote()
             report.expired = self.scripts.expire()
             report.ingested = self._ingest.maybe()
+            self._forget_departed(report)
         full = not self.lazy
         if self.lazy:
             with _Timer(report, "2_snapshot"):
@@ -165,6 +169,18 @@ class Dispatcher:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
             self._record(report)
         return report
+
+    def _forget_departed(self, report: CycleReport) -> None:
+        """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down
+        nodes change only when the reaper finds one."""
+        now, after_ms = self.clock(), int(self.settings.node_forget_after_s * 1000)
+        if now < self._next_forget_ms:
+            return
+        self._next_forget_ms = now + min(60_000, max(1, after_ms // 4))
+        for node_id, down_at in reads.down_nodes(self.redis, self.keys).items():
+            if now - down_at >= after_ms and self.scripts.forget(node_id)[0] is ForgetCode.REMOVED:
+                log.info("node %s forgotten: down for over %gs", node_id, self.settings.node_forget_after_s)
+                report.forgotten.append(node_id)
 
     def _wake_for_rates(self, report: CycleReport, limits: dict[str, tuple[float, float]],
                         left: dict[str, float]) -> None:

@@ -43,7 +43,16 @@ class TaskNotFound(GpuBrokerError, KeyError):
 
 
 class NodeRejected(GpuBrokerError):
-    """A node registration or heartbeat was refused by the pool's state."""
+    """A node registration or heartbeat, or an operation on a node, was refused by the pool's state."""
+
+
+class NodeNotFound(GpuBrokerError, KeyError):
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        super().__init__(f"no node {node_id!r} in this pool (gpubroker nodes lists them)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class BrokerUnavailable(GpuBrokerError, ConnectionError):

@@ -312,6 +312,8 @@ class NodeView(BaseModel):
     free_slots: int
     tasks: int
     serves: list[str] | None = None  # the task names its worker runs; None: any
+    draining: bool = False  # no new tasks are placed on it (gpubroker drain, or its worker is stopping)
+    down_since: float | None = None  # when its lease expired (seconds since the epoch), while down
 
     @property
     def free_gpus(self) -> int:

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # How many pending tasks one dispatcher cycle looks at, and placements per reserve call.
     dispatch_window: int = Field(10_000, gt=0)
     commit_batch: int = Field(500, gt=0, le=5000)
+    # A node down (lease expired) for this long is removed from the pool (gpubroker nodes remove does
+    # it at once): it no longer shows in `nodes` nor counts for the submit-time fit check.
+    node_forget_after_s: float = Field(3600.0, gt=0)
     # Longest a dispatcher sleeps without a wake-up before it reaps expired leases anyway.
     reap_interval_s: float = Field(2.0, gt=0)
     # kombu only restores unacked messages after this; the lease reaper recovers first,

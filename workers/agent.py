@@ -22,7 +22,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import redis
-from celery import Celery, concurrency
+from celery import Celery, concurrency, signals
 from celery.utils.time import rate
 
 from broker.celery_conf import celery_settings
@@ -81,6 +81,33 @@ class NodeAgent:
         log.info("node %s registered (%s): %d GPUs x %d MiB, %g CPUs, %d MiB, %d slots, labels %s",
                  s.node_id, code.name, s.gpus, s.gpu_memory_mb, s.cpus, s.memory_mb, s.slots, s.labels)
         return code
+
+    def drain_for_shutdown(self) -> None:
+        """The worker is stopping (SIGTERM, a warm shutdown): place nothing new here, and hand back
+        what was reserved here and has not started, so another node runs it now rather than after
+        this one's running tasks finish (or its lease expires). Runs in Celery's signal handler,
+        in the main process before its event loop goes on: a handed-back task's message, taken
+        already, then meets start.lua's fence and is dropped."""
+        try:
+            code, handed = self.scripts.drain(self.spec.node_id, "shutdown", self.incarnation)
+        except redis.RedisError as exc:
+            log.warning("node %s: could not drain for shutdown (%s); its lease covers it", self.spec.node_id, exc)
+            return
+        log.info("node %s draining for shutdown (%s): handed back %d task(s) not started", self.spec.node_id,
+                 code.name, handed)
+
+    def leave(self) -> None:
+        """The worker has stopped: remove the node from the pool. Whatever it still held (a task a
+        cold shutdown killed) is requeued at once, as the reaper would do after the lease."""
+        if self._thread is not None:  # a beat still under way would register the node again
+            self._thread.join(self.settings.socket_timeout_s * 4)
+        try:
+            code, reclaimed = self.scripts.forget(self.spec.node_id, self.incarnation)
+        except redis.RedisError as exc:
+            log.warning("node %s: could not leave the pool (%s); it is reaped when its lease expires",
+                        self.spec.node_id, exc)
+            return
+        log.info("node %s left the pool (%s; %d task(s) reclaimed)", self.spec.node_id, code.name, reclaimed)
 
     def heartbeat_once(self) -> HeartbeatCode:
         sent = time.monotonic()
@@ -268,7 +295,9 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
     fence.window()  # shared with the pool's processes: created before Celery forks them
     agent.register()
     agent.start_heartbeat()
+    signals.worker_shutting_down.connect(lambda **_: agent.drain_for_shutdown(), weak=False)
     try:
         app.worker_main(argv)
     finally:
         agent.stop.set()
+        agent.leave()

@@ -1,4 +1,5 @@
-"""The operational ``gpubroker`` commands: dispatcher, submit, status, queue, nodes, cancel, demo."""
+"""The operational ``gpubroker`` commands: dispatcher, submit, status, queue, nodes (and nodes remove),
+drain, undrain, cancel, demo."""
 
 from __future__ import annotations
 
@@ -141,9 +142,15 @@ def queue(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False
     run_cli(go)
 
 
-@app.command()
-def nodes(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
-    """Nodes with their capacity and what is in use, per GPU."""
+nodes_app = typer.Typer(help="Nodes with their capacity and what is in use, per GPU; `nodes remove NODE`.")
+app.add_typer(nodes_app, name="nodes")
+
+
+@nodes_app.callback(invoke_without_command=True)
+def nodes(ctx: typer.Context, redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False) -> None:
+    """Nodes with their capacity and what is in use, per GPU (state up, draining or down)."""
+    if ctx.invoked_subcommand is not None:
+        return
 
     def go() -> None:
         with client_for(redis_url, pool) as client:
@@ -152,6 +159,43 @@ def nodes(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False
             console.print_json(json.dumps([n.model_dump() for n in found]))
         else:
             console.print(views.nodes_table(found))
+
+    run_cli(go)
+
+
+@nodes_app.command("remove")
+def remove_node(node: Annotated[str, typer.Argument(help="Id of a node that is down")],
+                redis_url: RedisUrl = None, pool: Pool = None) -> None:
+    """Forget a node that is down (refused for a node that is up). Down nodes are also forgotten
+    by themselves after GPUBROKER_NODE_FORGET_AFTER_S."""
+
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            client.remove_node(node)
+        console.print(f"node {escape(node)} removed")
+
+    run_cli(go)
+
+
+@app.command()
+def drain(node: Annotated[str, typer.Argument(help="Node id")], redis_url: RedisUrl = None, pool: Pool = None,
+          as_json: AsJson = False) -> None:
+    """Place nothing new on NODE; its running tasks finish. Lasts until `gpubroker undrain NODE`."""
+    _drain(node, redis_url, pool, as_json, True)
+
+
+@app.command()
+def undrain(node: Annotated[str, typer.Argument(help="Node id")], redis_url: RedisUrl = None, pool: Pool = None,
+            as_json: AsJson = False) -> None:
+    """Place tasks on NODE again."""
+    _drain(node, redis_url, pool, as_json, False)
+
+
+def _drain(node: str, redis_url: str | None, pool: str | None, as_json: bool, on: bool) -> None:
+    def go() -> None:
+        with client_for(redis_url, pool) as client:
+            view = client.drain(node) if on else client.undrain(node)
+        console.print_json(view.model_dump_json()) if as_json else console.print(views.nodes_table([view]))
 
     run_cli(go)
 

@@ -41,8 +41,9 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
     for node in nodes:
         gpus = Text(" ").join(
             Text(f"{g.index}:") + _bar(1 - g.free_milli / MILLI, 4) for g in node.gpus) if node.gpus else Text("-")
+        state = "draining" if node.draining and node.state == "up" else node.state
         table.add_row(
-            node.id, Text(node.state, style="green" if node.state == "up" else "red"), gpus,
+            node.id, Text(state, style={"up": "green", "draining": "yellow"}.get(state, "red")), gpus,
             f"{node.free_cpus:g}/{node.cpus:g}", f"{node.free_memory_mb}/{node.memory_mb}",
             f"{node.free_slots}/{node.slots}", ",".join(f"{k}={v}" for k, v in node.labels.items()))
     return table

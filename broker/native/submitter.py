@@ -41,6 +41,7 @@ class Submitter:
         self.scripts = Scripts(client, self.keys, clock)
         self.catalogue = reads.Catalogue(self.NODES_CACHE_S)
         self._nodes: tuple[float, list[NodeView]] | None = None
+        self._node_access = True  # until Redis refuses this user a node key (cancel)
 
     # ---- submit ---------------------------------------------------------------------------
 
@@ -91,13 +92,14 @@ class Submitter:
         return self.submit(task.id, req, task.stored())
 
     def check(self, req: SubmitRequest) -> None:
-        """Refuse what no registered node runs or could ever hold. Nodes are cached briefly to keep
-        submit cheap; a refusal is always confirmed against a fresh read."""
+        """Refuse what no node that is up runs or could ever hold (a draining node counts: it may be
+        undrained; a down one does not, and is named when only it could have held the request).
+        Nodes are cached briefly to keep submit cheap; a refusal is always confirmed against a
+        fresh read. With no node up at all (none started yet, or all restarting) anything is taken."""
         nodes = self._registered(fresh=False)
-        if not nodes or not self._refusal(req, nodes):
+        if not self._refusal(req, nodes):
             return
-        nodes = self._registered(fresh=True)
-        refusal = self._refusal(req, nodes) if nodes else None
+        refusal = self._refusal(req, self._registered(fresh=True))
         if refusal is not None:
             raise refusal
 
@@ -109,23 +111,44 @@ class Submitter:
 
     @staticmethod
     def _refusal(req: SubmitRequest, nodes: list[NodeView]) -> InvalidRequest | None:
-        runs = [n for n in nodes if n.serves is None or req.task_name in n.serves]
+        up = [n for n in nodes if n.state == "up"]
+        if not up:
+            return None
+        runs = [n for n in up if n.serves is None or req.task_name in n.serves]
         if not runs:
             return NotRegistered(req.task_name)
         short = shortfall(req.resources, runs)
-        return Unsatisfiable(short) if short else None
+        if not short:
+            return None
+        departed = [n.id for n in nodes if n.state != "up" and (n.serves is None or req.task_name in n.serves)
+                    and not shortfall(req.resources, [n])]
+        if departed:
+            field = next(iter(short))
+            short[field] += (f" (only node{'s' * (len(departed) > 1)} {', '.join(departed)}, now down, could have "
+                             "held it; the nodes that are up cannot)")
+        return Unsatisfiable(short)
 
     # ---- cancel -----------------------------------------------------------------------------
 
     def cancel(self, task_id: str, mode: str = "cancel") -> tuple[CancelCode, str]:
-        """Cancel (``mode="revoke"``: a running attempt may finish) wherever the task is now."""
+        """Cancel (``mode="revoke"``: a running attempt may finish) wherever the task is now.
+
+        A reserved task's release writes its node, which a Redis user without node access (the
+        producer role) may not do: such a caller asks instead (REQUESTED), and the dispatcher
+        carries it out on its next cycle. The first refusal is remembered, so each Submitter
+        tries (and Redis logs an ACL denial) once."""
         state, held_by = cast(list[bytes | None], self.redis.hmget(self.keys.task(task_id), "state", "node"))
-        # A running task is only marked (its worker releases it): no node key, so a Redis user
-        # without node access (the producer role) may cancel it.
-        node = held_by.decode() if held_by and state != b"RUNNING" else None
+        # A running task is only marked (its worker releases it): no node key needed.
+        node = held_by.decode() if held_by and state != b"RUNNING" and self._node_access else None
         grace_ms = int(self.settings.cancel_grace_s * 1000)
         for _ in range(10):
-            code, detail = self.scripts.cancel(task_id, node, mode, grace_ms)
+            try:
+                code, detail = self.scripts.cancel(task_id, node, mode, grace_ms, ask=not self._node_access)
+            except redis.exceptions.NoPermissionError:
+                if node is None or not self._node_access:
+                    raise
+                self._node_access, node = False, None
+                continue
             if code is not CancelCode.MOVED:
                 return code, detail
             node = detail or None

@@ -14,7 +14,7 @@ from broker.models import MILLI
 from broker.scheduling.model import NodeFree, TaskRequest, Waiting
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from broker.scheduling.timeline import Timeline
 
@@ -31,9 +31,10 @@ class Cause:
 
 def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, nodes: Mapping[str, NodeFree],
             node_order: Mapping[str, int], duration: Mapping[str, float], now: float, grace_s: float,
-            rate_limits: Mapping[str, tuple[float, float]]) -> dict[str, Waiting]:
+            rate_limits: Mapping[str, tuple[float, float]], draining: Sequence[NodeFree] = ()) -> dict[str, Waiting]:
     """Position, reason and estimated start of each of ``waiting`` (rank, task, cause);
-    ``rate_limits``: per rate-limited name, (starts per second, starts its bucket has left)."""
+    ``rate_limits``: per rate-limited name, (starts per second, starts its bucket has left);
+    ``draining``: nodes that take no new tasks, named when only they could hold a task."""
     out: dict[str, Waiting] = {}
     queued: dict[str, int] = {}  # rate-limited tasks of each name waiting so far, in rank order
     starts: dict[str, float | None] = {}
@@ -44,7 +45,7 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
         start: float | None = None
         if kind == "fit":
             if task.shape not in reasons:
-                reasons[task.shape] = why(task, nodes)
+                reasons[task.shape] = why(task, nodes, draining)
             reason = reasons[task.shape]
         elif kind == "held":
             reason = f"held for higher-ranked task {detail} (backfill)"
@@ -74,8 +75,12 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
     return out
 
 
-def why(task: TaskRequest, free: Mapping[str, NodeFree]) -> str:
+def why(task: TaskRequest, free: Mapping[str, NodeFree], draining: Sequence[NodeFree] = ()) -> str:
     """What is missing now, with the numbers."""
+    only = [n.id for n in draining if n.could_hold(task)]
+    if only and not any(n.could_hold(task) for n in free.values()):
+        return (f"only draining node{'s' * (len(only) > 1)} {', '.join(only)} could hold it: it waits until one is "
+                "undrained (gpubroker undrain NODE) or a node that fits it joins")
     if not free:
         return "no node is up (none registered yet, or every node is down)"
     if all(n.serves is not None and task.name not in n.serves for n in free.values()):

@@ -119,6 +119,8 @@ class Snapshot:
     preempting_for: dict[str, str] = field(default_factory=dict)
     # Task names with a rate limit: name -> (starts allowed per second, starts its bucket allows now).
     rate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Nodes that are up but draining: nothing is placed there; only a waiting task's reason names them.
+    draining: list[NodeFree] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -166,11 +168,23 @@ class NodeFree:
     cap_slots: int = 0
     # The task names its worker runs; None: any (a node that does not say, a simulated one).
     serves: frozenset[str] | None = None
+    # Draining: nothing new is placed on it; readers hand such nodes to the planner only to explain.
+    draining: bool = False
 
     def copy(self) -> NodeFree:
         return NodeFree(self.id, self.gpu_memory_mb, list(self.free_milli), list(self.free_mem),
                         self.free_cpu_milli, self.free_memory_mb, self.free_slots, dict(self.labels),
-                        self.cap_cpu_milli, self.cap_memory_mb, self.cap_slots, self.serves)
+                        self.cap_cpu_milli, self.cap_memory_mb, self.cap_slots, self.serves, self.draining)
+
+    def could_hold(self, task: TaskRequest) -> bool:
+        """Whether the node, empty, would fit ``task`` (its registered capacity, not what is free)."""
+        gpus = len(self.free_milli)
+        if task.whole_gpus and (gpus < task.whole_gpus or self.gpu_memory_mb < task.gpu_memory_mb):
+            return False
+        if task.gpu_milli and (not gpus or self.gpu_memory_mb < task.gpu_memory_mb):
+            return False
+        return (self.matches(task) and self.cap_cpu_milli >= task.cpu_milli and self.cap_memory_mb >= task.memory_mb
+                and self.cap_slots >= 1)
 
     def gpu_is_whole(self, i: int) -> bool:
         return self.free_milli[i] == MILLI and self.free_mem[i] == self.gpu_memory_mb

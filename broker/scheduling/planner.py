@@ -114,7 +114,8 @@ class _Pass:
         # 4 explain
         rates_left = {name: (rate, self.tokens[name]) for name, (rate, _) in self.snap.rate_limits.items()}
         self.plan.waiting = explain(self.waiting[: self.config.explain_limit], self.timeline, self.placer.nodes,
-                                    self.node_order, self.duration, self.now, self.config.preempt_grace_s, rates_left)
+                                    self.node_order, self.duration, self.now, self.config.preempt_grace_s, rates_left,
+                                    self.snap.draining)
         return self.plan
 
     def _admit(self, task: TaskRequest) -> Cause | None:

@@ -6,11 +6,14 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 
 | key                          | type   | members / fields                           | TTL                   |
 |------------------------------|--------|--------------------------------------------|-----------------------|
-| ``P nodes``                  | set    | node ids ever registered in the pool       | none                  |
+| ``P nodes``                  | set    | node ids registered in the pool, until     | none                  |
+|                              |        | forget.lua removes one (it left, or was    |                       |
+|                              |        | down for ``node_forget_after_s``)          |                       |
 | ``P node:<id>``              | hash   | capacity (``cap_*``), free amounts         | none                  |
 |                              |        | (``free_*``, ``g<i>_milli``,               |                       |
 |                              |        | ``g<i>_mem``), ``label:<k>``, ``state``    |                       |
-|                              |        | up/down, ``incarnation``, ``serves`` and   |                       |
+|                              |        | up/down, ``draining``, ``incarnation``,    |                       |
+|                              |        | ``serves`` and                             |                       |
 |                              |        | ``task:<name>`` (the task names it runs)   |                       |
 | ``P node:<id>:tasks``        | set    | ids of tasks RESERVED or RUNNING on the    | none                  |
 |                              |        | node                                       |                       |
@@ -31,7 +34,10 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | wait; promote.lua moves them to            |                       |
 |                              |        | ``pending``                                |                       |
 | ``P expiring``               | zset   | ids of tasks submitted with ``expires``,   | none                  |
-|                              |        | scored by it (ms)                          |                       |
+|                              |        | scored by it (ms), and of reserved tasks a |                       |
+|                              |        | producer asked to cancel (``cancel_req``), |                       |
+|                              |        | scored by the request: expire.lua ends     |                       |
+|                              |        | both                                       |                       |
 | ``P idem:<key>``             | string | the task id an idempotency key stands for  | its task's            |
 | ``P tasks``                  | hash   | task name -> what workers registered of it | none                  |
 |                              |        | (records: the catalogue)                   |                       |
@@ -102,13 +108,17 @@ Fields of ``P task:<id>`` (formats in ``store/records.py``):
 |                                         |                  | message, traceback                            |
 | ``preempt_at preempt_by preempt_grace`` | preempt          | a running victim is being stopped             |
 | ``cancel_at cancel_grace``              | cancel           | a running task is being stopped for a cancel  |
+| ``cancel_req``                          | cancel           | a producer (no node access) asked to cancel   |
+|                                         |                  | it, mode cancel/revoke: expire.lua does it    |
 | ``revoked``                             | cancel           | this attempt may finish; the task runs no     |
 |                                         |                  | more                                          |
 | ``preemptions requeued_at``             | preempt, finish  | times stopped for a more urgent task; last    |
 |                                         |                  | requeue                                       |
 
 Fields of ``P node:<id>``: ``id``, ``incarnation``, ``registered_at``, ``heartbeat_at``, ``state``
-(up/down), capacity ``cap_gpus gpu_mem cap_cpu_m cap_mem cap_slots``, free amounts
+(up/down), ``down_at`` (ms, set by reap.lua), ``draining`` (who drained it: ``operator`` or ``shutdown``;
+absent when it takes tasks) and ``draining_at`` (drain.lua), capacity
+``cap_gpus gpu_mem cap_cpu_m cap_mem cap_slots``, free amounts
 ``free_cpu_m free_mem free_slots`` and per GPU ``g<i>_milli g<i>_mem``, labels ``label:<key>``.
 """
 

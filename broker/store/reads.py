@@ -33,6 +33,17 @@ def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
             for i, node_id in enumerate(ids) if replies[3 * i]]
 
 
+def down_nodes(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:
+    """Node id -> when it went down (ms; its last heartbeat if the reaper did not say), for nodes down."""
+    ids = sorted(cast(set[bytes], client.smembers(keys.nodes)))
+    pipe = client.pipeline(transaction=False)
+    for node_id in ids:
+        pipe.hmget(keys.node(node_id.decode()), "state", "down_at", "heartbeat_at")
+    return {node_id.decode(): int(down_at or beat or 0)
+            for node_id, (state, down_at, beat) in zip(ids, pipe.execute() if ids else [], strict=True)
+            if state == b"down"}
+
+
 def read_pending(client: redis.Redis, keys: PoolKeys, limit: int) -> Pending:
     """The first ``limit`` pending tasks in dispatch order: (id, rank, request wire).
 
@@ -147,8 +158,9 @@ class FreeCache:
 
 
 def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes | None = None,
-              cache: FreeCache | None = None) -> list[NodeFree]:
-    """What is free on each schedulable node (up, lease valid), parsed straight for the planner.
+              cache: FreeCache | None = None, draining: bool = False) -> list[NodeFree]:
+    """What is free on each schedulable node (up, lease valid, not draining), parsed straight for
+    the planner; ``draining=True``: draining nodes too (``NodeFree.draining``), for the reasons.
 
     ``shapes``, kept by the caller from cycle to cycle, spares re-reading what each node
     registered with: the whole hash is read only for nodes not in it (or registered anew).
@@ -157,7 +169,8 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes |
         live = cast(list[bytes], client.zrange(keys.leases, now_ms, "+inf", byscore=True))
         ids = sorted(i.decode() for i in live)
         _forget_gone(shapes, ids)
-        return [n for n in _read_nodes(client, keys, now_ms, ids, shapes).values() if n is not None]
+        return [n for n in _read_nodes(client, keys, now_ms, ids, shapes).values()
+                if n is not None and (draining or not n.draining)]
     live, changed, last = raw_pipeline(client, [
         encode_command(b"ZRANGE", keys.leases.encode(), b"%d" % now_ms, b"+inf", b"BYSCORE"),
         encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % cache.seen, b"+inf", b"BYSCORE", b"WITHSCORES"),
@@ -166,7 +179,7 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes |
     newest = int(float(last[0][1])) if last else 0
     if newest < cache.seen:  # the sequence went back: Redis lost its data; start afresh
         cache.seen, cache.nodes = 0, {}
-        return read_free(client, keys, now_ms, shapes, cache)
+        return read_free(client, keys, now_ms, shapes, cache, draining)
     ids = sorted(i.decode() for i in live)
     _forget_gone(shapes, ids)
     stale = {member.decode() for member, _score in changed} | {i for i in ids if i not in cache.nodes}
@@ -176,7 +189,7 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes |
     if len(cache.nodes) > len(ids):
         live_ids = set(ids)
         cache.nodes = {i: n for i, n in cache.nodes.items() if i in live_ids}
-    return [n for i in ids if (n := cache.nodes.get(i)) is not None]
+    return [n for i in ids if (n := cache.nodes.get(i)) is not None and (draining or not n.draining)]
 
 
 def _scored(reply: list[Any]) -> list[tuple[bytes, Any]]:
@@ -280,11 +293,13 @@ def read_snapshot(client: redis.Redis, keys: PoolKeys, now_ms: int, limit: int, 
                   shapes: Shapes | None = None, cache: FreeCache | None = None,
                   catalogue: Catalogue | None = None) -> tuple[Snapshot, dict[str, str]]:
     """Everything the planner needs, and which preemptors wait for which node."""
-    nodes = read_free(client, keys, now_ms, shapes, cache)
+    found = read_free(client, keys, now_ms, shapes, cache, draining=True)
+    nodes = [n for n in found if not n.draining]
     snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default),
                     read_running(client, keys, [n.id for n in nodes], preemptible_default),
                     read_runtimes(client, keys), read_mix(client, keys),
-                    rate_limits=read_rate_limits(client, keys, now_ms, catalogue))
+                    rate_limits=read_rate_limits(client, keys, now_ms, catalogue),
+                    draining=[n for n in found if n.draining])
     return snap, read_preempting(client, keys)
 
 

@@ -73,6 +73,8 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "reap": (frozenset({R, U}), frozenset({P, F, C})),
     "register": (frozenset({R, U}), frozenset({P, F, C})),
     "heartbeat": (frozenset(), frozenset()),
+    "drain": (frozenset({R}), frozenset({P, C})),
+    "forget": (frozenset({R, U}), frozenset({P, F, C})),
 }
 
 # ---- the request --------------------------------------------------------------------------
@@ -325,7 +327,8 @@ def node_view(node_id: str, h: Mapping[bytes, bytes], lease: float | None, tasks
         memory_mb=_i(h.get(b"cap_mem")), slots=_i(h.get(b"cap_slots")), labels=node_labels(h),
         free_cpus=_i(h.get(b"free_cpu_m")) / MILLI, free_memory_mb=_i(h.get(b"free_mem")),
         free_slots=_i(h.get(b"free_slots")), tasks=tasks,
-        serves=None if (served := node_serves(h)) is None else sorted(served),
+        serves=None if (served := node_serves(h)) is None else sorted(served), draining=b"draining" in h,
+        down_since=_i(h.get(b"down_at")) / 1000 or None,
     )
 
 
@@ -343,9 +346,11 @@ class NodeShape:
     serves: frozenset[str] | None  # the task names it runs (None: any)
 
 
-#: The node hash fields that change, read per cycle; ``registration`` is fields 1-4.
+#: The node hash fields that change, read per cycle; ``registration`` is fields 1-4. ``draining``
+#: (drain.lua): who drained it, "operator" or "shutdown"; absent when it takes new tasks.
 FREE_FIELDS = (b"state", b"incarnation", b"registered_at", b"cap_gpus", b"gpu_mem", b"free_cpu_m", b"free_mem",
-               b"free_slots")
+               b"free_slots", b"draining")
+_GPUS_AT = len(FREE_FIELDS)  # where the per-GPU fields start
 
 
 def node_serves(h: Mapping[bytes, bytes]) -> frozenset[str] | None:
@@ -377,10 +382,10 @@ def node_is_up(values: list[bytes | None]) -> bool:
 
 def node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> NodeFree:
     """What is free on a node, from ``shape.fields`` read in order."""
-    n = shape.gpus
-    return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
-                    [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
-                    int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves)
+    n, at = shape.gpus, _GPUS_AT
+    return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[at:at + n]],
+                    [int(v or 0) for v in values[at + n:]], int(values[5] or 0), int(values[6] or 0),
+                    int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves, values[8] is not None)
 
 
 def labels_arg(labels: Mapping[str, str]) -> str:

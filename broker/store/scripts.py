@@ -20,93 +20,34 @@ import redis
 
 from broker.models import SubmitRequest
 from broker.scheduling.model import Placement
+from broker.store.codes import (  # every script's return codes (SIGNATURES), re-exported from here
+    CancelCode,
+    DrainCode,
+    ExpireCode,
+    FinishCode,
+    ForgetCode,
+    HeartbeatCode,
+    PreemptCode,
+    ProgressCode,
+    PromoteCode,
+    ReapCode,
+    RegisterCode,
+    ReserveCode,
+    StartCode,
+    SubmitCode,
+)
 from broker.store.connection import SentCommand, bulk
 from broker.store.keys import PoolKeys
 from broker.store.records import StoredRequest, gpus_arg, labels_arg
 
+__all__ = [  # the return codes live in codes.py; importers take them from here
+    "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
+    "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "ReapCode",
+    "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
+    "wall_clock_ms",
+]
+
 LUA = resources.files("broker.store") / "lua"
-
-
-class RegisterCode(enum.IntEnum):
-    CREATED = 0
-    REFRESHED = 1
-    REPLACED = 2
-    SHAPE_CHANGED = 3
-
-
-class HeartbeatCode(enum.IntEnum):
-    OK = 0
-    NOT_REGISTERED = 1
-    FENCED = 2
-    REAPED = 3
-
-
-class SubmitCode(enum.IntEnum):
-    CREATED = 0
-    DUPLICATE = 1
-    ID_TAKEN = 2
-
-
-class ReserveCode(enum.IntEnum):
-    OK = 0
-    NOT_PENDING = 1
-    NODE_DOWN = 2
-    LABEL_MISMATCH = 3
-    NO_CAPACITY = 4
-    BAD_PLACEMENT = 5
-    NOT_SERVED = 6
-    RATE_LIMITED = 7
-
-
-class StartCode(enum.IntEnum):
-    OK = 0
-    NOT_FOUND = 1
-    CANCELLED = 2
-    STALE = 3
-    ALREADY_RUNNING = 4
-    FENCED = 5
-
-
-class FinishCode(enum.IntEnum):
-    OK = 0
-    NOT_FOUND = 1
-    STALE = 2
-    BAD_OUTCOME = 3
-
-
-class CancelCode(enum.IntEnum):
-    CANCELLED = 0
-    NOT_FOUND = 1
-    ALREADY_FINAL = 2
-    MOVED = 3
-    STOPPING = 4
-    REVOKED = 5
-
-
-class PromoteCode(enum.IntEnum):
-    OK = 0
-
-
-class ExpireCode(enum.IntEnum):
-    OK = 0
-
-
-class ProgressCode(enum.IntEnum):
-    OK = 0
-    NOT_FOUND = 1
-    STALE = 2
-
-
-class ReapCode(enum.IntEnum):
-    OK = 0
-
-
-class PreemptCode(enum.IntEnum):
-    REQUEUED = 0
-    STOPPING = 1
-    NOT_FOUND = 2
-    NOT_HELD = 3
-    ALREADY = 4
 
 
 #: script name -> (its return-code enum, the KEYS it takes in order, the ARGV it takes in order).
@@ -134,9 +75,13 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "cancel": (
         CancelCode,
         ("task", "node", "node_tasks", "pending", "requests", "wake", "changes", "prefix"),
-        ("task_id", "node_id", "now", "mode", "grace_ms"),
+        ("task_id", "node_id", "now", "mode", "grace_ms", "ask"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "drain": (DrainCode, ("prefix", "node", "node_tasks", "pending", "requests", "wake", "changes"),
+              ("node_id", "now", "by", "incarnation")),
+    "forget": (ForgetCode, ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
+               ("node_id", "now", "incarnation")),
     "preempt": (
         PreemptCode,
         ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
@@ -301,6 +246,21 @@ class Scripts:
                                  (self.clock(), limit))
         return [_text(n) for n in nodes]
 
+    def drain(self, node_id: str, by: str, incarnation: str = "") -> tuple[DrainCode, int]:
+        """Drain ``node_id`` (``by``: "operator", or "shutdown", which also hands back what was
+        reserved there and has not started), or undrain it (``by=""``); how many were handed back."""
+        k = self.keys
+        code, handed = self._run("drain", (k.prefix, k.node(node_id), k.node_tasks(node_id), k.pending, k.requests,
+                                           k.wake, k.changes), (node_id, self.clock(), by, incarnation))
+        return DrainCode(code), int(handed)
+
+    def forget(self, node_id: str, incarnation: str = "") -> tuple[ForgetCode, int]:
+        """Remove a down node (or, with ``incarnation``, the leaving worker's own); tasks reclaimed."""
+        k = self.keys
+        code, reclaimed = self._run("forget", (k.prefix, k.node(node_id), k.nodes, k.leases, k.pending, k.requests,
+                                               k.wake, k.changes), (node_id, self.clock(), incarnation))
+        return ForgetCode(code), int(reclaimed)
+
     # ---- tasks ----------------------------------------------------------------
 
     def submit(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
@@ -383,9 +343,10 @@ class Scripts:
         return PreemptCode(code)
 
     def cancel(self, task_id: str, node_id: str | None, mode: str = "cancel",
-               grace_ms: int = 0) -> tuple[CancelCode, str]:
+               grace_ms: int = 0, ask: bool = False) -> tuple[CancelCode, str]:
         """Cancel (``mode="revoke"``: a running attempt may finish); ``node_id``: where the caller
-        believes a reserved task is held; ``grace_ms``: SIGTERM to SIGKILL for a running one."""
+        believes a reserved task is held; ``grace_ms``: SIGTERM to SIGKILL for a running one;
+        ``ask``: the caller may not write node state, so a reserved task is left to a dispatcher."""
         k = self.keys
         node = node_id or ""
         # With no node, KEYS[2]/[3] are never touched: pass the task's own key rather than
@@ -395,7 +356,7 @@ class Scripts:
         code, detail = self._run(
             "cancel",
             (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes, k.prefix),
-            (task_id, node, self.clock(), mode, grace_ms),
+            (task_id, node, self.clock(), mode, grace_ms, "1" if ask else ""),
         )
         return CancelCode(code), _text(detail)
 

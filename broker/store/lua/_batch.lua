@@ -122,15 +122,15 @@ local function batch_alloc(r, listed, indices, milli, mem)
 end
 
 -- reserve.lua's per-batch view of a node: read once, updated in memory, written once.
--- false when the node is not up or its lease (ZSCORE in leases_key) is before now.
+-- false when the node is not up, is draining, or its lease (ZSCORE in leases_key) is before now.
 local function batch_node(cache, leases_key, now, key, id, tasks_key, queue_key)
   local n = cache[id]
   if n == nil then
     local lease = redis.call('ZSCORE', leases_key, id)
     local h = redis.call('HMGET', key, 'state', 'free_cpu_m', 'free_mem', 'free_slots', 'cap_gpus', 'gpu_mem',
-      'serves')
+      'serves', 'draining')
     local v = batch_num
-    n = h[1] == 'up' and lease and tonumber(lease) >= now and {key = key, cpu = v[h[2]], mem = v[h[3]],
+    n = h[1] == 'up' and not h[8] and lease and tonumber(lease) >= now and {key = key, cpu = v[h[2]], mem = v[h[3]],
       slots = v[h[4]], gpus = v[h[5]], gpu_mem = v[h[6]], milli = false, gmem = {}, labels = {},
       count = 0, tasks = {}, messages = {}, tasks_key = tasks_key, queue = queue_key,
       listed = h[7] == 'listed', serves = {},

@@ -2,9 +2,11 @@
 --
 -- As Celery's `expires`: a task not started by then never runs. A pending one leaves the
 -- queue; a reserved one gives its reservation back (its queued message is then refused by
--- start.lua). A running one is left to finish.
+-- start.lua). A running one is left to finish. The same set carries the cancels a producer
+-- asked for (cancel.lua, `cancel_req`: a producer may not write node state): those are
+-- cancelled here alike, and one that started meanwhile is marked as cancel.lua marks it.
 --
--- Transitions: PENDING | RESERVED -> CANCELLED
+-- Transitions: PENDING | RESERVED -> CANCELLED (a RUNNING one asked to cancel is marked)
 -- Includes: _lib.lua _release.lua
 --
 -- KEYS[1] prefix      the pool prefix (carries the hash tag) for task, node and idempotency keys
@@ -23,7 +25,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumb
 local out = {0}
 for _, id in ipairs(due) do
   local task_key = prefix .. 'task:' .. id
-  local t = redis.call('HMGET', task_key, 'state', 'node')
+  local t = redis.call('HMGET', task_key, 'state', 'node', 'cancel_req', 'cancel_at')
   redis.call('ZREM', KEYS[2], id)
   if t[1] == 'PENDING' or t[1] == 'RESERVED' then
     if t[1] == 'PENDING' then
@@ -33,8 +35,14 @@ for _, id in ipairs(due) do
       unhold(task_key, prefix .. 'node:' .. t[2], prefix .. 'node:' .. t[2] .. ':tasks', id)
       touch(KEYS[6], t[2])
     end
-    conclude(prefix, task_key, id, 'CANCELLED', now, 'error', 'expired: not started before its expires time')
+    local why = t[3] and (t[3] == 'revoke' and 'revoked' or 'cancelled') or
+      'expired: not started before its expires time'
+    conclude(prefix, task_key, id, 'CANCELLED', now, 'error', why)
     out[#out + 1] = id
+  elseif t[1] == 'RUNNING' and t[3] == 'revoke' then
+    redis.call('HSET', task_key, 'revoked', now)
+  elseif t[1] == 'RUNNING' and t[3] and not t[4] then
+    redis.call('HSET', task_key, 'cancel_at', now)
   end
 end
 if #out > 1 then redis.call('PUBLISH', KEYS[5], 'expire') end

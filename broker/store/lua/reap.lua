@@ -1,6 +1,7 @@
 -- reap.lua: reclaim the nodes whose lease has expired.
 --
--- A node whose worker stopped heartbeating is marked down; its reserved tasks go
+-- A node whose worker stopped heartbeating is marked down (`down_at`: now; the
+-- dispatcher forgets it node_forget_after_s later, forget.lua); its reserved tasks go
 -- back to PENDING, its running tasks too while retries remain (else FAILED), its
 -- queue is dropped and its capacity freed. Kombu's visibility timeout is never the
 -- recovery path, so a long task is not redelivered while it is still healthy.
@@ -23,7 +24,7 @@ local now = tonumber(ARGV[1])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, node_id in ipairs(expired) do
   reclaim_node(KEYS[1], node_id, KEYS[3], KEYS[4], now, 'node ' .. node_id .. ' lease expired')
-  redis.call('HSET', KEYS[1] .. 'node:' .. node_id, 'state', 'down')
+  redis.call('HSET', KEYS[1] .. 'node:' .. node_id, 'state', 'down', 'down_at', ARGV[1])
   redis.call('ZREM', KEYS[2], node_id)
   touch(KEYS[6], node_id)
 end

@@ -4,6 +4,8 @@
 -- reservations are kept. A new incarnation of a known node id means the previous
 -- worker process is gone: its reservations are reclaimed (tasks requeued, queue
 -- dropped) before the new shape is written, so capacity is never counted twice.
+-- An operator's drain (drain.lua) is kept across a new incarnation; a shutting-down
+-- worker's own drain is not.
 --
 -- Transitions: RESERVED | RUNNING -> PENDING | FAILED | CANCELLED (the tasks of a replaced incarnation)
 -- Includes: _lib.lua _release.lua
@@ -50,7 +52,11 @@ else
     reclaimed = reclaim_node(KEYS[1], ARGV[1], KEYS[5], KEYS[6], now, 'node ' .. ARGV[1] .. ' restarted')
     code = 2
   end
+  local draining = redis.call('HMGET', node_key, 'draining', 'draining_at')
   redis.call('DEL', node_key)
+  if draining[1] == 'operator' then
+    redis.call('HSET', node_key, 'draining', draining[1], 'draining_at', draining[2])
+  end
   for field, value in pairs(shape) do
     redis.call('HSET', node_key, field, value)
   end
@@ -68,6 +74,7 @@ for i = 12, #ARGV, 2 do -- the latest worker to register a name says what it is
 end
 
 redis.call('HSET', node_key, 'state', 'up', 'heartbeat_at', now)
+redis.call('HDEL', node_key, 'down_at')
 touch(KEYS[8], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], int(now + tonumber(ARGV[4])), ARGV[1])

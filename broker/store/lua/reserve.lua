@@ -21,7 +21,7 @@
 -- Returns one code per placement, in order:
 --   0 OK
 --   1 NOT_PENDING    the task is no longer pending (placed or cancelled meanwhile)
---   2 NODE_DOWN      the node is not up or its lease has expired
+--   2 NODE_DOWN      the node is not up, is draining, or its lease expired
 --   3 LABEL_MISMATCH the node lacks a label the task selects
 --   4 NO_CAPACITY    not enough free CPU, RAM, slots or GPU share/memory now
 --   5 BAD_PLACEMENT  wrong number of GPU indices, unknown or repeated index

@@ -45,12 +45,23 @@ name alone (``app.send_task``, beat, a plain Celery producer) takes its defaults
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from broker.errors import InvalidRequest
-from broker.models import MILLI, GpuView, NodeView, Resources, SubmitRequest, TaskState, TaskStatus, split_selector
+from broker.models import (
+    MAX_PRIORITY,
+    MILLI,
+    GpuView,
+    NodeView,
+    Resources,
+    SubmitRequest,
+    TaskState,
+    TaskStatus,
+    split_selector,
+)
 from broker.scheduling.model import GpuKind, NodeFree, RunningTask, TaskRequest
 
 # ---- states and transitions --------------------------------------------------------------
@@ -73,7 +84,17 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "reap": (frozenset({R, U}), frozenset({P, F, C})),
     "register": (frozenset({R, U}), frozenset({P, F, C})),
     "heartbeat": (frozenset(), frozenset()),
+    "quarantine": (frozenset({P}), frozenset({F})),
 }
+
+
+class UnreadableRecord(ValueError):
+    """A stored record this version cannot use (hand-written, or by an older version): names
+    the field and why. Readers skip or quarantine such a record; it never stops a process."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"field {field!r}: {reason}")
+        self.field, self.reason = field, reason
 
 # ---- the request --------------------------------------------------------------------------
 
@@ -88,8 +109,58 @@ def encode_request(req: SubmitRequest) -> str:
                       separators=(",", ":"))
 
 
+#: Request keys -> the submit field each one stores (what InvalidRequest names).
+REQUEST_FIELDS = {"g": "resources.gpus", "m": "resources.gpus", "gm": "resources.gpu_memory_mb",
+                  "c": "resources.cpus", "r": "resources.memory_mb", "l": "resources.labels", "p": "priority",
+                  "n": "task_name", "t": "tenant", "e": "estimated_runtime_s", "x": "preemptible", "req": "request"}
+#: The counts of a request and their largest values (Resources' limits); lua/_request.lua has the same.
+REQUEST_COUNTS = {"g": 1024, "m": MILLI, "gm": 16 * 1024 * 1024, "c": 100_000 * MILLI, "r": 1 << 40}
+
+
+def _json_what(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    names: dict[type, str] = {str: "a string", dict: "an object", list: "an array"}
+    return names.get(type(value), type(value).__name__)
+
+
 def decode_request(text: bytes | str) -> Wire:
-    wire: Wire = json.loads(text)
+    """A stored request, checked as submit.lua checks it (lua/_request.lua) before storing one:
+    UnreadableRecord names the first key that is missing, of the wrong type or out of range."""
+    try:
+        wire = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableRecord("req", f"not JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(wire, dict):
+        raise UnreadableRecord("req", f"must be a JSON object (got {_json_what(wire)})")
+    for key, top in REQUEST_COUNTS.items():
+        value = wire.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            got = "nothing" if key not in wire else _json_what(value)
+            raise UnreadableRecord(key, f"must be an integer from 0 to {top} (got {got})")
+    if wire["g"] and wire["m"]:
+        raise UnreadableRecord("m", "a share of one GPU goes with 0 whole GPUs (g)")
+    p = wire.get("p")
+    if isinstance(p, bool) or not isinstance(p, int) or abs(p) > MAX_PRIORITY:
+        got = "nothing" if "p" not in wire else _json_what(p)
+        raise UnreadableRecord("p", f"must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY} (got {got})")
+    labels = wire.get("l")
+    if not isinstance(labels, dict):
+        raise UnreadableRecord("l", f"must be an object of label -> value (got {_json_what(labels)})")
+    for label, value in labels.items():
+        if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UnreadableRecord("l", f"label {label[:80]!r} must be a string or a list of strings "
+                                        f"(got {_json_what(value)})")
+    for key in ("n", "t"):
+        if key in wire and not isinstance(wire[key], str):
+            raise UnreadableRecord(key, f"must be a string (got {_json_what(wire[key])})")
+    e = wire.get("e")
+    if e is not None and (isinstance(e, bool) or not isinstance(e, int | float) or not 0 <= e < math.inf):
+        raise UnreadableRecord("e", f"must be null or a number of seconds >= 0 (got {_json_what(e)})")
+    if wire.get("x") is not None and not isinstance(wire["x"], bool):
+        raise UnreadableRecord("x", f"must be true, false or null (got {_json_what(wire['x'])})")
     return wire
 
 
@@ -120,22 +191,37 @@ class StoredRequest:
 
 
 Pending = list[tuple[str, int, Wire]]  # (task id, rank in the pending queue, its decoded request)
+Poisoned = dict[str, tuple[bytes, UnreadableRecord]]  # task id -> its unreadable request text, and why
 
 
-def decode_pending(ids: list[bytes], texts: list[bytes | None], first_rank: int) -> Pending:
+def decode_pending(ids: list[bytes], texts: list[bytes | None], first_rank: int,
+                   poisoned: Poisoned | None = None) -> Pending:
     """Pending ids with their request texts, decoded; each distinct text once (tasks of one
     shape share it), so the returned dicts may be shared and must not be mutated. A task whose
-    request is gone (placed or cancelled between two reads) is left out."""
-    parsed: dict[bytes, Wire] = {}
+    request is gone (placed or cancelled between two reads) is left out, and so is one whose
+    request cannot be read: it goes into ``poisoned``, for the dispatcher to quarantine."""
+    parsed: dict[bytes, Wire | UnreadableRecord] = {}
     out = []
     for rank, (task_id, text) in enumerate(zip(ids, texts, strict=True), first_rank):
         if text is None:
             continue
         wire = parsed.get(text)
         if wire is None:
-            wire = parsed[text] = decode_request(text)
+            try:
+                wire = parsed[text] = decode_request(text)
+            except UnreadableRecord as exc:
+                wire = parsed[text] = exc
+        if isinstance(wire, UnreadableRecord):
+            if poisoned is not None:
+                poisoned[task_id.decode(errors="replace")] = (text, wire)
+            continue
         out.append((task_id.decode(), rank, wire))
     return out
+
+
+def quarantine_reason(problem: UnreadableRecord) -> str:
+    """The error a quarantined task ends FAILED with (quarantine.lua)."""
+    return f"unreadable request, quarantined: {problem}"
 
 
 _new_request = cast(Any, TaskRequest)  # called with the fields spread from a tuple
@@ -163,8 +249,11 @@ def task_requests(pending: Pending, preemptible_default: bool = False) -> list[T
 def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, Any] | None) -> TaskStatus:
     """A task hash (``keys``' task fields) as users read it; ``waiting``: the dispatcher's last
     word on a pending task (position, reason, eta)."""
-    t = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
-    wire = decode_request(t["req"])
+    t = {k.decode(): v.decode(errors="replace") for k, v in h.items() if k != b"message"}
+    try:
+        wire = decode_request(t.get("req", ""))
+    except UnreadableRecord:  # a quarantined task: its error says what was wrong
+        wire = {"g": 0, "m": 0, "gm": 0, "c": 0, "r": 0, "l": {}}
 
     def seconds(name: str) -> float | None:
         return int(t[name]) / 1000 if t.get(name) else None
@@ -303,10 +392,6 @@ def _s(value: bytes | None) -> str:
     return value.decode() if value is not None else ""
 
 
-def _i(value: bytes | None) -> int:
-    return int(value) if value is not None else 0
-
-
 LABEL = b"label:"  # node hash fields label:<key> hold its labels
 
 
@@ -315,18 +400,25 @@ def node_labels(h: Mapping[bytes, bytes]) -> dict[str, str]:
 
 
 def node_view(node_id: str, h: Mapping[bytes, bytes], lease: float | None, tasks: int) -> NodeView:
-    count, memory = _i(h.get(b"cap_gpus")), _i(h.get(b"gpu_mem"))
-    gpus = [GpuView(index=i, memory_mb=memory, free_milli=_i(h.get(f"g{i}_milli".encode())),
-                    free_memory_mb=_i(h.get(f"g{i}_mem".encode()))) for i in range(count)]
-    return NodeView(
-        id=node_id, state=_s(h.get(b"state")) or "unknown",
-        lease_expires_at=lease / 1000 if lease is not None else None,
-        gpus=gpus, gpu_memory_mb=memory, cpus=_i(h.get(b"cap_cpu_m")) / MILLI,
-        memory_mb=_i(h.get(b"cap_mem")), slots=_i(h.get(b"cap_slots")), labels=node_labels(h),
-        free_cpus=_i(h.get(b"free_cpu_m")) / MILLI, free_memory_mb=_i(h.get(b"free_mem")),
-        free_slots=_i(h.get(b"free_slots")), tasks=tasks,
-        serves=None if (served := node_serves(h)) is None else sorted(served),
-    )
+    """A node hash as users read it; one this version cannot read shows as state ``unreadable (why)``."""
+    lease_at = lease / 1000 if lease is not None else None
+    try:
+        shape = node_shape(h)
+        count, memory = shape.gpus, shape.gpu_memory_mb
+        gpus = [GpuView(index=i, memory_mb=memory, free_milli=_count(h, b"g%d_milli" % i),
+                        free_memory_mb=_count(h, b"g%d_mem" % i)) for i in range(count)]
+        cpu_m, mem, slots = shape.capacity
+        return NodeView(
+            id=node_id, state=_s(h.get(b"state")) or "unknown", lease_expires_at=lease_at,
+            gpus=gpus, gpu_memory_mb=memory, cpus=cpu_m / MILLI, memory_mb=mem, slots=slots, labels=shape.labels,
+            free_cpus=_count(h, b"free_cpu_m") / MILLI, free_memory_mb=_count(h, b"free_mem"),
+            free_slots=_count(h, b"free_slots"), tasks=tasks,
+            serves=None if shape.serves is None else sorted(shape.serves),
+        )
+    except UnreadableRecord as exc:
+        return NodeView(id=node_id, state=f"unreadable ({exc})", lease_expires_at=lease_at, gpus=[], gpu_memory_mb=0,
+                        cpus=0, memory_mb=0, slots=0, labels={}, free_cpus=0, free_memory_mb=0, free_slots=0,
+                        tasks=tasks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,13 +450,36 @@ def node_serves(h: Mapping[bytes, bytes]) -> frozenset[str] | None:
 SERVED = b"task:"  # node hash fields task:<name> name the task names it runs
 
 
+#: Largest GPU count a node hash may give (Resources' limit): a bigger one is not read.
+MAX_NODE_GPUS = 1024
+
+
+def _count(h: Mapping[bytes, bytes], name: bytes, top: int | None = None) -> int:
+    """An integer field of a node hash (0 when absent); UnreadableRecord names a bad one."""
+    raw = h.get(name)
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UnreadableRecord(name.decode(), f"must be an integer (got {raw[:40]!r})") from None
+    if top is not None and not 0 <= value <= top:
+        raise UnreadableRecord(name.decode(), f"must be from 0 to {top} (got {value})")
+    return value
+
+
 def node_shape(h: Mapping[bytes, bytes]) -> NodeShape:
-    gpus = int(h.get(b"cap_gpus", 0))
+    """What a node registered with; UnreadableRecord names a field this version cannot read."""
+    gpus = _count(h, b"cap_gpus", MAX_NODE_GPUS)
+    try:
+        labels, serves = node_labels(h), node_serves(h)
+    except UnicodeDecodeError as exc:
+        raise UnreadableRecord("label or task name", f"not UTF-8 ({exc.object[:40]!r})") from None
     return NodeShape(
-        tuple(h.get(field) for field in FREE_FIELDS[1:5]), gpus, int(h.get(b"gpu_mem", 0)), node_labels(h),
-        (int(h.get(b"cap_cpu_m", 0)), int(h.get(b"cap_mem", 0)), int(h.get(b"cap_slots", 0))),
+        tuple(h.get(field) for field in FREE_FIELDS[1:5]), gpus, _count(h, b"gpu_mem"), labels,
+        (_count(h, b"cap_cpu_m"), _count(h, b"cap_mem"), _count(h, b"cap_slots")),
         FREE_FIELDS + tuple(b"g%d_milli" % i for i in range(gpus)) + tuple(b"g%d_mem" % i for i in range(gpus)),
-        node_serves(h))
+        serves)
 
 
 def same_registration(shape: NodeShape, values: list[bytes | None]) -> bool:
@@ -378,9 +493,14 @@ def node_is_up(values: list[bytes | None]) -> bool:
 def node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> NodeFree:
     """What is free on a node, from ``shape.fields`` read in order."""
     n = shape.gpus
-    return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
-                    [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
-                    int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves)
+    try:
+        return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[8:8 + n]],
+                        [int(v or 0) for v in values[8 + n:]], int(values[5] or 0), int(values[6] or 0),
+                        int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves)
+    except ValueError:  # name the field: a hand-written or foreign value
+        for name, value in zip(shape.fields[5:], values[5:], strict=True):
+            _count({name: value} if value is not None else {}, name)
+        raise
 
 
 def labels_arg(labels: Mapping[str, str]) -> str:

@@ -101,6 +101,12 @@ class ReapCode(enum.IntEnum):
     OK = 0
 
 
+class QuarantineCode(enum.IntEnum):
+    FAILED = 0
+    DEAD_LETTERED = 1
+    NOT_PENDING = 2
+
+
 class PreemptCode(enum.IntEnum):
     REQUEUED = 0
     STOPPING = 1
@@ -145,6 +151,8 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
     "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
     "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
+    "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
+                   ("task_id", "request", "reason", "now")),
 }
 
 
@@ -411,6 +419,13 @@ class Scripts:
         _ok, *ids = self._run("expire", (k.prefix, k.expiring, k.pending, k.requests, k.wake, k.changes),
                               (self.clock(), limit))
         return [_text(i) for i in ids]
+
+    def quarantine(self, task_id: str, request: bytes | str, reason: str) -> QuarantineCode:
+        """End a pending task whose stored ``request`` cannot be read: FAILED with ``reason``."""
+        k = self.keys
+        (code,) = self._run("quarantine", (k.task(task_id), k.pending, k.requests, k.deadletter, k.prefix),
+                            (task_id, request, reason, self.clock()))
+        return QuarantineCode(code)
 
     def progress(self, task_id: str, tag: str, state: str, meta: str) -> ProgressCode:
         """Record a running attempt's custom state and its meta (JSON)."""

@@ -147,6 +147,8 @@ def decode_request(text: bytes | str) -> Wire:
         got = "nothing" if "p" not in wire else _json_what(p)
         raise UnreadableRecord("p", f"must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY} (got {got})")
     labels = wire.get("l")
+    if labels == []:  # Lua's cjson writes an empty object as an empty array
+        labels = wire["l"] = {}
     if not isinstance(labels, dict):
         raise UnreadableRecord("l", f"must be an object of label -> value (got {_json_what(labels)})")
     for label, value in labels.items():

@@ -18,11 +18,12 @@ from typing import Any
 
 import redis
 
+from broker.errors import InvalidRequest
 from broker.models import SubmitRequest
 from broker.scheduling.model import Placement
 from broker.store.connection import SentCommand, bulk
 from broker.store.keys import PoolKeys
-from broker.store.records import StoredRequest, gpus_arg, labels_arg
+from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
 LUA = resources.files("broker.store") / "lua"
 
@@ -45,6 +46,7 @@ class SubmitCode(enum.IntEnum):
     CREATED = 0
     DUPLICATE = 1
     ID_TAKEN = 2
+    BAD_REQUEST = 3
 
 
 class ReserveCode(enum.IntEnum):
@@ -315,8 +317,13 @@ class Scripts:
                result_ttl_ms: int = 0) -> tuple[SubmitCode, str]:
         """Store a validated request (``stored``, when the caller encoded it already) and its
         Celery message under ``task_id``; returns the code and the task id it is known by.
-        ``result_ttl_ms``: how long the record is kept once final (0: kept)."""
-        code, existing = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
+        ``result_ttl_ms``: how long the record is kept once final (0: kept). A request submit.lua
+        refuses (a producer's own encoding that the dispatcher could not read) raises InvalidRequest."""
+        code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
+        if code == SubmitCode.BAD_REQUEST:
+            key = _text(existing)
+            raise InvalidRequest({REQUEST_FIELDS.get(key, key): f"refused by submit.lua, nothing was written: stored "
+                                                                f"request key {key!r} {_text(why[0])}"})
         return SubmitCode(code), _text(existing)
 
     def submit_call(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,

@@ -155,9 +155,10 @@ def decode_request(text: bytes | str) -> Wire:
         if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise UnreadableRecord("l", f"label {label[:80]!r} must be a string or a list of strings "
                                         f"(got {_json_what(value)})")
-    for key in ("n", "t"):
-        if key in wire and not isinstance(wire[key], str):
-            raise UnreadableRecord(key, f"must be a string (got {_json_what(wire[key])})")
+    for key in ("n", "t"):  # reserve.lua needs the name (rate limits, what a node runs); the tenant may be absent
+        if (key in wire or key == "n") and not isinstance(wire.get(key), str):
+            got = "nothing" if key not in wire else _json_what(wire[key])
+            raise UnreadableRecord(key, f"must be a string (got {got})")
     e = wire.get("e")
     if e is not None and (isinstance(e, bool) or not isinstance(e, int | float) or not 0 <= e < math.inf):
         raise UnreadableRecord("e", f"must be null or a number of seconds >= 0 (got {_json_what(e)})")

@@ -96,7 +96,7 @@ def test_poison_records_are_quarantined_and_every_good_task_still_runs(
             assert shown.exit_code == 0 and "unreadable request, quarantined" in shown.output, shown.output
             assert reason.split(":")[0] in shown.output.replace("\n", " ")
         letter = json.loads(redis_client.hget(keys.deadletter, "poison-no-record") or b"{}")
-        assert letter.get("found") == "none" and "field 'g'" in letter["reason"]
+        assert letter.get("found") == "state missing" and "field 'g'" in letter["reason"]
         assert redis_client.zcard(keys.pending) == 0 and redis_client.hlen(keys.requests) == 0
 
         assert dispatcher.poll() is None, "the dispatcher exited"

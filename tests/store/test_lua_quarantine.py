@@ -30,7 +30,7 @@ from tests.invariants import (
     task_hash,
 )
 
-BAD = '{"g":"1","m":0,"gm":0,"c":0,"r":0,"l":{},"p":0}'
+BAD = '{"g":"1","m":0,"gm":0,"c":0,"r":0,"l":{},"p":0,"n":"x"}'
 REASON = "unreadable request, quarantined: field 'g': must be an integer from 0 to 1024 (got a string)"
 
 
@@ -93,7 +93,7 @@ def test_a_queue_entry_of_a_reserved_task_is_dead_lettered_and_its_reservation_k
     assert_capacity_invariant(redis_client, keys)
 
 
-@pytest.mark.parametrize(("write", "found"), [(None, "none"), ("a string", "string")])
+@pytest.mark.parametrize(("write", "found"), [(None, "state missing"), ("a string", "not a hash")])
 def test_a_queue_entry_without_a_task_hash_is_dead_lettered(scripts: Scripts, redis_client: redis.Redis,
                                                             keys: PoolKeys, write: str | None, found: str) -> None:
     if write is not None:
@@ -116,9 +116,10 @@ POISON = {
     "an empty object": ("{}", "'g': must be an integer from 0 to 1024 (got nothing)"),
     "a count as a string": (BAD, "'g': must be an integer from 0 to 1024 (got a string)"),
     "a JSON array": ("[1, 2]", "'req': must be a JSON object (got an array)"),
-    "labels as a list": ('{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":[],"p":0}', "'l': must be an object"),
-    "a fractional priority": ('{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":{},"p":1.5}', "'p': must be an integer"),
-    "a negative CPU": ('{"g":0,"m":0,"gm":0,"c":-1,"r":0,"l":{},"p":0}', "'c': must be an integer from 0"),
+    "labels as a list": ('{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":["gpu"],"p":0,"n":"x"}', "'l': must be an object"),
+    "no task name": ('{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":[],"p":0}', "'n': must be a string (got nothing)"),
+    "a fractional priority": ('{"g":0,"m":0,"gm":0,"c":0,"r":0,"l":{},"p":1.5,"n":"x"}', "'p': must be an integer"),
+    "a negative CPU": ('{"g":0,"m":0,"gm":0,"c":-1,"r":0,"l":{},"p":0,"n":"x"}', "'c': must be an integer from 0"),
 }
 
 

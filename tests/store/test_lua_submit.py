@@ -152,6 +152,7 @@ MALFORMED = {
     "a label value as a number": (wire_with(l={"gpu": 3}), "resources.labels", "label gpu must be a string"),
     "priority out of range": (wire_with(p=10**7), "priority", "'p' must be an integer from -1000000 to 1000000"),
     "task name as a number": (wire_with(n=7), "task_name", "'n' must be a string"),
+    "no task name": (wire_with(n="<missing>"), "task_name", "'n' must be a string (got nothing)"),
     "tenant as an object": (wire_with(t={}), "tenant", "'t' must be a string"),
     "negative estimate": (wire_with(e=-5), "estimated_runtime_s", "'e' must be null or a number of seconds >= 0"),
     "preemptible as a string": (wire_with(x="yes"), "preemptible", "'x' must be true, false or null"),
@@ -176,7 +177,7 @@ def test_every_request_submit_lua_stores_is_one_the_dispatcher_reads(scripts: Sc
                                                                      keys: PoolKeys) -> None:
     """The Lua checks and records.decode_request agree on what they accept, in both directions."""
     accepted = [wire_with(), wire_with(l=[]), wire_with(g=8, gm=80_000, l={"gpu": ["H100", "A100"]}, p=-1_000_000),
-                wire_with(m=250, e=12.5, x=True, n="<missing>", t="<missing>")]
+                wire_with(m=250, e=12.5, x=True, t="<missing>")]
     for i, text in enumerate(accepted):
         req, _stored, message = submission(f"t{i}")
         assert scripts.submit(f"t{i}", req, message, StoredRequest(text, "0,0"))[0] is SubmitCode.CREATED

@@ -50,8 +50,10 @@ local function request_problem(text)
       return 'l', 'label ' .. string.sub(label, 1, 80) .. ' must be a string or a list of strings'
     end
   end
-  for _, key in ipairs({'n', 't'}) do
-    if r[key] ~= nil and type(r[key]) ~= 'string' then return key, 'must be a string (got ' .. json_what(r[key]) .. ')' end
+  for _, key in ipairs({'n', 't'}) do -- reserve.lua needs the name; the tenant may be absent
+    if (r[key] ~= nil or key == 'n') and type(r[key]) ~= 'string' then
+      return key, 'must be a string (got ' .. json_what(r[key]) .. ')'
+    end
   end
   local e = r.e
   if e ~= nil and e ~= cjson.null and not (type(e) == 'number' and e >= 0 and e < math.huge) then

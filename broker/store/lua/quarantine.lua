@@ -31,13 +31,12 @@ local id, task_key = ARGV[1], KEYS[1]
 if not redis.call('ZSCORE', KEYS[2], id) or redis.call('HGET', KEYS[3], id) ~= ARGV[2] then return {2} end
 redis.call('ZREM', KEYS[2], id)
 redis.call('HDEL', KEYS[3], id)
-local kind = redis.call('TYPE', task_key).ok
-local state = kind == 'hash' and redis.call('HGET', task_key, 'state')
+local state = redis.pcall('HGET', task_key, 'state') -- a key of another type: an error reply, caught
 if state == 'PENDING' then
   conclude(KEYS[5], task_key, id, 'FAILED', ARGV[4], 'error', ARGV[3])
   return {0}
 end
-local found = kind ~= 'hash' and kind or ('state ' .. tostring(state or 'missing'))
+local found = type(state) == 'table' and 'not a hash' or ('state ' .. tostring(state or 'missing'))
 redis.call('HSET', KEYS[4], id, cjson.encode({reason = ARGV[3], at = tonumber(ARGV[4]), request = ARGV[2],
   found = found}))
 return {1}

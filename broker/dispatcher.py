@@ -7,7 +7,8 @@
     2 snapshot  read free capacity per GPU and the head of the pending queue
     3 plan      pure-Python policy proposes placements (broker.scheduling)
     4 commit    reserve.lua re-checks and commits them in batches; preempt.lua marks
-                victims the plan chose
+                victims the plan chose; quarantine.lua ends FAILED the pending tasks whose
+                stored request the snapshot could not read (the others were planned as usual)
     5 record    log and export what the cycle did, publish each waiting task's reason
 
 Phases 3 and 4 interleave batch by batch: while Redis runs one reserve.lua batch,
@@ -49,10 +50,10 @@ from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
 from broker.settings import Settings
-from broker.store import reads
+from broker.store import reads, records
 from broker.store.connection import connect
 from broker.store.keys import PoolKeys
-from broker.store.scripts import Clock, ForgetCode, PreemptCode, ReserveCode, Scripts, wall_clock_ms
+from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ REFUSED = MetricCounter("gpubroker_placements_refused_total", "Placements reserv
 PHASE = Histogram("gpubroker_dispatch_phase_seconds", "Time per dispatcher cycle phase", ["pool", "phase"])
 PREEMPTED = MetricCounter("gpubroker_preemptions_total", "Tasks stopped or requeued for a more urgent one",
                           ["pool", "how"])
+QUARANTINED = MetricCounter("gpubroker_quarantined_total", "Records the dispatcher could not read, taken out of "
+                            "scheduling: a pending task's request (ended FAILED or dead-lettered) or a node hash",
+                            ["pool", "record"])
 
 #: How a victim of preemption is told to stop: ``stopper(task_id, node_id)``. Live workers
 #: watch their own tasks (workers.agent), so the dispatcher's default does nothing; the
@@ -85,6 +89,7 @@ class CycleReport:
     expired: list[str] = field(default_factory=list)
     ingested: int = 0  # tasks taken in from Celery's own queues
     forgotten: list[str] = field(default_factory=list)  # nodes down for node_forget_after_s, removed
+    quarantined: list[str] = field(default_factory=list)  # pending tasks whose request could not be read
     wake_at_ms: int | None = None  # something is due then (a delayed task, an expiry, a rate limit's next start)
 
 
@@ -121,6 +126,7 @@ class Dispatcher:
         self._catalogue = reads.Catalogue()
         self._ingest = Ingest(settings, self.redis, clock)
         self._next_forget_ms = 0
+        self._unreadable_nodes: dict[str, str] = {}  # node id -> why, as logged (once per reason)
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
@@ -148,6 +154,8 @@ class Dispatcher:
             tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
             tokens = {name: left for name, (_rate, left) in limits.items()}
             self._plan_and_commit(report, propose(tasks, nodes, tokens))
+            with _Timer(report, "4_commit"):
+                self._quarantine(report, head.poisoned)
             self._wake_for_rates(report, limits, tokens)
             report.pending_seen, report.window_full = head.read, head.window_full
             # Tasks left waiting: now and then, a full pass for preemption and the queue view.
@@ -164,6 +172,7 @@ class Dispatcher:
             # head of the queue is enough.
             self._full_pass(report, self.settings.scheduling.explain_limit if self.lazy else None)
         with _Timer(report, "5_record"):
+            self._note_unreadable_nodes()
             timer = reads.next_timer_ms(self.redis, self.keys)
             if timer is not None:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
@@ -196,10 +205,11 @@ class Dispatcher:
         report.full_pass = True
         self._last_full_ms = now = self.clock()
         window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
+        poisoned: records.Poisoned = {}
         with _Timer(report, "2_snapshot"):
             snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window,
                                                    sched.preemptible_default, self._node_shapes, self._free,
-                                                   self._catalogue)
+                                                   self._catalogue, poisoned)
             # Preemptors no longer pending (placed, cancelled) wait for nothing.
             waiting = {t.id for t in snap.pending}
             done = [task_id for task_id in preempting if task_id not in waiting]
@@ -214,6 +224,7 @@ class Dispatcher:
         self._plan_and_commit(report, iter(plan.placements))
         with _Timer(report, "4_commit"):
             self._preempt(report, plan)
+            self._quarantine(report, poisoned)
         with _Timer(report, "5_record"):
             self._publish_waiting(plan)
 
@@ -228,6 +239,27 @@ class Dispatcher:
                     PREEMPTED.labels(self.settings.pool, code.name.lower()).inc()
                 if code is PreemptCode.STOPPING and self.stopper is not None:
                     self.stopper(victim, p.node_id)
+
+    def _quarantine(self, report: CycleReport, poisoned: records.Poisoned) -> None:
+        """End FAILED (quarantine.lua) the pending tasks whose stored request could not be read:
+        left in the queue, each would be read and refused by every cycle of every dispatcher."""
+        for task_id, (text, problem) in poisoned.items():
+            code = self.scripts.quarantine(task_id, text, records.quarantine_reason(problem))
+            if code is QuarantineCode.NOT_PENDING:  # placed, cancelled or quarantined by another dispatcher
+                continue
+            report.quarantined.append(task_id)
+            QUARANTINED.labels(self.settings.pool, "task").inc()
+            where = "FAILED" if code is QuarantineCode.FAILED else f"dead-lettered in {self.keys.deadletter}"
+            log.error("task %s: %s -> %s", task_id, records.quarantine_reason(problem), where)
+
+    def _note_unreadable_nodes(self) -> None:
+        """Log and count, once per node and reason, the node hashes read_free could not read: such a
+        node is left out of scheduling (the others are not) until a script changes it."""
+        for node_id, why in self._free.unreadable.items():
+            if self._unreadable_nodes.get(node_id) != why:
+                log.error("node %s left out of scheduling: its hash cannot be read (%s)", node_id, why)
+                QUARANTINED.labels(self.settings.pool, "node").inc()
+        self._unreadable_nodes = dict(self._free.unreadable)
 
     def _publish_waiting(self, plan: Plan) -> None:
         """Each waiting task's position, reason and estimated start, for ``client.queue()``/``status``."""

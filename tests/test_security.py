@@ -231,6 +231,8 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "changes":       dict(zip(ROLES, ["-", "rw", "rw", "r", "r"], strict=True)),
     "queueinfo":     dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
     "scheduling":    dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
+    # quarantine.lua (dispatcher) drops a queue entry it cannot end FAILED there.
+    "deadletter":    dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
 }
 
 
@@ -454,6 +456,24 @@ def test_documented_limit_a_producer_may_rewrite_any_task_record(acl_server: Sec
         Scripts(raw, keys).start(task_id, "n1", f"{task_id}.1")
     assert admin.hget(keys.task(task_id), "state") == b"RESERVED"
     assert acl_denials(admin) == [("producer", "key", keys.node("n1"))]
+
+
+def test_a_record_a_producer_poisoned_is_quarantined_by_the_dispatcher_role(acl_server: SecureRedis,
+                                                                           admin: redis.Redis) -> None:
+    """What the documented limit above allows, the dispatcher survives on its own ACL role: the task
+    ends FAILED, a queue entry with no task is dead-lettered, nothing is refused for permissions."""
+    keys = PoolKeys(fresh_pool())
+    register_node(acl_server, keys)
+    with Client(url(acl_server, "producer"), pool=keys.pool) as producer:
+        task_id = producer.submit(PROBE).id
+        raw = as_role(acl_server, "producer")
+        raw.hset(keys.task(task_id), "req", "{}")
+        raw.hset(keys.requests, mapping={task_id: "{}", "ghost": "{}"})
+        raw.zadd(keys.pending, {"ghost": 0})
+        report = Dispatcher(Settings(redis_url=url(acl_server, "dispatcher"), pool=keys.pool)).run_cycle()
+        assert sorted(report.quarantined) == sorted([task_id, "ghost"])
+        assert producer.status(task_id).state is TaskState.FAILED
+    assert admin.hexists(keys.deadletter, "ghost") and acl_denials(admin) == []
 
 
 # ---- every process on its own role, end to end ------------------------------------

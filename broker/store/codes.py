@@ -25,6 +25,7 @@ class SubmitCode(enum.IntEnum):
     CREATED = 0
     DUPLICATE = 1
     ID_TAKEN = 2
+    BAD_REQUEST = 3
 
 
 class ReserveCode(enum.IntEnum):
@@ -93,6 +94,12 @@ class ForgetCode(enum.IntEnum):
     NOT_FOUND = 1
     UP = 2
     FENCED = 3
+
+
+class QuarantineCode(enum.IntEnum):
+    FAILED = 0
+    DEAD_LETTERED = 1
+    NOT_PENDING = 2
 
 
 class PreemptCode(enum.IntEnum):

@@ -49,6 +49,10 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 | ``P seq``                    | string | submit counter (gives submit order)        | none                  |
 | ``P rejected``               | hash   | node id -> poison messages its worker      | none                  |
 |                              |        | dropped unread (counter)                   |                       |
+| ``P deadletter``             | hash   | task id -> JSON {reason, at, request,      | none                  |
+|                              |        | found}: a pending entry whose request was  |                       |
+|                              |        | unreadable and whose task hash could not   |                       |
+|                              |        | be ended FAILED (quarantine.lua)           |                       |
 | ``P mix``                    | hash   | GPU kind (records) -> tasks submitted of   | none                  |
 |                              |        | that kind                                  |                       |
 | ``P runtimes``               | hash   | ``n:``/``s:`` + ``<task name>|<GPU kind>`` | none                  |
@@ -103,7 +107,8 @@ Fields of ``P task:<id>`` (formats in ``store/records.py``):
 | ``awaiting replaced_by``                | finish, submit   | it replaced itself (``Task.replace``) and     |
 |                                         |                  | waits, in no queue, for the message sent      |
 |                                         |                  | under its id                                  |
-| ``finished_at result error``            | finish, cancel   | the outcome                                   |
+| ``finished_at result error``            | finish, cancel,  | the outcome (quarantine: why its request      |
+|                                         | quarantine       | could not be read)                            |
 | ``exc``                                 | finish           | a failure's exception as JSON: type, module,  |
 |                                         |                  | message, traceback                            |
 | ``preempt_at preempt_by preempt_grace`` | preempt          | a running victim is being stopped             |
@@ -198,6 +203,11 @@ class PoolKeys:
     def rejected(self) -> str:
         """Counter per node of queue messages its worker refused without running them."""
         return self.prefix + "rejected"
+
+    @property
+    def deadletter(self) -> str:
+        """Pending entries quarantine.lua dropped without a task hash it could end FAILED."""
+        return self.prefix + "deadletter"
 
     @property
     def wake(self) -> str:

@@ -18,7 +18,7 @@ from broker.scheduling.model import GpuKind, NodeFree, RunningTask, Snapshot, Ta
 from broker.store import records
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
-from broker.store.records import NodeShape, Pending
+from broker.store.records import NodeShape, Pending, Poisoned
 
 
 def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
@@ -44,14 +44,15 @@ def down_nodes(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:
             if state == b"down"}
 
 
-def read_pending(client: redis.Redis, keys: PoolKeys, limit: int) -> Pending:
-    """The first ``limit`` pending tasks in dispatch order: (id, rank, request wire).
+def read_pending(client: redis.Redis, keys: PoolKeys, limit: int, poisoned: Poisoned | None = None) -> Pending:
+    """The first ``limit`` pending tasks in dispatch order: (id, rank, request wire); those whose
+    request cannot be read are left out (into ``poisoned``).
 
     The pending score orders by priority, then submit sequence, so the rank stands in for
     both (reading the scores back as floats cost more than the rest of the read)."""
     head = cast(list[bytes], client.zrange(keys.pending, 0, limit - 1))
     return records.decode_pending(head, cast(list[bytes | None], client.hmget(keys.requests, head)) if head else [],
-                                  0)
+                                  0, poisoned)
 
 
 def pending_requests(client: redis.Redis, keys: PoolKeys, limit: int) -> list[TaskRequest]:
@@ -66,10 +67,12 @@ class PendingHead:
     The first ``first`` tasks (the cycle's free slots: no more can be placed) are read at
     once, in the snapshot; more, in doubling chunks, only when the planner asks for them
     because tasks at the head fit nowhere. A chunk starts after the score of the last task
-    read, not at a rank: the dispatcher's own commits remove tasks from the head meanwhile."""
+    read, not at a rank: the dispatcher's own commits remove tasks from the head meanwhile.
+    Tasks whose request cannot be read are left out, into ``poisoned``."""
 
     def __init__(self, client: redis.Redis, keys: PoolKeys, limit: int, first: int) -> None:
         self._client, self._keys, self.limit = client, keys, limit
+        self.poisoned: Poisoned = {}
         self._size = max(1, min(first, limit))
         self.read, self._after = 0, cast(float | None, None)  # _after: where the next chunk starts
         self._head = self._read(self._size, None)
@@ -111,7 +114,7 @@ class PendingHead:
         if len(head) == size and last_score is not None:
             self._after = float(last_score)
         first_rank, self.read = self.read, self.read + len(head)
-        return records.decode_pending(head, wires, first_rank)
+        return records.decode_pending(head, wires, first_rank, self.poisoned)
 
 
 def waiting_info(client: redis.Redis, keys: PoolKeys, task_ids: list[str]) -> list[dict[str, Any] | None]:
@@ -134,8 +137,8 @@ def queue_entries(client: redis.Redis, keys: PoolKeys, limit: int) -> list[Queue
     rows = sorted(zip(pending, submitted, info, strict=True),
                   key=lambda row: (0, row[2]["position"]) if row[2] else (1, row[0][1]))
     return [
-        QueueEntry(position=pos, id=task_id, name=wire["n"], tenant=wire["t"], priority=wire["p"],
-                   resources=records.resources_of(wire), submitted_at=int(at or 0) / 1000,
+        QueueEntry(position=pos, id=task_id, name=wire.get("n", ""), tenant=wire.get("t", "default"),
+                   priority=wire["p"], resources=records.resources_of(wire), submitted_at=int(at or 0) / 1000,
                    estimated_runtime_s=wire.get("e"), reason=why["reason"] if why else None,
                    estimated_start_at=why["eta"] if why else None)
         for pos, ((task_id, _seq, wire), at, why) in enumerate(rows, start=1)
@@ -154,7 +157,8 @@ class FreeCache:
     ``seen`` are read again. The NodeFree objects are shared: readers must copy, not change them."""
 
     seen: int = 0
-    nodes: dict[str, NodeFree | None] = field(default_factory=dict)  # None: registered but not up
+    nodes: dict[str, NodeFree | None] = field(default_factory=dict)  # None: registered but not up, or unreadable
+    unreadable: dict[str, str] = field(default_factory=dict)  # node id -> why its hash could not be read
 
 
 def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes | None = None,
@@ -169,7 +173,7 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes |
         live = cast(list[bytes], client.zrange(keys.leases, now_ms, "+inf", byscore=True))
         ids = sorted(i.decode() for i in live)
         _forget_gone(shapes, ids)
-        return [n for n in _read_nodes(client, keys, now_ms, ids, shapes).values()
+        return [n for n in _read_nodes(client, keys, now_ms, ids, shapes, None).values()
                 if n is not None and (draining or not n.draining)]
     live, changed, last = raw_pipeline(client, [
         encode_command(b"ZRANGE", keys.leases.encode(), b"%d" % now_ms, b"+inf", b"BYSCORE"),
@@ -184,7 +188,8 @@ def read_free(client: redis.Redis, keys: PoolKeys, now_ms: int, shapes: Shapes |
     _forget_gone(shapes, ids)
     stale = {member.decode() for member, _score in changed} | {i for i in ids if i not in cache.nodes}
     if stale:
-        cache.nodes.update(_read_nodes(client, keys, now_ms, [i for i in ids if i in stale], shapes))
+        cache.nodes.update(_read_nodes(client, keys, now_ms, [i for i in ids if i in stale], shapes,
+                                       cache.unreadable))
     cache.seen = max(cache.seen, newest)
     if len(cache.nodes) > len(ids):
         live_ids = set(ids)
@@ -200,26 +205,36 @@ def _scored(reply: list[Any]) -> list[tuple[bytes, Any]]:
 
 
 def _read_nodes(client: redis.Redis, keys: PoolKeys, now_ms: int, ids: list[str],
-                shapes: Shapes | None) -> dict[str, NodeFree | None]:
-    """Node id -> what is free on it (None when it is not up), for ``ids``."""
+                shapes: Shapes | None, unreadable: dict[str, str] | None) -> dict[str, NodeFree | None]:
+    """Node id -> what is free on it (None when it is not up, or its hash cannot be read: then
+    ``unreadable`` says why, and the node is left out until a script changes it), for ``ids``."""
     known: Shapes = {} if shapes is None else shapes
     replies = raw_pipeline(client, [known[node_id][1] if node_id in known
                                     else encode_command(b"HGETALL", keys.node(node_id).encode()) for node_id in ids])
     out: dict[str, NodeFree | None] = {}
     for node_id, reply in zip(ids, replies, strict=True):
         found = known.get(node_id)
-        if found is None:
-            # RESP3 sends a hash as a map, RESP2 as a flat list
-            h = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
-            shape = records.node_shape(h)
-            known[node_id] = (shape, encode_command(b"HMGET", keys.node(node_id).encode(), *shape.fields))
-            values = [h.get(name) for name in shape.fields]
-        elif not records.same_registration(found[0], reply):  # registered afresh: read it all again
-            del known[node_id]
-            return _read_nodes(client, keys, now_ms, ids, shapes)
+        try:
+            if found is None:
+                # RESP3 sends a hash as a map, RESP2 as a flat list
+                h = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+                shape = records.node_shape(h)
+                known[node_id] = (shape, encode_command(b"HMGET", keys.node(node_id).encode(), *shape.fields))
+                values = [h.get(name) for name in shape.fields]
+            elif not records.same_registration(found[0], reply):  # registered afresh: read it all again
+                del known[node_id]
+                return _read_nodes(client, keys, now_ms, ids, shapes, unreadable)
+            else:
+                shape, values = found[0], reply
+            out[node_id] = records.node_free(node_id, shape, values) if records.node_is_up(values) else None
+        except records.UnreadableRecord as exc:
+            known.pop(node_id, None)
+            out[node_id] = None
+            if unreadable is not None:
+                unreadable[node_id] = str(exc)
         else:
-            shape, values = found[0], reply
-        out[node_id] = records.node_free(node_id, shape, values) if records.node_is_up(values) else None
+            if unreadable is not None:
+                unreadable.pop(node_id, None)
     return out
 
 
@@ -255,7 +270,10 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
             continue  # finished or moved between the two reads
         wire = wires.get(req)
         if wire is None:
-            wire = wires[req] = records.decode_request(req)
+            try:
+                wire = wires[req] = records.decode_request(req)
+            except records.UnreadableRecord:
+                continue  # it holds what its alloc says either way; only preemption cannot weigh it
         out.append(records.running_task(task_id.decode(), node.decode(), alloc, wire,
                                         int(started or reserved or 0) / 1000, int(seq or 0),
                                         int(submitted or 0) / 1000, preempt_at is not None, preemptible_default))
@@ -275,10 +293,11 @@ def read_preempting(client: redis.Redis, keys: PoolKeys) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], client.hgetall(keys.preempting)).items()}
 
 
-def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int,
-                      preemptible_default: bool = False) -> list[TaskRequest]:
-    """The first ``limit`` pending tasks in queue order, each with its submit time."""
-    pending = read_pending(client, keys, limit)
+def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int, preemptible_default: bool = False,
+                      poisoned: Poisoned | None = None) -> list[TaskRequest]:
+    """The first ``limit`` pending tasks in queue order, each with its submit time; those whose
+    request cannot be read are left out (into ``poisoned``)."""
+    pending = read_pending(client, keys, limit, poisoned)
     if not pending:
         return []
     submitted = raw_pipeline(client, [encode_command(b"HGET", keys.task(t).encode(), b"submitted_at")
@@ -291,11 +310,13 @@ def read_pending_full(client: redis.Redis, keys: PoolKeys, limit: int,
 
 def read_snapshot(client: redis.Redis, keys: PoolKeys, now_ms: int, limit: int, preemptible_default: bool,
                   shapes: Shapes | None = None, cache: FreeCache | None = None,
-                  catalogue: Catalogue | None = None) -> tuple[Snapshot, dict[str, str]]:
-    """Everything the planner needs, and which preemptors wait for which node."""
+                  catalogue: Catalogue | None = None,
+                  poisoned: Poisoned | None = None) -> tuple[Snapshot, dict[str, str]]:
+    """Everything the planner needs, and which preemptors wait for which node; pending tasks whose
+    request cannot be read are left out (into ``poisoned``)."""
     found = read_free(client, keys, now_ms, shapes, cache, draining=True)
     nodes = [n for n in found if not n.draining]
-    snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default),
+    snap = Snapshot(now_ms / 1000, nodes, read_pending_full(client, keys, limit, preemptible_default, poisoned),
                     read_running(client, keys, [n.id for n in nodes], preemptible_default),
                     read_runtimes(client, keys), read_mix(client, keys),
                     rate_limits=read_rate_limits(client, keys, now_ms, catalogue),

@@ -3,23 +3,8 @@
 The Lua scripts read and write the same formats (each script's header names the fields it
 touches); ``store/keys.py`` lists the keys and the fields of the task and node hashes.
 
-**The request** (task hash ``req``, ``P requests``): compact JSON written once at submit.
-Requests of one shape serialise to the same text, which the dispatcher and reserve.lua decode
-once per cycle or batch; the keys are short for the same reason.
-
-| key | meaning                                              | unit / values                  |
-|-----|------------------------------------------------------|--------------------------------|
-| g   | whole GPUs                                           | count                          |
-| m   | a share of one GPU (when 0 < gpus < 1), else 0       | thousandths of a GPU           |
-| gm  | GPU memory per GPU; 0 = unspecified                  | MiB                            |
-| c   | CPU                                                  | thousandths of a CPU           |
-| r   | RAM                                                  | MiB                            |
-| l   | label selector, sorted by label                      | label -> value, or value list  |
-| p   | priority (higher runs first)                         | integer                        |
-| n   | Celery task name                                     |                                |
-| t   | tenant                                               |                                |
-| e   | the task's own runtime estimate                      | seconds, or null               |
-| x   | preemptible                                          | true, false, or null (pool default) |
+**The request** (task hash ``req``, ``P requests``): ``store/request_records.py``, where its
+keys are listed; its names are imported from here like the rest.
 
 **The allocation** (task hash ``alloc``, written by reserve.lua, given back by ``release`` in
 ``lua/_release.lua``): ``{"g": [[index, milli, mem_mb], ...], "c": cpu_milli, "r": mem_mb}``:
@@ -46,12 +31,80 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 from broker.errors import InvalidRequest
-from broker.models import MILLI, GpuView, NodeView, Resources, SubmitRequest, TaskState, TaskStatus, split_selector
-from broker.scheduling.model import GpuKind, NodeFree, RunningTask, TaskRequest
+from broker.models import (
+    MILLI,
+    GpuView,
+    NodeView,
+    Resources,
+    SubmitRequest,
+    TaskState,
+    TaskStatus,
+)
+from broker.scheduling.model import GpuKind, NodeFree, RunningTask
+from broker.store.request_records import (
+    REQUEST_COUNTS,
+    REQUEST_FIELDS,
+    Pending,
+    Poisoned,
+    UnreadableRecord,
+    Wire,
+    decode_pending,
+    decode_request,
+    encode_request,
+    quarantine_reason,
+    resources_of,
+    task_request,
+    task_requests,
+)
+
+# The request's names live in store/request_records.py; this module is where every format is read.
+__all__ = [
+    "CATALOGUE_DEFAULTS",
+    "FREE_FIELDS",
+    "LABEL",
+    "MAX_NODE_GPUS",
+    "REQUEST_COUNTS",
+    "REQUEST_FIELDS",
+    "SERVED",
+    "TRANSITIONS",
+    "NodeShape",
+    "Pending",
+    "Poisoned",
+    "StoredRequest",
+    "UnreadableRecord",
+    "Wire",
+    "catalogue_entry",
+    "decode_catalogue",
+    "decode_mix",
+    "decode_pending",
+    "decode_request",
+    "decode_runtimes",
+    "encode_request",
+    "gpu_kind_of",
+    "gpu_kind_text",
+    "gpus_arg",
+    "labels_arg",
+    "node_free",
+    "node_is_up",
+    "node_labels",
+    "node_serves",
+    "node_shape",
+    "node_view",
+    "parse_gpu_kind",
+    "parse_gpus",
+    "quarantine_reason",
+    "rate_limits",
+    "resources_of",
+    "running_task",
+    "same_registration",
+    "task_request",
+    "task_requests",
+    "task_status",
+]
 
 # ---- states and transitions --------------------------------------------------------------
 
@@ -75,88 +128,8 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "heartbeat": (frozenset(), frozenset()),
     "drain": (frozenset({R}), frozenset({P, C})),
     "forget": (frozenset({R, U}), frozenset({P, F, C})),
+    "quarantine": (frozenset({P}), frozenset({F})),
 }
-
-# ---- the request --------------------------------------------------------------------------
-
-Wire = dict[str, Any]  # a decoded request
-
-
-def encode_request(req: SubmitRequest) -> str:
-    r = req.resources
-    return json.dumps({"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
-                       "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
-                       "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible},
-                      separators=(",", ":"))
-
-
-def decode_request(text: bytes | str) -> Wire:
-    wire: Wire = json.loads(text)
-    return wire
-
-
-def resources_of(wire: Wire) -> Resources:
-    gpus = wire["g"] if wire["g"] else wire["m"] / MILLI
-    return Resources(gpus=float(gpus), gpu_memory_mb=wire["gm"] or None, cpus=wire["c"] / MILLI,
-                     memory_mb=wire["r"], labels=wire["l"])
-
-
-def task_request(task_id: str, wire: Wire, seq: int = 0, preemptible_default: bool = False) -> TaskRequest:
-    exact, prefer = split_selector(wire["l"])
-    x = wire.get("x")
-    return TaskRequest(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"], exact, wire["p"], seq,
-                       wire.get("t", "default"), wire.get("n", ""), wire.get("e"), 0.0,
-                       preemptible_default if x is None else bool(x), prefer)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRequest:
-    """What submit.lua stores of a validated request besides its message."""
-
-    text: str  # the request JSON
-    gpu_kind: str  # its GPU kind, counted in P mix
-
-    @classmethod
-    def of(cls, req: SubmitRequest) -> StoredRequest:
-        return cls(encode_request(req), gpu_kind_of(req.resources))
-
-
-Pending = list[tuple[str, int, Wire]]  # (task id, rank in the pending queue, its decoded request)
-
-
-def decode_pending(ids: list[bytes], texts: list[bytes | None], first_rank: int) -> Pending:
-    """Pending ids with their request texts, decoded; each distinct text once (tasks of one
-    shape share it), so the returned dicts may be shared and must not be mutated. A task whose
-    request is gone (placed or cancelled between two reads) is left out."""
-    parsed: dict[bytes, Wire] = {}
-    out = []
-    for rank, (task_id, text) in enumerate(zip(ids, texts, strict=True), first_rank):
-        if text is None:
-            continue
-        wire = parsed.get(text)
-        if wire is None:
-            wire = parsed[text] = decode_request(text)
-        out.append((task_id.decode(), rank, wire))
-    return out
-
-
-_new_request = cast(Any, TaskRequest)  # called with the fields spread from a tuple
-_REQUEST_FIELDS = tuple(f.name for f in fields(TaskRequest))
-
-
-def task_requests(pending: Pending, preemptible_default: bool = False) -> list[TaskRequest]:
-    """The planner's view of ``pending``; ``seq`` is the rank. The fields shared by every task of
-    one request are worked out once per request (the dispatcher builds tens of thousands)."""
-    shapes: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}  # id of a shared wire -> fields around seq
-    out = []
-    for task_id, rank, wire in pending:
-        shape = shapes.get(id(wire))
-        if shape is None:
-            request = task_request("", wire, 0, preemptible_default)
-            values = tuple(getattr(request, name) for name in _REQUEST_FIELDS)  # astuple would deep-copy
-            shape = shapes[id(wire)] = (values[1:8], values[9:])
-        out.append(_new_request(task_id, *shape[0], rank, *shape[1]))
-    return out
 
 
 # ---- the task hash ------------------------------------------------------------------------------
@@ -165,8 +138,11 @@ def task_requests(pending: Pending, preemptible_default: bool = False) -> list[T
 def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, Any] | None) -> TaskStatus:
     """A task hash (``keys``' task fields) as users read it; ``waiting``: the dispatcher's last
     word on a pending task (position, reason, eta)."""
-    t = {k.decode(): v.decode() for k, v in h.items() if k != b"message"}
-    wire = decode_request(t["req"])
+    t = {k.decode(): v.decode(errors="replace") for k, v in h.items() if k != b"message"}
+    try:
+        wire = decode_request(t.get("req", ""))
+    except UnreadableRecord:  # a quarantined task: its error says what was wrong
+        wire = {"g": 0, "m": 0, "gm": 0, "c": 0, "r": 0, "l": {}}
 
     def seconds(name: str) -> float | None:
         return int(t[name]) / 1000 if t.get(name) else None
@@ -207,6 +183,18 @@ def parse_gpu_kind(text: str) -> GpuKind:
     if milli > MILLI or (whole and milli):
         raise ValueError(f"{text!r}: a share is 1..{MILLI} milli of one GPU, with 0 whole GPUs")
     return whole, milli
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """What submit.lua stores of a validated request besides its message."""
+
+    text: str  # the request JSON
+    gpu_kind: str  # its GPU kind, counted in P mix
+
+    @classmethod
+    def of(cls, req: SubmitRequest) -> StoredRequest:
+        return cls(encode_request(req), gpu_kind_of(req.resources))
 
 
 def decode_mix(raw: Mapping[Any, Any]) -> dict[GpuKind, int]:
@@ -301,14 +289,6 @@ def rate_limits(catalogue: Mapping[str, Mapping[str, Any]], buckets: Mapping[byt
 # ---- the node hash ------------------------------------------------------------------------------
 
 
-def _s(value: bytes | None) -> str:
-    return value.decode() if value is not None else ""
-
-
-def _i(value: bytes | None) -> int:
-    return int(value) if value is not None else 0
-
-
 LABEL = b"label:"  # node hash fields label:<key> hold its labels
 
 
@@ -317,19 +297,26 @@ def node_labels(h: Mapping[bytes, bytes]) -> dict[str, str]:
 
 
 def node_view(node_id: str, h: Mapping[bytes, bytes], lease: float | None, tasks: int) -> NodeView:
-    count, memory = _i(h.get(b"cap_gpus")), _i(h.get(b"gpu_mem"))
-    gpus = [GpuView(index=i, memory_mb=memory, free_milli=_i(h.get(f"g{i}_milli".encode())),
-                    free_memory_mb=_i(h.get(f"g{i}_mem".encode()))) for i in range(count)]
-    return NodeView(
-        id=node_id, state=_s(h.get(b"state")) or "unknown",
-        lease_expires_at=lease / 1000 if lease is not None else None,
-        gpus=gpus, gpu_memory_mb=memory, cpus=_i(h.get(b"cap_cpu_m")) / MILLI,
-        memory_mb=_i(h.get(b"cap_mem")), slots=_i(h.get(b"cap_slots")), labels=node_labels(h),
-        free_cpus=_i(h.get(b"free_cpu_m")) / MILLI, free_memory_mb=_i(h.get(b"free_mem")),
-        free_slots=_i(h.get(b"free_slots")), tasks=tasks,
-        serves=None if (served := node_serves(h)) is None else sorted(served), draining=b"draining" in h,
-        down_since=_i(h.get(b"down_at")) / 1000 or None,
-    )
+    """A node hash as users read it; one this version cannot read shows as state ``unreadable (why)``."""
+    lease_at = lease / 1000 if lease is not None else None
+    try:
+        shape = node_shape(h)
+        count, memory = shape.gpus, shape.gpu_memory_mb
+        gpus = [GpuView(index=i, memory_mb=memory, free_milli=_count(h, b"g%d_milli" % i),
+                        free_memory_mb=_count(h, b"g%d_mem" % i)) for i in range(count)]
+        cpu_m, mem, slots = shape.capacity
+        return NodeView(
+            id=node_id, state=h.get(b"state", b"").decode() or "unknown", lease_expires_at=lease_at,
+            gpus=gpus, gpu_memory_mb=memory, cpus=cpu_m / MILLI, memory_mb=mem, slots=slots, labels=shape.labels,
+            free_cpus=_count(h, b"free_cpu_m") / MILLI, free_memory_mb=_count(h, b"free_mem"),
+            free_slots=_count(h, b"free_slots"), tasks=tasks,
+            serves=None if shape.serves is None else sorted(shape.serves), draining=b"draining" in h,
+            down_since=_count(h, b"down_at") / 1000 or None,
+        )
+    except UnreadableRecord as exc:
+        return NodeView(id=node_id, state=f"unreadable ({exc})", lease_expires_at=lease_at, gpus=[], gpu_memory_mb=0,
+                        cpus=0, memory_mb=0, slots=0, labels={}, free_cpus=0, free_memory_mb=0, free_slots=0,
+                        tasks=tasks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,13 +350,36 @@ def node_serves(h: Mapping[bytes, bytes]) -> frozenset[str] | None:
 SERVED = b"task:"  # node hash fields task:<name> name the task names it runs
 
 
+#: Largest GPU count a node hash may give (Resources' limit): a bigger one is not read.
+MAX_NODE_GPUS = 1024
+
+
+def _count(h: Mapping[bytes, bytes], name: bytes, top: int | None = None) -> int:
+    """An integer field of a node hash (0 when absent); UnreadableRecord names a bad one."""
+    raw = h.get(name)
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UnreadableRecord(name.decode(), f"must be an integer (got {raw[:40]!r})") from None
+    if top is not None and not 0 <= value <= top:
+        raise UnreadableRecord(name.decode(), f"must be from 0 to {top} (got {value})")
+    return value
+
+
 def node_shape(h: Mapping[bytes, bytes]) -> NodeShape:
-    gpus = int(h.get(b"cap_gpus", 0))
+    """What a node registered with; UnreadableRecord names a field this version cannot read."""
+    gpus = _count(h, b"cap_gpus", MAX_NODE_GPUS)
+    try:
+        labels, serves = node_labels(h), node_serves(h)
+    except UnicodeDecodeError as exc:
+        raise UnreadableRecord("label or task name", f"not UTF-8 ({exc.object[:40]!r})") from None
     return NodeShape(
-        tuple(h.get(field) for field in FREE_FIELDS[1:5]), gpus, int(h.get(b"gpu_mem", 0)), node_labels(h),
-        (int(h.get(b"cap_cpu_m", 0)), int(h.get(b"cap_mem", 0)), int(h.get(b"cap_slots", 0))),
+        tuple(h.get(field) for field in FREE_FIELDS[1:5]), gpus, _count(h, b"gpu_mem"), labels,
+        (_count(h, b"cap_cpu_m"), _count(h, b"cap_mem"), _count(h, b"cap_slots")),
         FREE_FIELDS + tuple(b"g%d_milli" % i for i in range(gpus)) + tuple(b"g%d_mem" % i for i in range(gpus)),
-        node_serves(h))
+        serves)
 
 
 def same_registration(shape: NodeShape, values: list[bytes | None]) -> bool:
@@ -383,9 +393,15 @@ def node_is_up(values: list[bytes | None]) -> bool:
 def node_free(node_id: str, shape: NodeShape, values: list[bytes | None]) -> NodeFree:
     """What is free on a node, from ``shape.fields`` read in order."""
     n, at = shape.gpus, _GPUS_AT
-    return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[at:at + n]],
-                    [int(v or 0) for v in values[at + n:]], int(values[5] or 0), int(values[6] or 0),
-                    int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves, values[8] is not None)
+    try:
+        return NodeFree(node_id, shape.gpu_memory_mb, [int(v or 0) for v in values[at:at + n]],
+                        [int(v or 0) for v in values[at + n:]], int(values[5] or 0), int(values[6] or 0),
+                        int(values[7] or 0), dict(shape.labels), *shape.capacity, shape.serves, values[8] is not None)
+    except ValueError:  # name the field: a hand-written or foreign value (``draining`` is any text)
+        for name, value in zip(shape.fields[5:], values[5:], strict=True):
+            if name != b"draining":
+                _count({name: value} if value is not None else {}, name)
+        raise
 
 
 def labels_arg(labels: Mapping[str, str]) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from broker.errors import InvalidRequest
 from broker.models import SubmitRequest
 from broker.scheduling.model import Placement
 from broker.store.codes import (  # every script's return codes (SIGNATURES), re-exported from here
@@ -30,6 +31,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     PreemptCode,
     ProgressCode,
     PromoteCode,
+    QuarantineCode,
     ReapCode,
     RegisterCode,
     ReserveCode,
@@ -38,11 +40,11 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
 )
 from broker.store.connection import SentCommand, bulk
 from broker.store.keys import PoolKeys
-from broker.store.records import StoredRequest, gpus_arg, labels_arg
+from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
-    "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "ReapCode",
+    "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "QuarantineCode", "ReapCode",
     "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
     "wall_clock_ms",
 ]
@@ -90,6 +92,8 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
     "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
     "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
+    "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
+                   ("task_id", "request", "reason", "now")),
 }
 
 
@@ -267,8 +271,13 @@ class Scripts:
                result_ttl_ms: int = 0) -> tuple[SubmitCode, str]:
         """Store a validated request (``stored``, when the caller encoded it already) and its
         Celery message under ``task_id``; returns the code and the task id it is known by.
-        ``result_ttl_ms``: how long the record is kept once final (0: kept)."""
-        code, existing = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
+        ``result_ttl_ms``: how long the record is kept once final (0: kept). A request submit.lua
+        refuses (a producer's own encoding that the dispatcher could not read) raises InvalidRequest."""
+        code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
+        if code == SubmitCode.BAD_REQUEST:
+            key = _text(existing)
+            raise InvalidRequest({REQUEST_FIELDS.get(key, key): f"refused by submit.lua, nothing was written: stored "
+                                                                f"request key {key!r} {_text(why[0])}"})
         return SubmitCode(code), _text(existing)
 
     def submit_call(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
@@ -372,6 +381,13 @@ class Scripts:
         _ok, *ids = self._run("expire", (k.prefix, k.expiring, k.pending, k.requests, k.wake, k.changes),
                               (self.clock(), limit))
         return [_text(i) for i in ids]
+
+    def quarantine(self, task_id: str, request: bytes | str, reason: str) -> QuarantineCode:
+        """End a pending task whose stored ``request`` cannot be read: FAILED with ``reason``."""
+        k = self.keys
+        (code,) = self._run("quarantine", (k.task(task_id), k.pending, k.requests, k.deadletter, k.prefix),
+                            (task_id, request, reason, self.clock()))
+        return QuarantineCode(code)
 
     def progress(self, task_id: str, tag: str, state: str, meta: str) -> ProgressCode:
         """Record a running attempt's custom state and its meta (JSON)."""

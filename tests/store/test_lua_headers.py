@@ -134,6 +134,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.progress("t1", "t1.1", "PROGRESS", "{}")
     s.drain("n1", "operator")
     s.forget("n1")
+    s.quarantine("t1", "{", "req: not JSON")
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
     fixed_keys, fixed_argv = expected["reserve"]

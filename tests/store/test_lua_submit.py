@@ -1,14 +1,18 @@
-"""submit.lua against a real Redis: CREATED, DUPLICATE, ID_TAKEN, and the pending order."""
+"""submit.lua against a real Redis: CREATED, DUPLICATE, ID_TAKEN, BAD_REQUEST, and the pending order."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import redis
 
+from broker.errors import InvalidRequest
 from broker.models import MAX_PRIORITY, Resources
+from broker.store import records
 from broker.store.keys import SEQ_BITS, PoolKeys
+from broker.store.records import StoredRequest
 from broker.store.scripts import Scripts, SubmitCode
 from tests.invariants import (
     PROBE,
@@ -120,3 +124,64 @@ def test_survives_script_flush(scripts: Scripts, redis_client: redis.Redis, keys
     redis_client.script_flush()
     assert submit_raw(scripts, "t2") == (SubmitCode.CREATED, "t2")
     assert pending_ids(redis_client, keys) == ["t1", "t2"]
+
+
+GOOD_WIRE = {"g": 0, "m": 0, "gm": 0, "c": 1000, "r": 0, "l": {}, "p": 0, "n": PROBE, "t": "default", "e": None,
+             "x": None}
+
+
+def wire_with(**changes: Any) -> str:
+    return json.dumps({k: v for k, v in {**GOOD_WIRE, **changes}.items() if v != "<missing>"})
+
+
+# What a producer could hand submit.lua itself (EVALSHA with its own ARGV), the submit field
+# InvalidRequest names, and what the reason says.
+MALFORMED = {
+    "not JSON": ('{"g":1,', "request", "'req' not JSON"),
+    "a JSON string": ('"g"', "request", "must be a JSON object"),
+    "an empty object": ("{}", "resources.gpus", "'g' must be an integer from 0 to 1024 (got nothing)"),
+    "gpus as a string": (wire_with(g="1"), "resources.gpus", "'g' must be an integer from 0 to 1024 (got a string)"),
+    "fractional gpus": (wire_with(g=1.5), "resources.gpus", "'g' must be an integer"),
+    "too many gpus": (wire_with(g=5000), "resources.gpus", "from 0 to 1024 (got 5000)"),
+    "a share above one GPU": (wire_with(m=1001), "resources.gpus", "'m' must be an integer from 0 to 1000"),
+    "whole GPUs and a share": (wire_with(g=1, m=500), "resources.gpus", "a share of one GPU goes with 0 whole"),
+    "negative CPU": (wire_with(c=-1), "resources.cpus", "'c' must be an integer from 0"),
+    "RAM missing": (wire_with(r="<missing>"), "resources.memory_mb", "'r' must be an integer"),
+    "GPU memory as null": (wire_with(gm=None), "resources.gpu_memory_mb", "'gm' must be an integer"),
+    "labels as a list": (wire_with(l=["gpu"]), "resources.labels", "must be an object of label -> value"),
+    "a label value as a number": (wire_with(l={"gpu": 3}), "resources.labels", "label gpu must be a string"),
+    "priority out of range": (wire_with(p=10**7), "priority", "'p' must be an integer from -1000000 to 1000000"),
+    "task name as a number": (wire_with(n=7), "task_name", "'n' must be a string"),
+    "no task name": (wire_with(n="<missing>"), "task_name", "'n' must be a string (got nothing)"),
+    "tenant as an object": (wire_with(t={}), "tenant", "'t' must be a string"),
+    "negative estimate": (wire_with(e=-5), "estimated_runtime_s", "'e' must be null or a number of seconds >= 0"),
+    "preemptible as a string": (wire_with(x="yes"), "preemptible", "'x' must be true, false or null"),
+}
+
+
+@pytest.mark.parametrize(("text", "field", "reason"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_request_is_refused_naming_the_field_and_nothing_is_written(
+        scripts: Scripts, redis_client: redis.Redis, text: str, field: str, reason: str) -> None:
+    req, _stored, message = submission("t1")
+    before = sorted(redis_client.keys("*"))
+
+    with pytest.raises(InvalidRequest) as refused:
+        scripts.submit("t1", req, message, StoredRequest(text, "0,0"))
+
+    assert refused.value.fields == [field]
+    assert reason in refused.value.problems[field] and "nothing was written" in refused.value.problems[field]
+    assert sorted(redis_client.keys("*")) == before == []
+
+
+def test_every_request_submit_lua_stores_is_one_the_dispatcher_reads(scripts: Scripts, redis_client: redis.Redis,
+                                                                     keys: PoolKeys) -> None:
+    """The Lua checks and records.decode_request agree on what they accept, in both directions."""
+    accepted = [wire_with(), wire_with(l=[]), wire_with(g=8, gm=80_000, l={"gpu": ["H100", "A100"]}, p=-1_000_000),
+                wire_with(m=250, e=12.5, x=True, t="<missing>")]
+    for i, text in enumerate(accepted):
+        req, _stored, message = submission(f"t{i}")
+        assert scripts.submit(f"t{i}", req, message, StoredRequest(text, "0,0"))[0] is SubmitCode.CREATED
+        assert records.decode_request(request_of(redis_client, keys, f"t{i}") or "")
+    for text, _field, _reason in MALFORMED.values():
+        with pytest.raises(records.UnreadableRecord):
+            records.decode_request(text)

@@ -6,10 +6,10 @@
 -- A task that replaced itself (Celery's Task.replace; finish.lua's outcome 'replaced') waits,
 -- PENDING and `awaiting`, for the message sent under its id: that one takes the record over
 -- (its attempts go on counting, so no delivery tag is ever reused). Any other id taken is
--- refused.
+-- refused, and so is a request the dispatcher could not read (_request.lua).
 --
 -- Transitions: (new) | PENDING (awaiting its replacement) -> PENDING
--- Includes: _lib.lua
+-- Includes: _lib.lua _request.lua
 --
 -- KEYS[1] task         hash of the new task
 -- KEYS[2] pending      zset of pending tasks, scored -priority * 2^32 + seq
@@ -37,7 +37,13 @@
 --   0 CREATED
 --   1 DUPLICATE   the idempotency key is known: task_id is the existing task
 --   2 ID_TAKEN    a task with this id already exists (and is not awaiting its replacement); nothing written
+--   3 BAD_REQUEST {3, key, reason}: the request (or priority) is malformed; nothing written
 
+local field, why = request_problem(ARGV[5])
+if not field and not is_int(tonumber(ARGV[3]), -MAX_PRIORITY, MAX_PRIORITY) then
+  field, why = 'priority', 'must be an integer from -1000000 to 1000000'
+end
+if field then return {3, field, why} end
 local id, key, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 if key ~= '' then
   local existing = redis.call('GET', KEYS[4])

@@ -89,8 +89,11 @@ class Client:
         try:
             Celery.send_task(self._celery_app(), req.task_name, args=req.args, kwargs=req.kwargs, task_id=task_id,
                              countdown=countdown, eta=eta, expires=expires, **message_options(options))
-        except (OperationalError, ChannelError) as exc:
-            raise as_broker_error(exc) from exc
+        except (OperationalError, ChannelError) as exc:  # kombu's wrapping of a Redis error
+            error = as_broker_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         known_as, created = submitted(task_id) or (task_id, True)
         return TaskHandle(self, known_as, created=created)
 

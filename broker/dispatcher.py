@@ -51,7 +51,7 @@ from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
 from broker.settings import Settings
 from broker.store import reads, records
-from broker.store.connection import connect
+from broker.store.connection import as_broker_error, connect, transient
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
 
@@ -338,8 +338,11 @@ class Dispatcher:
                         wait = max(0.0, min(wait, (report.wake_at_ms - self.clock()) / 1000))
                     if pubsub.get_message(timeout=wait) is not None:
                         self._drain(pubsub)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+            except redis.RedisError as exc:
+                if not transient(exc):  # refused credentials or permissions, a script's bug
+                    raise
+                # Lost, full (maxmemory), a replica, loading, busy: all pass; nothing was half written.
+                log.warning("Redis unavailable (%s); retrying in %.1fs", as_broker_error(exc), backoff)
                 # A restarted Redis may have lost its last writes, and new ones can bring the
                 # change sequence back past what was cached: read every node afresh.
                 self._free = reads.FreeCache()

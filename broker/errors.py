@@ -60,12 +60,26 @@ class BrokerUnavailable(GpuBrokerError, ConnectionError):
     after Redis received it (every call is safe to retry)."""
 
 
+class RedisOutOfMemory(BrokerUnavailable):
+    """Redis reached ``maxmemory`` (policy ``noeviction``) and refused a write; nothing was written.
+    It passes once memory is freed: retry later, or raise ``maxmemory``."""
+
+
 class AuthenticationFailed(BrokerUnavailable):
     """Redis refused the user or password in the Redis URL; nothing was changed."""
 
 
 class AccessDenied(GpuBrokerError, PermissionError):
     """The Redis user in the URL lacks an ACL permission this call needs (NOPERM)."""
+
+
+class ConfigError(GpuBrokerError, ValueError):
+    """A setting or option of this process is wrong (``GPUBROKER_*``, a command-line option); nothing
+    was started. ``problems`` maps field -> reason."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("invalid configuration: " + "; ".join(f"{k}: {v}" for k, v in self.problems.items()))
 
 
 class WaitTimeout(GpuBrokerError, TimeoutError):

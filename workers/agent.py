@@ -26,15 +26,16 @@ from celery import Celery, concurrency, signals
 from celery.utils.time import rate
 
 from broker.celery_conf import celery_settings
-from broker.errors import NodeRejected
+from broker.errors import ConfigError, NodeRejected
 from broker.models import NodeSpec, Resources
 from broker.settings import Settings
-from broker.store.connection import connect
+from broker.store.connection import as_broker_error, connect
 from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
 from workers import context, fence
 from workers.recovery import RedeliverUnacked
+from workers.task import through_outages
 from workers.unit import CGROUP_ROOT_ENV, Unit, alive, cgroup_root, containment, remove_empty_cgroups, sweep_node
 
 log = logging.getLogger(__name__)
@@ -196,10 +197,11 @@ class NodeAgent:
                     self.heartbeat_once()
                     remove_empty_cgroups(self.spec.node_id)
                 self.stop_marked()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("heartbeat failed: Redis unreachable (%s); retrying", exc)
-            except Exception:
-                log.warning("heartbeat failed; retrying", exc_info=True)
+            except Exception as exc:
+                # Redis unreachable or full, refused credentials: one line that says so. Anything
+                # else is a bug: its traceback.
+                error = as_broker_error(exc)
+                log.warning("heartbeat failed: %s; retrying", error, exc_info=error is exc)
 
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="gpubroker-heartbeat", daemon=True)
@@ -283,7 +285,10 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
     from workers.app import app  # configure before the app finalizes
 
     app.conf.include = ["workers.tasks", *task_modules]
-    app.loader.import_default_modules()  # the task modules: the node registers what it runs
+    try:
+        app.loader.import_default_modules()  # the task modules: the node registers what it runs
+    except ImportError as exc:
+        raise ConfigError({"tasks": f"cannot import a task module: {exc}"}) from None
     agent = NodeAgent(settings, spec, served_tasks(app))
     argv = agent.configure(app)
     os.environ[CGROUP_ROOT_ENV] = str(cgroup_root() or "")  # found once, for every pool process
@@ -293,7 +298,8 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
         log.warning("node %s: killed %d processes a previous worker process of this node left running", spec.node_id,
                     left)
     fence.window()  # shared with the pool's processes: created before Celery forks them
-    agent.register()
+    # Redis not up yet, or full: wait for it. Refused credentials: exit (workers.cli says why).
+    through_outages(agent.register, f"registering node {spec.node_id}", None)
     agent.start_heartbeat()
     signals.worker_shutting_down.connect(lambda **_: agent.drain_for_shutdown(), weak=False)
     try:

@@ -36,6 +36,7 @@ from broker.errors import InvalidRequest
 from broker.native.app import BrokerTask
 from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
+from broker.store.connection import as_broker_error, transient
 from broker.store.scripts import FinishCode, StartCode
 from workers import context, rejects
 from workers.fence import Watchdog
@@ -85,20 +86,19 @@ def encode_result(result: Any, backend: Any = None, ignored: bool = False) -> st
 
 
 def through_outages(call: Callable[[], T], what: str, patience_s: float | None) -> T:
-    """``call()``, retried with backoff while Redis is unreachable, for up to ``patience_s``
-    (None: until it answers). Every script is safe to repeat: a repeated start or finish of
-    the same attempt is refused by its fence and changes nothing."""
+    """``call()``, retried with backoff while Redis is unreachable or refuses for a while (full,
+    a replica, loading, busy: ``connection.transient``), for up to ``patience_s`` (None: until it
+    answers). Every script is safe to repeat: a repeated start or finish of the same attempt is
+    refused by its fence and changes nothing."""
     deadline = None if patience_s is None else time.monotonic() + patience_s
     delay = 0.05
     while True:
         try:
             return call()
-        except redis.AuthenticationError:
-            raise
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if deadline is not None and time.monotonic() + delay > deadline:
+        except redis.RedisError as exc:
+            if not transient(exc) or (deadline is not None and time.monotonic() + delay > deadline):
                 raise
-            log.warning("%s: Redis unreachable (%s); retrying in %.2fs", what, exc, delay)
+            log.warning("%s: Redis unavailable (%s); retrying in %.2fs", what, as_broker_error(exc), delay)
             time.sleep(delay)
             delay = min(delay * 2, RETRY_CAP_S)
 
@@ -114,10 +114,11 @@ def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: st
             lambda: context.scripts().finish(task_id, context.node_id(), tag, outcome, payload, detail, not_before,
                                              context.incarnation()),
             f"reporting task {task_id} {outcome}", patience_s)
-    except (redis.ConnectionError, redis.TimeoutError):
-        if patience_s is None:
+    except redis.RedisError as exc:
+        if patience_s is None or not transient(exc):
             raise
-        log.error("could not record that task %s %s: Redis unreachable for %gs", task_id, outcome, patience_s)
+        log.error("could not record that task %s %s: %s, for %gs", task_id, outcome, as_broker_error(exc),
+                  patience_s)
         return None
     if code is FinishCode.OK:
         log.info("task %s %s -> %s", task_id, outcome, new_state)

@@ -60,7 +60,8 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, redacted_url(settings.redis_url))
-    Dispatcher(settings).run_forever(stop)
+    # Transient Redis errors are retried inside; refused credentials end it here, in one line.
+    run_cli(lambda: Dispatcher(settings).run_forever(stop))
 
 
 @app.command()

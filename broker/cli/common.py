@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from broker.client import Client
-from broker.errors import GpuBrokerError, InvalidRequest
+from broker.errors import ConfigError, GpuBrokerError, InvalidRequest
 from broker.settings import Settings
+from broker.store.connection import as_broker_error
 
 app = typer.Typer(help="gpubroker: a GPU-aware task broker on Redis and Celery.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message is one line, however long
 
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env GPUBROKER_REDIS_URL]")]
 Pool = Annotated[str | None, typer.Option("--pool", help="Pool name [env GPUBROKER_POOL]")]
@@ -61,14 +63,24 @@ def parse_json(text: str | None, field: str, kind: type) -> Any:
 
 
 def run_cli(fn: Any) -> Any:
-    """Turn gpubroker errors into a message and an exit code instead of a traceback."""
+    """Turn gpubroker errors, and Redis errors that have a meaning, into a one-line message and an
+    exit code instead of a traceback."""
     try:
         return fn()
     except InvalidRequest as exc:
         err.print(f"[red]refused:[/] {escape(str(exc))}")  # user text: never markup
         raise typer.Exit(2) from None
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     except GpuBrokerError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(3) from None
+    except redis.RedisError as exc:  # one that means something (credentials, memory...): no traceback
+        error = as_broker_error(exc)
+        if error is exc:
+            raise
+        err.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(3) from None
 
 

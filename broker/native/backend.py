@@ -31,7 +31,7 @@ from kombu.utils import json as kombu_json
 from broker.native.transport import OPTIONS_KEY
 from broker.settings import Settings
 from broker.store import records
-from broker.store.connection import connect
+from broker.store.connection import as_broker_error, connect, transient
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Scripts
 
@@ -185,9 +185,11 @@ class BrokerBackend(KeyValueStoreBackend):
                 children = self.current_task_children(request)
                 if children:
                     self.client.hset(self.keys.task(task_id), "children", json.dumps(children))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("task %s: %s not recorded, Redis is unreachable (%s)", task_id,
-                        "its children" if state == states.SUCCESS else f"state {state}", exc)
+        except redis.RedisError as exc:
+            if not transient(exc):
+                raise
+            log.warning("task %s: %s not recorded (%s)", task_id,
+                        "its children" if state == states.SUCCESS else f"state {state}", as_broker_error(exc))
         return result
 
     def _forget(self, task_id: str) -> None:

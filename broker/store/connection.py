@@ -17,7 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 
-from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable
+from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable, RedisOutOfMemory
 from broker.settings import Settings
 
 P = ParamSpec("P")
@@ -53,36 +53,86 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
-def as_broker_error(exc: BaseException) -> Exception:
-    """The gpubroker error that says what a Redis error (or a kombu error caused by one) means and
-    what to do; ``exc`` itself when there is none."""
+#: Error replies that pass by themselves, with what each means and what to do. A script refused
+#: with one of them wrote nothing: Redis checks memory, role and state before a script's first
+#: write, and a script never writes partly (its other errors are bugs, never retried).
+TRANSIENT_REPLIES = {
+    "OOM": "Redis is out of memory (maxmemory reached): nothing was written; retry later or raise maxmemory",
+    "READONLY": "Redis is a read-only replica (after a failover?): nothing was written; point the Redis URL at "
+                "the master, or use redis+sentinel://",
+    "LOADING": "Redis is loading its data set (it just started): nothing was changed; retry in a moment",
+    "BUSY": "Redis is busy running a long script: nothing was changed; retry in a moment",
+    "MASTERDOWN": "Redis (a replica) has lost contact with its master: nothing was changed; retry once it is back",
+    "NOREPLICAS": "Redis has fewer replicas than min-replicas-to-write: nothing was written; retry later",
+    "CLUSTERDOWN": "the Redis cluster is down: nothing was changed; retry once it is back",
+    "TRYAGAIN": "the Redis cluster is moving the pool's slot: nothing was changed; retry in a moment",
+}
+
+
+def _redis_error(exc: BaseException) -> redis.RedisError | None:
+    """The Redis error behind ``exc`` (itself, or the cause of a kombu or gpubroker error)."""
     found: BaseException | None = exc
     while found is not None and not isinstance(found, redis.RedisError):
         found = found.__cause__ or found.__context__
+    return found
+
+
+def _reply_code(error: redis.RedisError) -> str:
+    """The code of an error reply (OOM, READONLY, BUSY...), whether redis-py parsed it or not."""
+    code = getattr(error, "status_code", None)
+    if code:
+        return str(code)
+    head = str(error).split(" ", 1)[0]
+    return head if head.isalpha() and head.isupper() else ""
+
+
+def transient(exc: BaseException) -> bool:
+    """Does this Redis error (or a kombu or gpubroker error caused by one) pass by itself, so that
+    retrying with backoff is right: a lost connection, a timeout, or a refusal in
+    ``TRANSIENT_REPLIES``. Refused credentials or permissions (configuration) and a script's own
+    error (a bug) are not: retrying cannot fix them."""
+    found = _redis_error(exc)
+    if found is None or isinstance(found, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return False
+    return isinstance(found, redis.ConnectionError | redis.TimeoutError) or _reply_code(found) in TRANSIENT_REPLIES
+
+
+def as_broker_error(exc: BaseException) -> Exception:
+    """The gpubroker error that says what a Redis error (or a kombu error caused by one) means and
+    what to do; ``exc`` itself when there is none."""
+    found = _redis_error(exc)
     if isinstance(found, redis.AuthenticationError):  # a ConnectionError too: test it first
         return AuthenticationFailed(
             f"Redis refused the credentials in the Redis URL ({found}); give them as "
             "redis://USER:PASSWORD@HOST:PORT/DB; nothing was changed")
+    if isinstance(found, NoPermissionError):
+        return AccessDenied(f"the Redis user in the Redis URL may not do this ({found}); see "
+                            "config/redis-acl.conf for what each role may do")
+    code = _reply_code(found) if found is not None else ""
+    if found is not None and code in TRANSIENT_REPLIES:
+        reply = str(found) if str(found).startswith(code) else f"{code} {found}"
+        kind = RedisOutOfMemory if code == "OOM" else BrokerUnavailable
+        return kind(f"{TRANSIENT_REPLIES[code]} ({reply})")
     if isinstance(found, redis.ConnectionError | redis.TimeoutError):
         return BrokerUnavailable(
             f"Redis is unreachable ({found}); nothing was changed, unless the connection dropped after Redis "
             "received the call: retrying is safe (a submit retried with the same idempotency_key is not "
             "duplicated)")
-    if isinstance(found, NoPermissionError):
-        return AccessDenied(f"the Redis user in the Redis URL may not do this ({found}); see "
-                            "config/redis-acl.conf for what each role may do")
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
 def unavailable_as_error(fn: Callable[P, R]) -> Callable[P, R]:
-    """Redis's connection, credential and permission errors as gpubroker errors that say what to do."""
+    """Redis errors that have a meaning (``as_broker_error``) as gpubroker errors that say what to do."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, NoPermissionError) as exc:
-            raise as_broker_error(exc) from exc
+        except redis.RedisError as exc:
+            error = as_broker_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
     return wrapper
 
 

@@ -359,7 +359,7 @@ def test_redis_kill_9_and_restart_keeps_every_acknowledged_submit(
             client.status(across)
         assert time.monotonic() - t0 < 3.0, "a call during the outage fails fast instead of hanging"
         # The outage lasts until every process noticed it, the running task's pool child included.
-        noticed = (CONNECTION_LOST, HEARTBEAT_FAILED, f"reporting task {across} succeeded: Redis unreachable")
+        noticed = (CONNECTION_LOST, HEARTBEAT_FAILED, f"reporting task {across} succeeded: Redis unavailable")
         wait_until(lambda: feeder.refused and "Redis unavailable" in procs.log("dispatcher")
                    and all(line in procs.log("worker-node-a") for line in noticed), 20,
                    what="every process to notice the outage")

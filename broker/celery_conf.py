@@ -8,6 +8,7 @@ lengths with them), so they are defined once here.
 
 from __future__ import annotations
 
+import functools
 import ssl
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,5 +101,15 @@ def monitor_app(settings: Settings | None = None, submit: bool = True) -> Celery
     return app
 
 
-#: ``celery -A broker.celery_conf:app flower`` (settings from GPUBROKER_* env).
-app = monitor_app(submit=False)
+@functools.cache
+def _flower_app() -> Celery:
+    return monitor_app(submit=False)
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: ``celery -A broker.celery_conf:app flower`` (settings from GPUBROKER_* env). Built
+    when asked for, not at import: a bad GPUBROKER_* setting must not make ``import broker`` (every
+    gpubroker command) fail with a traceback before the command can say which setting is wrong."""
+    if name == "app":
+        return _flower_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.errors import ConfigError
 from broker.models import NAME_PATTERN, NAME_RULE
 from broker.scheduling.config import SchedulingConfig
 
@@ -50,6 +52,13 @@ class Settings(BaseSettings):
     # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
     ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])
 
+    def __init__(self, **values: Any) -> None:
+        """Raises ConfigError naming each bad setting and its environment variable."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_problems(exc)) from None
+
     @property
     def fence_margin_s(self) -> float:
         return self.self_fence_margin_s if self.self_fence_margin_s is not None else self.lease_s / 4
@@ -76,6 +85,16 @@ class Settings(BaseSettings):
         if not NAME_PATTERN.match(value):
             raise ValueError(NAME_RULE)
         return value
+
+
+def _problems(exc: ValidationError) -> dict[str, str]:
+    """Each bad setting as ``field (GPUBROKER_FIELD)`` -> reason; never its value (it may be a password)."""
+    problems = {}
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        field = f"{'.'.join(loc)} (GPUBROKER_{loc[0].upper()})" if loc else "settings"
+        problems[field] = error["msg"].removeprefix("Value error, ")
+    return problems
 
 
 def redacted_url(url: str) -> str:

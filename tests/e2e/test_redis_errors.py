@@ -146,3 +146,11 @@ def test_bad_credentials_make_the_dispatcher_and_the_worker_exit_with_one_line(t
                 assert "wrong-guess" not in log, "the password is never printed"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("command", [("dispatcher",), ("worker", "--node", "node-a")], ids=["dispatcher", "worker"])
+def test_a_bad_setting_makes_the_process_exit_naming_it(command: tuple[str, ...]) -> None:
+    done = gpubroker(*command, env={"GPUBROKER_HEARTBEAT_S": "often"})
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: invalid configuration: heartbeat_s (GPUBROKER_HEARTBEAT_S): Input should "
+                                   "be a valid number, unable to parse string as a number"), done.stderr

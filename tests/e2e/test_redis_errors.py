@@ -8,9 +8,12 @@ afterwards, since the tests after these share the server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +22,15 @@ import pytest
 import redis
 
 from broker import Client, GpuBrokerError, Resources, TaskState
-from broker.errors import BrokerUnavailable, RedisOutOfMemory
+from broker.dispatcher import Dispatcher
+from broker.errors import BrokerUnavailable, RedisOutOfMemory, TaskNotFound
 from broker.settings import Settings
+from broker.store.connection import TRANSIENT_REPLIES
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Scripts
 from tests.e2e.test_faults import assert_node_free, executions, finishes, wait_nodes_up, wait_state
 from tests.invariants import assert_capacity_invariant, register_node
-from tests.support import GPUBROKER, ROOT, Processes, RedisServer, processes, wait_until
+from tests.support import GPUBROKER, ROOT, Processes, RedisServer, free_port, processes, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -154,3 +159,53 @@ def test_a_bad_setting_makes_the_process_exit_naming_it(command: tuple[str, ...]
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: invalid configuration: heartbeat_s (GPUBROKER_HEARTBEAT_S): Input should "
                                    "be a valid number, unable to parse string as a number"), done.stderr
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of its own: these tests change its role and limits."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_replica_after_a_failover_is_waited_out_by_the_dispatcher_and_named_to_the_client(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(redis_url=own_redis.url, pool="replica", reap_interval_s=0.2)
+    r = redis.Redis(port=own_redis.port)
+    register_node(Scripts(r, PoolKeys(settings.pool)), "n", cpus=1, slots=1, lease_ms=3_600_000)
+    stop = threading.Event()
+    thread = threading.Thread(target=Dispatcher(settings).run_forever, args=(stop,), daemon=True)
+    with Client(settings=settings) as client:
+        waiting = client.submit("workers.tasks.probe", resources=Resources(cpus=1)).id
+        r.replicaof("127.0.0.1", str(free_port()))  # demoted, its master unreachable: writes get READONLY
+        try:
+            thread.start()
+            with pytest.raises(BrokerUnavailable, match=re.escape(TRANSIENT_REPLIES["READONLY"])):
+                client.submit("workers.tasks.probe", resources=Resources(cpus=1))
+            wait_until(lambda: f"Redis unavailable ({TRANSIENT_REPLIES['READONLY']}" in caplog.text, 10,
+                       what="the dispatcher to meet the read-only replica")
+            assert thread.is_alive() and client.status(waiting).state is TaskState.PENDING
+            r.replicaof("NO", "ONE")  # promoted: the dispatcher carries on by itself
+            wait_state(client, waiting, TaskState.RESERVED, 10)
+        finally:
+            stop.set()
+            thread.join(10)
+
+
+def test_a_redis_busy_with_a_script_is_named_to_the_client(own_redis: RedisServer) -> None:
+    r = redis.Redis(port=own_redis.port)
+    r.config_set("busy-reply-threshold", "50")  # ms a script runs before others are answered BUSY
+    spin = "local t0 = redis.call('time') repeat local t = redis.call('time') until t[1] - t0[1] >= 2 return 1"
+    busy = threading.Thread(target=r.eval, args=(spin, 0))
+    with Client(own_redis.url, pool="busy") as client:
+        busy.start()
+        try:
+            with pytest.raises(BrokerUnavailable, match=re.escape(TRANSIENT_REPLIES["BUSY"])):
+                for _ in range(500):  # answered until the script has run past the threshold
+                    with contextlib.suppress(TaskNotFound):
+                        client.status("no-such-task")
+                    time.sleep(0.01)
+        finally:
+            busy.join(10)

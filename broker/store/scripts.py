@@ -179,9 +179,15 @@ def includes(name: str) -> list[str]:
     return found.group(1).split() if found else []
 
 
+_FLAGS = re.compile(r"^-- Flags: (.+)$", re.MULTILINE)
+
+
 def script_source(name: str) -> str:
-    """The script as loaded: its includes, then itself."""
-    return "".join((LUA / part).read_text() for part in [*includes(name), f"{name}.lua"])
+    """The script as loaded: its Redis flags (a ``-- Flags:`` header line, e.g. ``allow-oom``
+    for a script that must run while Redis is full), its includes, then itself."""
+    found = _FLAGS.search((LUA / f"{name}.lua").read_text())
+    shebang = f"#!lua flags={','.join(found.group(1).split())}\n" if found else ""
+    return shebang + "".join((LUA / part).read_text() for part in [*includes(name), f"{name}.lua"])
 
 
 def wall_clock_ms() -> int:

@@ -38,8 +38,8 @@ FILLER = "filler-of-test-redis-errors"
 FULL = "Redis is out of memory (maxmemory reached): nothing was written; retry later or raise maxmemory"
 REFUSED = "Redis refused the credentials in the Redis URL"
 ONE_GPU = ("--gpus", "1", "--gpu-memory-mb", "16384", "--cpus", "4", "--memory-mb", "8192", "--slots", "2")
-# Heartbeats are writes too: a full Redis holds up lease renewals, and an attempt stops itself at
-# lease - margin (7.5 s here). The tests keep Redis full for less than that.
+# Heartbeats run while Redis is full (heartbeat.lua is allow-oom); the lease is still 10 s here so
+# that a slow machine's report retries cannot outlast it.
 LEASE = {"GPUBROKER_LEASE_S": "10", "GPUBROKER_HEARTBEAT_S": "0.5", "GPUBROKER_REAP_INTERVAL_S": "0.5"}
 
 
@@ -130,6 +130,31 @@ def test_a_task_that_finishes_while_redis_is_full_is_recorded_once_memory_is_fre
         with Processes.paused(dispatcher, worker):
             assert_capacity_invariant(redis_client, PoolKeys(settings.pool))
         assert_node_free(client, "node-a")
+
+
+def test_a_full_redis_does_not_look_like_a_lost_node(tmp_path: Path, settings: Settings,
+                                                     redis_client: redis.Redis) -> None:
+    # Lease 4 s, margin 1 s: without renewals the attempt would stop itself after 3 s. Redis stays
+    # full for 6 s while the task runs: heartbeat.lua runs anyway (allow-oom), so the lease
+    # holds, the attempt runs on, and its outcome is recorded once memory is freed.
+    short = {"GPUBROKER_LEASE_S": "4", "GPUBROKER_HEARTBEAT_S": "0.5", "GPUBROKER_REAP_INTERVAL_S": "0.5"}
+    with processes(tmp_path, settings.redis_url, settings.pool, short) as procs, Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.worker("node-a", *ONE_GPU)
+        wait_nodes_up(client, ["node-a"])
+        task_id = client.submit("workers.tasks.probe", kwargs={"seconds": 4}, resources=Resources(gpus=1)).id
+        wait_state(client, task_id, TaskState.RUNNING)
+        with redis_full(redis_client) as free:
+            with pytest.raises(RedisOutOfMemory):
+                client.submit("workers.tasks.probe", resources=Resources(cpus=1))
+            time.sleep(6)
+            assert [n.state for n in client.nodes()] == ["up"], "the node kept its lease"
+            free()
+        done = client.wait(task_id, 30)
+        assert (done.state, done.attempts) == (TaskState.SUCCEEDED, 1), (done.state, done.error)
+        log = procs.log("worker-node-a")
+        assert "heartbeat failed" not in log and "lease was not renewed in time" not in log
+        assert executions(procs, ["node-a"])[task_id] == 1
 
 
 @pytest.mark.parametrize("credentials", [":wrong-guess", "ghost:wrong-guess"], ids=["password", "user"])

@@ -4,7 +4,11 @@
 -- (replaced under the same node id) learns it is fenced off instead of keeping a
 -- lease for capacity that is no longer its own.
 --
+-- It runs even while Redis is out of memory (a few bytes each): a full Redis must not
+-- look like a lost node, whose running tasks would stop themselves (workers/fence.py).
+--
 -- Transitions: none
+-- Flags: allow-oom
 -- Includes: _lib.lua
 --
 -- KEYS[1] node        hash of the node

@@ -33,6 +33,7 @@ from celery.worker.consumer import Consumer
 from vine import promise
 
 from broker.native import transport as native
+from broker.store.scripts import FinishCode
 from workers import context
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,22 @@ log = logging.getLogger(__name__)
 IO_ERRORS = (OSError, redis.ConnectionError, redis.TimeoutError)
 
 
-def count(reason: str) -> None:
-    """Count one refused message for this node (callers log the detail); never stops the worker."""
+def count(reason: str, tag: Any = None) -> None:
+    """Count one refused message for this node (callers log the detail); never stops the worker.
+    With the message's delivery tag (``<task id>.<attempt>``), the task it reserved ends FAILED
+    with the reason, rather than holding its capacity for ever: finish.lua fences on the tag, so
+    a stale or forged copy under another tag changes nothing."""
     log.warning("rejected a message on node %s without running it: %s", context.node_id(), reason)
     scripts = context.scripts()
     try:
         scripts.redis.hincrby(scripts.keys.rejected, context.node_id(), 1)
+        if isinstance(tag, str) and "." in tag:
+            task_id = tag.rpartition(".")[0]
+            code, state = scripts.finish(task_id, context.node_id(), tag, "failed",
+                                         f"its message could not be read on node {context.node_id()}: {reason}",
+                                         incarnation=context.incarnation())
+            if code is FinishCode.OK:
+                log.error("task %s: its message %s could not be read -> %s", task_id, tag, state)
     except redis.RedisError:
         log.warning("could not count a rejected message", exc_info=True)
 
@@ -87,7 +98,8 @@ class GuardedTransport(native.Transport):
         problem = envelope_problem(message)
         if problem is not None:
             log.error("dropped a queue item from %s: %s", queue, problem)
-            count(problem)
+            properties = message.get("properties") if isinstance(message, dict) else None
+            count(problem, properties.get("delivery_tag") if isinstance(properties, dict) else None)
             return
         super()._deliver(message, queue)
 
@@ -106,11 +118,11 @@ class GuardedConsumer(Consumer):
             except Exception as exc:
                 log.exception("message %s is not a task message this worker can read", message.delivery_tag)
                 message.reject_log_error(log, self.connection_errors)
-                count(f"{type(exc).__name__}: {str(exc)[:200]}")
+                count(f"{type(exc).__name__}: {str(exc)[:200]}", message.delivery_tag)
                 return None
 
         return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)  # logs it and acks it
-        count(f"undecodable body ({type(exc).__name__}: {str(exc)[:200]})")
+        count(f"undecodable body ({type(exc).__name__}: {str(exc)[:200]})", message.delivery_tag)

@@ -379,4 +379,5 @@ def _unknown_task(sender: Any = None, message: Any = None, name: str = "", id: s
 @task_rejected.connect
 def _rejected(sender: Any = None, message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
     """Celery refused a message unread: not a task message, or a content type other than JSON."""
-    rejects.count(f"{type(exc).__name__}: {exc}" if exc is not None else "not a task message")
+    rejects.count(f"{type(exc).__name__}: {exc}" if exc is not None else "not a task message",
+                  getattr(message, "delivery_tag", None))

@@ -282,6 +282,8 @@ class Scripts:
         code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
         if code == SubmitCode.BAD_REQUEST:
             key = _text(existing)
+            if key == "message":
+                raise InvalidRequest({key: f"refused by submit.lua, nothing was written: {_text(why[0])}"})
             raise InvalidRequest({REQUEST_FIELDS.get(key, key): f"refused by submit.lua, nothing was written: stored "
                                                                 f"request key {key!r} {_text(why[0])}"})
         return SubmitCode(code), _text(existing)

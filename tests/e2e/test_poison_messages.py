@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from broker import Client, TaskState
+from broker import Client, Resources, TaskState
 from broker.message import build_message
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
@@ -125,3 +125,30 @@ def test_poison_messages_are_dropped_unread_logged_counted_and_the_worker_keeps_
         (node,) = client.nodes()
         assert (node.tasks, node.free_slots, node.free_cpus) == (0, node.slots, node.cpus), node
         assert all(g.free_milli == 1000 and g.free_memory_mb == g.memory_mb for g in node.gpus), node.gpus
+
+
+def test_a_task_whose_stored_message_no_worker_can_read_fails_and_frees_its_reservation(
+        procs: Processes, settings: Settings, redis_client: redis.Redis) -> None:
+    # submit.lua refuses such a message; one written into the record by hand (HSET) after the
+    # submit still reaches the node. The worker drops it unread, and the task it reserved ends
+    # FAILED with the reason instead of staying RESERVED with its GPU held.
+    keys = PoolKeys(settings.pool)
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.worker(NODE, "--gpus", "2", "--gpu-memory-mb", "1000", "--cpus", "2", "--slots", "2")
+        wait_until(lambda: [n.state for n in client.nodes()] == ["up"], 30, what="the node to register")
+        task_id = client.submit(PROBE, resources=Resources(gpus=1), countdown=2).id
+        headers = {"lang": "py", "task": PROBE, "id": task_id, "argsrepr": "()", "kwargsrepr": "{}"}
+        spoiled = json.dumps({"body": base64.b64encode(b"{{{").decode(), "content-encoding": "utf-8",
+                              "content-type": "application/json", "headers": headers,
+                              "properties": {"body_encoding": "base64", "delivery_mode": 2, "priority": 0}})
+        redis_client.hset(keys.task(task_id), "message", spoiled)
+
+        done = client.wait(task_id, 60)
+        assert done.state is TaskState.FAILED and done.started_at is None
+        assert "its message could not be read on node n1: undecodable body" in (done.error or ""), done.error
+        assert rejected(redis_client, keys) == 1
+        (node,) = client.nodes()
+        assert node.tasks == 0 and all(g.free_milli == 1000 for g in node.gpus), node
+        assert client.wait(client.submit(PROBE, resources=Resources(gpus=2)).id, 60).state is TaskState.SUCCEEDED
+        assert_capacity_invariant(redis_client, keys)

@@ -122,7 +122,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s = RecordingScripts(redis_client, keys, clock)
     s.register("n1", "inc-1", 10_000, 1, 1000, 1000, 1000, 1, {"zone": "a"})
     s.heartbeat("n1", "inc-1", 10_000)
-    s.submit("t1", SubmitRequest(task_name="x.y", max_retries=0), '{"properties":{"a":1}}')
+    s.submit("t1", SubmitRequest(task_name="x.y", max_retries=0), '{"headers":{"id":"t1"},"properties":{"a":1}}')
     s.reserve([Placement("t1", "n1"), Placement("t2", "n1")])
     s.start("t1", "n1", "t1.1")
     s.finish("t1", "n1", "t1.1", "succeeded", "null")

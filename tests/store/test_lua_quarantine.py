@@ -164,3 +164,24 @@ def test_the_dispatcher_fails_unreadable_tasks_skips_an_unreadable_node_and_plac
 
     dispatcher.run_cycle()  # the node is noted once, not once per cycle
     assert quarantined_count(keys.pool, "node") - nodes_before == 1
+
+
+@pytest.mark.parametrize("scheduling", [SchedulingConfig(), SchedulingConfig(placement=PlacementKind.FIRST_FIT)],
+                         ids=["lazy planner", "full planner"])
+def test_reserve_uses_the_request_the_dispatcher_checked_not_the_task_hash_copy(
+        redis_client: redis.Redis, keys: PoolKeys, clock: Clock, scheduling: SchedulingConfig) -> None:
+    # Only the task hash's copy is spoiled (an HSET by hand): the queue entry the dispatcher reads
+    # and checks is fine. reserve.lua places it from that entry; before, it decoded the hash's
+    # copy and the script error stopped every dispatcher, cycle after cycle.
+    dispatcher = Dispatcher(Settings(pool=keys.pool, scheduling=scheduling), clock, redis_client)
+    register_node(dispatcher.scripts, "n1", gpus=2, gpu_mem=1000, slots=8)
+    spoiled = submit_task(dispatcher.scripts, resources=Resources(gpus=1))
+    good = submit_task(dispatcher.scripts, resources=Resources(cpus=1))
+    redis_client.hset(keys.task(spoiled), "req", "{not json")
+
+    report = dispatcher.run_cycle()
+
+    assert report.placed == 2 and not report.quarantined
+    assert {task_hash(redis_client, keys, t)["state"] for t in (spoiled, good)} == {"RESERVED"}
+    assert task_hash(redis_client, keys, spoiled)["gpus"] in ("0", "1")
+    assert_capacity_invariant(redis_client, keys)

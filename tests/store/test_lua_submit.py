@@ -185,3 +185,27 @@ def test_every_request_submit_lua_stores_is_one_the_dispatcher_reads(scripts: Sc
     for text, _field, _reason in MALFORMED.values():
         with pytest.raises(records.UnreadableRecord):
             records.decode_request(text)
+
+
+BAD_MESSAGES = {
+    "not JSON": ("{oops", "not a JSON object"),
+    "an array": ("[1,2]", "headers and properties objects"),
+    "no headers": ('{"body":"","properties":{"a":1}}', "headers and properties objects"),
+    "another task's id": ('{"headers":{"id":"t2"},"properties":{"a":1}}', "another task id"),
+    "properties not last": ('{"headers":{"id":"t1"},"properties":{"a":1},"body":"x"}', "close the document"),
+    "empty properties": ('{"headers":{"id":"t1"},"properties":{}}', "close the document"),
+}
+
+
+@pytest.mark.parametrize(("message", "reason"), BAD_MESSAGES.values(), ids=BAD_MESSAGES.keys())
+def test_a_message_no_worker_could_read_is_refused_and_nothing_is_written(
+        scripts: Scripts, redis_client: redis.Redis, message: str, reason: str) -> None:
+    # reserve.lua would append the delivery tag to it and a worker would drop what it cannot
+    # read, while the task held its reservation: such a message is never stored.
+    req, stored, good = submission("t1")
+    with pytest.raises(InvalidRequest) as refused:
+        scripts.submit("t1", req, message, stored)
+    assert refused.value.fields == ["message"]
+    assert reason in refused.value.problems["message"] and "nothing was written" in refused.value.problems["message"]
+    assert redis_client.keys("*") == []
+    assert scripts.submit("t1", req, good, stored)[0] is SubmitCode.CREATED  # Celery's own message is fine

@@ -10,7 +10,7 @@
 -- Includes: _lib.lua _batch.lua
 --
 -- KEYS[1] pending      zset of pending tasks
--- KEYS[2] requests     hash task id -> request of pending tasks
+-- KEYS[2] requests     hash task id -> request of pending tasks (what the dispatcher checked)
 -- KEYS[3] leases       zset node id -> lease expiry (ms)
 -- KEYS[4] changes      zset node id -> sequence of its last change
 -- KEYS[5] tasks        hash task name -> catalogue entry (its rate limit)
@@ -32,12 +32,13 @@ batch_begin(KEYS[5])
 local now, nodes, taken, text = tonumber(ARGV[1]), {}, {}, batch_text
 
 local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, indices)
-  local t = redis.call('HMGET', task_key, 'state', 'req', 'message', 'attempts', 'not_before')
-  if t[1] ~= 'PENDING' or t[5] then return 1 end -- a delayed task is not in the queue yet
+  local t = redis.call('HMGET', task_key, 'state', 'message', 'attempts', 'not_before')
+  local req = redis.call('HGET', KEYS[2], id)
+  if t[1] ~= 'PENDING' or t[4] or not req then return 1 end -- a delayed task is not in the queue yet
   local n = nodes[node_id]
   if n == nil then n = batch_node(nodes, KEYS[3], now, node_key, node_id, tasks_key, queue_key) end
   if not n then return 2 end
-  local r, listed = batch_request[t[2]], batch_indices[indices]
+  local r, listed = batch_request[req], batch_indices[indices]
   if not listed or #listed ~= r.count then return 5 end
   for k = 1, #listed do if listed[k] < 0 or listed[k] >= n.gpus then return 5 end end
   if r.labelled then
@@ -63,12 +64,12 @@ local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, in
   end
   n.cpu, n.mem, n.slots, n.count = n.cpu - r.c, n.mem - r.r, n.slots - 1, n.count + 1
   -- The delivery tag names the attempt: start.lua fences on it, and kombu keys unacked by it.
-  local attempts = text[batch_num[t[4]] + 1]
+  local attempts = text[batch_num[t[3]] + 1]
   local tag = id .. '.' .. attempts
   redis.call('HSET', task_key, 'state', 'RESERVED', 'node', node_id, 'gpus', indices, 'tag', tag,
     'attempts', attempts, 'reserved_at', ARGV[1], 'alloc', batch_alloc(r, listed, indices, milli, mem))
   taken[#taken + 1], n.tasks[n.count] = id, id
-  n.messages[n.count] = batch_message(n, t[3], tag, indices, r)
+  n.messages[n.count] = batch_message(n, t[2], tag, indices, r)
   return 0
 end
 

@@ -37,9 +37,10 @@
 --   0 CREATED
 --   1 DUPLICATE   the idempotency key is known: task_id is the existing task
 --   2 ID_TAKEN    a task with this id already exists (and is not awaiting its replacement); nothing written
---   3 BAD_REQUEST {3, key, reason}: the request (or priority) is malformed; nothing written
+--   3 BAD_REQUEST {3, key, reason}: the request, message or priority is malformed; nothing written
 
 local field, why = request_problem(ARGV[5])
+if not field then field, why = message_problem(ARGV[6], ARGV[1]) end
 if not field and not is_int(tonumber(ARGV[3]), -MAX_PRIORITY, MAX_PRIORITY) then
   field, why = 'priority', 'must be an integer from -1000000 to 1000000'
 end

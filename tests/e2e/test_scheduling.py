@@ -86,8 +86,11 @@ def test_aging_lets_an_old_low_priority_task_past_a_stream_of_urgent_ones(procs:
         overtaken = [s for s in map(client.status, later) if s.reserved_at is None or s.reserved_at > done.reserved_at]
         assert overtaken, "the old task ran before urgent tasks submitted well after it"
         assert len(urgent) < STREAM_CAP, "the old task ran while urgent ones were still arriving"
-        for task_id in [t for _, t in urgent]:
-            assert client.wait(task_id, timeout=60).state is TaskState.SUCCEEDED
+        # The rest of the stream is not needed: cancelled, or run already; none lost.
+        for _, task_id in urgent:
+            client.cancel(task_id)
+        ends = {client.wait(task_id, timeout=60).state for _, task_id in urgent}
+        assert ends <= {TaskState.SUCCEEDED, TaskState.CANCELLED}, ends
 
 
 def test_fair_share_converges_to_the_tenant_weights(procs: Processes, settings: Settings) -> None:

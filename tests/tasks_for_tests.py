@@ -223,6 +223,31 @@ def rejector(self: Any, path: str) -> int:
     return _attempt(self)
 
 
+@app.task(name="tests.reject_once", bind=True, acks_late=True)
+def reject_once(self: Any) -> str:
+    """Celery's usual way to requeue once: a message delivered again says it was redelivered."""
+    from celery.exceptions import Reject
+
+    if not self.request.delivery_info.get("redelivered"):
+        raise Reject("first delivery", requeue=True)
+    return "second delivery"
+
+
+@app.task(name="tests.reject_for_good")
+def reject_for_good() -> None:
+    from celery.exceptions import Reject
+
+    raise Reject("not for us", requeue=False)
+
+
+@app.task(name="tests.plain_retry", bind=True)
+def plain_retry(self: Any) -> int:
+    """``self.retry()`` with no exc, as Celery's docs write it."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return int(self.request.retries)
+
+
 @app.task(name="tests.ignorer")
 def ignorer() -> None:
     from celery.exceptions import Ignore

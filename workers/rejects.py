@@ -101,6 +101,8 @@ class GuardedTransport(native.Transport):
             properties = message.get("properties") if isinstance(message, dict) else None
             count(problem, properties.get("delivery_tag") if isinstance(properties, dict) else None)
             return
+        if (message.get("headers") or {}).get("redelivered"):  # requeued by Reject: as kombu's restore says
+            message["properties"]["delivery_info"]["redelivered"] = True
         super()._deliver(message, queue)
 
 

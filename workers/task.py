@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import redis
+from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, Terminated
@@ -69,6 +70,15 @@ class Preempted(BaseException):
 
 def _raise_preempted(signum: int, frame: Any) -> None:
     raise Preempted("stopped by the scheduler for a more urgent task, or cancelled (SIGTERM)")
+
+
+def _redelivered(message: str) -> str:
+    """``message`` with ``headers.redelivered`` set: the worker's transport shows it in
+    ``request.delivery_info['redelivered']`` (``workers.rejects.GuardedTransport``)."""
+    envelope = json.loads(message)
+    envelope["headers"] = {**(envelope.get("headers") or {}), "redelivered": True}
+    envelope["properties"] = envelope.pop("properties")  # last: reserve.lua appends to it
+    return json.dumps(envelope, separators=(",", ":"))
 
 
 def encode_result(result: Any, backend: Any = None, ignored: bool = False) -> str:
@@ -193,7 +203,9 @@ class GpuRequest(Request):
                 report(self.id, self.delivery_tag, "failed", str(exc))
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        exc = exc_info.exception  # what the task raised (a Retry stays a Retry, with or without its exc)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
         if isinstance(exc, WorkerLostError) and context.replaced():
             # This worker process was replaced under its node id and killed its children: the
             # message may be its successor's (taken while this one hung). Hand it back.
@@ -239,7 +251,7 @@ class GpuTask(BrokerTask):
     Request = GpuRequest
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.request.called_directly:
+        if self.request.called_directly or self.request.is_eager:  # apply(), task_always_eager: here, now
             return self.run(*args, **kwargs)
         task_id = self.request.id
         tag = (self.request.properties or {}).get("delivery_tag")
@@ -303,11 +315,12 @@ class GpuTask(BrokerTask):
 
     def _end_as_rejected(self, task_id: str, tag: str | None, exc: Reject) -> None:
         """Celery's Reject: with requeue the task runs again (as a retry would), else it fails."""
-        if exc.requeue:
-            report(task_id, tag, "retry", self._stored_message(), f"rejected and requeued ({exc.reason})", None,
+        if exc.requeue:  # the same message again, marked redelivered as kombu marks a restored one
+            report(task_id, tag, "retry", _redelivered(self._stored_message()), f"rejected and requeued ({exc.reason})",
+                   None, patience_s=None)
+        else:  # get() raises the Reject, as Celery's does
+            report(task_id, tag, "failed", _describe(exc), _exception(self, exc, traceback.format_exc()),
                    patience_s=None)
-        else:
-            report(task_id, tag, "failed", f"Reject: {exc.reason}", patience_s=None)
 
     def _end_as_retry(self, task_id: str, tag: str | None, exc: Retry) -> None:
         """``self.retry()`` published the task's next message (kept by the transport): this attempt

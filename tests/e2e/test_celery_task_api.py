@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from celery import group
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import Reject, TaskRevokedError
 from celery.result import AsyncResult
 from typer.testing import CliRunner
 
@@ -57,6 +57,36 @@ def test_reject_with_requeue_runs_the_task_again(cluster: Cluster, tmp_path: Pat
     result = t.rejector.delay(str(tmp_path / "flag"))
     assert result.get(timeout=30) == 2
     assert cluster.status(result.id).attempts == 2
+
+
+def test_reject_as_celery_users_write_it(cluster: Cluster) -> None:
+    # Requeued once: the second delivery says it was redelivered (before, it never did, and the
+    # task was requeued for ever).
+    once = t.reject_once.delay()
+    assert once.get(timeout=30) == "second delivery"
+    assert cluster.status(once.id).attempts == 2
+    # Without requeue: FAILED, and get() raises the Reject, as in Celery.
+    refused = t.reject_for_good.delay()
+    with pytest.raises(Reject, match="not for us"):
+        refused.get(timeout=30)
+    assert cluster.status(refused.id).state is TaskState.FAILED
+
+
+def test_a_plain_retry_without_exc_runs_again_cleanly(cluster: Cluster) -> None:
+    result = t.plain_retry.delay()
+    assert result.get(timeout=30) == 1
+    assert cluster.status(result.id).attempts == 2
+    assert "Pool callback raised exception" not in cluster.procs.log(f"worker-{GPU_NODE}")
+
+
+def test_apply_and_eager_run_here_without_a_node() -> None:
+    # Task.apply() runs in the caller's process, as in Celery: no broker, no node.
+    assert t.add.apply((2, 3)).get() == 5
+    app.conf.task_always_eager = True  # and delay() under task_always_eager
+    try:
+        assert t.add.delay(20, 22).get() == 42
+    finally:
+        app.conf.task_always_eager = False
 
 
 def test_ignore_ends_the_task_and_frees_its_capacity(cluster: Cluster) -> None:

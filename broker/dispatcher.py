@@ -44,13 +44,14 @@ import redis
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
+from broker.metrics import COLLECTOR
 from broker.native.ingest import Ingest
 from broker.scheduling.model import Placement, Plan
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
 from broker.settings import Settings
-from broker.store import reads, records
+from broker.store import reads, records, stats
 from broker.store.connection import as_broker_error, connect, transient
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
@@ -127,6 +128,8 @@ class Dispatcher:
         self._ingest = Ingest(settings, self.redis, clock)
         self._next_forget_ms = 0
         self._unreadable_nodes: dict[str, str] = {}  # node id -> why, as logged (once per reason)
+        self._next_stats_ms = 0
+        COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
@@ -177,7 +180,17 @@ class Dispatcher:
             if timer is not None:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
             self._record(report)
+            self._refresh_metrics()
         return report
+
+    def _refresh_metrics(self) -> None:
+        """The pool gauges and outcome counters (broker.metrics): the queue count reads the whole
+        queue, so at most once per explain_interval_s; nodes come from the cycle's own cache."""
+        now = self.clock()
+        if now < self._next_stats_ms:
+            return
+        self._next_stats_ms = now + int(self.settings.explain_interval_s * 1000)
+        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._free.nodes)
 
     def _forget_departed(self, report: CycleReport) -> None:
         """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     socket_timeout_s: float = Field(5.0, gt=0)
     # Ordering, placement and preemption (GPUBROKER_SCHEDULING='{"ordering": "fair", ...}').
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    # The dispatcher serves Prometheus metrics on this port (0: not at all); 9808, not 9100
+    # (node_exporter's). A port already taken is logged, not fatal.
+    metrics_port: int = Field(9808, ge=0, le=65535)
     # How often (at most) the dispatcher publishes each pending task's reason and estimated start.
     explain_interval_s: float = Field(1.0, gt=0)
     # A finished task's record (and its idempotency key) is kept this long, as Celery's

@@ -39,7 +39,9 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
                scheduling: Annotated[Path | None, typer.Option(
                    help="Scheduling policy file, TOML or JSON (see docs/scheduling.md); "
                         "default: GPUBROKER_SCHEDULING or priority order, best fit")] = None,
-               metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics here")] = None,
+               metrics_port: Annotated[int | None, typer.Option(
+                   help="Serve Prometheus metrics on this port, 0: not at all; default: GPUBROKER_METRICS_PORT "
+                        "or 9808")] = None,
                log_level: Annotated[str, typer.Option(help="Python log level")] = "INFO") -> None:
     """Run a dispatcher: order pending tasks and reserve capacity for them."""
     from broker.dispatcher import Dispatcher  # keep other commands light
@@ -52,10 +54,9 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
         except (InvalidRequest, OSError) as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
-    if metrics_port:
-        from prometheus_client import start_http_server
+    from broker.metrics import serve
 
-        start_http_server(metrics_port)
+    serve(settings.metrics_port if metrics_port is None else metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

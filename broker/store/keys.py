@@ -49,6 +49,12 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 | ``P seq``                    | string | submit counter (gives submit order)        | none                  |
 | ``P rejected``               | hash   | node id -> poison messages its worker      | none                  |
 |                              |        | dropped unread (counter)                   |                       |
+| ``P outcomes``               | hash   | ``<outcome>|<tenant>`` -> tasks ended or   | none                  |
+|                              |        | sent back so (succeeded failed cancelled   |                       |
+|                              |        | preempted requeued); ``wait:<i>|``/``run:``|                       |
+|                              |        | ``<i>|<tenant>`` -> histogram bucket i     |                       |
+|                              |        | counts, ``wait_sum|``/``run_sum|<tenant>`` |                       |
+|                              |        | seconds (metrics; _release.lua ``tally``)  |                       |
 | ``P deadletter``             | hash   | task id -> JSON {reason, at, request,      | none                  |
 |                              |        | found}: a pending entry whose request was  |                       |
 |                              |        | unreadable and whose task hash could not   |                       |
@@ -203,6 +209,11 @@ class PoolKeys:
     def rejected(self) -> str:
         """Counter per node of queue messages its worker refused without running them."""
         return self.prefix + "rejected"
+
+    @property
+    def outcomes(self) -> str:
+        """Per-tenant outcome counters and wait/run histograms the scripts keep for the metrics."""
+        return self.prefix + "outcomes"
 
     @property
     def deadletter(self) -> str:

@@ -39,8 +39,44 @@ end
 local ATTEMPT = {'node', 'gpus', 'tag', 'pid', 'reserved_at', 'started_at', 'preempt_at', 'preempt_by',
   'preempt_grace', 'progress_state', 'progress', 'progress_at'}
 
--- Back to PENDING at its original place in line (the score keeps its submit order).
-local function requeue(task_key, pending_key, requests_key, task_id, now)
+-- Outcome counters for the metrics (``P outcomes``, read by broker.store.stats): per tenant,
+-- tasks ended or sent back per outcome, and for a task that ran, histograms of its wait (submit
+-- to the start of its last attempt) and run (that start to its end) in the buckets below (s;
+-- the last is +Inf). Kept in Redis, not in a worker, so cancels and requeues that no worker sees
+-- (client, expire, reap, preempt) count too.
+local BUCKETS_S = {1, 5, 15, 60, 300, 900, 3600, 14400, 86400}
+
+local function bucket(seconds)
+  for i, bound in ipairs(BUCKETS_S) do
+    if seconds <= bound then return i end
+  end
+  return #BUCKETS_S + 1
+end
+
+-- `outcomes_key` is P outcomes; `outcome` one of succeeded failed cancelled preempted requeued.
+local function tally(outcomes_key, task_key, outcome, now)
+  local t = redis.call('HMGET', task_key, 'tenant', 'submitted_at', 'started_at')
+  local tenant = t[1] or 'default'
+  redis.call('HINCRBY', outcomes_key, outcome .. '|' .. tenant, 1)
+  if t[3] and outcome ~= 'requeued' and outcome ~= 'preempted' then
+    local wait, run = math.max(0, (num(t[3]) - num(t[2])) / 1000), math.max(0, (now - num(t[3])) / 1000)
+    redis.call('HINCRBY', outcomes_key, 'wait:' .. bucket(wait) .. '|' .. tenant, 1)
+    redis.call('HINCRBYFLOAT', outcomes_key, 'wait_sum|' .. tenant, string.format('%.3f', wait))
+    redis.call('HINCRBY', outcomes_key, 'run:' .. bucket(run) .. '|' .. tenant, 1)
+    redis.call('HINCRBYFLOAT', outcomes_key, 'run_sum|' .. tenant, string.format('%.3f', run))
+  end
+end
+
+-- P outcomes from P pending: both carry the pool's hash tag (KEYS has no room for it in every
+-- script that requeues).
+local function outcomes_of(pending_key)
+  return string.sub(pending_key, 1, #pending_key - #'pending') .. 'outcomes'
+end
+
+-- Back to PENDING at its original place in line (the score keeps its submit order); counted
+-- as `why` ('requeued' when nil: lost, retried) in P outcomes.
+local function requeue(task_key, pending_key, requests_key, task_id, now, why)
+  tally(outcomes_of(pending_key), task_key, why or 'requeued', now)
   local t = redis.call('HMGET', task_key, 'score', 'req')
   redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now)
   redis.call('HDEL', task_key, unpack(ATTEMPT))
@@ -51,6 +87,7 @@ end
 -- Back to PENDING, but not placed before `not_before` (ms): it waits in `delayed` until
 -- promote.lua moves it to the pending queue at its original place in line.
 local function delay(task_key, delayed_key, task_id, now, not_before)
+  tally(string.sub(delayed_key, 1, #delayed_key - #'delayed') .. 'outcomes', task_key, 'requeued', now)
   redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now, 'not_before', int(not_before))
   redis.call('HDEL', task_key, unpack(ATTEMPT))
   redis.call('ZADD', delayed_key, int(not_before), task_id)
@@ -71,6 +108,7 @@ end
 
 -- End a task: state `final` with `fields` (name, value, ...), then finalize.
 local function conclude(prefix, task_key, task_id, final, now, ...)
+  tally(prefix .. 'outcomes', task_key, string.lower(final), tonumber(now))
   redis.call('HSET', task_key, 'state', final, 'finished_at', now, ...)
   finalize(prefix, task_key, task_id)
   return final

@@ -69,7 +69,7 @@ elseif outcome == 'ignored' then -- Celery's Ignore: the task asked that no outc
   state = conclude(prefix, task_key, id, 'CANCELLED', now, 'error', ARGV[5])
 elseif t[4] then -- stopped for a more urgent task: back in line, no retry charged
   redis.call('HINCRBY', task_key, 'preemptions', 1)
-  requeue(task_key, KEYS[4], KEYS[5], id, now)
+  requeue(task_key, KEYS[4], KEYS[5], id, now, 'preempted')
   state = 'PENDING'
 elseif outcome == 'retry' then -- Celery's self.retry(): the attempt ends, a new message waits its turn
   redis.call('HSET', task_key, 'message', ARGV[5], 'retried', 1, 'retry_reason', ARGV[7])

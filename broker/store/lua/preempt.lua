@@ -40,7 +40,7 @@ if t[1] == 'RESERVED' then
   unhold(task_key, KEYS[2], KEYS[3], id)
   touch(KEYS[8], ARGV[2])
   redis.call('HINCRBY', task_key, 'preemptions', 1)
-  requeue(task_key, KEYS[4], KEYS[5], id, now)
+  requeue(task_key, KEYS[4], KEYS[5], id, now, 'preempted')
   redis.call('PUBLISH', KEYS[7], 'preempt')
   return {0}
 end

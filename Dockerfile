@@ -43,7 +43,7 @@ COPY config ./config
 
 USER 10001:10001
 
-# Flower's web UI and the dispatcher's Prometheus metrics (when started with --metrics-port).
-EXPOSE 5555 9100
+# Flower's web UI and the dispatcher's Prometheus metrics (9808 unless GPUBROKER_METRICS_PORT says).
+EXPOSE 5555 9808
 
 CMD ["gpubroker", "--help"]

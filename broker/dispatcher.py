@@ -130,6 +130,14 @@ class Dispatcher:
         self._unreadable_nodes: dict[str, str] = {}  # node id -> why, as logged (once per reason)
         self._next_stats_ms = 0
         COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
+        for code in ReserveCode:
+            if code is not ReserveCode.OK:
+                REFUSED.labels(settings.pool, code.name)
+        for how in (PreemptCode.REQUEUED, PreemptCode.STOPPING):
+            PREEMPTED.labels(settings.pool, how.name.lower())
+        for record in ("task", "node"):
+            QUARANTINED.labels(settings.pool, record)
+        PLACED.labels(settings.pool)
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""

@@ -223,7 +223,8 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "ratelimit":     dict(zip(ROLES, ["-", "rw", "r", "r", "r"], strict=True)),
     "celery":        dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
     "seq":           dict(zip(ROLES, ["rw", "-", "-", "r", "r"], strict=True)),
-    "rejected":      dict(zip(ROLES, ["-", "-", "rw", "r", "r"], strict=True)),
+    # The dispatcher exports the counts (gpubroker_rejected_messages_total).
+    "rejected":      dict(zip(ROLES, ["-", "r", "rw", "r", "r"], strict=True)),
     "wake":          dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
     "mix":           dict(zip(ROLES, ["rw", "r", "-", "r", "r"], strict=True)),
     "runtimes":      dict(zip(ROLES, ["-", "r", "rw", "r", "r"], strict=True)),
@@ -233,6 +234,8 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "scheduling":    dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
     # quarantine.lua (dispatcher) drops a queue entry it cannot end FAILED there.
     "deadletter":    dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
+    # Every final transition counts its outcome there (_release.lua), whoever runs it.
+    "outcomes":      dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
 }
 
 

@@ -185,7 +185,7 @@ class Client:
         if message.not_before is not None or message.expires_at is not None:
             req = self.submitter.request(req.task_name, req.args, req.kwargs, options, message.not_before,
                                          message.expires_at)
-        stored = message.stored()
+        stored = message.stored
         self.submitter.admit(req, stored)
         return task_id, req, stored
 

@@ -5,7 +5,7 @@ No workers run: a submit is measured until its write is acknowledged. Plain Cele
 ordinary Celery app with a Redis broker on the same redis-server (another database), sending
 one no-op task per call (``task_send_sent_event`` off, Celery's default). The three are run in
 interleaved repeats (A, B, C, A, B, C...), each on a flushed database, and the medians printed
-with their ratios; issue 14's targets are single ≥ 1.0× apply_async and batch ≥ 10,000 tasks/s.
+with their ratios; issue 14's targets are single >= 1.0x apply_async and batch >= 10,000 tasks/s.
 
     python -m bench.submit [--single 1000] [--batch 10000] [--repeats 3]
 """

@@ -145,3 +145,11 @@ def test_an_empty_batch_writes_nothing(client: Client, redis_client: redis.Redis
     before = dump(redis_client)
     assert client.submit_many([]) == []
     assert dump(redis_client) == before
+
+
+def test_a_batch_after_redis_forgot_its_scripts_is_written_once(client: Client, redis_client: redis.Redis,
+                                                                 two_nodes: None) -> None:
+    client.submit_many([{"task_name": "workers.tasks.probe"}])
+    redis_client.script_flush()  # as after a Redis restart
+    handles = client.submit_many([{"task_name": "workers.tasks.probe", "args": [i]} for i in range(3)])
+    assert [e.id for e in client.queue()][1:] == [h.id for h in handles]

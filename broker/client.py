@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -13,10 +15,11 @@ from kombu.exceptions import ChannelError, OperationalError
 from redis.exceptions import NoPermissionError
 
 from broker.celery_conf import monitor_app
-from broker.errors import AccessDenied, NodeNotFound, NodeRejected, TaskNotFound, WaitTimeout
+from broker.errors import AccessDenied, InvalidRequest, NodeNotFound, NodeRejected, TaskNotFound, WaitTimeout
 from broker.message import new_task_id
-from broker.models import NodeView, QueueEntry, Resources, TaskStatus
+from broker.models import NodeView, QueueEntry, Resources, SubmitRequest, TaskStatus
 from broker.native.app import message_options
+from broker.native.envelope import Envelopes
 from broker.native.submitter import Submitter
 from broker.native.transport import submitted
 from broker.settings import Settings
@@ -46,6 +49,59 @@ class TaskHandle:
         return f"TaskHandle({self.id!r})"
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Submit:
+    """One request of ``Client.submit_many``: the arguments of ``Client.submit``, by name."""
+
+    task_name: str
+    args: Sequence[Any] = ()
+    kwargs: dict[str, Any] | None = None
+    resources: Resources | dict[str, Any] | None = None
+    priority: int | None = None
+    tenant: str | None = None
+    estimated_runtime_s: float | None = None
+    idempotency_key: str | None = None
+    max_retries: int = 3
+    preemptible: bool | None = None
+    countdown: float | None = None
+    eta: datetime | None = None
+    expires: float | datetime | None = None
+    options: dict[str, Any] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        values = {"resources": self.resources, "priority": self.priority, "tenant": self.tenant,
+                  "estimated_runtime_s": self.estimated_runtime_s, "preemptible": self.preemptible,
+                  "idempotency_key": self.idempotency_key, "max_retries": self.max_retries}
+        object.__setattr__(self, "options", {k: v for k, v in values.items() if v is not None})
+
+
+_SUBMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Submit) if f.init)
+
+
+def _as_submit(item: Submit | Mapping[str, Any]) -> Submit:
+    if isinstance(item, Submit):
+        return item
+    if not isinstance(item, Mapping):
+        raise InvalidRequest({"": f"must be a Submit(...) or a dict of its fields, not {type(item).__name__}"})
+    unknown = [k for k in item if k not in _SUBMIT_FIELDS]
+    if unknown:
+        raise InvalidRequest({str(unknown[0]): f"is not an argument of submit; the arguments are "
+                                               f"{', '.join(_SUBMIT_FIELDS)}"})
+    if "task_name" not in item:
+        raise InvalidRequest({"task_name": "is missing"})
+    return Submit(**item)
+
+
+def _at(index: int, exc: InvalidRequest) -> InvalidRequest:
+    """``exc`` (its own class: Unsatisfiable, NotRegistered...) with each field prefixed by the
+    request's place in the batch: ``requests[3].resources.gpus``."""
+    problems = {f"requests[{index}]" + (f".{k}" if k else ""): v for k, v in exc.problems.items()}
+    error = type(exc).__new__(type(exc))
+    InvalidRequest.__init__(error, problems)
+    error.__dict__.update({k: v for k, v in vars(exc).items() if k != "problems"})
+    return error
+
+
 class Client:
     """Submit and inspect GPU tasks in one pool. ``Client(redis_url)`` is all most users need."""
 
@@ -60,6 +116,7 @@ class Client:
         self.submitter = Submitter(self.settings, self.redis, clock)
         self.clock = clock
         self._celery: Celery | None = None
+        self._envelopes: Envelopes | None = None
 
     # ---- writing --------------------------------------------------------------
 
@@ -96,6 +153,41 @@ class Client:
             raise error from exc
         known_as, created = submitted(task_id) or (task_id, True)
         return TaskHandle(self, known_as, created=created)
+
+    @unavailable_as_error
+    def submit_many(self, requests: Iterable[Submit | Mapping[str, Any]]) -> list[TaskHandle]:
+        """Submit many tasks at once; their handles, in order.
+
+        Each request is a ``Submit(...)`` or a dict of the same names (``submit``'s arguments),
+        and is validated as ``submit`` validates it. All are validated before anything is sent: a
+        refusal names the request's index and field (``requests[3].resources.gpus``), and then
+        nothing was written. The tasks are written in order, one round trip per 500; an
+        idempotency key already taken, here or earlier in the same batch, returns that task
+        (``handle.created`` is False). No task-sent event is sent for them (Flower sees each
+        task once a worker receives it)."""
+        admitted = []
+        for index, item in enumerate(requests):
+            try:
+                admitted.append(self._admit(_as_submit(item)))
+            except InvalidRequest as exc:
+                raise _at(index, exc) from None
+        return [TaskHandle(self, task_id, created) for task_id, created in self.submitter.submit_admitted(admitted)]
+
+    def _admit(self, request: Submit) -> tuple[str, SubmitRequest, str]:
+        """One request of a batch validated, its envelope built, and checked as ``submit`` checks it."""
+        options = request.options
+        req = self.submitter.request(request.task_name, cast(list[Any], request.args), request.kwargs, options)
+        if self._envelopes is None:
+            self._envelopes = Envelopes(self._celery_app())
+        task_id = new_task_id()
+        message = self._envelopes.build(task_id, req.task_name, req.args, req.kwargs, options.get("priority"),
+                                        request.countdown, request.eta, request.expires)
+        if message.not_before is not None or message.expires_at is not None:
+            req = self.submitter.request(req.task_name, req.args, req.kwargs, options, message.not_before,
+                                         message.expires_at)
+        stored = message.stored
+        self.submitter.admit(req, stored)
+        return task_id, req, stored
 
     @unavailable_as_error
     def cancel(self, task_id: str) -> TaskStatus:

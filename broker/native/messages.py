@@ -44,7 +44,7 @@ def _body(message: dict[str, Any]) -> Any:
         raise BadMessage(f"the body is not JSON ({exc})") from None
 
 
-def _seconds(iso: Any, field: str) -> float | None:
+def epoch_seconds(iso: Any, field: str) -> float | None:
     """An ISO 8601 time from a Celery header as seconds since the epoch (UTC when it names no zone)."""
     if iso is None:
         return None
@@ -98,8 +98,8 @@ def task_message(message: Any) -> TaskMessage | None:
     if priority is not None or properties.get("priority"):
         options["priority"] = properties["priority"] if priority is None else priority
     return TaskMessage(str(headers["id"]), str(headers["task"]), body[0], body[1], int(headers.get("retries") or 0),
-                       options, _seconds(headers.get("eta"), "eta"), _seconds(headers.get("expires"), "expires"),
-                       message)
+                       options, epoch_seconds(headers.get("eta"), "eta"),
+                       epoch_seconds(headers.get("expires"), "expires"), message)
 
 
 def revoke_request(message: Any) -> tuple[list[str], bool] | None:

@@ -9,7 +9,7 @@ node runs its task name or could ever hold it, then written by submit.lua.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -19,14 +19,26 @@ from broker.models import NodeView, Resources, SubmitRequest, shortfall
 from broker.native.messages import TaskMessage
 from broker.settings import Settings
 from broker.store import reads
+from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
-from broker.store.scripts import CancelCode, Clock, Scripts, SubmitCode, wall_clock_ms
+from broker.store.scripts import SIGNATURES, CancelCode, Clock, Scripts, SubmitCode, script_source, wall_clock_ms
 
 
 def declared(defaults: Mapping[str, Any], name: str) -> Any:
     """A task's declared default: a Resources object becomes the dict it validates from."""
     value = defaults.get(name)
     return value.model_dump() if isinstance(value, Resources) else value
+
+
+BATCH_CHUNK = 500  # submit.lua calls per pipelined round trip (``submit_admitted``)
+
+
+def _arg(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Submitter:
@@ -73,13 +85,49 @@ class Submitter:
     def submit(self, task_id: str, req: SubmitRequest, message: str) -> tuple[str, bool]:
         """Write the task; returns the id it is known by and whether this call created it (an
         idempotency key already taken returns the task it stands for)."""
+        self.admit(req, message)
+        code, existing = self.scripts.submit(task_id, req, message,
+                                             result_ttl_ms=int(self.settings.result_expires_s * 1000))
+        return self._known_as(task_id, code, existing)
+
+    def admit(self, req: SubmitRequest, message: str) -> None:
+        """Every check ``submit`` makes before writing: the encoded size, then ``check``."""
         if len(message) > self.settings.max_payload_bytes:
             field = "kwargs" if len(str(req.kwargs)) > len(str(req.args)) else "args"
             raise InvalidRequest({field: f"the encoded task (args and kwargs) is {len(message)} bytes; the limit "
                                          f"is {self.settings.max_payload_bytes}"})
         self.check(req)
-        code, existing = self.scripts.submit(task_id, req, message,
-                                             result_ttl_ms=int(self.settings.result_expires_s * 1000))
+
+    def submit_admitted(self, tasks: Sequence[tuple[str, SubmitRequest, str]],
+                        chunk: int = BATCH_CHUNK) -> list[tuple[str, bool]]:
+        """Write tasks that passed ``admit``, in order, one pipelined round trip per ``chunk``;
+        returns what ``submit`` returns for each. Each task is its own submit.lua call, so an
+        idempotency key taken earlier in the same batch returns that task, as across batches."""
+        ttl_ms = int(self.settings.result_expires_s * 1000)
+        sha, n_keys = self.scripts.sha("submit").encode(), b"%d" % len(SIGNATURES["submit"][1])
+        known: list[tuple[str, bool]] = []
+        for start in range(0, len(tasks), chunk):
+            part = tasks[start:start + chunk]
+            # Encoded here, not through redis-py's Pipeline: its per-command bookkeeping cost a
+            # batch about as much as submit.lua's own run (bench/submit.py).
+            commands = [encode_command(b"EVALSHA", sha, n_keys, *(_arg(a) for a in (*keys, *args)))
+                        for keys, args in (self.scripts.submit_call(task_id, req, message, result_ttl_ms=ttl_ms)
+                                           for task_id, req, message in part)]
+            try:
+                replies = raw_pipeline(self.redis, commands)
+            except redis.exceptions.NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it, send again
+                # (safe: a task this chunk wrote before the flush answers ID_TAKEN, its own id)
+                self.redis.script_load(script_source("submit"))
+                replies = raw_pipeline(self.redis, commands)
+            for offset, ((task_id, _, _), (code, existing, *why)) in enumerate(zip(part, replies, strict=True)):
+                if code == SubmitCode.BAD_REQUEST:  # admit mirrors submit.lua's checks: not expected
+                    raise InvalidRequest({f"[{start + offset}]": f"refused by submit.lua ({_text(existing)}: "
+                                          f"{_text(why[0])}); the {start + offset} tasks before it were written"})
+                known.append(self._known_as(task_id, SubmitCode(code), _text(existing)))
+        return known
+
+    @staticmethod
+    def _known_as(task_id: str, code: SubmitCode, existing: str) -> tuple[str, bool]:
         if code is SubmitCode.DUPLICATE:
             return existing, existing == task_id
         # ID_TAKEN: the id is this call's own (a fresh or idempotency-derived uuid): the reply to an

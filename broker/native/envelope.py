@@ -1,0 +1,94 @@
+"""Celery's task envelope, built without publishing it: what ``send_task`` hands kombu's Redis
+transport, for ``Client.submit_many`` (issue 14, batch submit).
+
+``send_task`` spends most of a submit in kombu's producer machinery (routing, declare checks,
+a Redis client per publish) before the transport's ``_put`` turns the envelope into a broker
+submit. The envelope itself is Celery's ``amqp.as_task_v2`` (headers, ``[args, kwargs, embed]``)
+serialised by kombu's JSON serialiser and wrapped as kombu's ``prepare_message`` and virtual
+``basic_publish`` do; building only that makes a batch of thousands cheap, and
+``tests/test_submit_many.py`` checks that the stored records equal ``Client.submit``'s.
+What is skipped is the publish itself: the ``before/after_task_publish`` signals, and the
+task-sent event (a batch of 10,000 would be 10,000 events; ``Client.submit`` still sends one).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from kombu.exceptions import EncodeError
+from kombu.serialization import dumps
+
+from broker.errors import InvalidRequest
+from broker.native.messages import epoch_seconds
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # as_task_v2's, with no canvas
+
+
+class Envelope(NamedTuple):
+    """What the transport would make of the publish: the stored envelope and its timers (seconds)."""
+
+    stored: str
+    not_before: float | None
+    expires_at: float | None
+
+
+class Envelopes:
+    """Builds task envelopes as ``app.send_task`` would, one app's reply queue and origin for all.
+
+    The headers are ``amqp.as_task_v2``'s, written here with the app's settings read once: that
+    function reads two settings and the clock per call, which cost a batch more than the rest
+    of the envelope. Times (countdown, eta, expires) still go through ``as_task_v2``."""
+
+    def __init__(self, app: Celery) -> None:
+        self.amqp = app.amqp
+        self.reply_to = app.thread_oid  # what send_task puts in reply_to
+        self.origin = anon_nodename()  # what as_task_v2 computes per call
+        self.levels = app.conf.task_repr_maxlevels
+        self.args_max, self.kwargs_max = app.amqp.argsrepr_maxsize, app.amqp.kwargsrepr_maxsize
+
+    def build(self, task_id: str, name: str, args: list[Any], kwargs: dict[str, Any], priority: int | None,
+              countdown: float | None, eta: datetime | None, expires: float | datetime | None) -> Envelope:
+        """The envelope of ``send_task(name, args, kwargs, task_id=..., countdown/eta/expires=...)``
+        as the transport stores it (``TaskMessage.stored``)."""
+        eta_iso, expires_iso = (None, None) if countdown is None and eta is None and expires is None else \
+            self._times(task_id, name, countdown, eta, expires)
+        args = args or ()  # type: ignore[assignment]  # as_task_v2: no args are "()" in argsrepr
+        try:
+            content_type, encoding, body = dumps((args, kwargs, _EMBED), serializer="json")
+        except EncodeError as exc:
+            raise InvalidRequest({"args": f"cannot be encoded as JSON ({exc})"}) from None
+        except RecursionError:  # as broker.message: Celery's encoder nests deeper than SubmitRequest's check
+            raise InvalidRequest({"args": "nested too deeply to encode"}) from None
+        data = body.encode(encoding) if isinstance(body, str) else body
+        headers = {
+            "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": eta_iso, "expires": expires_iso,
+            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+            "parent_id": None, "argsrepr": saferepr(args, self.args_max, maxlevels=self.levels),
+            "kwargsrepr": saferepr(kwargs, self.kwargs_max, maxlevels=self.levels), "origin": self.origin,
+            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        }
+        envelope = {
+            "body": base64.b64encode(data).decode(), "content-encoding": encoding, "content-type": content_type,
+            "headers": headers,
+            # kombu's prepare_message: delivery_mode 2 (persistent), priority 0 when none was given;
+            # as TaskMessage.stored, the properties close the document (reserve.lua appends there).
+            "properties": {"correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2,
+                           "priority": priority or 0, "body_encoding": "base64"},
+        }
+        stored = json.dumps(envelope, separators=(",", ":"), allow_nan=False)
+        return Envelope(stored, epoch_seconds(eta_iso, "eta"), epoch_seconds(expires_iso, "expires"))
+
+    def _times(self, task_id: str, name: str, countdown: float | None, eta: datetime | None,
+               expires: float | datetime | None) -> tuple[str | None, str | None]:
+        """The eta and expires headers, as ``as_task_v2`` computes them (the app's clock and zone)."""
+        try:
+            headers = self.amqp.as_task_v2(task_id, name, countdown=countdown, eta=eta, expires=expires).headers
+        except (TypeError, ValueError) as exc:  # a countdown/expires Celery refuses ("not a number")
+            raise InvalidRequest({"countdown" if countdown is not None else "expires": str(exc)}) from None
+        return headers["eta"], headers["expires"]

@@ -1,0 +1,155 @@
+"""Client.submit_many against a real Redis: the same records as submit, in order, validated
+first (a refusal names the index and field and writes nothing), idempotency keys, timers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+
+from broker import Client, InvalidRequest, Resources, Unsatisfiable
+from broker.client import Submit
+from broker.errors import NotRegistered
+from broker.native.submitter import BATCH_CHUNK
+from broker.settings import Settings
+from broker.store.scripts import Scripts, wall_clock_ms
+from tests.conftest import Clock
+from tests.test_client import dump
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings=settings) as c:
+        yield c
+
+
+@pytest.fixture
+def two_nodes(scripts: Scripts, clock: Clock) -> None:
+    """As tests/test_client.py's: 4 A100s and 8 H100s, on wall time (the client's clock)."""
+    clock.now_ms = wall_clock_ms()
+    scripts.register("a100", "inc-a", 3_600_000, 4, 40 * 1024, 16_000, 128 * 1024, 8, {"gpu_model": "A100"})
+    scripts.register("h100", "inc-h", 3_600_000, 8, 80 * 1024, 64_000, 512 * 1024, 8, {"gpu_model": "H100"})
+
+
+VOLATILE = (b"id", b"submitted_at", b"seq", b"score", b"not_before", b"expires_at")
+
+
+def record(redis_client: redis.Redis, client: Client, task_id: str) -> dict[bytes, Any]:
+    """A task's record less what differs between two submits of the same request (its id, times,
+    place in the queue); the message with its id and times blanked."""
+    h = redis_client.hgetall(client.keys.task(task_id))
+    message = json.loads(h.pop(b"message").decode().replace(task_id, "ID"))
+    for key in ("eta", "expires"):
+        message["headers"][key] = message["headers"][key] is not None
+    return {k: v for k, v in h.items() if k not in VOLATILE} | {b"message": message}
+
+
+REQUESTS: list[dict[str, Any]] = [
+    {"task_name": "workers.tasks.probe"},
+    {"task_name": "workers.tasks.probe", "args": [1, "two"], "kwargs": {"x": [3.5, None]}, "priority": 7,
+     "tenant": "team-a", "resources": Resources(gpus=2, labels={"gpu_model": "H100"}), "estimated_runtime_s": 60,
+     "max_retries": 1, "preemptible": True},
+    {"task_name": "workers.tasks.probe", "resources": {"gpus": 0.5, "gpu_memory_mb": 1024}, "priority": -3},
+    {"task_name": "workers.tasks.probe", "countdown": 30, "expires": 600},
+    {"task_name": "workers.tasks.probe", "eta": datetime.now(UTC) + timedelta(minutes=5),
+     "expires": datetime.now(UTC) + timedelta(hours=1)},
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS)
+def test_a_batch_stores_each_task_exactly_as_submit_does(client: Client, redis_client: redis.Redis,
+                                                         two_nodes: None, request_: dict[str, Any]) -> None:
+    one = client.submit(**request_)
+    [many] = client.submit_many([request_])
+    assert many.created and many.id != one.id
+    assert record(redis_client, client, many.id) == record(redis_client, client, one.id)
+    for field in ("not_before", "expires_at"):
+        a, b = (redis_client.hget(client.keys.task(h.id), field) for h in (one, many))
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert abs(int(a) - int(b)) < 2000  # ms: the two submits ran a moment apart
+
+
+def test_handles_come_back_in_order_and_the_queue_keeps_it(client: Client, two_nodes: None) -> None:
+    n = BATCH_CHUNK + 7  # more than one round trip
+    handles = client.submit_many([Submit(task_name="workers.tasks.probe", args=[i]) for i in range(n)])
+    assert len(handles) == n and all(h.created for h in handles)
+    assert [e.id for e in client.queue()] == [h.id for h in handles]
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "error"),
+    [
+        ({"task_name": "workers.tasks.probe", "priority": 10**9}, "requests[2].priority", InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "resources": Resources(gpus=16)}, "requests[2].resources.gpus",
+         Unsatisfiable),
+        ({"task_name": "workers.tasks.probe", "resources": {"gpus": -1}}, "requests[2].resources.gpus",
+         InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "args": "not a list"}, "requests[2].args", InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "args": [object()]}, "requests[2].args", InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "colour": "red"}, "requests[2].colour", InvalidRequest),
+        ({"args": [1]}, "requests[2].task_name", InvalidRequest),
+        ({"task_name": "no such name"}, "requests[2].task_name", InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "kwargs": {"blob": "x" * (2 << 20)}}, "requests[2].kwargs",
+         InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "countdown": "soon"}, "requests[2].countdown", InvalidRequest),
+    ],
+)
+def test_one_bad_request_refuses_the_batch_naming_it_and_nothing_is_written(
+        client: Client, redis_client: redis.Redis, two_nodes: None, bad: dict[str, Any], field: str,
+        error: type[InvalidRequest]) -> None:
+    good = {"task_name": "workers.tasks.probe", "idempotency_key": "k"}
+    before = dump(redis_client)
+    with pytest.raises(error) as caught:
+        client.submit_many([good, dict(good, idempotency_key="k2"), bad, good])
+    assert field in caught.value.problems, caught.value.problems
+    assert dump(redis_client) == before
+
+
+def test_idempotency_keys_within_and_across_batches(client: Client, two_nodes: None) -> None:
+    first = client.submit("workers.tasks.probe", idempotency_key="run-1")
+    handles = client.submit_many([{"task_name": "workers.tasks.probe", "idempotency_key": "run-1"},
+                                  {"task_name": "workers.tasks.probe", "idempotency_key": "run-2"},
+                                  {"task_name": "workers.tasks.probe", "idempotency_key": "run-2"},
+                                  {"task_name": "workers.tasks.probe"}])
+    assert [h.created for h in handles] == [False, True, False, True]
+    assert handles[0].id == first.id and handles[2].id == handles[1].id
+    again = client.submit_many([Submit(task_name="workers.tasks.probe", idempotency_key="run-2")])
+    assert again[0].id == handles[1].id and not again[0].created
+    assert client.submit("workers.tasks.probe", idempotency_key="run-2").id == handles[1].id
+    assert len(client.queue()) == 3
+
+
+def test_countdown_waits_and_expires_is_kept(client: Client, redis_client: redis.Redis, two_nodes: None) -> None:
+    later, soon = client.submit_many([Submit(task_name="workers.tasks.probe", countdown=60),
+                                      Submit(task_name="workers.tasks.probe", expires=30)])
+    assert redis_client.zscore(client.keys.delayed, later.id) is not None
+    assert [e.id for e in client.queue()] == [soon.id]
+    assert redis_client.zscore(client.keys.expiring, soon.id) is not None
+
+
+def test_not_registered_keeps_its_class_and_names_the_index(client: Client, scripts: Scripts, clock: Clock) -> None:
+    clock.now_ms = wall_clock_ms()
+    scripts.register("cpu", "inc-c", 3_600_000, 0, 0, 4000, 1024, 4, {}, tasks={"workers.tasks.other": "{}"})
+    with pytest.raises(NotRegistered) as caught:
+        client.submit_many([{"task_name": "workers.tasks.other"}, {"task_name": "workers.tasks.probe"}])
+    assert list(caught.value.problems) == ["requests[1].task_name"]
+    assert caught.value.task_name == "workers.tasks.probe"
+
+
+def test_an_empty_batch_writes_nothing(client: Client, redis_client: redis.Redis) -> None:
+    before = dump(redis_client)
+    assert client.submit_many([]) == []
+    assert dump(redis_client) == before
+
+
+def test_a_batch_after_redis_forgot_its_scripts_is_written_once(client: Client, redis_client: redis.Redis,
+                                                                 two_nodes: None) -> None:
+    client.submit_many([{"task_name": "workers.tasks.probe"}])
+    redis_client.script_flush()  # as after a Redis restart
+    handles = client.submit_many([{"task_name": "workers.tasks.probe", "args": [i]} for i in range(3)])
+    assert [e.id for e in client.queue()][1:] == [h.id for h in handles]

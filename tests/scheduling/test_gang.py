@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
+from broker.errors import InvalidRequest
+from broker.models import SubmitRequest
 from broker.scheduling.model import NodeFree, Plan, TaskRequest, demand
+from broker.store.records import StoredRequest
 from tests.scheduling.helpers import MIN, node, placed, planner, running, snapshot, task
 
 
@@ -168,3 +171,30 @@ def test_one_replica_is_a_single_task() -> None:
     plan = planner().plan(snapshot([node("a", 8)], [single]))
     assert placed(plan) == {"t": ("a", (0, 1))} and plan.gangs == []
     assert single.shape == task("t", 2).shape
+
+
+@pytest.mark.parametrize(("fields", "field", "words"), [
+    ({"replicas": 0}, "replicas", "greater than or equal to 1"),
+    ({"replicas": 5000}, "replicas", "less than or equal to 1024"),
+    ({"replicas": "2"}, "replicas", "integer"),
+    ({"spread": "yes"}, "spread", "boolean"),
+    ({"same_label": "no spaces"}, "same_label", "not a valid label key"),
+])
+def test_submit_request_names_the_gang_field(fields: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        SubmitRequest(task_name="workers.tasks.probe", **fields)
+    assert field in caught.value.problems and words in caught.value.problems[field]
+
+
+def test_submit_request_gang_defaults_and_a_valid_gang() -> None:
+    assert (SubmitRequest(task_name="a.b").replicas, SubmitRequest(task_name="a.b").spread) == (1, False)
+    req = SubmitRequest(task_name="a.b", replicas=4, spread=True, same_label="rack")
+    assert (req.replicas, req.spread, req.same_label) == (4, True, "rack")
+
+
+def test_a_gang_is_not_stored_until_reserve_can_commit_one() -> None:
+    """Stored as one task, a gang would run as one member: refused, naming the field."""
+    with pytest.raises(InvalidRequest) as caught:
+        StoredRequest.of(SubmitRequest(task_name="a.b", replicas=2))
+    assert "replicas" in caught.value.problems
+    assert '"k"' not in StoredRequest.of(SubmitRequest(task_name="a.b")).text  # single tasks: same bytes as before

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.model import NodeFree, Snapshot, TaskRequest
+from broker.scheduling.planner import Planner
 from broker.sim.engine import simulate
-from broker.sim.gangs import gang_shape
+from broker.sim.gangs import GangBook, GangPlanner, gang_shape
 from broker.sim.report import metrics
 from broker.sim.results import SimResult
 from broker.sim.traces import ClusterNode, TraceJob
@@ -89,3 +91,22 @@ def test_without_gangs_a_job_larger_than_any_node_is_refused_as_before(redis_ser
     result = simulate([TraceJob("g", 0, 5, gpus=4)], TWO, redis_url=redis_server.url, gangs=False)
     assert result.jobs[0].rejected == "resources.gpus: asks 4 GPUs on one node; the largest node has 2"
     assert metrics(result)["gang_jobs"] == 0
+
+
+def test_the_planner_stand_in_folds_members_and_skips_a_gang_cut_by_the_window() -> None:
+    """Members become one gang request at the first member's place; a gang with a member
+    outside this pass's window is left for the next; the gang's placement comes back per member."""
+    book = GangBook()
+    book.add("g", ["g-m0", "g-m1"])
+    book.add("h", ["h-m0", "h-m1"])
+    nodes = [NodeFree(f"n{i}", 1000, [1000] * 2, [1000] * 2, 8000, 1000, 4) for i in (1, 2)]
+    pending = [TaskRequest("a", 1, seq=1), TaskRequest("g-m0", 2, seq=2), TaskRequest("g-m1", 2, seq=3),
+               TaskRequest("h-m0", 2, seq=4)]
+    planner = GangPlanner(Planner(SchedulingConfig.parse({"preemption": False})), book)
+    folded = planner._fold(pending)
+    assert [(t.id, t.replicas) for t in folded] == [("a", 1), ("g", 2)]
+    plan = planner.plan(Snapshot(0.0, nodes, pending))
+    # a takes one GPU of n1: g's two 2-GPU members need two whole nodes, so only a is placed.
+    assert [p.task_id for p in plan.placements] == ["a"]
+    plan = planner.plan(Snapshot(0.0, [n.copy() for n in nodes], pending[1:]))
+    assert sorted((p.task_id, p.node_id) for p in plan.placements) == [("g-m0", "n1"), ("g-m1", "n2")]

@@ -31,12 +31,13 @@ from broker.dispatcher import CycleReport, Dispatcher
 from broker.errors import InvalidRequest
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, SubmitRequest, shortfall
-from broker.scheduling.config import Mode, Ordering, SchedulingConfig
+from broker.scheduling.config import SchedulingConfig
 from broker.scheduling.model import Placement
 from broker.settings import Settings
 from broker.sim.gangs import GangBook, GangPlanner, GangShape, gang_shape
 from broker.sim.localcluster import private_redis
 from broker.sim.results import EPOCH_MS, Batch, JobOutcome, Series, SimResult, SimulationError, VirtualClock
+from broker.sim.static import static_problems
 from broker.sim.traces import ClusterNode, TraceJob
 from broker.store import reads
 from broker.store.keys import PoolKeys
@@ -140,20 +141,10 @@ class Simulator:
         return self._result(started)
 
     def run_batches(self, ends: Sequence[int]) -> tuple[SimResult, list[Batch]]:
-        """Static packing (the FGD protocol) in one cycle per batch instead of one per job.
-
-        Every job is submitted first, so the pool's request mix counts the whole workload (as
-        the offline harness bench/frag_offline.py gives it). Then for each batch (``ends``:
-        cumulative job counts), one cycle of a dispatcher whose window is that batch walks it
-        in submit order and places each job that fits; its jobs still pending are cancelled
-        (dropped). Jobs never finish, so capacity only shrinks: this places exactly what
-        submitting the jobs one at a time, dropping each that fits nowhere, would.
-
-        Needs jobs without a duration, and scheduling that walks the queue in submit order and
-        skips what does not fit: ordering priority (no aging) or fifo, mode best_effort, no
-        preemption. A placement outside the batch (possible only if the batch placed every job
-        and best fit's lazy planner then ran its full pass on the next job) is a SimulationError."""
-        self._check_static(ends)
+        """Static packing (the FGD protocol), one cycle per batch: see ``broker.sim.static``."""
+        problems = static_problems(self.settings.scheduling, self.jobs, ends, bool(self._gang_shapes))
+        if problems:
+            raise InvalidRequest(problems)
         started = time.perf_counter()
         logging.getLogger("broker.dispatcher").setLevel(logging.WARNING)
         batches = []
@@ -180,24 +171,6 @@ class Simulator:
             self._drop_pool()
             self.redis.close()
         return self._result(started), batches
-
-    def _check_static(self, ends: Sequence[int]) -> None:
-        s = self.settings.scheduling
-        problems = {}
-        if not ends or list(ends) != sorted(set(ends)) or ends[0] < 1 or ends[-1] != len(self.jobs):
-            problems["batches"] = f"must rise strictly from 1 to the number of jobs ({len(self.jobs)}); got {ends}"
-        if any(j.duration_s is not None for j in self.jobs):
-            problems["jobs"] = "static batches need jobs that never finish (duration_s None)"
-        if not (s.ordering is Ordering.FIFO or (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0)):
-            problems["scheduling.ordering"] = "must be fifo, or priority without aging (submit order)"
-        if s.mode is not Mode.BEST_EFFORT:
-            problems["scheduling.mode"] = "must be best_effort (a job that fits nowhere is dropped, not waited for)"
-        if s.preemption:
-            problems["scheduling.preemption"] = "must be off (jobs are dropped, never make room)"
-        if self._gang_shapes:
-            problems["jobs"] = "static batches do not replay gangs (jobs larger than every node)"
-        if problems:
-            raise InvalidRequest(problems)
 
     def _place_batch(self, ids: set[str]) -> set[str]:
         """One cycle over exactly the batch ``ids`` (the head of the queue); the ids it placed."""

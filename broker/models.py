@@ -59,6 +59,7 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
 
 
 MAX_PREFERENCES = 16
+MAX_REPLICAS = 1024  # members of one gang: more than any pool here has nodes times GPUs
 
 
 def _check_selector(labels: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
@@ -214,6 +215,17 @@ class SubmitRequest(_Strict):
     # started by then (expires).
     not_before: float | None = Field(None, gt=0, allow_inf_nan=False)
     expires_at: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # A gang (issue 13): ``replicas`` members, each with ``resources``, placed all or nothing;
+    # ``spread``: one member per node; ``same_label``: all members on nodes sharing one value of
+    # that node label key. With replicas 1 (a single task) both change nothing.
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
+    spread: bool = False
+    same_label: str | None = None
+
+    @field_validator("same_label")
+    @classmethod
+    def _same_label(cls, value: str | None) -> str | None:
+        return None if value is None else _check_name(value, "label key")
 
     @field_validator("task_name")
     @classmethod

@@ -182,8 +182,9 @@ def plan(
         with _progress() as progress, server as url:
             def run(nodes: list[ClusterNode]) -> SimResult:
                 label = f"{len(nodes)} nodes"
+                # Capacity planning leaves out jobs larger than one node (plan_capacity): no gangs.
                 return simulate(jobs, nodes, chosen.config, redis_url=url, estimates=estimates, label=label,
-                                progress=_Bar(progress, label))
+                                progress=_Bar(progress, label), gangs=False)
 
             result = plan_capacity(jobs, node_shape, targets, run, min_nodes, max_nodes)
         out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.models import MILLI
+from broker.scheduling import gang
 from broker.scheduling.model import NodeFree, TaskRequest, Waiting
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
         start: float | None = None
         if kind == "fit":
             if task.shape not in reasons:
-                reasons[task.shape] = why(task, nodes, draining)
+                words = why_gang if task.replicas > 1 else why
+                reasons[task.shape] = words(task, nodes, draining)
             reason = reasons[task.shape]
         elif kind == "held":
             reason = f"held for higher-ranked task {detail} (backfill)"
@@ -65,14 +67,27 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
         if cause.start is not None:
             start = cause.start
         elif kind in ("fit", "held", "strict"):
-            found = timeline.earliest(task, duration[task.id], node_order, kind == "strict")
-            start = None if found is None else found[0]
+            if task.replicas > 1:
+                gang_found = gang.earliest(task, duration[task.id], timeline, node_order)
+                start = None if gang_found is None else gang_found[0]
+            else:
+                found = timeline.earliest(task, duration[task.id], node_order, kind == "strict")
+                start = None if found is None else found[0]
             if kind == "strict":
                 ahead = starts.get(detail)
                 start = None if start is None or ahead is None else max(start, ahead)
         starts[task.id] = start
         out[task.id] = Waiting(rank, reason, start)
     return out
+
+
+def why_gang(task: TaskRequest, free: Mapping[str, NodeFree], draining: Sequence[NodeFree] = ()) -> str:
+    """What a gang lacks now: how many nodes could take a member, or why none can."""
+    room = gang.nodes_with_room(task, free)
+    if not room:
+        member = gang.member_of(task)
+        return f"needs {gang.describe(task)}; no node can hold a member now: {why(member, free, draining)}"
+    return f"needs {gang.describe(task)}; {room} node{'s' * (room != 1)} can hold members now"
 
 
 def why(task: TaskRequest, free: Mapping[str, NodeFree], draining: Sequence[NodeFree] = ()) -> str:

@@ -36,7 +36,12 @@ class TaskRequest:
 
     ``labels`` must match exactly; ``prefer`` lists, per label key, the values accepted in
     order of preference (``Resources(labels={"gpu": ["H100", "A100"]})``). ``shape`` is the
-    whole request (tasks of one shape fit wherever each other fits); ``gpu_kind`` only its GPU part."""
+    whole request (tasks of one shape fit wherever each other fits); ``gpu_kind`` only its GPU part.
+
+    A gang (``replicas`` > 1) is one request of ``replicas`` members, each asking for the
+    resources above, placed all or nothing (``gang``): ``spread`` puts one member per node,
+    ``same_label`` (a node label key) puts all members on nodes sharing one value of it. With
+    ``replicas`` 1 both are ignored: a single task is placed exactly as before."""
 
     id: str
     whole_gpus: int = 0
@@ -53,13 +58,21 @@ class TaskRequest:
     submitted_at: float = 0.0  # seconds
     preemptible: bool = False
     prefer: Prefer = ()
+    replicas: int = 1  # members of a gang, each with the resources above
+    spread: bool = False  # gang: one member per node
+    same_label: str | None = None  # gang: all members on nodes with one value of this label key
 
     @property
     def shape(self) -> tuple[Any, ...]:
         """Everything that decides where it fits: two tasks of one shape fit on the same nodes
         (the name counts since a node may run only some task names)."""
-        return (self.whole_gpus, self.gpu_milli, self.gpu_memory_mb, self.cpu_milli,
-                self.memory_mb, self.labels, self.prefer, self.name)
+        single = (self.whole_gpus, self.gpu_milli, self.gpu_memory_mb, self.cpu_milli,
+                  self.memory_mb, self.labels, self.prefer, self.name)
+        return single if self.replicas == 1 else (*single, self.replicas, self.spread, self.same_label)
+
+    @property
+    def is_gang(self) -> bool:
+        return self.replicas > 1
 
     @property
     def gpus(self) -> float:
@@ -143,8 +156,23 @@ class Waiting:
 
 
 @dataclass(slots=True)
+class GangPlacement:
+    """A proposal for a whole gang: ``members[rank]`` is where member ``rank`` runs (its
+    ``task_id`` is the gang's). Kept apart from ``Plan.placements``, which reserve.lua commits
+    one task per placement: a gang must be committed in one call or not at all."""
+
+    task_id: str
+    members: tuple[Placement, ...]
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(dict.fromkeys(p.node_id for p in self.members))
+
+
+@dataclass(slots=True)
 class Plan:
     placements: list[Placement] = field(default_factory=list)
+    gangs: list[GangPlacement] = field(default_factory=list)
     preemptions: list[Preemption] = field(default_factory=list)
     waiting: dict[str, Waiting] = field(default_factory=dict)
     tokens: dict[str, float] = field(default_factory=dict)  # starts each rate-limited name has left
@@ -252,8 +280,9 @@ class NodeFree:
 
 
 def demand(task: TaskRequest) -> Vector:
-    """What a pending task asks for, as fair share counts it."""
-    return (task.gpus, task.cpu_milli / MILLI, float(task.memory_mb))
+    """What a pending task asks for, as fair share counts it: a gang, the sum of its members."""
+    k = task.replicas
+    return (k * task.gpus, k * task.cpu_milli / MILLI, float(k * task.memory_mb))
 
 
 def held(task: RunningTask) -> Vector:

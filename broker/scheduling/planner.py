@@ -11,17 +11,21 @@ phases (as kueue's cycle):
     3 admit     per task, in that order: quota (fair), its name's rate limit; place now where nothing held for a
                 higher-ranked task is delayed; else preempt (``preemption``: fewest victims on
                 one node); else (backfill) hold its earliest start; strict stops at the first
-                that waits
+                that waits. A gang (``gang``) is one unit throughout: all its members
+                placed now or none, its members' sum against its tenant, one hold per member
+                at the gang's earliest start; it does not preempt (not yet: victims on several
+                nodes)
     4 explain   position, reason and estimated start of the first ``explain_limit`` waiting
                 (``explain``)
 """
 
 from __future__ import annotations
 
+from broker.scheduling import gang
 from broker.scheduling.config import Mode, Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause, explain
 from broker.scheduling.fairshare import Ledger
-from broker.scheduling.model import GpuKind, Placement, Plan, Snapshot, TaskRequest, demand
+from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement, Plan, Snapshot, TaskRequest, demand
 from broker.scheduling.ordering import ORDERINGS, Ranking
 from broker.scheduling.placement import make_placer
 from broker.scheduling.preemption import Preemptor
@@ -53,6 +57,8 @@ def _check(snap: Snapshot) -> None:
         seen.add(task.id)
         if task.estimate_s is not None and not task.estimate_s >= 0:
             raise ValueError(f"pending[{i}].estimate_s: must be a number >= 0 (got {task.estimate_s!r})")
+        if task.replicas < 1:
+            raise ValueError(f"pending[{i}].replicas: must be at least 1 (got {task.replicas!r})")
     for i, run in enumerate(snap.running):
         if run.node_id in gpus and any(not 0 <= g < gpus[run.node_id] for g in run.gpu_indices):
             raise ValueError(f"running[{i}].gpu_indices: {run.gpu_indices} outside node {run.node_id}'s "
@@ -126,6 +132,8 @@ class _Pass:
                 return Cause("quota", refusal)
         if self.tokens.get(task.name, 1) < 1:
             return Cause("rate", task.name)
+        if task.replicas > 1:
+            return self._admit_gang(task, duration)
         cause = self._place(task, duration)
         if cause is None:
             return None
@@ -146,6 +154,56 @@ class _Pass:
                 self.timeline.hold(Hold(node_id, start, start + duration, Usage.of(task, node, gpus)))
                 return Cause(cause.kind, cause.detail, start=start)
         return cause
+
+    def _admit_gang(self, task: TaskRequest, duration: float) -> Cause | None:
+        """Place every member now, else (backfill) hold each member's node at the gang's
+        earliest start. No preemption for a gang yet: its victims may sit on several nodes."""
+        cause = self._place_gang(task, duration)
+        if cause is None or self.config.mode is not Mode.BACKFILL or self.holds >= self.max_holds:
+            return cause
+        self.holds += 1
+        found = gang.earliest(task, duration, self.timeline, self.node_order)
+        if found is None:
+            return cause
+        start, members = found
+        member = gang.member_of(task)
+        for p in members:
+            usage = Usage.of(member, self.placer.nodes[p.node_id], p.gpu_indices)
+            self.timeline.hold(Hold(p.node_id, start, start + duration, usage))
+        return Cause(cause.kind, cause.detail, start=start)
+
+    def _place_gang(self, task: TaskRequest, duration: float) -> Cause | None:
+        """Place all of a gang's members now without delaying a hold, else why not."""
+        known = self.failed.get(task.shape)
+        if known is not None:
+            return known
+        views = self.timeline.views(duration) if self.timeline.holds else None
+        members = gang.choose(task, self._states(views), self.node_order)
+        if members is not None:
+            self._take_gang(task, members, duration)
+            return None
+        free = gang.choose(task, self.placer.nodes, self.node_order) if views else None
+        if free is None:
+            cause = self.failed[task.shape] = Cause("fit")
+            return cause
+        held = next((p.node_id for p in free if p.node_id in self.timeline.holds), free[0].node_id)
+        return Cause("held", self._holder(held, duration))
+
+    def _states(self, views: dict[str, NodeFree] | None) -> dict[str, NodeFree]:
+        nodes = self.placer.nodes
+        return nodes if not views else {n: views.get(n, free) for n, free in nodes.items()}
+
+    def _take_gang(self, task: TaskRequest, members: list[Placement], duration: float) -> None:
+        member = gang.member_of(task)
+        end = None if duration == INF else self.now + duration
+        for p in members:
+            self.placer.take(member, p)
+            node = self.placer.nodes[p.node_id]
+            self.timeline.release(node.id, end, Usage.of(member, node, p.gpu_indices))
+        self.ledger.add(task.tenant, demand(task))
+        if task.name in self.tokens:
+            self.tokens[task.name] -= 1
+        self.plan.gangs.append(GangPlacement(task.id, tuple(members)))
 
     def _place(self, task: TaskRequest, duration: float) -> Cause | None:
         """Place ``task`` now if it fits without delaying a hold; else why not."""

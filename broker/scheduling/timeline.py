@@ -238,6 +238,10 @@ class Timeline:
             self._earliest[key] = self._search(task, duration, order, fits_now)
         return self._earliest[key]
 
+    def earliest_on(self, node_id: str, task: TaskRequest, duration: float) -> tuple[float, list[int]] | None:
+        """When and with which GPUs ``task`` could start soonest on ``node_id`` for ``duration``."""
+        return self._node_earliest_cached(node_id, task, duration)
+
     def _search(self, task: TaskRequest, duration: float, order: Mapping[str, int], fits_now: bool) -> Start | None:
         candidates = [n for n in self.nodes.values()
                       if len(n.free_milli) >= task.whole_gpus and n.matches(task)

@@ -31,11 +31,13 @@ from broker.dispatcher import CycleReport, Dispatcher
 from broker.errors import InvalidRequest
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, SubmitRequest, shortfall
-from broker.scheduling.config import Mode, Ordering, SchedulingConfig
+from broker.scheduling.config import SchedulingConfig
 from broker.scheduling.model import Placement
 from broker.settings import Settings
+from broker.sim.gangs import GangBook, GangPlanner, GangShape, gang_shape
 from broker.sim.localcluster import private_redis
 from broker.sim.results import EPOCH_MS, Batch, JobOutcome, Series, SimResult, SimulationError, VirtualClock
+from broker.sim.static import static_problems
 from broker.sim.traces import ClusterNode, TraceJob
 from broker.store import reads
 from broker.store.keys import PoolKeys
@@ -77,7 +79,9 @@ class Simulator:
 
     def __init__(self, jobs: Sequence[TraceJob], nodes: Sequence[ClusterNode], redis_url: str,
                  scheduling: SchedulingConfig | None = None, estimates: str = "learned", label: str = "",
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, gangs: bool = True) -> None:
+        """``gangs=False``: refuse jobs larger than any node, as before gangs (capacity planning
+        leaves them out)."""
         if estimates not in ("true", "learned"):
             raise InvalidRequest({"estimates": f"{estimates!r} is not 'true' or 'learned'"})
         if not nodes:
@@ -102,6 +106,13 @@ class Simulator:
         self.dispatcher = Dispatcher(self.settings, clock=self.clock, client=self.redis, explain=False,
                                      stopper=lambda task_id, node_id: self._stops.append((task_id, node_id)))
         self.outcomes = [JobOutcome(job) for job in self.jobs]
+        # Jobs larger than any node replay as gangs of whole nodes (broker.sim.gangs).
+        self._gang_shapes = {i: shape for i, job in enumerate(self.jobs)
+                             if gangs and (shape := gang_shape(job, self.nodes))}
+        self.gangs = GangBook()
+        if self._gang_shapes:  # the lazy spine places task by task: gangs need the full planner
+            self.dispatcher.lazy = False
+            self.dispatcher.planner = GangPlanner(self.dispatcher.planner, self.gangs)
         self.series = Series()
         self.placements: list[tuple[str, str, tuple[int, ...], float]] = []
         self._task_index: dict[str, int] = {}
@@ -130,20 +141,10 @@ class Simulator:
         return self._result(started)
 
     def run_batches(self, ends: Sequence[int]) -> tuple[SimResult, list[Batch]]:
-        """Static packing (the FGD protocol) in one cycle per batch instead of one per job.
-
-        Every job is submitted first, so the pool's request mix counts the whole workload (as
-        the offline harness bench/frag_offline.py gives it). Then for each batch (``ends``:
-        cumulative job counts), one cycle of a dispatcher whose window is that batch walks it
-        in submit order and places each job that fits; its jobs still pending are cancelled
-        (dropped). Jobs never finish, so capacity only shrinks: this places exactly what
-        submitting the jobs one at a time, dropping each that fits nowhere, would.
-
-        Needs jobs without a duration, and scheduling that walks the queue in submit order and
-        skips what does not fit: ordering priority (no aging) or fifo, mode best_effort, no
-        preemption. A placement outside the batch (possible only if the batch placed every job
-        and best fit's lazy planner then ran its full pass on the next job) is a SimulationError."""
-        self._check_static(ends)
+        """Static packing (the FGD protocol), one cycle per batch: see ``broker.sim.static``."""
+        problems = static_problems(self.settings.scheduling, self.jobs, ends, bool(self._gang_shapes))
+        if problems:
+            raise InvalidRequest(problems)
         started = time.perf_counter()
         logging.getLogger("broker.dispatcher").setLevel(logging.WARNING)
         batches = []
@@ -170,22 +171,6 @@ class Simulator:
             self._drop_pool()
             self.redis.close()
         return self._result(started), batches
-
-    def _check_static(self, ends: Sequence[int]) -> None:
-        s = self.settings.scheduling
-        problems = {}
-        if not ends or list(ends) != sorted(set(ends)) or ends[0] < 1 or ends[-1] != len(self.jobs):
-            problems["batches"] = f"must rise strictly from 1 to the number of jobs ({len(self.jobs)}); got {ends}"
-        if any(j.duration_s is not None for j in self.jobs):
-            problems["jobs"] = "static batches need jobs that never finish (duration_s None)"
-        if not (s.ordering is Ordering.FIFO or (s.ordering is Ordering.PRIORITY and s.aging_per_minute == 0)):
-            problems["scheduling.ordering"] = "must be fifo, or priority without aging (submit order)"
-        if s.mode is not Mode.BEST_EFFORT:
-            problems["scheduling.mode"] = "must be best_effort (a job that fits nowhere is dropped, not waited for)"
-        if s.preemption:
-            problems["scheduling.preemption"] = "must be off (jobs are dropped, never make room)"
-        if problems:
-            raise InvalidRequest(problems)
 
     def _place_batch(self, ids: set[str]) -> set[str]:
         """One cycle over exactly the batch ``ids`` (the head of the queue); the ids it placed."""
@@ -250,32 +235,47 @@ class Simulator:
         shape is checked once against it, and each distinct request validated once)."""
         job = self.jobs[index]
         self._events += 1
+        shape = self._gang_shapes.get(index)
+        if shape is not None:
+            self.outcomes[index].members = shape.replicas
+            job = shape.member
         estimate = job.duration_s if self.true_estimates and job.duration_s else None
         key = (job.name, job.gpus, job.gpu_memory_mb, job.cpus, job.memory_mb, tuple(sorted(job.labels.items())),
-               job.priority, job.tenant, job.preemptible, estimate)
+               job.priority, job.tenant, job.preemptible, estimate, shape is not None)
         request = self._requests.get(key)
         if request is None:
-            request = self._requests[key] = self._request(job, estimate)
+            request = self._requests[key] = self._request(job, estimate, member=shape is not None)
         if isinstance(request, str):
             self.outcomes[index].rejected = request
             return
         req, stored = request
         task_id = f"{job.id}-{uuid.uuid4().hex[:8]}"
-        self._task_index[task_id] = index
-        code, _ = self.scripts.submit(task_id, req, self.messages(task_id, req.task_name), stored)
-        if code is not SubmitCode.CREATED:
-            raise SimulationError(f"submit.lua refused job {job.id} ({code.name})")
-        self._pending += 1
+        ids = [task_id] if shape is None else [f"{task_id}-m{rank}" for rank in range(shape.replicas)]
+        if shape is not None:
+            self.gangs.add(task_id, ids)
+        for member_id in ids:
+            self._task_index[member_id] = index
+            code, _ = self.scripts.submit(member_id, req, self.messages(member_id, req.task_name), stored)
+            if code is not SubmitCode.CREATED:
+                raise SimulationError(f"submit.lua refused job {job.id} ({code.name})")
+            self._pending += 1
 
-    def _request(self, job: TraceJob, estimate: float | None) -> tuple[SubmitRequest, StoredRequest] | str:
+    def _request(self, job: TraceJob, estimate: float | None, member: bool = False
+                 ) -> tuple[SubmitRequest, StoredRequest] | str:
         """The validated request and what is stored of it; or why no node could ever run it."""
         resources = job.resources()
         short = shortfall(resources, self._views)
         if short:
             return "; ".join(f"{k}: {v}" for k, v in short.items())
+        preemptible = False if member else job.preemptible  # a gang's member may not be stopped alone
         req = SubmitRequest(task_name=job.name, resources=resources, priority=job.priority, tenant=job.tenant,
-                            estimated_runtime_s=estimate, preemptible=job.preemptible)
+                            estimated_runtime_s=estimate, preemptible=preemptible)
         return req, StoredRequest.of(req)
+
+    def _milli(self, index: int) -> int:
+        """GPU capacity one task of job ``index`` holds: a gang member holds its own part."""
+        shape: GangShape | None = self._gang_shapes.get(index)
+        return (shape.member if shape else self.jobs[index]).gpu_milli
 
     def _dispatch(self) -> None:
         while True:
@@ -304,6 +304,7 @@ class Simulator:
         worker would. Returns how many were so dropped."""
         if not placed:
             return 0
+        self.gangs.check_placed(placed)
         node_ids = sorted({p.node_id for p in placed})
         pipe = self.redis.pipeline(transaction=False)
         for node_id in node_ids:
@@ -335,7 +336,7 @@ class Simulator:
             outcome.node, outcome.gpus, outcome.order = p.node_id, p.gpu_indices, len(self.placements)
             self.placements.append((job.id, p.node_id, p.gpu_indices, now_s))
             self._running[p.task_id] = _Running(index, p.node_id, tag, p.gpu_indices)
-            self._hold(p.node_id, p.gpu_indices, job.gpu_milli, +1)
+            self._hold(p.node_id, p.gpu_indices, self._milli(index), +1)
             if job.duration_s is not None:
                 self._seq += 1
                 heapq.heappush(self._finishes, (self.clock.now_ms + round(job.duration_s * 1000), self._seq,
@@ -378,7 +379,7 @@ class Simulator:
 
     def _release(self, task_id: str, run: _Running) -> None:
         del self._running[task_id]
-        self._hold(run.node, run.gpus, self.jobs[run.index].gpu_milli, -1)
+        self._hold(run.node, run.gpus, self._milli(run.index), -1)
 
     def _hold(self, node_id: str, gpus: tuple[int, ...], milli: int, sign: int) -> None:
         self._allocated_milli += sign * milli
@@ -410,10 +411,10 @@ class Simulator:
 
 def simulate(jobs: Sequence[TraceJob], nodes: Sequence[ClusterNode], scheduling: SchedulingConfig | None = None,
              *, redis_url: str | None = None, estimates: str = "learned", label: str = "",
-             progress: Progress | None = None, settings: Settings | None = None) -> SimResult:
+             progress: Progress | None = None, settings: Settings | None = None, gangs: bool = True) -> SimResult:
     """Run ``jobs`` on ``nodes``; on a private redis-server unless ``redis_url`` is given (the
     run uses a fresh pool there and deletes it afterwards)."""
     if redis_url is None:
         with private_redis() as url:
-            return Simulator(jobs, nodes, url, scheduling, estimates, label, settings).run(progress)
-    return Simulator(jobs, nodes, redis_url, scheduling, estimates, label, settings).run(progress)
+            return Simulator(jobs, nodes, url, scheduling, estimates, label, settings, gangs).run(progress)
+    return Simulator(jobs, nodes, redis_url, scheduling, estimates, label, settings, gangs).run(progress)

@@ -83,6 +83,12 @@ def metrics(result: SimResult) -> dict[str, float]:
     out |= _stats("wait", waits(jobs))
     out |= _stats("jct", [jct for _, jct in done])
     out |= _stats("slowdown", [_slowdown(o, jct) for o, jct in done])
+    # Gangs (jobs larger than any node) apart: before gangs they were refused, so the rest is
+    # what compares with a run without them.
+    gangs = [o for o in jobs if o.members > 1]
+    out["gang_jobs"] = len(gangs)
+    out |= _stats("gang_wait", waits(gangs))
+    out |= _stats("single_wait", waits([o for o in jobs if o.members == 1]))
     s = result.series
     out["makespan_s"] = last - first
     out["allocation_mean"] = time_weighted_mean(s, s.allocated_gpus, first, last) / gpus
@@ -139,6 +145,9 @@ _ROWS: list[tuple[str, str, str]] = [  # label, metric key, format
     ("bounded slowdown p99", "slowdown_p99", "num"),
     ("GPU allocation mean", "allocation_mean", "pct"), ("GPU allocation peak", "allocation_peak", "pct"),
     ("GPU allocation at end", "allocation_final", "pct"), ("GPUs occupied mean", "occupancy_mean", "pct"),
+    ("gangs (jobs larger than a node)", "gang_jobs", "int"),
+    ("gang wait mean", "gang_wait_mean", "time"), ("gang wait max", "gang_wait_max", "time"),
+    ("wait mean, single-node jobs", "single_wait_mean", "time"),
     ("makespan", "makespan_s", "time"), ("preemptions", "preemptions", "int"),
     ("dispatcher cycles", "cycles", "int"), ("wall time", "wall_s", "time"), ("jobs/s simulated", "jobs_per_s", "int"),
 ]

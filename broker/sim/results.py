@@ -42,6 +42,7 @@ class JobOutcome:
     preemptions: int = 0
     rejected: str | None = None  # why submit refused it (no node could ever run it)
     order: int | None = None  # position among all placements of the run (last placement)
+    members: int = 1  # a job larger than any node replays as a gang of this many (broker.sim.gangs)
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ import math
 from dataclasses import fields
 from typing import Any, cast
 
+from broker.errors import InvalidRequest
 from broker.models import MAX_PRIORITY, MILLI, Resources, SubmitRequest, split_selector
 from broker.scheduling.model import TaskRequest
 
@@ -50,6 +51,11 @@ Wire = dict[str, Any]  # a decoded request
 
 
 def encode_request(req: SubmitRequest) -> str:
+    if req.replicas != 1:
+        # Stored as one task it would run as one member: refuse until reserve.lua can commit a
+        # whole gang in one call (issue 13's Redis part).
+        raise InvalidRequest({"replicas": f"{req.replicas}: gangs are planned (broker.scheduling.gang) but "
+                                          "cannot be stored or dispatched yet; submit replicas=1"})
     r = req.resources
     return json.dumps({"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
                        "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from celery import Celery
@@ -23,8 +23,9 @@ from broker.native.envelope import Envelopes
 from broker.native.submitter import Submitter
 from broker.native.transport import submitted
 from broker.settings import Settings
-from broker.store import reads, records
+from broker.store import history, reads, records
 from broker.store.connection import as_broker_error, connect, unavailable_as_error
+from broker.store.history import TaskRow, UsageRow
 from broker.store.keys import PoolKeys
 from broker.store.scripts import CancelCode, Clock, DrainCode, ForgetCode, Scripts, wall_clock_ms
 
@@ -285,6 +286,26 @@ class Client:
         """Pending tasks in dispatch order, with their position (1 = next), and, as of the
         dispatcher's last full pass, why each waits and when it is estimated to start."""
         return reads.queue_entries(self.redis, self.keys, limit)
+
+    @unavailable_as_error
+    def tasks(self, state: str | Iterable[str] | None = None, tenant: str | None = None, node: str | None = None,
+              since: str | float | timedelta | datetime | None = None, limit: int | None = None) -> list[TaskRow]:
+        """Tasks like squeue/sacct list them: pending (dispatch order), running (by node), then
+        final ones newest first. ``state``: pending, running, finished (succeeded), failed,
+        cancelled, or several (default all); ``since`` ("1h", seconds or a timedelta ago, or a
+        datetime) bounds when final ones finished. Final tasks show until their records expire."""
+        states, limit = history.parse_states(state), history.parse_limit(limit)
+        now = self.clock()
+        return history.read_tasks(self.redis, self.keys, now, states, tenant, node,
+                                  history.parse_since(since, now / 1000), limit)
+
+    @unavailable_as_error
+    def usage(self, since: str | float | timedelta | datetime | None = None, by: str = "tenant") -> list[UsageRow]:
+        """GPU-hours, CPU-hours, task counts and wait p50/p95 of the tasks that ended since
+        ``since``, per tenant, node or task name (``by``), most GPU-hours first."""
+        by = history.parse_by(by)
+        now = self.clock()
+        return history.read_usage(self.redis, self.keys, now, history.parse_since(since, now / 1000), by)
 
     def close(self) -> None:
         if self._celery is not None:

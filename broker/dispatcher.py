@@ -51,7 +51,7 @@ from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
 from broker.settings import Settings
-from broker.store import reads, records, stats
+from broker.store import history, reads, records, stats
 from broker.store.connection import as_broker_error, connect, transient
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
@@ -129,6 +129,8 @@ class Dispatcher:
         self._next_forget_ms = 0
         self._unreadable_nodes: dict[str, str] = {}  # node id -> why, as logged (once per reason)
         self._next_stats_ms = 0
+        self._next_beat_ms = 0  # when to record the cycle time again (P cycle, for health checks)
+        self._next_trim_ms = 0  # when to trim the history index again
         COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
         for code in ReserveCode:
             if code is not ReserveCode.OK:
@@ -154,6 +156,7 @@ class Dispatcher:
             report.expired = self.scripts.expire()
             report.ingested = self._ingest.maybe()
             self._forget_departed(report)
+            self._trim_history()
         full = not self.lazy
         if self.lazy:
             with _Timer(report, "2_snapshot"):
@@ -189,7 +192,22 @@ class Dispatcher:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
             self._record(report)
             self._refresh_metrics()
+            self._beat()
         return report
+
+    def _beat(self) -> None:
+        """Record that a cycle ran (``gpubroker health dispatcher``), at most once a second."""
+        now = self.clock()
+        if now >= self._next_beat_ms:
+            self.redis.set(self.keys.cycle, now)
+            self._next_beat_ms = now + 1000
+
+    def _trim_history(self) -> None:
+        """Drop history index entries whose records expired, once a minute (readers skip them meanwhile)."""
+        now = self.clock()
+        if now >= self._next_trim_ms:
+            history.trim_finished(self.redis, self.keys)
+            self._next_trim_ms = now + 60_000
 
     def _refresh_metrics(self) -> None:
         """The pool gauges and outcome counters (broker.metrics): the queue count reads the whole

@@ -242,6 +242,35 @@ def test_gpubroker_commands_and_options_in_compose_exist(services: dict[str, dic
     assert checked >= 2  # dispatcher and worker
 
 
+def test_dispatcher_and_worker_have_gpubroker_health_checks(services: dict[str, dict[str, Any]],
+                                                            tmp_path: Path) -> None:
+    health = cli_commands()["health"].commands
+    dispatcher = services["dispatcher"]["healthcheck"]
+    assert dispatcher["test"] == ["CMD", "gpubroker", "health", "dispatcher"]
+    worker = services["worker"]["healthcheck"]
+    kind, line = worker["test"]
+    assert kind == "CMD-SHELL"
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no POSIX sh here")
+    # Run it as the container would (compose turns $$ into $), with stand-ins that print argv.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "gpubroker").write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done\n')
+    (stubs / "hostname").write_text("#!/bin/sh\necho c0ffee123456\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    done = subprocess.run([sh, "-c", line.replace("$$", "$")], env={"PATH": f"{stubs}:/usr/bin:/bin"},
+                          capture_output=True, check=True)
+    args = done.stdout.decode().split("\0")[:-1]
+    assert args[:2] == ["health", "worker"]
+    params = health["worker"].make_context("worker", args[2:]).params
+    assert params["node"] == "c0ffee123456"  # the node id the worker command registers with
+    health["dispatcher"].make_context("dispatcher", dispatcher["test"][4:])
+    for check in (dispatcher, worker):
+        assert {"interval", "timeout", "retries", "start_period"} <= set(check)
+
+
 def test_flower_requires_basic_auth(services: dict[str, dict[str, Any]]) -> None:
     flower = services["flower"]
     assert flower["command"] == ["celery", "-A", "broker.celery_conf:app", "flower",

@@ -236,6 +236,10 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "deadletter":    dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
     # Every final transition counts its outcome there (_release.lua), whoever runs it.
     "outcomes":      dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
+    # ... and enters the history index (conclude); the dispatcher trims it.
+    "finished":      dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
+    # The dispatcher's last cycle, for `gpubroker health dispatcher` (run with its credentials).
+    "cycle":         dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
 }
 
 

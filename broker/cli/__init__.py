@@ -1,7 +1,7 @@
-"""The ``gpubroker`` command line (Typer + Rich): ``app`` with every command of ``commands`` and
-``sim``; ``workers.cli`` adds ``worker`` (which needs task code) and is the entry point."""
+"""The ``gpubroker`` command line (Typer + Rich): ``app`` with every command of ``commands``,
+``history`` and ``sim``; ``workers.cli`` adds ``worker`` (which needs task code) and is the entry point."""
 
-from broker.cli import commands, sim
+from broker.cli import commands, history, sim
 from broker.cli.common import app
 
-__all__ = ["app", "commands", "sim"]
+__all__ = ["app", "commands", "history", "sim"]

@@ -55,6 +55,12 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | ``<i>|<tenant>`` -> histogram bucket i     |                       |
 |                              |        | counts, ``wait_sum|``/``run_sum|<tenant>`` |                       |
 |                              |        | seconds (metrics; _release.lua ``tally``)  |                       |
+| ``P finished``               | zset   | ids of tasks that reached a final state,   | none; the dispatcher  |
+|                              |        | scored by finished_at (ms): the history    | trims ids whose task  |
+|                              |        | index (_release.lua ``conclude``)          | record expired        |
+| ``P cycle``                  | string | ms since epoch of a dispatcher's last      | none                  |
+|                              |        | cycle, written at most once a second       |                       |
+|                              |        | (``gpubroker health dispatcher``)          |                       |
 | ``P deadletter``             | hash   | task id -> JSON {reason, at, request,      | none                  |
 |                              |        | found}: a pending entry whose request was  |                       |
 |                              |        | unreadable and whose task hash could not   |                       |
@@ -214,6 +220,16 @@ class PoolKeys:
     def outcomes(self) -> str:
         """Per-tenant outcome counters and wait/run histograms the scripts keep for the metrics."""
         return self.prefix + "outcomes"
+
+    @property
+    def finished(self) -> str:
+        """The history index: final task ids scored by finished_at (ms)."""
+        return self.prefix + "finished"
+
+    @property
+    def cycle(self) -> str:
+        """When a dispatcher last cycled (ms), for its health check."""
+        return self.prefix + "cycle"
 
     @property
     def deadletter(self) -> str:

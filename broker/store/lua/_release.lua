@@ -106,10 +106,13 @@ local function finalize(prefix, task_key, task_id)
   redis.call('ZREM', prefix .. 'expiring', task_id)
 end
 
--- End a task: state `final` with `fields` (name, value, ...), then finalize.
+-- End a task: state `final` with `fields` (name, value, ...), then finalize. It enters the
+-- history index (P finished, scored by finished_at) in the same script, so `gpubroker tasks`
+-- and `usage` never miss an end; the dispatcher trims entries whose record expired.
 local function conclude(prefix, task_key, task_id, final, now, ...)
   tally(prefix .. 'outcomes', task_key, string.lower(final), tonumber(now))
   redis.call('HSET', task_key, 'state', final, 'finished_at', now, ...)
+  redis.call('ZADD', prefix .. 'finished', now, task_id)
   finalize(prefix, task_key, task_id)
   return final
 end

@@ -1,5 +1,5 @@
-"""The operational ``gpubroker`` commands: dispatcher, submit, status, queue, nodes (and nodes remove),
-drain, undrain, cancel, demo."""
+"""The operational ``gpubroker`` commands: dispatcher, submit, status, logs, queue, nodes (and nodes
+remove), drain, undrain, cancel, demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -124,6 +125,36 @@ def status(task_id: str, redis_url: RedisUrl = None, pool: Pool = None, as_json:
     def go() -> None:
         with client_for(redis_url, pool) as client:
             _show_status(client.status(task_id), as_json)
+
+    run_cli(go)
+
+
+@app.command()
+def logs(task_id: str, redis_url: RedisUrl = None, pool: Pool = None,
+         attempt: Annotated[int | None, typer.Option(help="Which attempt (default: the latest)")] = None,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep showing it until the task ends")] = False,
+         interval: Annotated[float, typer.Option(help="Seconds between polls with --follow")] = 1.0) -> None:
+    """Show the last part of a task's output (stdout and stderr, kept with it as each attempt runs)."""
+
+    def go() -> None:
+        shown, current = 0, None
+        with client_for(redis_url, pool) as client:
+            while True:
+                got = client.logs(task_id, attempt)
+                if got.attempt != current:
+                    if current is not None:
+                        err.print(f"[dim]--- attempt {got.attempt} ---[/dim]")
+                    shown, current = 0, got.attempt
+                start = got.size - len(got.tail)
+                if start > shown:  # the kept part no longer reaches back to what was shown
+                    err.print(f"[dim]... {start - shown} bytes not kept (the whole log: {got.file})[/dim]")
+                if got.size > shown:
+                    sys.stdout.write(got.tail[max(0, shown - start):].decode(errors="replace"))
+                    sys.stdout.flush()
+                    shown = got.size
+                if not follow or got.final:
+                    return
+                time.sleep(interval)
 
     run_cli(go)
 

@@ -251,10 +251,12 @@ def demo(
     flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
     live: Annotated[bool, typer.Option(help="Live view (off: print a line per second)")] = True,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 300,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the cluster and Flower up after the summary, "
+                                                      "until Ctrl-C")] = False,
 ) -> None:
     """Run a local demo cluster: Redis, dispatcher, three simulated nodes, Flower, a mixed workload."""
     from broker.cli.demo import run_demo  # starts processes: imported only when asked
 
     # A live view needs a terminal; piped or in CI, print a progress line per second instead.
     sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live and console.is_terminal,
-                      timeout=timeout))
+                      timeout=timeout, keep=keep))

@@ -74,6 +74,18 @@ def test_only_the_last_part_is_kept_and_each_attempt_has_its_own_log(
         assert cli(settings, "logs", task_id).endswith("end 2\n")
 
 
+def test_the_log_of_an_attempt_whose_process_was_killed_is_kept_by_the_worker(
+        procs: Processes, settings: Settings, tmp_path: Path) -> None:
+    with Client(settings=settings) as client:
+        start(procs, client, tmp_path)
+        task_id = client.submit("tests.chatty", kwargs={"killed_first": True}, resources=Resources(gpus=1),
+                                max_retries=1).id
+        done = client.wait(task_id, 60)
+        assert done.state is TaskState.SUCCEEDED and done.result == 2
+        assert client.logs(task_id, 1).tail == b"out 1\nerr 1\nchild 1\nend 1\n"  # the child could not say
+        assert set(done.log_files) == {1, 2}
+
+
 def test_follow_shows_output_of_a_running_task_before_it_ends(
         procs: Processes, settings: Settings, tmp_path: Path) -> None:
     with Client(settings=settings) as client:

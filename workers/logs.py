@@ -78,14 +78,23 @@ def _handler_streams() -> list[logging.StreamHandler[Any]]:
 
 
 class Capture:
-    """An attempt's fds 1 and 2 sent to its log file, until ``end``."""
+    """An attempt's fds 1 and 2 sent to its log file, until ``end``. Where the file cannot be
+    written the attempt runs as before, its output in the worker's log: a full or misconfigured
+    log directory is the operator's to fix (the warning says so), not a reason to fail the task."""
 
     def __init__(self, task_id: str, tag: str) -> None:
         self.task_id, self.tag = task_id, tag
         self.path = log_path(tag)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.active = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            log.warning("task %s: no log file (%s); its output goes to the worker's log (GPUBROKER_TASK_LOG_DIR)",
+                        tag, exc)
+            return
+        self.active = True
         self._flush_all()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.saved = (os.dup(1), os.dup(2))
         # Celery's handlers write to the worker's original stderr/stdout meanwhile.
         self.worker_stream: IO[str] = open(os.dup(self.saved[1]), "w", buffering=1, encoding="utf-8",
@@ -115,11 +124,14 @@ class Capture:
         interval = context.settings().task_log_flush_s
         kept = -1
         while not self._stop.wait(interval):
-            if os.path.getsize(self.path) != kept:
+            if tail_of(self.path, 0)[1] != kept:
                 kept = keep_tail(self.task_id, self.tag, self.path)
 
     def end(self) -> None:
         """Keep the last part with the task and give the fds back (call once its processes are gone)."""
+        if not self.active:
+            return
+        self.active = False
         self._stop.set()
         self._thread.join()
         self._flush_all()

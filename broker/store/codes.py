@@ -79,12 +79,6 @@ class ProgressCode(enum.IntEnum):
     STALE = 2
 
 
-class LogCode(enum.IntEnum):
-    OK = 0
-    NOT_FOUND = 1
-    STALE = 2
-
-
 class ReapCode(enum.IntEnum):
     OK = 0
 

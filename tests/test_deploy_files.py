@@ -128,6 +128,18 @@ def env_example() -> dict[str, str]:
     return read_env_file(CONFIG / "gpubroker.env.example")
 
 
+def argv_stubs(tmp_path: Path) -> Path:
+    """A folder of stand-ins for a container's commands: ``gpubroker`` prints its argv (NUL
+    separated), ``hostname`` a container id."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "gpubroker").write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done\n')
+    (stubs / "hostname").write_text("#!/bin/sh\necho c0ffee123456\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    return stubs
+
+
 # ---- docker-compose.yml ----------------------------------------------------------------------
 
 
@@ -181,12 +193,7 @@ def _run_worker_command(services: dict[str, dict[str, Any]], tmp_path: Path, she
     if sh is None:
         pytest.skip("no POSIX sh here")
     worker = services["worker"]
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "gpubroker").write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done\n')
-    (stubs / "hostname").write_text("#!/bin/sh\necho c0ffee123456\n")
-    for stub in stubs.iterdir():
-        stub.chmod(0o755)
+    stubs = argv_stubs(tmp_path)
     env = {key: interpolate(str(value), shell_env) for key, value in worker["environment"].items() if value is not None}
     env["PATH"] = f"{stubs}{os.pathsep}/usr/bin{os.pathsep}/bin"
     argv = [interpolate(part, shell_env) for part in worker["command"]]
@@ -254,12 +261,7 @@ def test_dispatcher_and_worker_have_gpubroker_health_checks(services: dict[str, 
     if sh is None:
         pytest.skip("no POSIX sh here")
     # Run it as the container would (compose turns $$ into $), with stand-ins that print argv.
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "gpubroker").write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done\n')
-    (stubs / "hostname").write_text("#!/bin/sh\necho c0ffee123456\n")
-    for stub in stubs.iterdir():
-        stub.chmod(0o755)
+    stubs = argv_stubs(tmp_path)
     done = subprocess.run([sh, "-c", line.replace("$$", "$")], env={"PATH": f"{stubs}:/usr/bin:/bin"},
                           capture_output=True, check=True)
     args = done.stdout.decode().split("\0")[:-1]

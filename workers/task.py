@@ -265,25 +265,9 @@ class GpuTask(BrokerTask):
         try:
             result = self.run(*args, **kwargs)
             payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
-        except Retry as exc:
-            _end_unit(unit, watchdog)
-            self._end_as_retry(task_id, tag, exc)
-            raise
-        except Ignore as exc:
-            _end_unit(unit, watchdog)
-            if OwnMessage.replaced(task_id):
-                self._end_as_replaced(task_id, tag)
-            else:
-                report(task_id, tag, "ignored", f"the task raised Ignore ({exc}): Celery records no outcome",
-                       patience_s=None)
-            raise
-        except Reject as exc:
-            _end_unit(unit, watchdog)
-            self._end_as_rejected(task_id, tag, exc)
-            raise
         except BaseException as exc:
             _end_unit(unit, watchdog)
-            self._end_as_failure(task_id, tag, exc, fenced=watchdog.fired)
+            self._end_raised(task_id, tag, exc, watchdog.fired)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -312,6 +296,22 @@ class GpuTask(BrokerTask):
                 self._announce_revoked()
             raise Ignore()
         return gpus
+
+    def _end_raised(self, task_id: str, tag: str | None, exc: BaseException, fenced: bool) -> None:
+        """Record how an attempt that raised ends (its processes are gone already): Celery's
+        Retry, Ignore (or Task.replace) and Reject each as Celery means them, anything else as
+        a failure (or a loss, when its own watchdog stopped it)."""
+        if isinstance(exc, Retry):
+            self._end_as_retry(task_id, tag, exc)
+        elif isinstance(exc, Ignore) and OwnMessage.replaced(task_id):
+            self._end_as_replaced(task_id, tag)
+        elif isinstance(exc, Ignore):
+            report(task_id, tag, "ignored", f"the task raised Ignore ({exc}): Celery records no outcome",
+                   patience_s=None)
+        elif isinstance(exc, Reject):
+            self._end_as_rejected(task_id, tag, exc)
+        else:
+            self._end_as_failure(task_id, tag, exc, fenced=fenced)
 
     def _end_as_rejected(self, task_id: str, tag: str | None, exc: Reject) -> None:
         """Celery's Reject: with requeue the task runs again (as a retry would), else it fails."""

@@ -123,12 +123,17 @@ POISON = {
 }
 
 
+# The dispatcher's lazy best-fit path and its full planner read pending tasks differently.
+BOTH_PLANNERS = pytest.mark.parametrize(
+    "scheduling", [SchedulingConfig(), SchedulingConfig(placement=PlacementKind.FIRST_FIT)],
+    ids=["lazy planner", "full planner"])
+
+
 def quarantined_count(pool: str, record: str) -> float:
     return REGISTRY.get_sample_value("gpubroker_quarantined_total", {"pool": pool, "record": record}) or 0.0
 
 
-@pytest.mark.parametrize("scheduling", [SchedulingConfig(), SchedulingConfig(placement=PlacementKind.FIRST_FIT)],
-                         ids=["lazy planner", "full planner"])
+@BOTH_PLANNERS
 def test_the_dispatcher_fails_unreadable_tasks_skips_an_unreadable_node_and_places_the_rest_in_one_cycle(
         redis_client: redis.Redis, keys: PoolKeys, clock: Clock, scheduling: SchedulingConfig) -> None:
     dispatcher = Dispatcher(Settings(pool=keys.pool, scheduling=scheduling), clock, redis_client)
@@ -166,8 +171,7 @@ def test_the_dispatcher_fails_unreadable_tasks_skips_an_unreadable_node_and_plac
     assert quarantined_count(keys.pool, "node") - nodes_before == 1
 
 
-@pytest.mark.parametrize("scheduling", [SchedulingConfig(), SchedulingConfig(placement=PlacementKind.FIRST_FIT)],
-                         ids=["lazy planner", "full planner"])
+@BOTH_PLANNERS
 def test_reserve_uses_the_request_the_dispatcher_checked_not_the_task_hash_copy(
         redis_client: redis.Redis, keys: PoolKeys, clock: Clock, scheduling: SchedulingConfig) -> None:
     # Only the task hash's copy is spoiled (an HSET by hand): the queue entry the dispatcher reads

@@ -7,7 +7,7 @@ starts there), scales 3 -> 1, and at the end checks that nothing was lost: every
 reached a final state exactly once (one task per submit, one attempt each, once in the finished
 index) and every node's capacity is whole again. Then it tears the stack down (volumes too).
 
-    python -m bench.compose_check [--tasks 150] [--rate 1.5] [--acl] [--keep] [--output FILE]
+    python -m bench.compose_check [--tasks 1000] [--rate 1] [--acl] [--monitoring] [--keep] [--output FILE]
 
 Needs Docker with Compose v2 and the images docker-compose.yml starts from (scripts/base_images.sh
 makes local ones where no registry is reachable). It runs as its own compose project
@@ -19,23 +19,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "gpubroker-check"
 ROLES = ("ADMIN", "PRODUCER", "DISPATCHER", "WORKER", "MONITOR", "FLOWER")
+FLOWER_PORT, PROMETHEUS_PORT = 15555, 19090
 
 
 class Check:
-    def __init__(self, out: TextIO, env_file: Path, acl: bool) -> None:
-        self.out, self.env_file, self.acl = out, env_file, acl
+    def __init__(self, out: TextIO, env_file: Path, acl: bool, monitoring: bool) -> None:
+        self.out, self.env_file, self.acl, self.monitoring = out, env_file, acl, monitoring
         self.t0 = time.time()
         self.failures: list[str] = []
 
@@ -53,7 +56,8 @@ class Check:
 
     def compose_argv(self, *args: str) -> list[str]:
         files = ["-f", "docker-compose.yml"] + (["-f", "docker-compose.acl.yml"] if self.acl else [])
-        return ["docker", "compose", "-p", PROJECT, "--env-file", str(self.env_file), *files, *args]
+        profiles = ["--profile", "monitoring"] if self.monitoring else []
+        return ["docker", "compose", "-p", PROJECT, "--env-file", str(self.env_file), *files, *profiles, *args]
 
     def compose(self, *args: str, check: bool = True, quiet: bool = False, stdin: str | None = None,
                 timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -80,7 +84,8 @@ class Check:
         return ["-e", f"GPUBROKER_REDIS_URL=redis://admin:{password}@redis:6379/0"]
 
     def container_health(self) -> dict[str, str]:
-        ids = self.compose("ps", "-q", quiet=True).stdout.split()
+        ids = subprocess.run(self.compose_argv("ps", "-q"), cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
         if not ids:
             return {}
         fmt = "{{.Name}} {{if .State.Health}}{{.State.Health.Status}}{{else}}no-healthcheck{{end}}"
@@ -101,7 +106,9 @@ def write_env(path: Path) -> None:
     lines = {
         "REDIS_PASSWORD": secrets.token_hex(16),
         "FLOWER_BASIC_AUTH": f"check:{secrets.token_hex(8)}",
-        "FLOWER_PORT": "127.0.0.1:15555",
+        "FLOWER_PORT": f"127.0.0.1:{FLOWER_PORT}",
+        "PROMETHEUS_PORT": str(PROMETHEUS_PORT),
+        **({"PROMETHEUS_IMAGE": os.environ["PROMETHEUS_IMAGE"]} if os.environ.get("PROMETHEUS_IMAGE") else {}),
         **{f"REDIS_{role}_PASSWORD": secrets.token_hex(16) for role in ROLES},
     }
     path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
@@ -146,9 +153,41 @@ def wait_for(check: Check, what: str, predicate: Any, timeout: float) -> bool:
     while time.time() < deadline:
         if predicate():
             return True
-        time.sleep(2)
+        time.sleep(3)
     check.log(f"timed out after {timeout:.0f}s waiting for {what}")
     return False
+
+
+def prometheus(query: str) -> Any:
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/{query}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)["data"]
+
+
+def check_prometheus(check: Check) -> None:
+    """Every scrape target up, and the dispatcher's metrics agree with the three nodes."""
+    def targets() -> dict[str, str]:
+        try:
+            return {t["labels"]["job"]: t["health"] for t in prometheus("targets")["activeTargets"]}
+        except OSError:
+            return {}
+
+    ok = wait_for(check, "every scrape target up", lambda: bool(targets()) and set(targets().values()) == {"up"}, 120)
+    check.expect(ok, f"Prometheus scrapes every target: {targets()}")
+    query = urllib.request.quote('sum(gpubroker_nodes{state="up"})')
+    result = prometheus(f"query?query={query}")["result"]
+    check.expect(bool(result) and float(result[0]["value"][1]) == 3, f"gpubroker_nodes up per Prometheus: {result}")
+
+
+def wait_healthy(check: Check, containers: int, timeout: float) -> bool:
+    """Until the engine reports ``containers`` gpubroker containers (Prometheus aside), all healthy."""
+    def ok() -> bool:
+        health = {k: v for k, v in check.container_health().items() if "prometheus" not in k}
+        return len(health) == containers and set(health.values()) == {"healthy"}
+
+    done = wait_for(check, "every container healthy", ok, timeout)
+    check.log(f"health: {check.container_health()}")
+    return done
 
 
 def node_ids(check: Check) -> set[str]:
@@ -178,7 +217,7 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
 
     load = Load(check, tasks, rate)
     load.start()
-    check.log(f"load: {tasks} probe tasks (1-2 GPUs, 2-6 s) at {rate}/s")
+    check.log(f"load: probe tasks (1-2 GPUs, 2-6 s) at {rate}/s until the workers are back at 1 (at most {tasks})")
     time.sleep(10)
 
     check.compose("up", "-d", "--wait", "--scale", "worker=3", "--no-recreate", timeout=300)
@@ -187,6 +226,8 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     health = check.container_health()
     check.log(f"health: {health}")
     check.expect(all(v == "healthy" for v in health.values()), "every container healthy (3 workers)")
+    if check.monitoring:
+        check_prometheus(check)
     time.sleep(10)
     check.log(f"tasks per node: {running_on(check.nodes())}; submitted so far: {len(load.submitted)}")
 
@@ -197,11 +238,12 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     check.expect(stuck.returncode != 0, "gpubroker health dispatcher fails while the dispatcher is frozen")
     check.compose("unpause", "dispatcher")
     check.expect(wait_for(check, "dispatcher healthy", lambda: check.compose(
-        "exec", "-T", "worker", "gpubroker", "health", "dispatcher", check=False, quiet=True).returncode == 0, 30),
+        "exec", "-T", "worker", "gpubroker", "health", "dispatcher", check=False, quiet=True).returncode == 0, 60),
         "gpubroker health dispatcher passes again once it is thawed")
+    check.expect(wait_healthy(check, 6, 180), "the engine sees every container healthy again")
 
     check.compose("restart", "redis")
-    check.compose("up", "-d", "--wait", "--no-recreate", "--scale", "worker=3", timeout=300)
+    check.expect(wait_healthy(check, 6, 300), "every container healthy again after the Redis restart")
     check.log(f"after the Redis restart: tasks per node {running_on(check.nodes())}; "
               f"submitted so far: {len(load.submitted)}, submit retries {load.retries}")
 
@@ -215,9 +257,11 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     check.expect(wait_for(check, "only worker-1 up", lambda: node_ids(check) == {"worker-1"}, 90),
                  "scaled 3 -> 1: only worker-1 is up")
 
+    check.compose("exec", "-T", "dispatcher", "touch", "/tmp/compose-check-stop")
     load.join(timeout=tasks / rate + 600)
     check.expect(load.returncode == 0, f"the load ran to its end (exit {load.returncode}) {load.stderr[-500:]}")
     check.log(f"submitted {len(load.submitted)} tasks, {load.retries} submit retries while Redis was down")
+    tasks = len(load.submitted)
 
     ids = "".join(item["id"] + "\n" for item in load.submitted)
     script = (ROOT / "bench" / "compose_load.py").read_text()
@@ -253,9 +297,11 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=1000, help="at most this many submits")
     parser.add_argument("--rate", type=float, default=1.0, help="submits a second")
     parser.add_argument("--acl", action="store_true", help="with docker-compose.acl.yml (one Redis user per role)")
+    parser.add_argument("--monitoring", action="store_true",
+                        help="with the monitoring profile: Prometheus must scrape every target")
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
     parser.add_argument("--output", type=Path, help="also write the log here")
     args = parser.parse_args()
@@ -263,7 +309,7 @@ def main() -> None:
         env_file = Path(tmp) / "check.env"
         write_env(env_file)
         out = args.output.open("w") if args.output else sys.stdout
-        check = Check(out, env_file, args.acl)
+        check = Check(out, env_file, args.acl, args.monitoring)
         try:
             run(check, args.tasks, args.rate, args.keep)
         except BaseException as exc:

@@ -2,8 +2,9 @@
 (``docker compose exec -T dispatcher python - MODE ...`` with this file on stdin), so it talks to
 Redis over the compose network with the stack's own URL and image.
 
-    submit N RATE   submit N probe tasks at RATE a second, each with an idempotency key, retrying
-                    a submit that meets Redis down with the same key; prints one JSON line a task
+    submit N RATE   submit up to N probe tasks at RATE a second (until the file STOP_FILE exists),
+                    each with an idempotency key, retrying a submit that meets Redis down with the
+                    same key; prints one JSON line a task
     verify TIMEOUT  read task ids (one a line) from stdin, wait until each is final, and print one
                     JSON object: states, attempts, nodes, the finished index, node capacity
 
@@ -13,6 +14,7 @@ Standard library and gpubroker only: the image has nothing else.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -23,6 +25,7 @@ from broker.errors import BrokerUnavailable
 from broker.models import Resources
 
 TASK = "workers.tasks.probe"
+STOP_FILE = "/tmp/compose-check-stop"
 
 
 def submit(n: int, rate: float) -> None:
@@ -31,6 +34,8 @@ def submit(n: int, rate: float) -> None:
     start = time.time()
     for i in range(n):
         time.sleep(max(0.0, start + i / rate - time.time()))
+        if os.path.exists(STOP_FILE):
+            break
         key = f"compose-check-{start:.0f}-{i}"
         gpus = rng.choice((1, 1, 2))
         seconds = round(rng.uniform(2, 6), 1)

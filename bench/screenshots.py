@@ -28,12 +28,13 @@ from broker.sim.localcluster import LocalCluster, make_logdir
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = "1400,900"
+TALL = "1400,1500"  # a task's page: down to the node, GPUs and tenant the worker reports
 
 
-def screenshot(chromium: str, url: str, out: Path) -> None:
+def screenshot(chromium: str, url: str, out: Path, size: str = SIZE) -> None:
     """One page, after its scripts have had 8 s of (virtual) time to fetch their tables."""
     argv = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            f"--window-size={SIZE}", "--virtual-time-budget=8000", f"--screenshot={out}", url]
+            f"--window-size={size}", "--virtual-time-budget=8000", f"--screenshot={out}", url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0 or not out.exists():
         raise SystemExit(f"chromium failed on {url}: {done.stderr[-1000:]}")
@@ -70,7 +71,7 @@ def main() -> None:
             base = demo.flower_url.replace("http://", f"http://{auth}@")
             screenshot(args.chromium, f"{base}/workers", args.out / "flower-workers.png")
             screenshot(args.chromium, f"{base}/tasks", args.out / "flower-tasks.png")
-            screenshot(args.chromium, f"{base}/task/{done}", args.out / "flower-task.png")
+            screenshot(args.chromium, f"{base}/task/{done}", args.out / "flower-task.png", TALL)
     finally:
         cluster.stop()
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from celery.events.state import Task as TaskState
 from celery.exceptions import CPendingDeprecationWarning
+from celery.signals import worker_ready
 from kombu.entity import Queue
 from kombu.utils.url import parse_url
 
@@ -44,6 +45,13 @@ def quiet_reconnect_warning() -> None:
 
 
 quiet_reconnect_warning()
+
+
+@worker_ready.connect(weak=False)
+def _quiet_after_celery_logging(**_: Any) -> None:
+    """Again once the worker runs: Celery's logging setup (``Logging.setup``) puts an 'always' filter
+    for its deprecation warnings in front of every other, so the import-time filter alone loses."""
+    quiet_reconnect_warning()
 
 
 def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:

@@ -215,9 +215,7 @@ class SubmitRequest(_Strict):
     # started by then (expires).
     not_before: float | None = Field(None, gt=0, allow_inf_nan=False)
     expires_at: float | None = Field(None, gt=0, allow_inf_nan=False)
-    # A gang (issue 13): ``replicas`` members, each with ``resources``, placed all or nothing;
-    # ``spread``: one member per node; ``same_label``: all members on nodes sharing one value of
-    # that node label key. With replicas 1 (a single task) both change nothing.
+    # A gang (issue 13; broker.store.gangs): ``replicas`` members of ``resources``, all or nothing.
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     spread: bool = False
     same_label: str | None = None
@@ -333,6 +331,14 @@ class NodeView(BaseModel):
         return sum(1 for g in self.gpus if g.free_milli == MILLI)
 
 
+class MemberView(BaseModel):  # one member of a gang, as ``status(id).members`` lists it
+    rank: int
+    node: str | None = None
+    gpus: list[int] = Field(default_factory=list)
+    state: TaskState
+    error: str | None = None
+
+
 class TaskStatus(BaseModel):
     id: str
     name: str
@@ -365,6 +371,7 @@ class TaskStatus(BaseModel):
     position: int | None = None
     reason: str | None = None
     estimated_start_at: float | None = None
+    members: list[MemberView] | None = None  # a gang's (issue 13), in rank order; None for a single task
 
 
 class QueueEntry(BaseModel):

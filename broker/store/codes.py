@@ -108,3 +108,15 @@ class PreemptCode(enum.IntEnum):
     NOT_FOUND = 2
     NOT_HELD = 3
     ALREADY = 4
+
+
+class GangReserveCode(enum.IntEnum):
+    """reserve_gang.lua: ReserveCode's meanings for a whole gang (no rate limit: a gang is one start)."""
+
+    OK = 0
+    NOT_PENDING = 1
+    NODE_DOWN = 2
+    LABEL_MISMATCH = 3
+    NO_CAPACITY = 4
+    BAD_PLACEMENT = 5
+    NOT_SERVED = 6

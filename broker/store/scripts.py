@@ -27,6 +27,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     ExpireCode,
     FinishCode,
     ForgetCode,
+    GangReserveCode,
     HeartbeatCode,
     PreemptCode,
     ProgressCode,
@@ -44,7 +45,8 @@ from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
-    "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "QuarantineCode", "ReapCode",
+    "GangReserveCode", "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode",
+    "QuarantineCode", "ReapCode",
     "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
     "wall_clock_ms",
 ]
@@ -94,6 +96,15 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
     "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
                    ("task_id", "request", "reason", "now")),
+    # Gangs (issue 13); their wrappers are in broker.store.gangs.
+    "submit_gang": (
+        SubmitCode,
+        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
+        ("task_id", "idempotency_key", "priority", "now", "request", "member_request", "name", "tenant",
+         "max_retries", "gpu_kind", "result_ttl"),
+    ),
+    "reserve_gang": (GangReserveCode, ("pending", "requests", "leases", "changes", "tasks", "gang"),
+                     ("now", "gang_id")),
 }
 
 

@@ -56,7 +56,8 @@ local function batch_begin(catalogue_key)
   -- derives from it: how many GPU indices a placement names, and whether it selects labels.
   batch_request = memo(function(text)
     local r = cjson.decode(text)
-    r.count, r.labelled, r.allocs = (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
+    -- A gang's (k) names no count of indices: reserve.lua places it nowhere (reserve_gang.lua's job).
+    r.count, r.labelled, r.allocs = r.k and -1 or (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
     return r
   end)
   -- A task name's rate limit in starts per second from the pool's task catalogue (0: none).

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     result_expires_s: float = Field(86400.0, ge=0)
     # A cancelled running task gets SIGTERM, then SIGKILL after this many seconds.
     cancel_grace_s: float = Field(10.0, ge=0)
+    # A gang member's code starts only once every member has started (workers.gang); a member
+    # still waiting after this many seconds fails its attempt.
+    gang_barrier_timeout_s: float = Field(60.0, gt=0)
     # Lists where Celery producers that do not use these settings publish (task_default_queue):
     # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
     ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])

@@ -299,3 +299,30 @@ class ClassBased(Task):
 
 
 app.register_task(ClassBased())
+
+
+GANG_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES")
+
+
+@app.task(name="tests.gang_member")
+def gang_member(seconds: float = 0.0) -> dict[str, Any]:
+    """A gang member's view: its rendezvous environment, node, and when its code began."""
+    began = time.time()
+    time.sleep(seconds)
+    return {"env": {name: os.environ.get(name) for name in GANG_ENV}, "node": context.node_id(), "began": began}
+
+
+@app.task(name="tests.gloo_all_reduce")
+def gloo_all_reduce() -> dict[str, Any]:
+    """A real process group over the gang's rendezvous (env://, no torchrun): each rank adds rank + 1."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        value = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(value)
+        return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": value.item()}
+    finally:
+        dist.destroy_process_group()

@@ -168,3 +168,19 @@ def live_members(client: redis.Redis, keys: PoolKeys, gang_id: str) -> list[str]
         return []
     return [member_id(gang_id, m.rank) for m in members_of(client, keys, gang_id, int(replicas))
             if m.node is not None and not m.state.is_final]
+
+
+def as_record(client: redis.Redis, keys: PoolKeys, gang_id: str, h: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A gang's record as Celery's result backend reads a task's: once it runs, the record of the
+    member that decides its outcome (rank 0, or the first member that failed or was cancelled),
+    with the gang's overall state."""
+    if b"replicas" not in h or h[b"state"] == b"PENDING":
+        return h
+    members = members_of(client, keys, gang_id, int(h[b"replicas"]))
+    state = overall(TaskState(h[b"state"].decode()), members)
+    if state is TaskState.RESERVED:
+        return h
+    deciding = next((m.rank for m in members if m.state is state and state in (TaskState.FAILED, TaskState.CANCELLED)),
+                    0)
+    record = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, deciding))))
+    return {**record, b"id": gang_id.encode(), b"state": state.value.encode()} if record else h

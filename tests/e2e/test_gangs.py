@@ -13,6 +13,8 @@ from broker import Client, Resources, TaskState, TaskStatus
 from broker.errors import InvalidRequest, Unsatisfiable
 from broker.models import MILLI
 from broker.settings import Settings
+from tests import tasks_for_tests as t
+from tests.e2e.native_cluster import Cluster
 from tests.support import Processes, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -143,3 +145,13 @@ def test_a_gloo_process_group_across_members_on_two_nodes(procs: Processes, sett
         results = [member_status(client, handle.id, r).result for r in range(2)]
         assert results == [{"rank": 0, "world": 2, "sum": 3.0}, {"rank": 1, "world": 2, "sum": 3.0}]
         assert {m.node for m in done.members or []} == {"n1", "n2"}
+
+
+def test_apply_async_submits_a_gang_and_its_result_is_rank_0s(cluster: Cluster) -> None:
+    """The Celery path: ``apply_async(replicas=...)`` on a GpuCelery task; ``AsyncResult.get``
+    gives rank 0's return value once every member has succeeded."""
+    result = t.gang_member.apply_async(kwargs={"seconds": 0}, resources=Resources(gpus=1), replicas=2)
+    value = result.get(timeout=60)
+    status = cluster.status(result.id)
+    assert status.state is TaskState.SUCCEEDED and status.members is not None and len(status.members) == 2
+    assert value == status.result and value["env"]["RANK"] == "0" and value["env"]["WORLD_SIZE"] == "2"

@@ -154,6 +154,7 @@ class Dispatcher:
             report.reaped = self.scripts.reap()
             report.promoted = self.scripts.promote()
             report.expired = self.scripts.expire()
+            gangs.settle_all(self.scripts, int(self.settings.gang_stop_grace_s * 1000))  # one fate per gang
             report.ingested = self._ingest.maybe()
             self._forget_departed(report)
             self._trim_history()

@@ -326,3 +326,15 @@ def gloo_all_reduce() -> dict[str, Any]:
         return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": value.item()}
     finally:
         dist.destroy_process_group()
+
+
+@app.task(name="tests.gang_fail_once", bind=True)
+def gang_fail_once(self: Any, seconds: float) -> dict[str, Any]:
+    """Rank 1 fails on the gang's first attempt while rank 0 works on; on later attempts every
+    rank returns at once."""
+    attempt, rank = _attempt(self), int(os.environ["RANK"])
+    if attempt == 1 and rank == 1:
+        raise RuntimeError("rank 1 fails on the first attempt")
+    if attempt == 1:
+        time.sleep(seconds)
+    return {"attempt": attempt, "rank": rank, "pid": os.getpid()}

@@ -120,3 +120,14 @@ class GangReserveCode(enum.IntEnum):
     NO_CAPACITY = 4
     BAD_PLACEMENT = 5
     NOT_SERVED = 6
+
+
+class SettleCode(enum.IntEnum):
+    """settle_gang.lua: what one fate did for a reserved gang this cycle."""
+
+    RUNNING = 0
+    STOPPING = 1
+    REQUEUED = 2
+    FAILED = 3
+    SUCCEEDED = 4
+    NOT_LIVE = 5

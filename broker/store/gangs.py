@@ -11,9 +11,11 @@ becomes a task record of its own (``<id>:m<r>``, RESERVED on its node, with ``ga
 whose message is on its node's queue. From there a member is fenced, started and finished
 as any task (start.lua, finish.lua), and releases its own capacity.
 
-**State.** The gang's record keeps PENDING or RESERVED; its status is read from its members:
-any member FAILED -> FAILED, CANCELLED -> CANCELLED, all SUCCEEDED -> SUCCEEDED (the result is
-rank 0's), any RUNNING -> RUNNING, else RESERVED.
+**One fate** (settle_gang.lua, each dispatcher cycle, for each gang in ``P gangs``): once a
+member ends other than SUCCEEDED (a member is never requeued alone: _release.lua ends it
+FAILED), every other member is stopped, and once all are final the gang is requeued whole (one
+retry) or FAILED; all SUCCEEDED: the gang SUCCEEDED with rank 0's result. Cancelling the gang
+(``Client.cancel``) cancels its record and every live member.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import redis
 from broker.errors import InvalidRequest, Unsatisfiable
 from broker.models import MemberView, NodeView, SubmitRequest, TaskState, TaskStatus
 from broker.scheduling.model import GangPlacement, TaskRequest
-from broker.store.codes import GangReserveCode, SubmitCode
+from broker.store.codes import GangReserveCode, SettleCode, SubmitCode
 from broker.store.keys import PoolKeys
 from broker.store.records import encode_request, gpu_kind_of, gpus_arg, parse_gpus, task_status
 from broker.store.scripts import Scripts
@@ -104,7 +106,7 @@ def reserve_gang(scripts: Scripts, gang: GangPlacement) -> tuple[GangReserveCode
     """Commit every member of ``gang`` or none (reserve_gang.lua); the code and the first member
     refused (-1: the gang itself)."""
     k = scripts.keys
-    keys = [k.pending, k.requests, k.leases, k.changes, k.tasks, k.task(gang.task_id)]
+    keys = [k.pending, k.requests, k.leases, k.changes, k.tasks, k.task(gang.task_id), k.gangs]
     args: list[Any] = [scripts.clock(), gang.task_id]
     for rank, p in enumerate(gang.members):
         keys += (k.task(member_id(gang.task_id, rank)), k.node(p.node_id), k.node_tasks(p.node_id),
@@ -131,16 +133,15 @@ def members_of(client: redis.Redis, keys: PoolKeys, gang_id: str, replicas: int)
 
 
 def overall(gang_state: TaskState, members: list[MemberView]) -> TaskState:
-    """The gang's state as users read it (module docstring)."""
-    if gang_state in (TaskState.PENDING, TaskState.CANCELLED, TaskState.FAILED, TaskState.SUCCEEDED):
+    """The gang's state as users read it: its record's, except that a reserved gang whose members
+    all succeeded has SUCCEEDED, and one with a member started (or ending) is RUNNING. A member
+    that failed does not fail the gang here: settle_gang.lua decides (requeue, or FAILED)."""
+    if gang_state is not TaskState.RESERVED:
         return gang_state
     states = {m.state for m in members}
-    for final in (TaskState.FAILED, TaskState.CANCELLED):
-        if final in states:
-            return final
     if states == {TaskState.SUCCEEDED}:
         return TaskState.SUCCEEDED
-    return TaskState.RUNNING if TaskState.RUNNING in states or TaskState.SUCCEEDED in states else TaskState.RESERVED
+    return TaskState.RESERVED if states <= {TaskState.RESERVED} else TaskState.RUNNING
 
 
 def gang_status(client: redis.Redis, keys: PoolKeys, gang_id: str, h: Mapping[bytes, bytes],
@@ -154,9 +155,6 @@ def gang_status(client: redis.Redis, keys: PoolKeys, gang_id: str, h: Mapping[by
         first = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, 0))))
         rank0 = task_status(member_id(gang_id, 0), first, None)
         update.update(result=rank0.result, finished_at=rank0.finished_at, started_at=rank0.started_at)
-        if state is not TaskState.SUCCEEDED:
-            first_out = next(m for m in members if m.state is state)
-            update["error"] = f"member {first_out.rank} {state.value}: {first_out.error or ''}".rstrip(": ")
     return status.model_copy(update=update)
 
 
@@ -171,16 +169,38 @@ def live_members(client: redis.Redis, keys: PoolKeys, gang_id: str) -> list[str]
 
 
 def as_record(client: redis.Redis, keys: PoolKeys, gang_id: str, h: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """A gang's record as Celery's result backend reads a task's: once it runs, the record of the
-    member that decides its outcome (rank 0, or the first member that failed or was cancelled),
-    with the gang's overall state."""
+    """A gang's record as Celery's result backend reads a task's: while it runs or once it has
+    succeeded, rank 0's record (its result is the gang's) with the gang's overall state."""
     if b"replicas" not in h or h[b"state"] == b"PENDING":
         return h
     members = members_of(client, keys, gang_id, int(h[b"replicas"]))
     state = overall(TaskState(h[b"state"].decode()), members)
     if state is TaskState.RESERVED:
         return h
-    deciding = next((m.rank for m in members if m.state is state and state in (TaskState.FAILED, TaskState.CANCELLED)),
-                    0)
-    record = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, deciding))))
+    if state is not TaskState.RUNNING and state is not TaskState.SUCCEEDED:
+        return h  # FAILED or CANCELLED: the gang's own record says why
+    record = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, 0))))
     return {**record, b"id": gang_id.encode(), b"state": state.value.encode()} if record else h
+
+
+def settle_all(scripts: Scripts, grace_ms: int) -> dict[str, SettleCode]:
+    """One fate for every reserved gang (settle_gang.lua each): what it did, by gang id."""
+    k, client = scripts.keys, scripts.redis
+    ids = sorted(g.decode() for g in cast(set[bytes], client.smembers(k.gangs)))
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for gang_id in ids:
+        pipe.hget(k.task(gang_id), "replicas")
+    counts = cast(list[bytes | None], pipe.execute())
+    return {gang_id: settle(scripts, gang_id, int(replicas or 0), grace_ms)
+            for gang_id, replicas in zip(ids, counts, strict=True)}
+
+
+def settle(scripts: Scripts, gang_id: str, replicas: int, grace_ms: int) -> SettleCode:
+    """settle_gang.lua for one gang of ``replicas`` members."""
+    k = scripts.keys
+    members = [k.task(member_id(gang_id, rank)) for rank in range(replicas)]
+    (code,) = scripts.call("settle_gang", [k.task(gang_id), k.gangs, k.pending, k.requests, k.wake, k.prefix,
+                                           *members], [gang_id, scripts.clock(), grace_ms])
+    return SettleCode(code)

@@ -36,6 +36,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     ReapCode,
     RegisterCode,
     ReserveCode,
+    SettleCode,
     StartCode,
     SubmitCode,
 )
@@ -47,7 +48,7 @@ __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
     "GangReserveCode", "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode",
     "QuarantineCode", "ReapCode",
-    "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
+    "RegisterCode", "ReserveCode", "Scripts", "SettleCode", "StartCode", "SubmitCode", "includes", "script_source",
     "wall_clock_ms",
 ]
 
@@ -103,8 +104,10 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         ("task_id", "idempotency_key", "priority", "now", "request", "member_request", "name", "tenant",
          "max_retries", "gpu_kind", "result_ttl"),
     ),
-    "reserve_gang": (GangReserveCode, ("pending", "requests", "leases", "changes", "tasks", "gang"),
+    "reserve_gang": (GangReserveCode, ("pending", "requests", "leases", "changes", "tasks", "gang", "gangs"),
                      ("now", "gang_id")),
+    "settle_gang": (SettleCode, ("gang", "gangs", "pending", "requests", "wake", "prefix"),
+                    ("gang_id", "now", "grace_ms")),
 }
 
 

@@ -5,6 +5,7 @@ rendezvous environment a PyTorch job reads, and no member's code runs before all
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import time
 
 import pytest
@@ -24,12 +25,12 @@ NODE = ["--gpus", "8", "--gpu-memory-mb", "16000", "--cpus", "16", "--memory-mb"
         "--tasks", "tests.tasks_for_tests"]
 
 
-def start(procs: Processes, client: Client) -> None:
+def start(procs: Processes, client: Client) -> dict[str, subprocess.Popen[bytes]]:
     procs.dispatcher()
     procs.dispatcher("dispatcher-2")  # racing dispatchers: reserve_gang.lua re-checks every member
-    for node in ("n1", "n2"):
-        procs.worker(node, *NODE, "--address", "127.0.0.1")
+    workers = {node: procs.worker(node, *NODE, "--address", "127.0.0.1") for node in ("n1", "n2")}
     wait_until(lambda: {n.id for n in client.nodes() if n.state == "up"} == {"n1", "n2"}, 30, what="nodes")
+    return workers
 
 
 def member_status(client: Client, gang_id: str, rank: int) -> TaskStatus:
@@ -155,3 +156,34 @@ def test_apply_async_submits_a_gang_and_its_result_is_rank_0s(cluster: Cluster) 
     status = cluster.status(result.id)
     assert status.state is TaskState.SUCCEEDED and status.members is not None and len(status.members) == 2
     assert value == status.result and value["env"]["RANK"] == "0" and value["env"]["WORLD_SIZE"] == "2"
+
+
+def test_a_failed_member_stops_the_others_and_the_gang_runs_again_whole(procs: Processes,
+                                                                         settings: Settings) -> None:
+    with Client(settings=settings) as client:
+        start(procs, client)
+        handle = client.submit("tests.gang_fail_once", kwargs={"seconds": 120}, resources=Resources(gpus=4),
+                               replicas=2, spread=True, max_retries=1)
+        done = client.wait(handle.id, timeout=120)
+        assert done.state is TaskState.SUCCEEDED, done
+        assert done.attempts == 2 and done.result == {"attempt": 2, "rank": 0, "pid": done.result["pid"]}
+        # Rank 0's first attempt (120 s of work) was stopped once rank 1 failed, not waited for.
+        assert done.finished_at is not None and done.finished_at - done.submitted_at < 60
+        wait_until(lambda: free_gpus(client) == {"n1": 8, "n2": 8}, 30, what="capacity back")
+
+
+def test_a_member_node_lost_fails_the_gang_and_stops_the_others(procs: Processes, settings: Settings) -> None:
+    with Client(settings=settings) as client:
+        workers = start(procs, client)
+        handle = client.submit(MEMBER, kwargs={"seconds": 120}, resources=Resources(gpus=4), replicas=2, spread=True,
+                               max_retries=0)
+        wait_until(lambda: all(m.state is TaskState.RUNNING for m in client.status(handle.id).members or []), 60,
+                   what="both members to run")
+        lost = member_status(client, handle.id, 1).node
+        kept = next(n for n in ("n1", "n2") if n != lost)
+        assert lost is not None
+        procs.kill(workers[lost])
+        done = client.wait(handle.id, timeout=90)
+        assert done.state is TaskState.FAILED and "member 1" in (done.error or ""), done
+        assert member_status(client, handle.id, 0).state is TaskState.CANCELLED
+        wait_until(lambda: free_gpus(client).get(kept) == 8, 30, what="the surviving member's GPUs back")

@@ -31,7 +31,7 @@ HELPERS = sorted(p.name for p in LUA.iterdir() if p.name.endswith(".lua") and p.
 # Scripts that take a fixed prefix, then one group per item: of KEYS and ARGV (reserve: per
 # placement), or of ARGV only (register: per task name).
 BATCHED = {"reserve": ("KEYS", "ARGV"), "register": ("ARGV",), "reserve_gang": ("KEYS", "ARGV"),
-           "submit_gang": ("ARGV",)}
+           "submit_gang": ("ARGV",), "settle_gang": ("KEYS",)}
 
 _KEY = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG = re.compile(r"^-- ARGV\[(\d+)\]\s+(\w+)")
@@ -144,6 +144,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     gang = SubmitRequest(task_name="x.y", replicas=2)
     gangs.submit_gang(s, "g", gang, '{"headers":{"id":"g"},"properties":{"a":1}}')
     gangs.reserve_gang(s, GangPlacement("g", (Placement("g", "n1"), Placement("g", "n1"))))
+    gangs.settle(s, "g", 2, 1000)
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
     fixed_keys, fixed_argv = expected["reserve"]
@@ -152,6 +153,8 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     expected["submit_gang"] = (fixed_keys, fixed_argv + 2)  # one message per member
     fixed_keys, fixed_argv = expected["reserve_gang"]
     expected["reserve_gang"] = (fixed_keys + 2 * 4, fixed_argv + 2 * 2)  # two members, each 4 KEYS and 2 ARGV
+    fixed_keys, fixed_argv = expected["settle_gang"]
+    expected["settle_gang"] = (fixed_keys + 2, fixed_argv)  # one KEY per member
     assert s.calls == expected
 
 

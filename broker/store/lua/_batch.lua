@@ -155,6 +155,19 @@ local function batch_gpu(n, i)
   return n.milli[i], n.gmem[i]
 end
 
+-- Whether request r fits on GPUs `listed` of node view n now, and what it takes of each:
+-- (true, share, memory). A whole GPU takes all of it and must be wholly free.
+local function batch_gpus_fit(n, r, listed)
+  local whole, milli, mem = r.m == 0, MILLI, n.gpu_mem
+  if not whole then milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI) end
+  for k = 1, #listed do
+    local free_milli, free_mem = batch_gpu(n, listed[k])
+    if free_milli < milli or free_mem < mem then return false end
+    if whole and (n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem) then return false end
+  end
+  return true, milli, mem
+end
+
 -- Write a batch_node view back: free amounts, task set, queued messages.
 local function batch_flush(n)
   local text = batch_text

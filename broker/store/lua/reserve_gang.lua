@@ -53,13 +53,8 @@ local function fits(m)
   end
   if not batch_serves(n, r.n) then return 6 end
   if n.slots < 1 or n.cpu < r.c or n.mem < r.r then return 4 end
-  local whole, milli, mem = r.m == 0, MILLI, n.gpu_mem
-  if not whole then milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI) end
-  for i = 1, #listed do
-    local free_milli, free_mem = batch_gpu(n, listed[i])
-    if free_milli < milli or free_mem < mem then return 4 end
-    if whole and (n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem) then return 4 end
-  end
+  local fits, milli, mem = batch_gpus_fit(n, r, listed)
+  if not fits then return 4 end
   for _, i in ipairs(listed) do n.milli[i], n.gmem[i] = n.milli[i] - milli, n.gmem[i] - mem end
   n.cpu, n.mem, n.slots, n.count = n.cpu - r.c, n.mem - r.r, n.slots - 1, n.count + 1
   if not order[node_id] then order[#order + 1], order[node_id] = node_id, #order end

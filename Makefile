@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml | python-ok
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
+	@# torch only for the gang gloo test (tests/e2e/test_gangs.py): the CPU wheel where the index
+	@# offers it (a plain torch pulls ~5 GB of CUDA); without it that test skips, saying why.
+	$(BIN)/pip install -q 'torch==2.13.0+cpu' || echo "torch CPU wheel not offered; the gloo test will skip"
 	touch $(STAMP)
 
 redis-server:

@@ -23,7 +23,7 @@ from broker.native.envelope import Envelopes
 from broker.native.submitter import Submitter
 from broker.native.transport import submitted
 from broker.settings import Settings
-from broker.store import history, reads, records
+from broker.store import gangs, history, reads, records
 from broker.store.connection import as_broker_error, connect, unavailable_as_error
 from broker.store.history import TaskRow, UsageRow
 from broker.store.keys import PoolKeys
@@ -137,7 +137,8 @@ class Client:
                resources: Resources | None = None, priority: int | None = None, tenant: str | None = None,
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
                max_retries: int = 3, preemptible: bool | None = None, countdown: float | None = None,
-               eta: datetime | None = None, expires: float | datetime | None = None) -> TaskHandle:
+               eta: datetime | None = None, expires: float | datetime | None = None, replicas: int | None = None,
+               spread: bool | None = None, same_label: str | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
         The same path as Celery's ``send_task``/``apply_async``: options not given are the task's
@@ -145,10 +146,14 @@ class Client:
         validated before anything is written; a task name no registered node runs, or a request
         that no registered node could ever satisfy, is refused, naming the field. ``countdown``/
         ``eta``: not placed before then; ``expires``: cancelled if not started by then.
+        ``replicas`` > 1: a gang of that many members, each with ``resources``, reserved all or
+        none, one job id (``status(id).members``); ``spread``: one member per node;
+        ``same_label``: all members on nodes sharing one value of that node label key.
         """
         values = {"resources": resources, "priority": priority, "tenant": tenant,
                   "estimated_runtime_s": estimated_runtime_s, "preemptible": preemptible,
-                  "idempotency_key": idempotency_key, "max_retries": max_retries}
+                  "idempotency_key": idempotency_key, "max_retries": max_retries, "replicas": replicas,
+                  "spread": spread, "same_label": same_label}
         options = {k: v for k, v in values.items() if v is not None}
         # Refused here, before Celery builds anything, with the errors the transport would raise.
         # SubmitRequest takes a list or tuple for args and refuses anything else.
@@ -215,6 +220,8 @@ class Client:
         """
         try:
             code, _detail = self.submitter.cancel(task_id)
+            for member in gangs.live_members(self.redis, self.keys, task_id):
+                self.submitter.cancel(member)
         except NoPermissionError as exc:
             raise AccessDenied(
                 f"cancelling task {task_id} writes its record, which the Redis user in the Redis URL may not do "
@@ -271,6 +278,8 @@ class Client:
         if not h:
             raise TaskNotFound(task_id)
         why = reads.waiting_info(self.redis, self.keys, [task_id])[0] if h[b"state"] == b"PENDING" else None
+        if b"replicas" in h:
+            return gangs.gang_status(self.redis, self.keys, task_id, h, why)
         return records.task_status(task_id, h, why)
 
     def logs(self, task_id: str, attempt: int | None = None) -> TaskLog:

@@ -51,7 +51,7 @@ from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
 from broker.settings import Settings
-from broker.store import history, reads, records, stats
+from broker.store import gangs, history, reads, records, stats
 from broker.store.connection import as_broker_error, connect, transient
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
@@ -156,6 +156,7 @@ class Dispatcher:
             report.reaped = self.scripts.reap()
             report.promoted = self.scripts.promote()
             report.expired = self.scripts.expire()
+            gangs.settle_all(self.scripts, int(self.settings.gang_stop_grace_s * 1000))  # one fate per gang
             report.ingested = self._ingest.maybe()
             self._forget_departed(report)
             self._trim_history()
@@ -167,7 +168,8 @@ class Dispatcher:
                                          first=sum(n.free_slots for n in nodes))
                 limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
             report.nodes_seen = len(nodes)
-            tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
+            gangs_seen: list[str] = []
+            tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)
             tokens = {name: left for name, (_rate, left) in limits.items()}
             self._plan_and_commit(report, propose(tasks, nodes, tokens))
             with _Timer(report, "4_commit"):
@@ -179,7 +181,7 @@ class Dispatcher:
             interval_ms = self.settings.explain_interval_s * 1000
             due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
             sched = self.settings.scheduling
-            full = left and due and (sched.explain_limit > 0 or sched.preemption)
+            full = (left and due and (sched.explain_limit > 0 or sched.preemption)) or bool(gangs_seen)
             if not left and self._last_full_ms is not None:
                 self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
                 self._waiting = None
@@ -267,10 +269,23 @@ class Dispatcher:
         self._wake_for_rates(report, snap.rate_limits, plan.tokens)
         self._plan_and_commit(report, iter(plan.placements))
         with _Timer(report, "4_commit"):
+            self._commit_gangs(report, plan)
             self._preempt(report, plan)
             self._quarantine(report, poisoned)
         with _Timer(report, "5_record"):
             self._publish_waiting(plan)
+
+    def _commit_gangs(self, report: CycleReport, plan: Plan) -> None:
+        """Each gang the plan placed, all members or none, in one reserve_gang.lua call."""
+        for placed in plan.gangs:
+            code, _rank = gangs.reserve_gang(self.scripts, placed)
+            if code is code.OK:
+                report.placed += len(placed.members)
+                report.placed_tasks.extend(placed.members)
+            else:
+                report.refused[code.name] += 1
+                for node_id in placed.nodes if code is not code.NOT_PENDING else ():  # not as the cache had it
+                    self._free.nodes.pop(node_id, None)
 
     def _preempt(self, report: CycleReport, plan: Plan) -> None:
         grace_ms = int(self.settings.scheduling.preempt_grace_s * 1000)

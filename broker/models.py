@@ -215,9 +215,7 @@ class SubmitRequest(_Strict):
     # started by then (expires).
     not_before: float | None = Field(None, gt=0, allow_inf_nan=False)
     expires_at: float | None = Field(None, gt=0, allow_inf_nan=False)
-    # A gang (issue 13): ``replicas`` members, each with ``resources``, placed all or nothing;
-    # ``spread``: one member per node; ``same_label``: all members on nodes sharing one value of
-    # that node label key. With replicas 1 (a single task) both change nothing.
+    # A gang (issue 13; broker.store.gangs): ``replicas`` members of ``resources``, all or nothing.
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     spread: bool = False
     same_label: str | None = None
@@ -333,6 +331,14 @@ class NodeView(BaseModel):
         return sum(1 for g in self.gpus if g.free_milli == MILLI)
 
 
+class MemberView(BaseModel):  # a gang member, as ``status(id).members`` lists it
+    rank: int
+    node: str | None = None
+    gpus: list[int] = Field(default_factory=list)
+    state: TaskState
+    error: str | None = None
+
+
 class TaskStatus(BaseModel):
     id: str
     name: str
@@ -351,8 +357,7 @@ class TaskStatus(BaseModel):
     finished_at: float | None = None
     preemptible: bool | None = None
     preemptions: int = 0  # times it was stopped and requeued for a more urgent task
-    # Celery's side of it: what the running task last said of itself (update_state), the
-    # exception of a failure (type, module, message, traceback), and a retry's wait.
+    # Celery's side: what the running task last said (update_state), a failure's exception, a retry's wait.
     progress_state: str | None = None
     progress: Any = None
     exception: dict[str, Any] | None = None
@@ -366,6 +371,7 @@ class TaskStatus(BaseModel):
     position: int | None = None
     reason: str | None = None
     estimated_start_at: float | None = None
+    members: list[MemberView] | None = None  # a gang's (issue 13), in rank order; None for a single task
 
 
 class QueueEntry(BaseModel):

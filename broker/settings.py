@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     task_log_dir: str = ""
     task_log_tail_bytes: int = Field(64 * 1024, gt=0, le=16 * 1024 * 1024)
     task_log_flush_s: float = Field(2.0, gt=0)
+    # A gang member's code starts only once every member has started (workers.gang); a member
+    # still waiting after this many seconds fails its attempt.
+    gang_barrier_timeout_s: float = Field(60.0, gt=0)
+    # When one member of a gang ends (fails, is lost), the others get SIGTERM, then SIGKILL after this.
+    gang_stop_grace_s: float = Field(5.0, ge=0)
     # Lists where Celery producers that do not use these settings publish (task_default_queue):
     # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
     ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])

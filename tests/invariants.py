@@ -258,6 +258,11 @@ def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str
             assert requests.get(task_id) == t["req"], f"{where} is PENDING but its request is {requests.get(task_id)}"
             assert task_id not in held_on, f"{where} is PENDING but held on {held_on[task_id]}"
             assert "alloc" not in t and "tag" not in t and "node" not in t, f"{where} is PENDING but holds {t}"
+        elif state in LIVE_STATES and "replicas" in t:  # a gang's record: its members hold what it has
+            assert task_id not in held_on and "alloc" not in t, f"gang {task_id} holds capacity itself"
+            assert task_id not in pending and task_id not in requests, f"gang {task_id} is {state} but still pending"
+            members = [tasks.get(f"{task_id}:m{r}") for r in range(int(t["replicas"]))]
+            assert all(m is not None and m.get("gang") == task_id for m in members), f"gang {task_id} lacks members"
         elif state in LIVE_STATES:
             assert held_on.get(task_id) == [t.get("node")], (
                 f"{where} is {state} on {t.get('node')}, held on {held_on.get(task_id)}")
@@ -306,7 +311,7 @@ def assert_queue_invariant(client: redis.Redis, keys: PoolKeys, tasks: dict[str,
             queued[tag] = node_id
     held = set(taken)
     for task_id, t in tasks.items():
-        if t["state"] == "RESERVED":
+        if t["state"] == "RESERVED" and "replicas" not in t:  # a gang's members are queued, not the gang
             node_id, tag = t["node"], t["tag"]
             assert queued.get(tag) == node_id or (node_id, tag) in held, (
                 f"task {task_id} is RESERVED on {node_id} but its message {tag} is nowhere")

@@ -324,3 +324,42 @@ def chatty(self: Any, lines: int = 0, pause: float = 0.0, filler: int = 0, retry
     if killed_first and attempt == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return attempt
+
+
+GANG_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES")
+
+
+@app.task(name="tests.gang_member")
+def gang_member(seconds: float = 0.0) -> dict[str, Any]:
+    """A gang member's view: its rendezvous environment, node, and when its code began."""
+    began = time.time()
+    time.sleep(seconds)
+    return {"env": {name: os.environ.get(name) for name in GANG_ENV}, "node": context.node_id(), "began": began}
+
+
+@app.task(name="tests.gloo_all_reduce")
+def gloo_all_reduce() -> dict[str, Any]:
+    """A real process group over the gang's rendezvous (env://, no torchrun): each rank adds rank + 1."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        value = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(value)
+        return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": value.item()}
+    finally:
+        dist.destroy_process_group()
+
+
+@app.task(name="tests.gang_fail_once", bind=True)
+def gang_fail_once(self: Any, seconds: float) -> dict[str, Any]:
+    """Rank 1 fails on the gang's first attempt while rank 0 works on; on later attempts every
+    rank returns at once."""
+    attempt, rank = _attempt(self), int(os.environ["RANK"])
+    if attempt == 1 and rank == 1:
+        raise RuntimeError("rank 1 fails on the first attempt")
+    if attempt == 1:
+        time.sleep(seconds)
+    return {"attempt": attempt, "rank": rank, "pid": os.getpid()}

@@ -229,6 +229,7 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "mix":           dict(zip(ROLES, ["rw", "r", "-", "r", "r"], strict=True)),
     "runtimes":      dict(zip(ROLES, ["-", "r", "rw", "r", "r"], strict=True)),
     "preempting":    dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
+    "gangs":         dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
     "changes":       dict(zip(ROLES, ["-", "rw", "rw", "r", "r"], strict=True)),
     "queueinfo":     dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
     "scheduling":    dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),

@@ -33,7 +33,7 @@ from broker.store.connection import as_broker_error, connect
 from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
-from workers import context, fence
+from workers import context, fence, gang
 from workers.recovery import RedeliverUnacked
 from workers.task import through_outages
 from workers.unit import CGROUP_ROOT_ENV, Unit, alive, cgroup_root, containment, remove_empty_cgroups, sweep_node
@@ -49,8 +49,11 @@ STOP_CHECK_S = 0.5  # how often the agent looks for tasks of its own that must s
 class NodeAgent:
     """Owns one node id for the life of this worker process (one incarnation)."""
 
-    def __init__(self, settings: Settings, spec: NodeSpec, tasks: Mapping[str, str] | None = None) -> None:
-        """``tasks``: the task names this node runs, with their catalogue entries (``served_tasks``)."""
+    def __init__(self, settings: Settings, spec: NodeSpec, tasks: Mapping[str, str] | None = None,
+                 address: str | None = None) -> None:
+        """``tasks``: the task names this node runs, with their catalogue entries (``served_tasks``);
+        ``address``: where gang members on other nodes reach this one (default: this host's)."""
+        self.address = address or gang.default_address()
         self.settings = settings
         self.spec = spec
         self.tasks = tasks
@@ -77,6 +80,7 @@ class NodeAgent:
             fence.window().renewed(sent, self.settings.lease_s, self.settings.fence_margin_s)
         if code is RegisterCode.SHAPE_CHANGED:
             raise NodeRejected(f"node {s.node_id} is registered with another shape by this process")
+        gang.publish_address(self.scripts.redis, self.keys, s.node_id, self.address)
         if reclaimed:
             log.warning("node %s: reclaimed %d tasks of its previous incarnation", s.node_id, reclaimed)
         log.info("node %s registered (%s): %d GPUs x %d MiB, %g CPUs, %d MiB, %d slots, labels %s",
@@ -280,7 +284,8 @@ def served_tasks(app: Celery) -> dict[str, str]:
     return served
 
 
-def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = ()) -> None:
+def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = (), address: str | None = None
+               ) -> None:
     from workers import control  # noqa: F401  (registers the broker's revoke with Celery's remote control)
     from workers.app import app  # configure before the app finalizes
 
@@ -289,7 +294,7 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
         app.loader.import_default_modules()  # the task modules: the node registers what it runs
     except ImportError as exc:
         raise ConfigError({"tasks": f"cannot import a task module: {exc}"}) from None
-    agent = NodeAgent(settings, spec, served_tasks(app))
+    agent = NodeAgent(settings, spec, served_tasks(app), address)
     argv = agent.configure(app)
     os.environ[CGROUP_ROOT_ENV] = str(cgroup_root() or "")  # found once, for every pool process
     log.info("node %s: task processes are contained by %s", spec.node_id, containment())

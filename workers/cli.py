@@ -22,6 +22,8 @@ def worker(
     slots: Annotated[int, typer.Option(help="Tasks that may run at once")] = 1,
     label: Annotated[list[str] | None, typer.Option(help="Node label key=value (repeatable)")] = None,
     tasks: Annotated[list[str] | None, typer.Option(help="Module with your tasks (repeatable)")] = None,
+    address: Annotated[str | None, typer.Option(help="Address gang members on other nodes reach this node at "
+                                                     "(MASTER_ADDR); default: this host's")] = None,
     redis_url: RedisUrl = None, pool: Pool = None,
 ) -> None:
     """Run a Celery worker pinned to one node; it runs only what was reserved for it."""
@@ -45,7 +47,7 @@ def worker(
         spec = NodeSpec(node_id=node if node is not None else host_node_id(), gpus=count, gpu_memory_mb=memory,
                         cpus=cpus, memory_mb=memory_mb, slots=slots, labels=labels)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run_worker(settings_for(redis_url, pool), spec, tasks or [])
+        run_worker(settings_for(redis_url, pool), spec, tasks or [], address)
 
     run_cli(go)
 

@@ -39,7 +39,7 @@ from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
 from broker.store.connection import as_broker_error, transient
 from broker.store.scripts import FinishCode, StartCode
-from workers import context, logs, rejects
+from workers import context, gang, logs, rejects
 from workers.fence import Watchdog
 from workers.unit import Unit
 
@@ -267,6 +267,7 @@ class GpuTask(BrokerTask):
         watchdog.start()
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
+            gang.enter(task_id)  # a gang member: its rendezvous env, and no code before all members start
             result = self.run(*args, **kwargs)
             payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
         except BaseException as exc:

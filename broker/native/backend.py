@@ -30,7 +30,7 @@ from kombu.utils import json as kombu_json
 
 from broker.native.transport import OPTIONS_KEY
 from broker.settings import Settings
-from broker.store import records
+from broker.store import gangs, records
 from broker.store.connection import as_broker_error, connect, transient
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Scripts
@@ -138,6 +138,7 @@ class BrokerBackend(KeyValueStoreBackend):
         h = cast(dict[bytes, bytes], self.client.hgetall(self.keys.task(task_id)))
         if not h:  # not a broker task: what Celery recorded of it here, if anything
             return cast(dict[str, Any], super()._get_task_meta_for(task_id))
+        h = gangs.as_record(self.client, self.keys, task_id, h)  # a gang: its deciding member's outcome
         return cast(dict[str, Any], self.meta_from_decoded(self._record_meta(task_id, h)))
 
     def _record_meta(self, task_id: str, h: dict[bytes, bytes]) -> dict[str, Any]:

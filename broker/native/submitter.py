@@ -18,7 +18,7 @@ from broker.errors import InvalidRequest, NotRegistered, Unsatisfiable
 from broker.models import NodeView, Resources, SubmitRequest, shortfall
 from broker.native.messages import TaskMessage
 from broker.settings import Settings
-from broker.store import reads
+from broker.store import gangs, reads
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
 from broker.store.scripts import SIGNATURES, CancelCode, Clock, Scripts, SubmitCode, script_source, wall_clock_ms
@@ -77,7 +77,8 @@ class Submitter:
         given = {"resources": resources, "priority": values["priority"], "tenant": values["tenant"],
                  "estimated_runtime_s": values["estimated_runtime_s"], "preemptible": values["preemptible"],
                  "idempotency_key": options.get("idempotency_key"), "max_retries": options.get("max_retries"),
-                 "not_before": not_before, "expires_at": expires_at}
+                 "not_before": not_before, "expires_at": expires_at, "replicas": options.get("replicas"),
+                 "spread": options.get("spread"), "same_label": options.get("same_label")}
         return SubmitRequest(task_name=name, args=args if args is not None else [],
                              kwargs=kwargs if kwargs is not None else {},
                              **{k: v for k, v in given.items() if v is not None})
@@ -86,8 +87,11 @@ class Submitter:
         """Write the task; returns the id it is known by and whether this call created it (an
         idempotency key already taken returns the task it stands for)."""
         self.admit(req, message)
-        code, existing = self.scripts.submit(task_id, req, message,
-                                             result_ttl_ms=int(self.settings.result_expires_s * 1000))
+        ttl_ms = int(self.settings.result_expires_s * 1000)
+        if req.replicas > 1:
+            code, existing = gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms)
+        else:
+            code, existing = self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms)
         return self._known_as(task_id, code, existing)
 
     def admit(self, req: SubmitRequest, message: str) -> None:
@@ -146,10 +150,18 @@ class Submitter:
         fresh read. With no node up at all (none started yet, or all restarting) anything is taken."""
         nodes = self._registered(fresh=False)
         if not self._refusal(req, nodes):
+            self._check_gang(req, nodes)
             return
         refusal = self._refusal(req, self._registered(fresh=True))
         if refusal is not None:
             raise refusal
+        self._check_gang(req, self._registered(fresh=False))
+
+    @staticmethod
+    def _check_gang(req: SubmitRequest, nodes: list[NodeView]) -> None:
+        if req.replicas > 1:
+            gangs.check_gang(req, [n for n in nodes if n.state == "up" and (n.serves is None or
+                                                                             req.task_name in n.serves)])
 
     def _registered(self, fresh: bool) -> list[NodeView]:
         now = time.monotonic()

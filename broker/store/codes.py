@@ -114,3 +114,26 @@ class PreemptCode(enum.IntEnum):
     NOT_FOUND = 2
     NOT_HELD = 3
     ALREADY = 4
+
+
+class GangReserveCode(enum.IntEnum):
+    """reserve_gang.lua: ReserveCode's meanings for a whole gang (no rate limit: a gang is one start)."""
+
+    OK = 0
+    NOT_PENDING = 1
+    NODE_DOWN = 2
+    LABEL_MISMATCH = 3
+    NO_CAPACITY = 4
+    BAD_PLACEMENT = 5
+    NOT_SERVED = 6
+
+
+class SettleCode(enum.IntEnum):
+    """settle_gang.lua: what one fate did for a reserved gang this cycle."""
+
+    RUNNING = 0
+    STOPPING = 1
+    REQUEUED = 2
+    FAILED = 3
+    SUCCEEDED = 4
+    NOT_LIVE = 5

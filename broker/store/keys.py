@@ -76,6 +76,8 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | registration (dispatchers' node cache)     |                       |
 | ``P preempting``             | hash   | preemptor task id -> node whose victims it | none                  |
 |                              |        | waits for                                  |                       |
+| ``P gangs``                  | set    | ids of reserved gangs (issue 13), for      | none                  |
+|                              |        | settle_gang.lua's one fate each cycle      |                       |
 | ``P queueinfo``              | hash   | pending task id -> {position, reason, eta} | none                  |
 |                              |        | from the last pass                         |                       |
 | ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher   | none                  |
@@ -254,6 +256,10 @@ class PoolKeys:
     @property
     def changes(self) -> str:
         return self.prefix + "changes"
+
+    @property
+    def gangs(self) -> str:
+        return self.prefix + "gangs"
 
     @property
     def preempting(self) -> str:

@@ -19,6 +19,9 @@ once per cycle or batch; the keys are short for the same reason.
 | t   | tenant                                               |                                |
 | e   | the task's own runtime estimate                      | seconds, or null               |
 | x   | preemptible                                          | true, false, or null (pool default) |
+| k   | a gang's members (only when more than 1)             | count, 2 to 1024               |
+| sp  | a gang: one member per node (only in a gang's)       | true or false                  |
+| sl  | a gang: members on nodes sharing this label key      | label key, or absent           |
  The checks are the ones ``lua/_request.lua`` makes before submit.lua
 stores a request; the dispatcher makes them again for records written by hand or by an older
 version.
@@ -31,8 +34,7 @@ import math
 from dataclasses import fields
 from typing import Any, cast
 
-from broker.errors import InvalidRequest
-from broker.models import MAX_PRIORITY, MILLI, Resources, SubmitRequest, split_selector
+from broker.models import MAX_PRIORITY, MAX_REPLICAS, MILLI, Resources, SubmitRequest, split_selector
 from broker.scheduling.model import TaskRequest
 
 
@@ -50,23 +52,26 @@ class UnreadableRecord(ValueError):
 Wire = dict[str, Any]  # a decoded request
 
 
-def encode_request(req: SubmitRequest) -> str:
-    if req.replicas != 1:
-        # Stored as one task it would run as one member: refuse until reserve.lua can commit a
-        # whole gang in one call (issue 13's Redis part).
-        raise InvalidRequest({"replicas": f"{req.replicas}: gangs are planned (broker.scheduling.gang) but "
-                                          "cannot be stored or dispatched yet; submit replicas=1"})
+def encode_request(req: SubmitRequest, member: bool = False) -> str:
+    """The stored request; a gang's carries its shape (k, sp, sl), unless ``member``: what one
+    of its members asks for (reserve.lua places a request with ``k`` nowhere: only
+    reserve_gang.lua commits a gang, all members in one call)."""
     r = req.resources
-    return json.dumps({"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
-                       "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
-                       "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible},
-                      separators=(",", ":"))
+    wire = {"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
+            "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
+            "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible}
+    if req.replicas > 1 and not member:
+        wire.update({"k": req.replicas, "sp": req.spread})
+        if req.same_label:
+            wire["sl"] = req.same_label
+    return json.dumps(wire, separators=(",", ":"))
 
 
 #: Request keys -> the submit field each one stores (what InvalidRequest names).
 REQUEST_FIELDS = {"g": "resources.gpus", "m": "resources.gpus", "gm": "resources.gpu_memory_mb",
                   "c": "resources.cpus", "r": "resources.memory_mb", "l": "resources.labels", "p": "priority",
-                  "n": "task_name", "t": "tenant", "e": "estimated_runtime_s", "x": "preemptible", "req": "request"}
+                  "n": "task_name", "t": "tenant", "e": "estimated_runtime_s", "x": "preemptible", "req": "request",
+                  "k": "replicas", "sp": "spread", "sl": "same_label"}
 #: The counts of a request and their largest values (Resources' limits); lua/_request.lua has the same.
 REQUEST_COUNTS = {"g": 1024, "m": MILLI, "gm": 16 * 1024 * 1024, "c": 100_000 * MILLI, "r": 1 << 40}
 
@@ -118,7 +123,19 @@ def decode_request(text: bytes | str) -> Wire:
         raise UnreadableRecord("e", f"must be null or a number of seconds >= 0 (got {_json_what(e)})")
     if wire.get("x") is not None and not isinstance(wire["x"], bool):
         raise UnreadableRecord("x", f"must be true, false or null (got {_json_what(wire['x'])})")
+    if "k" in wire:
+        _check_gang(wire)
     return wire
+
+
+def _check_gang(wire: Wire) -> None:
+    k = wire["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= MAX_REPLICAS:
+        raise UnreadableRecord("k", f"must be an integer from 2 to {MAX_REPLICAS} (got {_json_what(k)})")
+    if not isinstance(wire.get("sp", False), bool):
+        raise UnreadableRecord("sp", f"must be true or false (got {_json_what(wire['sp'])})")
+    if "sl" in wire and not isinstance(wire["sl"], str):
+        raise UnreadableRecord("sl", f"must be a label key (got {_json_what(wire['sl'])})")
 
 
 def resources_of(wire: Wire) -> Resources:
@@ -132,7 +149,8 @@ def task_request(task_id: str, wire: Wire, seq: int = 0, preemptible_default: bo
     x = wire.get("x")
     return TaskRequest(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"], exact, wire["p"], seq,
                        wire.get("t", "default"), wire.get("n", ""), wire.get("e"), 0.0,
-                       preemptible_default if x is None else bool(x), prefer)
+                       preemptible_default if x is None else bool(x), prefer, wire.get("k", 1),
+                       bool(wire.get("sp", False)), wire.get("sl"))
 
 
 Pending = list[tuple[str, int, Wire]]  # (task id, rank in the pending queue, its decoded request)

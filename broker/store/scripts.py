@@ -27,6 +27,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     ExpireCode,
     FinishCode,
     ForgetCode,
+    GangReserveCode,
     HeartbeatCode,
     LogCode,
     PreemptCode,
@@ -36,6 +37,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     ReapCode,
     RegisterCode,
     ReserveCode,
+    SettleCode,
     StartCode,
     SubmitCode,
 )
@@ -45,9 +47,9 @@ from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
-    "HeartbeatCode", "LogCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "QuarantineCode",
-    "ReapCode", "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
-    "wall_clock_ms",
+    "GangReserveCode", "HeartbeatCode", "LogCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode",
+    "QuarantineCode", "ReapCode", "RegisterCode", "ReserveCode", "Scripts", "SettleCode", "StartCode", "SubmitCode",
+    "includes", "script_source", "wall_clock_ms",
 ]
 
 LUA = resources.files("broker.store") / "lua"
@@ -96,6 +98,14 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "log": (LogCode, ("task",), ("tag", "attempt", "tail", "size", "file")),
     "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
                    ("task_id", "request", "reason", "now")),
+    # Gangs (issue 13); their wrappers are in broker.store.gangs.
+    "submit_gang": (SubmitCode, ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
+                    ("task_id", "idempotency_key", "priority", "now", "request", "member_request", "name", "tenant",
+                     "max_retries", "gpu_kind", "result_ttl")),
+    "reserve_gang": (GangReserveCode, ("pending", "requests", "leases", "changes", "tasks", "gang", "gangs"),
+                     ("now", "gang_id")),
+    "settle_gang": (SettleCode, ("gang", "gangs", "pending", "requests", "wake", "prefix"),
+                    ("gang_id", "now", "grace_ms")),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from broker.errors import InvalidRequest
 from broker.models import SubmitRequest
 from broker.scheduling.model import NodeFree, Plan, TaskRequest, demand
-from broker.store.records import StoredRequest
+from broker.store.records import StoredRequest, UnreadableRecord, decode_request, encode_request, task_request
 from tests.scheduling.helpers import MIN, node, placed, planner, running, snapshot, task
 
 
@@ -192,9 +193,21 @@ def test_submit_request_gang_defaults_and_a_valid_gang() -> None:
     assert (req.replicas, req.spread, req.same_label) == (4, True, "rack")
 
 
-def test_a_gang_is_not_stored_until_reserve_can_commit_one() -> None:
-    """Stored as one task, a gang would run as one member: refused, naming the field."""
-    with pytest.raises(InvalidRequest) as caught:
-        StoredRequest.of(SubmitRequest(task_name="a.b", replicas=2))
-    assert "replicas" in caught.value.problems
-    assert '"k"' not in StoredRequest.of(SubmitRequest(task_name="a.b")).text  # single tasks: same bytes as before
+def test_a_gangs_request_carries_its_shape_and_reads_back() -> None:
+    """The stored request of a gang says how many members and where (k, sp, sl); a member's,
+    and a single task's, are the bytes they always were (reserve.lua reads them)."""
+    req = SubmitRequest(task_name="a.b", replicas=3, spread=True, same_label="rack")
+    wire = decode_request(StoredRequest.of(req).text)
+    assert (wire["k"], wire["sp"], wire["sl"]) == (3, True, "rack")
+    back = task_request("g", wire)
+    assert (back.replicas, back.spread, back.same_label) == (3, True, "rack")
+    assert encode_request(req, member=True) == StoredRequest.of(SubmitRequest(task_name="a.b")).text
+    assert '"k"' not in StoredRequest.of(SubmitRequest(task_name="a.b")).text
+
+
+@pytest.mark.parametrize(("key", "value"), [("k", 1), ("k", "2"), ("k", 5000), ("sp", "yes"), ("sl", 3)])
+def test_an_unreadable_gang_request_names_its_key(key: str, value: object) -> None:
+    wire = json.loads(StoredRequest.of(SubmitRequest(task_name="a.b", replicas=2)).text)
+    with pytest.raises(UnreadableRecord) as caught:
+        decode_request(json.dumps({**wire, key: value}))
+    assert caught.value.field == key

@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from broker.models import SubmitRequest, TaskState
-from broker.scheduling.model import Placement
+from broker.scheduling.model import GangPlacement, Placement
+from broker.store import gangs
 from broker.store.keys import PoolKeys
 from broker.store.records import TRANSITIONS
 from broker.store.scripts import LUA, SIGNATURES, Scripts, includes, script_source
@@ -29,7 +30,8 @@ SCRIPTS = sorted(p.name.removesuffix(".lua") for p in LUA.iterdir()
 HELPERS = sorted(p.name for p in LUA.iterdir() if p.name.endswith(".lua") and p.name.startswith("_"))
 # Scripts that take a fixed prefix, then one group per item: of KEYS and ARGV (reserve: per
 # placement), or of ARGV only (register: per task name).
-BATCHED = {"reserve": ("KEYS", "ARGV"), "register": ("ARGV",)}
+BATCHED = {"reserve": ("KEYS", "ARGV"), "register": ("ARGV",), "reserve_gang": ("KEYS", "ARGV"),
+           "submit_gang": ("ARGV",), "settle_gang": ("KEYS",)}
 
 _KEY = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG = re.compile(r"^-- ARGV\[(\d+)\]\s+(\w+)")
@@ -116,6 +118,10 @@ class RecordingScripts(Scripts):
         self.calls[name] = (len(keys), len(args))
         return super()._run(name, keys, args)
 
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
+        self.calls[name] = (len(keys), len(args))
+        return super().call(name, keys, args, client)
+
 
 def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys: PoolKeys,
                                                 clock: ControlledClock) -> None:
@@ -136,10 +142,20 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.drain("n1", "operator")
     s.forget("n1")
     s.quarantine("t1", "{", "req: not JSON")
+    gang = SubmitRequest(task_name="x.y", replicas=2)
+    gangs.submit_gang(s, "g", gang, '{"headers":{"id":"g"},"properties":{"a":1}}')
+    gangs.reserve_gang(s, GangPlacement("g", (Placement("g", "n1"), Placement("g", "n1"))))
+    gangs.settle(s, "g", 2, 1000)
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
     fixed_keys, fixed_argv = expected["reserve"]
     expected["reserve"] = (fixed_keys + 2 * 4, fixed_argv + 2 * 3)  # two placements, each 4 KEYS and 3 ARGV
+    fixed_keys, fixed_argv = expected["submit_gang"]
+    expected["submit_gang"] = (fixed_keys, fixed_argv + 2)  # one message per member
+    fixed_keys, fixed_argv = expected["reserve_gang"]
+    expected["reserve_gang"] = (fixed_keys + 2 * 4, fixed_argv + 2 * 2)  # two members, each 4 KEYS and 2 ARGV
+    fixed_keys, fixed_argv = expected["settle_gang"]
+    expected["settle_gang"] = (fixed_keys + 2, fixed_argv)  # one KEY per member
     assert s.calls == expected
 
 

@@ -29,16 +29,18 @@ from hypothesis.stateful import (
 )
 
 from broker.dispatcher import Dispatcher
-from broker.models import Resources
-from broker.scheduling.model import Placement
+from broker.message import build_message
+from broker.models import Resources, SubmitRequest
+from broker.scheduling.model import GangPlacement, Placement
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import plan
 from broker.settings import Settings
-from broker.store import reads
+from broker.store import gangs, reads
 from broker.store.keys import PoolKeys
 from broker.store.scripts import (
     CancelCode,
     FinishCode,
+    GangReserveCode,
     HeartbeatCode,
     RegisterCode,
     ReserveCode,
@@ -50,7 +52,10 @@ from tests.conftest import Clock
 from tests.invariants import (
     FINAL_STATES,
     LIVE_STATES,
+    MAX_PAYLOAD,
+    PROBE,
     Progress,
+    all_tasks,
     assert_pool_invariants,
     assert_progress,
     node_hash,
@@ -66,6 +71,8 @@ NODE_LABELS = ({}, {"gpu": "a100"}, {"gpu": "h100"}, {"gpu": "a100", "zone": "z1
 TASK_LABELS = ({}, {}, {"gpu": "a100"}, {"gpu": "h100"}, {"zone": "z1"})
 IDEMPOTENCY_KEYS = ("job-a", "job-b")
 
+# Members small enough that most clusters drawn hold a gang of them (else gangs only ever wait).
+GANG_MEMBERS = (Resources(gpus=1), Resources(gpus=0.25), Resources(cpus=0.5))
 Shape = tuple[int, int, int, int, int]  # gpus, gpu_mem (MiB), cpu (milli), RAM (MiB), slots
 
 
@@ -163,6 +170,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.incarnations: dict[str, str] = {}
         self.shapes: dict[str, Shape] = {}
         self.task_ids: list[str] = []
+        self.gang_ids: list[str] = []
         self.idempotent: dict[str, str] = {}
         self.taken: set[tuple[str, str]] = set()
         self.progress: Progress = {}
@@ -267,7 +275,8 @@ class BrokerMachine(RuleBasedStateMachine):
     def reserve_planned(self, window: int) -> None:
         """What the dispatcher proposes from a fresh snapshot, reserve.lua must accept whole."""
         nodes = reads.read_free(self.redis, self.keys, self.clock())
-        placements = plan(queue_order(reads.pending_requests(self.redis, self.keys, window)), nodes)
+        singles = [t for t in reads.pending_requests(self.redis, self.keys, window) if t.replicas == 1]
+        placements = plan(queue_order(singles), nodes)
         codes = self.scripts.reserve(placements)
         assert codes == [ReserveCode.OK] * len(placements), list(zip(placements, codes, strict=True))
         self.seen["placed"] += len(codes)
@@ -283,7 +292,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def racing_dispatchers(self, split: int) -> None:
         """Two dispatchers plan from one snapshot; the second commits after the first."""
         nodes = reads.read_free(self.redis, self.keys, self.clock())
-        tasks = queue_order(reads.pending_requests(self.redis, self.keys, 50))
+        tasks = queue_order([t for t in reads.pending_requests(self.redis, self.keys, 50) if t.replicas == 1])
         first, second = plan(tasks[::split], nodes), plan(tasks, nodes)
         assert self.scripts.reserve(first) == [ReserveCode.OK] * len(first)
         self._reserve_checked(second)
@@ -421,16 +430,70 @@ class BrokerMachine(RuleBasedStateMachine):
         if expected[0] not in (CancelCode.CANCELLED, CancelCode.STOPPING):
             assert self._task(task_id) == t, "a refused cancel changed the task"
 
+    # ---- gangs (issue 13): members are tasks of their own once placed --------------------
+
+    @rule(replicas=st.integers(2, 3), resources=st.one_of(st.sampled_from(GANG_MEMBERS), task_resources()),
+          spread=st.booleans(), max_retries=st.integers(0, 1))
+    def submit_gang(self, replicas: int, resources: Resources, spread: bool, max_retries: int) -> None:
+        gang_id = f"g{len(self.gang_ids)}"
+        req = SubmitRequest(task_name=PROBE, resources=resources, replicas=replicas, spread=spread,
+                            max_retries=max_retries)
+        message = build_message(gang_id, PROBE, [], {}, MAX_PAYLOAD)
+        assert gangs.submit_gang(self.scripts, gang_id, req, message) == (SubmitCode.CREATED, gang_id)
+        self.gang_ids.append(gang_id)
+
+    @precondition(lambda self: self.gang_ids)
+    @rule(data=st.data())
+    def reserve_gang_random(self, data: st.DataObject) -> None:
+        """Placements no planner would propose: a refusal must change nothing at all."""
+        gang_id = data.draw(st.sampled_from(self.gang_ids), label="gang")
+        replicas = int(self._task(gang_id)["replicas"])
+        count = data.draw(st.sampled_from([replicas, replicas, replicas - 1]), label="members")
+        members = tuple(Placement(gang_id, data.draw(st.sampled_from((*NODE_IDS, "ghost")), label="node"),
+                                  tuple(data.draw(st.lists(st.integers(-1, 4), max_size=2), label="gpus")))
+                        for _ in range(count))
+        before = all_tasks(self.redis, self.keys)
+        free = {n: node_hash(self.redis, self.keys, n) for n in NODE_IDS}
+        code, _rank = gangs.reserve_gang(self.scripts, GangPlacement(gang_id, members))
+        if code is GangReserveCode.OK:
+            self.seen["gang reserved"] += 1
+            assert {self._task(f"{gang_id}:m{r}")["state"] for r in range(replicas)} == {"RESERVED"}
+        else:
+            assert all_tasks(self.redis, self.keys) == before, f"refused gang placement ({code.name}) changed tasks"
+            assert {n: node_hash(self.redis, self.keys, n) for n in NODE_IDS} == free
+
+    @rule()
+    def settle_gangs(self) -> None:
+        for code in gangs.settle_all(self.scripts, 1000).values():
+            self.seen[f"gang {code.name}"] += 1
+
+    @precondition(lambda self: self.gang_ids)
+    @rule(data=st.data())
+    def cancel_gang(self, data: st.DataObject) -> None:
+        """As Client.cancel: the gang's record, then each live member where it is held."""
+        gang_id = data.draw(st.sampled_from(self.gang_ids))
+        code, _ = self.scripts.cancel(gang_id, self._task(gang_id).get("node"))
+        assert code in (CancelCode.CANCELLED, CancelCode.ALREADY_FINAL), code
+        for member in gangs.live_members(self.redis, self.keys, gang_id):
+            self.scripts.cancel(member, None if self._task(member)["state"] == "RUNNING" else
+                                self._task(member)["node"])
+
     # ---- after every step ---------------------------------------------------------------
 
     @invariant()
     def pool_invariants(self) -> None:
-        tasks = assert_pool_invariants(self.redis, self.keys, self.taken)
-        assert sorted(tasks) == sorted(self.task_ids), "a task appeared or vanished"
+        every = assert_pool_invariants(self.redis, self.keys, self.taken)
+        members = {task_id for task_id, t in every.items() if "gang" in t}
+        assert {t["gang"] for t in (every[m] for m in members)} <= set(self.gang_ids), "a member of no gang"
+        # A member's record is made afresh for each attempt of its gang: its progress is the gang's.
+        tasks = {task_id: t for task_id, t in every.items() if task_id not in members}
+        assert sorted(tasks) == sorted(self.task_ids + self.gang_ids), "a task appeared or vanished"
         progress = progress_of(tasks)
         assert_progress(self.progress, progress)
         for task_id, (task_state, _attempts, _retries) in progress.items():
             self.seen[task_state] += 1
+            if task_id in self.gang_ids:
+                self.seen[f"gang {task_state}"] += 1
             if task_state == "PENDING" and int(tasks[task_id]["attempts"]) > 0:
                 self.seen["requeued"] += 1
         self.progress = progress
@@ -449,3 +512,5 @@ def test_random_transitions_keep_every_invariant(redis_client: redis.Redis) -> N
               "SHAPE_CHANGED", "placed"}
     assert wanted <= set(seen), f"never reached {wanted - set(seen)}: {seen}"
     assert seen["SUCCEEDED"] + seen["FAILED"], f"no task ever finished: {seen}"
+    # Gangs were reserved whole (by the dispatcher's planner) and settled (one fate) along the way.
+    assert seen["gang RESERVED"] and seen["gang STOPPING"] + seen["gang REQUEUED"] + seen["gang SUCCEEDED"], seen

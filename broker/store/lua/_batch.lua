@@ -56,7 +56,8 @@ local function batch_begin(catalogue_key)
   -- derives from it: how many GPU indices a placement names, and whether it selects labels.
   batch_request = memo(function(text)
     local r = cjson.decode(text)
-    r.count, r.labelled, r.allocs = (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
+    -- A gang's (k) names no count of indices: reserve.lua places it nowhere (reserve_gang.lua's job).
+    r.count, r.labelled, r.allocs = r.k and -1 or (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
     return r
   end)
   -- A task name's rate limit in starts per second from the pool's task catalogue (0: none).
@@ -152,6 +153,19 @@ local function batch_gpu(n, i)
     end
   end
   return n.milli[i], n.gmem[i]
+end
+
+-- Whether request r fits on GPUs `listed` of node view n now, and what it takes of each:
+-- (true, share, memory). A whole GPU takes all of it and must be wholly free.
+local function batch_gpus_fit(n, r, listed)
+  local whole, milli, mem = r.m == 0, MILLI, n.gpu_mem
+  if not whole then milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI) end
+  for k = 1, #listed do
+    local free_milli, free_mem = batch_gpu(n, listed[k])
+    if free_milli < milli or free_mem < mem then return false end
+    if whole and (n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem) then return false end
+  end
+  return true, milli, mem
 end
 
 -- Write a batch_node view back: free amounts, task set, queued messages.

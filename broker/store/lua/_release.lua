@@ -73,26 +73,6 @@ local function outcomes_of(pending_key)
   return string.sub(pending_key, 1, #pending_key - #'pending') .. 'outcomes'
 end
 
--- Back to PENDING at its original place in line (the score keeps its submit order); counted
--- as `why` ('requeued' when nil: lost, retried) in P outcomes.
-local function requeue(task_key, pending_key, requests_key, task_id, now, why)
-  tally(outcomes_of(pending_key), task_key, why or 'requeued', now)
-  local t = redis.call('HMGET', task_key, 'score', 'req')
-  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now)
-  redis.call('HDEL', task_key, unpack(ATTEMPT))
-  redis.call('ZADD', pending_key, t[1], task_id)
-  redis.call('HSET', requests_key, task_id, t[2])
-end
-
--- Back to PENDING, but not placed before `not_before` (ms): it waits in `delayed` until
--- promote.lua moves it to the pending queue at its original place in line.
-local function delay(task_key, delayed_key, task_id, now, not_before)
-  tally(string.sub(delayed_key, 1, #delayed_key - #'delayed') .. 'outcomes', task_key, 'requeued', now)
-  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now, 'not_before', int(not_before))
-  redis.call('HDEL', task_key, unpack(ATTEMPT))
-  redis.call('ZADD', delayed_key, int(not_before), task_id)
-end
-
 -- A task reached a final state: its record and its idempotency key expire after the record's
 -- result_ttl (ms; 0: kept), and it leaves the timer sets. prefix carries the pool's hash tag.
 local function finalize(prefix, task_key, task_id)
@@ -115,6 +95,37 @@ local function conclude(prefix, task_key, task_id, final, now, ...)
   redis.call('ZADD', prefix .. 'finished', now, task_id)
   finalize(prefix, task_key, task_id)
   return final
+end
+
+-- A gang member never goes back in line alone (issue 13): it ends FAILED instead, and
+-- settle_gang.lua puts its whole gang back in line. True when `task_key` was a member.
+local function member_ended(prefix, task_key, task_id, now, why)
+  if not redis.call('HGET', task_key, 'gang') then return false end
+  conclude(prefix, task_key, task_id, 'FAILED', now, 'error', 'gang member ' .. (why or 'requeued') ..
+    ': its gang goes back in line whole')
+  return true
+end
+
+-- Back to PENDING at its original place in line (the score keeps its submit order); counted
+-- as `why` ('requeued' when nil: lost, retried) in P outcomes.
+local function requeue(task_key, pending_key, requests_key, task_id, now, why)
+  if member_ended(string.sub(pending_key, 1, #pending_key - #'pending'), task_key, task_id, now, why) then return end
+  tally(outcomes_of(pending_key), task_key, why or 'requeued', now)
+  local t = redis.call('HMGET', task_key, 'score', 'req')
+  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now)
+  redis.call('HDEL', task_key, unpack(ATTEMPT))
+  redis.call('ZADD', pending_key, t[1], task_id)
+  redis.call('HSET', requests_key, task_id, t[2])
+end
+
+-- Back to PENDING, but not placed before `not_before` (ms): it waits in `delayed` until
+-- promote.lua moves it to the pending queue at its original place in line.
+local function delay(task_key, delayed_key, task_id, now, not_before)
+  if member_ended(string.sub(delayed_key, 1, #delayed_key - #'delayed'), task_key, task_id, now, 'retried') then return end
+  tally(string.sub(delayed_key, 1, #delayed_key - #'delayed') .. 'outcomes', task_key, 'requeued', now)
+  redis.call('HSET', task_key, 'state', 'PENDING', 'requeued_at', now, 'not_before', int(not_before))
+  redis.call('HDEL', task_key, unpack(ATTEMPT))
+  redis.call('ZADD', delayed_key, int(not_before), task_id)
 end
 
 -- A task whose process or node was lost. `charge` counts it against max_retries (it had

@@ -28,8 +28,9 @@ local function is_selector_value(v)
   return true
 end
 
--- Why request JSON `text` cannot be stored: (key, reason), or nil when it can.
-local function request_problem(text)
+-- Why request JSON `text` cannot be stored: (key, reason), or nil when it can. A gang's
+-- (keys k, sp, sl) only when `gang` (submit_gang.lua, which stores its members' messages too).
+local function request_problem(text, gang)
   local ok, r = pcall(cjson.decode, text)
   if not ok then return 'req', 'not JSON' end
   if type(r) ~= 'table' then return 'req', 'must be a JSON object (got ' .. json_what(r) .. ')' end
@@ -62,6 +63,10 @@ local function request_problem(text)
   if r.x ~= nil and r.x ~= cjson.null and type(r.x) ~= 'boolean' then
     return 'x', 'must be true, false or null (got ' .. json_what(r.x) .. ')'
   end
+  if (r.k ~= nil) ~= (gang == true) then return 'k', gang and 'a gang needs k' or 'a gang is stored by submit_gang.lua' end
+  if gang and not is_int(r.k, 2, 1024) then return 'k', 'must be an integer from 2 to 1024 (got ' .. json_what(r.k) .. ')' end
+  if r.sp ~= nil and type(r.sp) ~= 'boolean' then return 'sp', 'must be true or false' end
+  if r.sl ~= nil and type(r.sl) ~= 'string' then return 'sl', 'must be a label key' end
   return nil
 end
 

@@ -49,13 +49,8 @@ local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, in
   end
   if not batch_serves(n, r.n) then return 6 end
   if n.slots < 1 or n.cpu < r.c or n.mem < r.r then return 4 end
-  local whole, milli, mem = r.m == 0, MILLI, n.gpu_mem -- a whole GPU: all of it, and wholly free
-  if not whole then milli, mem = r.m, (r.gm > 0) and r.gm or math.floor(r.m * n.gpu_mem / MILLI) end
-  for k = 1, #listed do
-    local free_milli, free_mem = batch_gpu(n, listed[k])
-    if free_milli < milli or free_mem < mem then return 4 end
-    if whole and (n.gpu_mem < r.gm or free_milli ~= MILLI or free_mem ~= n.gpu_mem) then return 4 end
-  end
+  local fits, milli, mem = batch_gpus_fit(n, r, listed)
+  if not fits then return 4 end
   if not batch_token(KEYS[6], now, r.n) then return 7 end -- last: a refused placement takes no start
 
   for k = 1, #listed do

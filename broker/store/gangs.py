@@ -1,0 +1,206 @@
+"""Gangs in Redis (issue 13): one job of ``replicas`` members, stored, reserved and read as one.
+
+**Records.** A gang is one task hash under its own id, in the pending queue as one entry, with
+a request that carries its shape (``k``, ``sp``, ``sl``: request_records) and, besides the
+fields of any task, ``member_req`` (what one member asks for), ``replicas`` and ``message:<r>``:
+member r's Celery message, task id ``<id>:m<r>`` (Celery's own envelope for the gang's call,
+with that id; ``root_id`` stays the gang's, so Flower shows every member's attempt under it).
+reserve_gang.lua commits a whole placement in one call: the gang goes RESERVED and each member
+becomes a task record of its own (``<id>:m<r>``, RESERVED on its node, with ``gang``, ``rank``,
+``world``, ``local_rank``, ``local_world``, ``node_rank``, ``master_node`` and ``master_port``)
+whose message is on its node's queue. From there a member is fenced, started and finished
+as any task (start.lua, finish.lua), and releases its own capacity.
+
+**One fate** (settle_gang.lua, each dispatcher cycle, for each gang in ``P gangs``): once a
+member ends other than SUCCEEDED (a member is never requeued alone: _release.lua ends it
+FAILED), every other member is stopped, and once all are final the gang is requeued whole (one
+retry) or FAILED; all SUCCEEDED: the gang SUCCEEDED with rank 0's result. Cancelling the gang
+(``Client.cancel``) cancels its record and every live member.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
+
+import redis
+
+from broker.errors import InvalidRequest, Unsatisfiable
+from broker.models import MemberView, NodeView, SubmitRequest, TaskState, TaskStatus
+from broker.scheduling.model import GangPlacement, TaskRequest
+from broker.store.codes import GangReserveCode, SettleCode, SubmitCode
+from broker.store.keys import PoolKeys
+from broker.store.records import encode_request, gpu_kind_of, gpus_arg, parse_gpus, task_status
+from broker.store.scripts import Scripts
+
+MEMBER = ":m"  # member r of gang g is the task g:m<r>
+
+
+def member_id(gang_id: str, rank: int) -> str:
+    return f"{gang_id}{MEMBER}{rank}"
+
+
+def member_message(stored: str, member: str) -> str:
+    """The gang's stored Celery message as member ``member``'s: the member's id in the headers and
+    the correlation id, nothing else changed (the properties still close the document)."""
+    envelope = json.loads(stored)
+    envelope["headers"]["id"] = member
+    envelope["properties"]["correlation_id"] = member
+    return json.dumps(envelope, separators=(",", ":"), allow_nan=False)
+
+
+def check_gang(req: SubmitRequest, nodes: list[NodeView]) -> None:
+    """Refuse a gang no registered nodes could ever hold all at once, or one with timers (a
+    gang's timers are not built yet). ``nodes``: those up that run its task name."""
+    if req.not_before is not None or req.expires_at is not None:
+        raise InvalidRequest({"replicas": "a gang (replicas > 1) takes no countdown, eta or expires yet; "
+                                          "submit it when it should start"})
+    if not nodes:
+        return
+    r = req.resources
+    room = 0
+    for n in nodes:
+        if req.same_label and req.same_label not in n.labels:
+            continue
+        per_gpu = len(n.gpus) // r.whole_gpus if r.whole_gpus else (len(n.gpus) if r.gpu_milli else n.slots)
+        per_cpu = int(n.cpus * 1000 // r.cpu_milli) if r.cpu_milli else n.slots
+        fits = min(per_gpu, per_cpu, n.slots, n.memory_mb // r.memory_mb if r.memory_mb else n.slots)
+        room += min(fits, 1) if req.spread else fits
+    if room < req.replicas:
+        where = f" with label {req.same_label!r}" if req.same_label else ""
+        each = " (one per node: spread)" if req.spread else ""
+        raise Unsatisfiable({"replicas": f"{req.replicas} members of {r.gpus:g} GPUs each cannot all fit: the "
+                                         f"registered nodes{where} hold at most {room}{each}"})
+
+
+def submit_gang(scripts: Scripts, task_id: str, req: SubmitRequest, message: str,
+                result_ttl_ms: int = 0) -> tuple[SubmitCode, str]:
+    """Store a validated gang and its members' messages (submit_gang.lua); the code and the id it
+    is known by (an idempotency key already taken names that task)."""
+    k, key = scripts.keys, req.idempotency_key
+    messages = [member_message(message, member_id(task_id, rank)) for rank in range(req.replicas)]
+    code, existing, *why = scripts.call(
+        "submit_gang",
+        [k.task(task_id), k.pending, k.requests, k.idempotency(key) if key else k.task(task_id), k.seq, k.wake,
+         k.mix],
+        [task_id, key or "", req.priority, scripts.clock(), encode_request(req), encode_request(req, member=True),
+         req.task_name, req.tenant, req.max_retries, gpu_kind_of(req.resources), result_ttl_ms, *messages])
+    if code == SubmitCode.BAD_REQUEST:
+        text = existing.decode() if isinstance(existing, bytes) else str(existing)
+        raise InvalidRequest({text: f"refused by submit_gang.lua, nothing was written: {why[0]!r}"})
+    return SubmitCode(code), existing.decode() if isinstance(existing, bytes) else str(existing)
+
+
+def singles(tasks: Iterator[TaskRequest], gangs_seen: list[str]) -> Iterator[TaskRequest]:
+    """The dispatcher's lazy planner's tasks: a gang (all members or none) is noted in
+    ``gangs_seen`` and left to the full planner, which places gangs."""
+    for task in tasks:
+        if task.replicas > 1:
+            gangs_seen.append(task.id)
+        else:
+            yield task
+
+
+def reserve_gang(scripts: Scripts, gang: GangPlacement) -> tuple[GangReserveCode, int]:
+    """Commit every member of ``gang`` or none (reserve_gang.lua); the code and the first member
+    refused (-1: the gang itself)."""
+    k = scripts.keys
+    keys = [k.pending, k.requests, k.leases, k.changes, k.tasks, k.task(gang.task_id), k.gangs]
+    args: list[Any] = [scripts.clock(), gang.task_id]
+    for rank, p in enumerate(gang.members):
+        keys += (k.task(member_id(gang.task_id, rank)), k.node(p.node_id), k.node_tasks(p.node_id),
+                 k.queue(p.node_id))
+        args += (p.node_id, gpus_arg(p.gpu_indices))
+    code, rank = scripts.call("reserve_gang", keys, args)
+    return GangReserveCode(code), int(rank)
+
+
+_FIELDS = ("state", "node", "gpus", "error")
+
+
+def members_of(client: redis.Redis, keys: PoolKeys, gang_id: str, replicas: int) -> list[MemberView]:
+    """Each member's rank, node, GPU indices and state (PENDING while the gang waits)."""
+    pipe = client.pipeline(transaction=False)
+    for rank in range(replicas):
+        pipe.hmget(keys.task(member_id(gang_id, rank)), *_FIELDS)
+    out = []
+    for rank, (state, node, gpus, error) in enumerate(cast(list[list[bytes | None]], pipe.execute())):
+        out.append(MemberView(rank=rank, state=TaskState(state.decode()) if state else TaskState.PENDING,
+                              node=node.decode() if node else None, gpus=parse_gpus(gpus.decode() if gpus else None),
+                              error=error.decode(errors="replace") if error else None))
+    return out
+
+
+def overall(gang_state: TaskState, members: list[MemberView]) -> TaskState:
+    """The gang's state as users read it: its record's, except that a reserved gang whose members
+    all succeeded has SUCCEEDED, and one with a member started (or ending) is RUNNING. A member
+    that failed does not fail the gang here: settle_gang.lua decides (requeue, or FAILED)."""
+    if gang_state is not TaskState.RESERVED:
+        return gang_state
+    states = {m.state for m in members}
+    if states == {TaskState.SUCCEEDED}:
+        return TaskState.SUCCEEDED
+    return TaskState.RESERVED if states <= {TaskState.RESERVED} else TaskState.RUNNING
+
+
+def gang_status(client: redis.Redis, keys: PoolKeys, gang_id: str, h: Mapping[bytes, bytes],
+                waiting: Mapping[str, Any] | None) -> TaskStatus:
+    """``task_status`` of a gang's record, with its members and the state and result they make."""
+    status = task_status(gang_id, h, waiting)
+    members = members_of(client, keys, gang_id, int(h[b"replicas"]))
+    state = overall(status.state, members)
+    update: dict[str, Any] = {"members": members, "state": state}
+    if state is not status.state and state.is_final:
+        first = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, 0))))
+        rank0 = task_status(member_id(gang_id, 0), first, None)
+        update.update(result=rank0.result, finished_at=rank0.finished_at, started_at=rank0.started_at)
+    return status.model_copy(update=update)
+
+
+def live_members(client: redis.Redis, keys: PoolKeys, gang_id: str) -> list[str]:
+    """The ids of a gang's members that are not final (none for a single task): what cancelling
+    the gang must cancel too."""
+    replicas = client.hget(keys.task(gang_id), "replicas")
+    if not replicas:
+        return []
+    return [member_id(gang_id, m.rank) for m in members_of(client, keys, gang_id, int(replicas))
+            if m.node is not None and not m.state.is_final]
+
+
+def as_record(client: redis.Redis, keys: PoolKeys, gang_id: str, h: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A gang's record as Celery's result backend reads a task's: while it runs or once it has
+    succeeded, rank 0's record (its result is the gang's) with the gang's overall state."""
+    if b"replicas" not in h or h[b"state"] == b"PENDING":
+        return h
+    members = members_of(client, keys, gang_id, int(h[b"replicas"]))
+    state = overall(TaskState(h[b"state"].decode()), members)
+    if state is TaskState.RESERVED:
+        return h
+    if state is not TaskState.RUNNING and state is not TaskState.SUCCEEDED:
+        return h  # FAILED or CANCELLED: the gang's own record says why
+    record = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, 0))))
+    return {**record, b"id": gang_id.encode(), b"state": state.value.encode()} if record else h
+
+
+def settle_all(scripts: Scripts, grace_ms: int) -> dict[str, SettleCode]:
+    """One fate for every reserved gang (settle_gang.lua each): what it did, by gang id."""
+    k, client = scripts.keys, scripts.redis
+    ids = sorted(g.decode() for g in cast(set[bytes], client.smembers(k.gangs)))
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for gang_id in ids:
+        pipe.hget(k.task(gang_id), "replicas")
+    counts = cast(list[bytes | None], pipe.execute())
+    return {gang_id: settle(scripts, gang_id, int(replicas or 0), grace_ms)
+            for gang_id, replicas in zip(ids, counts, strict=True)}
+
+
+def settle(scripts: Scripts, gang_id: str, replicas: int, grace_ms: int) -> SettleCode:
+    """settle_gang.lua for one gang of ``replicas`` members."""
+    k = scripts.keys
+    members = [k.task(member_id(gang_id, rank)) for rank in range(replicas)]
+    (code,) = scripts.call("settle_gang", [k.task(gang_id), k.gangs, k.pending, k.requests, k.wake, k.prefix,
+                                           *members], [gang_id, scripts.clock(), grace_ms])
+    return SettleCode(code)

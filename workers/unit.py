@@ -181,6 +181,19 @@ class Unit:
                 return
             time.sleep(0.01)
 
+    def leave(self) -> None:
+        """In a pool process that lives on after the attempt (a warm one): it is no longer part of
+        the unit. It goes back to the worker's cgroup, and what it starts later carries no marker."""
+        if os.environ.get(ATTEMPT_ENV) == self.marker:
+            del os.environ[ATTEMPT_ENV]
+        root = cgroup_root()
+        if self.cgroup is not None and root is not None:
+            try:
+                (root / "cgroup.procs").write_text(str(os.getpid()))
+            except OSError:
+                log.warning("attempt %s: could not leave cgroup %s", self.tag, self.cgroup, exc_info=True)
+            self.remove()
+
     @staticmethod
     def _reap() -> None:
         while True:

@@ -125,6 +125,7 @@ class Celery_(Side):
 
 class Broker(Side):
     resources: Resources | None = None
+    reuse: bool | None = None
     worker_args: tuple[str, ...] = ("--gpus", "0")
 
     def start(self) -> None:
@@ -142,10 +143,10 @@ class Broker(Side):
 
     @property
     def options(self) -> dict[str, Any]:
-        return {}
+        return {} if self.reuse is None else {"reuse": self.reuse}
 
     def submit(self, n: int) -> list[Any]:
-        return self.client.submit_many([Submit(task_name=TASK, args=[i], resources=self.resources)
+        return self.client.submit_many([Submit(task_name=TASK, args=[i], resources=self.resources, **self.options)
                                         for i in range(n)])
 
     def done(self, handles: list[Any]) -> bool:
@@ -175,9 +176,13 @@ class BrokerGpu(Broker):
     worker_args = ("--gpus", "1", "--gpu-memory-mb", "80000")
 
 
+class BrokerGpuReuse(BrokerGpu):
+    reuse = True
+
+
 SIDES: dict[str, tuple[type[Side], bool]] = {
     "celery": (Celery_, False), "celery-fresh": (Celery_, True),
-    "cpu": (Broker, False), "gpu-fresh": (BrokerGpu, True),
+    "cpu": (Broker, False), "gpu-reuse": (BrokerGpuReuse, False), "gpu-fresh": (BrokerGpu, True),
 }
 LABELS = {"celery": "plain Celery (processes reused)", "celery-fresh": "plain Celery, max_tasks_per_child=1",
           "cpu": "gpubroker, CPU tasks", "gpu-reuse": "gpubroker, GPU share, reuse=True",

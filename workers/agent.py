@@ -1,7 +1,7 @@
 """The node agent: register the node, keep its lease, run a Celery worker pinned to it.
 
-The worker consumes only its node's queue (worker name = node id, task events on,
-late ack, prefetch 1, JSON only) with a prefork pool whose processes are reused for CPU tasks
+The worker consumes only its node's queue (worker name = node id, task events while a
+monitor asks for them, late ack, prefetch 1, JSON only) with a prefork pool whose processes are reused for CPU tasks
 and ``reuse=True`` GPU tasks, and run one task each otherwise (``workers.warm``), so a GPU
 task starts in a fresh process where CUDA_VISIBLE_DEVICES can still decide what CUDA sees.
 """
@@ -238,7 +238,7 @@ class NodeAgent:
         # Messages held when the Redis connection drops go back to the queue on reconnect.
         app.steps["consumer"].add(RedeliverUnacked)
         return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
-                "--concurrency", str(self.spec.slots), "--pool", "custom", "--task-events",
+                "--concurrency", str(self.spec.slots), "--pool", "custom",
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
 
 

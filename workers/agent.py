@@ -173,7 +173,7 @@ class NodeAgent:
                 # Its process is gone and nobody recorded it (a child that died of the signal while
                 # Celery had already let go of its request): once nothing of it is left, record it
                 # here, fenced by the tag.
-                if unit.kill(wait_s=1.0):  # not yet: the next look tries again
+                if unit.kill(int(pid), wait_s=1.0):  # not yet: the next look tries again
                     code, after = self.scripts.finish(task_id, self.spec.node_id, tag, "lost",
                                                       f"stopped ({why}): its process ended",
                                                       incarnation=self.incarnation)

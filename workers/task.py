@@ -269,7 +269,7 @@ class GpuTask(BrokerTask):
         if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
             os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
         ThisProcess.starting(tag or task_id, gpus, reuse)
-        unit = Unit(context.node_id(), tag or task_id)
+        unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
         watchdog = Watchdog(unit, context.settings().fence_margin_s)
         watchdog.start()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker import Client, Resources, TaskState
 from broker.settings import Settings
-from tests.e2e.test_containment import final
+from tests.e2e.test_containment import CGROUPS, NO_CGROUPS, final, marked, ticks
 from tests.e2e.test_faults import assert_node_free, wait_nodes_up, wait_state
 from tests.support import Processes, wait_until
 
@@ -119,3 +120,34 @@ def test_reuse_that_is_not_a_bool_is_refused_naming_it(settings: Settings) -> No
         with pytest.raises(InvalidRequest, match=r"requests\[1\]\.reuse: must be True or False"):
             client.submit_many([Submit(task_name="tests.warm_gpu"), Submit(task_name="tests.warm_gpu", reuse=1)])  # type: ignore[arg-type]
         assert client.redis.dbsize() == 0
+
+
+@pytest.mark.parametrize(("mode", "scrub"), [
+    pytest.param(NO_CGROUPS, False, id="no-cgroup"),
+    pytest.param({}, True, id="cgroup-no-marker", marks=CGROUPS.marks),  # only the cgroup can find it
+])
+def test_what_a_task_in_a_warm_process_started_dies_with_its_attempt(procs: Processes, settings: Settings,
+                                                                     tmp_path: Path, mode: dict[str, str],
+                                                                     scrub: bool) -> None:
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.spawn("worker-n1", "worker", "--node", "n1", "--slots", "1", *TASKS, env=mode)
+        wait_nodes_up(client, ["n1"])
+        warm = run(client, "tests.warm_state")
+        path = tmp_path / "family"
+        done = final(client, client.submit("tests.family", kwargs={"path": str(path), "seconds": 0.3,
+                                                                    "scrub": scrub}).id)
+        assert done.state is TaskState.SUCCEEDED and done.result["node"] == "n1"
+        assert not marked(int(Path(f"{path}.1.pid").read_text())), "the grandchild outlived its attempt"
+        assert max(ticks(Path(f"{path}.1"))) < (done.finished_at or 0)
+        after = run(client, "tests.warm_state")
+        assert (after["pid"], after["runs"]) == (warm["pid"], 2), "the warm process ran the family task and lives on"
+        # The warm process itself is killed mid-attempt: its orphan dies before the next attempt runs.
+        path = tmp_path / "killed"
+        done = final(client, client.submit("tests.family", kwargs={"path": str(path), "seconds": 0.5, "die_on": 1,
+                                                                    "scrub": scrub}).id)
+        assert (done.state, done.attempts) == (TaskState.SUCCEEDED, 2), (done.state, done.error)
+        assert not marked(int(Path(f"{path}.1.pid").read_text()))
+        second = ticks(Path(f"{path}.2"))
+        assert second and max(ticks(Path(f"{path}.1"))) < min(second), "attempt 1's orphan ran beside attempt 2"
+        assert_node_free(client, "n1")

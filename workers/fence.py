@@ -67,35 +67,67 @@ def window() -> LeaseWindow:
 
 
 class Watchdog(threading.Thread):
-    """In a pool child: stops the attempt (``unit``) when the lease window closes."""
+    """In a pool process: stops the attempt it runs (``unit``) when the lease window closes.
 
-    def __init__(self, unit: Unit, margin_s: float) -> None:
+    One thread per process, armed for each attempt (``arm``): a warm process runs many attempts,
+    and starting a thread per attempt cost milliseconds on a loaded machine (the new thread must
+    be scheduled before ``start`` returns)."""
+
+    def __init__(self, margin_s: float) -> None:
         super().__init__(name="gpubroker-fence", daemon=True)
-        self.unit, self.margin_s = unit, margin_s
+        self.margin_s = margin_s
+        self.unit: Unit | None = None
+        self.armed = threading.Event()
         self.done = threading.Event()
         self.fired = False  # it stopped the attempt: the outcome is "lost", not the task's failure
 
     def run(self) -> None:
+        while True:
+            self.armed.wait()
+            self._watch()
+
+    def _watch(self) -> None:
         shared = window()
         while not self.done.wait(CHECK_S):
             held_until = shared.held_until()
-            if time.monotonic() < held_until:
+            unit = self.unit
+            if time.monotonic() < held_until or unit is None:
                 continue
             self.fired = True
             log.error("attempt %s: this node's lease was not renewed in time (Redis unreachable, or the "
-                      "worker's main process stalled); stopping it before the lease can expire", self.unit.tag)
-            self.unit.signal(signal.SIGTERM, os.getpid())
+                      "worker's main process stalled); stopping it before the lease can expire", unit.tag)
+            unit.signal(signal.SIGTERM, os.getpid())
             deadline = held_until + self.margin_s / 2
             while time.monotonic() < deadline:
                 if self.done.wait(CHECK_S) or time.monotonic() < shared.held_until():
                     if not self.done.is_set():
                         log.warning("attempt %s: the lease was renewed after all; it was already told to stop",
-                                    self.unit.tag)
+                                    unit.tag)
+                    self.stop()
                     return
-            log.error("attempt %s: SIGKILL, the lease may expire in %.1fs", self.unit.tag, self.margin_s / 2)
-            self.unit.kill(os.getpid(), wait_s=self.margin_s / 4)
+            log.error("attempt %s: SIGKILL, the lease may expire in %.1fs", unit.tag, self.margin_s / 2)
+            unit.kill(os.getpid(), wait_s=self.margin_s / 4)
             os.killpg(os.getpid(), signal.SIGKILL)  # this process too, whatever the rest did
             return
 
+    def arm(self, unit: Unit) -> Watchdog:
+        self.unit, self.fired = unit, False
+        self.done.clear()
+        self.armed.set()
+        return self
+
     def stop(self) -> None:
+        self.armed.clear()
         self.done.set()
+
+
+_watchdog: tuple[int, Watchdog] | None = None
+
+
+def watch(unit: Unit, margin_s: float) -> Watchdog:
+    """This process's watchdog, armed for ``unit`` (started at its first attempt)."""
+    global _watchdog
+    if _watchdog is None or _watchdog[0] != os.getpid():  # a thread does not survive fork
+        _watchdog = (os.getpid(), Watchdog(margin_s))
+        _watchdog[1].start()
+    return _watchdog[1].arm(unit)

@@ -40,7 +40,7 @@ from broker.native.transport import OwnMessage
 from broker.store.connection import as_broker_error, transient
 from broker.store.scripts import FinishCode, StartCode
 from workers import context, rejects, warm
-from workers.fence import Watchdog
+from workers.fence import Watchdog, watch
 from workers.unit import Unit
 from workers.warm import ThisProcess
 
@@ -271,8 +271,7 @@ class GpuTask(BrokerTask):
         ThisProcess.starting(tag or task_id, gpus, reuse)
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
-        watchdog = Watchdog(unit, context.settings().fence_margin_s)
-        watchdog.start()
+        watchdog = watch(unit, context.settings().fence_margin_s)
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
             try:

@@ -151,3 +151,13 @@ def test_what_a_task_in_a_warm_process_started_dies_with_its_attempt(procs: Proc
         second = ticks(Path(f"{path}.2"))
         assert second and max(ticks(Path(f"{path}.1"))) < min(second), "attempt 1's orphan ran beside attempt 2"
         assert_node_free(client, "n1")
+
+
+def test_a_warm_process_retires_after_max_tasks_per_process(procs: Processes, settings: Settings) -> None:
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.spawn("worker-n1", "worker", "--node", "n1", "--slots", "1", *TASKS,
+                    env={"GPUBROKER_MAX_TASKS_PER_PROCESS": "2"})
+        wait_nodes_up(client, ["n1"])
+        runs = [run(client, "tests.warm_state") for _ in range(3)]
+        assert [r["runs"] for r in runs] == [1, 2, 1] and runs[0]["pid"] == runs[1]["pid"] != runs[2]["pid"], runs

@@ -70,28 +70,22 @@ class Watchdog(threading.Thread):
     """In a pool process: stops the attempt it runs (``unit``) when the lease window closes.
 
     One thread per process, armed for each attempt (``arm``): a warm process runs many attempts,
-    and starting a thread per attempt cost milliseconds on a loaded machine (the new thread must
-    be scheduled before ``start`` returns)."""
+    and starting a thread per attempt cost milliseconds on a loaded machine. Arming and stopping
+    only set a field: the thread looks every ``CHECK_S`` anyway, and waking it would hand it the
+    GIL at the start of every attempt."""
 
     def __init__(self, margin_s: float) -> None:
         super().__init__(name="gpubroker-fence", daemon=True)
         self.margin_s = margin_s
         self.unit: Unit | None = None
-        self.armed = threading.Event()
-        self.done = threading.Event()
         self.fired = False  # it stopped the attempt: the outcome is "lost", not the task's failure
 
     def run(self) -> None:
-        while True:
-            self.armed.wait()
-            self._watch()
-
-    def _watch(self) -> None:
         shared = window()
-        while not self.done.wait(CHECK_S):
-            held_until = shared.held_until()
-            unit = self.unit
-            if time.monotonic() < held_until or unit is None:
+        while True:
+            time.sleep(CHECK_S)
+            unit, held_until = self.unit, shared.held_until()
+            if unit is None or time.monotonic() < held_until:
                 continue
             self.fired = True
             log.error("attempt %s: this node's lease was not renewed in time (Redis unreachable, or the "
@@ -99,26 +93,24 @@ class Watchdog(threading.Thread):
             unit.signal(signal.SIGTERM, os.getpid())
             deadline = held_until + self.margin_s / 2
             while time.monotonic() < deadline:
-                if self.done.wait(CHECK_S) or time.monotonic() < shared.held_until():
-                    if not self.done.is_set():
+                time.sleep(CHECK_S)
+                if self.unit is not unit or time.monotonic() < shared.held_until():
+                    if self.unit is unit:
                         log.warning("attempt %s: the lease was renewed after all; it was already told to stop",
                                     unit.tag)
-                    self.stop()
-                    return
-            log.error("attempt %s: SIGKILL, the lease may expire in %.1fs", unit.tag, self.margin_s / 2)
-            unit.kill(os.getpid(), wait_s=self.margin_s / 4)
-            os.killpg(os.getpid(), signal.SIGKILL)  # this process too, whatever the rest did
-            return
+                        self.unit = None  # told once: this attempt is not watched further
+                    break
+            else:
+                log.error("attempt %s: SIGKILL, the lease may expire in %.1fs", unit.tag, self.margin_s / 2)
+                unit.kill(os.getpid(), wait_s=self.margin_s / 4)
+                os.killpg(os.getpid(), signal.SIGKILL)  # this process too, whatever the rest did
 
     def arm(self, unit: Unit) -> Watchdog:
-        self.unit, self.fired = unit, False
-        self.done.clear()
-        self.armed.set()
+        self.fired, self.unit = False, unit
         return self
 
     def stop(self) -> None:
-        self.armed.clear()
-        self.done.set()
+        self.unit = None
 
 
 _watchdog: tuple[int, Watchdog] | None = None

@@ -302,7 +302,7 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
         log.warning("node %s: killed %d processes a previous worker process of this node left running", spec.node_id,
                     left)
     fence.window()  # shared with the pool's processes: created before Celery forks them
-    warm.board()  # likewise
+    warm.board(spec.slots)  # likewise
     # Redis not up yet, or full: wait for it. Refused credentials: exit (workers.cli says why).
     through_outages(agent.register, f"registering node {spec.node_id}", None)
     agent.start_heartbeat()

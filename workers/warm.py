@@ -39,14 +39,17 @@ from workers.unit import alive
 log = logging.getLogger(__name__)
 
 _SLOT = struct.Struct("=iB128s64s")  # pid, retire, attempt tag, what it is warm for
-SLOTS = 512  # pool process indices beyond this are not on the board (they are still fenced)
 CPU = "cpu"  # warm for CPU tasks
 RELEASE_WAIT_S = 5.0  # longest a task waits for an idle process holding its GPUs to exit
 
 
 class Board:
-    def __init__(self) -> None:
-        self._shared = mmap.mmap(-1, _SLOT.size * SLOTS)  # MAP_SHARED | MAP_ANONYMOUS: kept across fork
+    """What each pool process of this worker runs and is warm for (see the module docstring)."""
+
+    def __init__(self, slots: int) -> None:
+        """``slots``: the pool's size; billiard numbers its processes 0 to size - 1."""
+        self.slots = slots
+        self._shared = mmap.mmap(-1, _SLOT.size * slots)  # MAP_SHARED | MAP_ANONYMOUS: kept across fork
 
     def read(self, index: int) -> tuple[int, bool, str, str]:
         pid, retire, tag, held = _SLOT.unpack_from(self._shared, index * _SLOT.size)
@@ -54,7 +57,7 @@ class Board:
 
     def write(self, index: int, pid: int, tag: str, held: str) -> None:
         """The owner's fields of slot ``index`` (its pid's); a new owner starts unmarked."""
-        if not 0 <= index < SLOTS:
+        if not 0 <= index < self.slots:
             return
         at = index * _SLOT.size
         if struct.unpack_from("=i", self._shared, at)[0] != pid:
@@ -66,7 +69,7 @@ class Board:
         struct.pack_into("=B", self._shared, index * _SLOT.size + 4, 1)
 
     def entries(self) -> list[tuple[int, int, bool, str, str]]:
-        return [(i, *self.read(i)) for i in range(SLOTS) if self.read(i)[0]]
+        return [(i, *slot) for i in range(self.slots) if (slot := self.read(i))[0]]
 
     def runs(self, pid: int, tag: str) -> bool | None:
         """Does pool process ``pid`` run attempt ``tag`` now? None: not on the board."""
@@ -116,11 +119,11 @@ def reservation(properties: Any, task: Any) -> tuple[str, bool]:
 _board: Board | None = None
 
 
-def board() -> Board:
-    """This worker's board (created by the agent before the pool forks its processes)."""
+def board(slots: int = 1) -> Board:
+    """This worker's board (created by the agent, for its pool's size, before the pool forks)."""
     global _board
     if _board is None:
-        _board = Board()
+        _board = Board(slots)
     return _board
 
 
@@ -167,5 +170,5 @@ class ThisProcess:
     def must_retire(cls) -> bool:
         if cls.retiring:
             return True
-        pid, retire, _, _ = board().read(cls.index()) if 0 <= cls.index() < SLOTS else (0, False, "", "")
+        pid, retire, _, _ = board().read(cls.index()) if 0 <= cls.index() < board().slots else (0, False, "", "")
         return retire and pid == os.getpid()

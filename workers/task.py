@@ -39,7 +39,7 @@ from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
 from broker.store.connection import as_broker_error, transient
 from broker.store.scripts import FinishCode, StartCode
-from workers import context, rejects
+from workers import context, logs, rejects
 from workers.fence import Watchdog
 from workers.unit import Unit
 
@@ -136,13 +136,15 @@ def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: st
     return None
 
 
-def _end_unit(unit: Unit, watchdog: Watchdog) -> None:
+def _end_unit(unit: Unit, watchdog: Watchdog, capture: logs.Capture) -> None:
     """The attempt's code is done: every process it started goes before its outcome is recorded
     (which releases its capacity). A SIGTERM from now on (a stop that came late) must not break
-    off the report: this process ends right after it anyway, and SIGKILL still ends it."""
+    off the report: this process ends right after it anyway, and SIGKILL still ends it. Its log's
+    last part is kept with the task now, while the attempt still holds it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     watchdog.stop()
     unit.end_here()
+    capture.end()
 
 
 def _describe(exc: BaseException) -> str:
@@ -243,6 +245,7 @@ class GpuRequest(Request):
         """Kill whatever is left of this attempt (its pool child, what it started) and wait for it."""
         if self.delivery_tag:
             Unit(context.node_id(), self.delivery_tag).kill(self.worker_pid, wait_s=10.0)
+            logs.keep_tail(self.id, self.delivery_tag, logs.log_path(self.delivery_tag))  # the child could not
 
 
 class GpuTask(BrokerTask):
@@ -259,6 +262,7 @@ class GpuTask(BrokerTask):
         os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
         unit = Unit(context.node_id(), tag or task_id)
         unit.enter()
+        capture = logs.Capture(task_id, tag or task_id)
         watchdog = Watchdog(unit, context.settings().fence_margin_s)
         watchdog.start()
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
@@ -266,12 +270,12 @@ class GpuTask(BrokerTask):
             result = self.run(*args, **kwargs)
             payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
         except BaseException as exc:
-            _end_unit(unit, watchdog)
+            _end_unit(unit, watchdog, capture)
             self._end_raised(task_id, tag, exc, watchdog.fired)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-        _end_unit(unit, watchdog)
+        _end_unit(unit, watchdog, capture)
         report(task_id, tag, "succeeded", payload, patience_s=None)
         return result
 

@@ -9,11 +9,19 @@ handlers that wrote to fd 1 or 2 get a copy of the original fd for the attempt.
 
 While the attempt runs a thread copies the file's last ``task_log_tail_bytes`` to the task
 (log.lua) when it grew, at most every ``task_log_flush_s``, which bounds the Redis write rate;
-the last copy is made just before the outcome is recorded, while the attempt still holds the task.
+the last copy is made just before the outcome is recorded.
+
+A copy never holds up the outcome: every copy is one try on a connection of its own that
+neither retries nor waits longer than ``COPY_TIMEOUT_S``, and a failed one is only logged.
+During a Redis outage the outcome report retries until Redis is back (``workers.task``); a
+last copy that failed then is tried once more after the outcome is recorded (``task_postrun``),
+which log.lua allows (it fences by attempt number, not by state). The file on the node always
+has the whole output.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -24,9 +32,18 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+from celery.signals import task_postrun
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from broker.store.keys import PoolKeys
+from broker.store.scripts import LogCode, Scripts
 from workers import context
 
 log = logging.getLogger(__name__)
+
+COPY_TIMEOUT_S = 1.0  # the longest one copy to Redis may take, connecting included
 
 
 def log_dir() -> Path:
@@ -52,14 +69,24 @@ def tail_of(path: Path, limit: int) -> tuple[bytes, int]:
         return b"", 0
 
 
-def keep_tail(task_id: str, tag: str, path: Path, file: str = "") -> int:
-    """Copy the log's last part to the task (fenced by the tag: a no-op once the attempt ended)."""
+@functools.cache
+def _copier(pid: int) -> Scripts:
+    """This process's connection for log copies: one try each, ``COPY_TIMEOUT_S`` at most."""
+    settings = context.settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=COPY_TIMEOUT_S,
+                                  socket_connect_timeout=COPY_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+    return Scripts(client, PoolKeys(settings.pool))
+
+
+def keep_tail(task_id: str, tag: str, path: Path) -> bool:
+    """Copy the log's last part (and where the whole of it is) to attempt ``tag`` of the task, in
+    one try; whether it was kept."""
     tail, size = tail_of(path, context.settings().task_log_tail_bytes)
     try:
-        context.scripts().log(task_id, tag, tail, size, file)
-    except Exception:  # the log is worth a try, never a lost outcome
-        log.warning("could not keep the log of %s with it", tag, exc_info=True)
-    return size
+        return _copier(os.getpid()).log(task_id, tag, tail, size, f"{context.node_id()}:{path}") is LogCode.OK
+    except (redis.RedisError, OSError) as exc:  # the log is worth a try, never a delayed or lost outcome
+        log.warning("could not keep the log of %s with it: %s", tag, exc)
+        return False
 
 
 def _handler_streams() -> list[logging.StreamHandler[Any]]:
@@ -107,7 +134,7 @@ class Capture:
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         self._stop = threading.Event()
-        keep_tail(task_id, tag, self.path, f"{context.node_id()}:{self.path}")
+        keep_tail(task_id, tag, self.path)
         self._thread = threading.Thread(target=self._refresh, name=f"log-{tag}", daemon=True)
         self._thread.start()
 
@@ -124,8 +151,9 @@ class Capture:
         interval = context.settings().task_log_flush_s
         kept = -1
         while not self._stop.wait(interval):
-            if tail_of(self.path, 0)[1] != kept:
-                kept = keep_tail(self.task_id, self.tag, self.path)
+            size = tail_of(self.path, 0)[1]
+            if size != kept and keep_tail(self.task_id, self.tag, self.path):
+                kept = size
 
     def end(self) -> None:
         """Keep the last part with the task and give the fds back (call once its processes are gone)."""
@@ -135,7 +163,8 @@ class Capture:
         self._stop.set()
         self._thread.join()
         self._flush_all()
-        keep_tail(self.task_id, self.tag, self.path)
+        if not keep_tail(self.task_id, self.tag, self.path):
+            _missed.append(self)  # once more after the outcome (task_postrun)
         sys.stdout, sys.stderr = self.streams
         os.dup2(self.saved[0], 1)
         os.dup2(self.saved[1], 2)
@@ -145,3 +174,14 @@ class Capture:
             if previous is not None:
                 handler.setStream(previous)
         self.worker_stream.close()
+
+
+_missed: list[Capture] = []  # this process's attempts whose last copy failed (a Redis outage)
+
+
+@task_postrun.connect
+def _copy_missed(**_: Any) -> None:
+    """After the outcome is recorded (Redis answered again): one more try for a last copy that failed."""
+    while _missed:
+        capture = _missed.pop()
+        keep_tail(capture.task_id, capture.tag, capture.path)

@@ -9,7 +9,8 @@ with it. The dispatcher reads those counters (``broker.store.stats``) at most on
 free-capacity cache its cycle keeps anyway; a scrape reads no Redis.
 
 Every series is present from the start at 0: the three node states, every outcome and priority
-class of each tenant seen (and of ``default``), every registered node's rejected count.
+class of each tenant seen (and of ``default``), every registered node's rejected count, and the
+wanted nodes of every node shape seen up since the dispatcher started (``scheduling.demand``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class PoolView:
     now_ms: int = 0
     live: dict[str, NodeFree | None] = field(default_factory=dict)  # lease valid; None: not up or unreadable
     tenants: set[str] = field(default_factory=set)  # every tenant seen since start: its series stay
+    wanted: dict[str, int] = field(default_factory=dict)  # node shape label -> more nodes of it wanted
 
 
 class PoolCollector(Collector):
@@ -46,9 +48,10 @@ class PoolCollector(Collector):
     def __init__(self) -> None:
         self.pools: dict[str, PoolView] = {}
 
-    def update(self, pool: str, stats: Stats, now_ms: int, live: Mapping[str, NodeFree | None]) -> None:
+    def update(self, pool: str, stats: Stats, now_ms: int, live: Mapping[str, NodeFree | None],
+               wanted: Mapping[str, int] | None = None) -> None:
         seen = self.pools[pool].tenants if pool in self.pools else set()
-        self.pools[pool] = PoolView(stats, now_ms, dict(live), seen | stats.tenants())
+        self.pools[pool] = PoolView(stats, now_ms, dict(live), seen | stats.tenants(), dict(wanted or {}))
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are checked at collect time (the families are built per scrape)
@@ -80,6 +83,9 @@ class PoolCollector(Collector):
                                     "that ran and ended", labels=["pool", "tenant"])
         rejected = CounterMetricFamily("gpubroker_rejected_messages", "Queue messages a node's worker dropped "
                                        "unread (not JSON, malformed)", labels=["pool", "node"])
+        wanted = GaugeMetricFamily("gpubroker_wanted_nodes", "More nodes of this shape (as registered nodes: "
+                                   "GPUs, GPU memory, CPUs, RAM) that would let the pending tasks that nodes can "
+                                   "place start now (the planner's answer; each shape alone)", labels=["pool", "shape"])
         for pool, view in sorted(self.pools.items()):
             s = view.stats
             tenants = sorted(view.tenants)
@@ -103,7 +109,9 @@ class PoolCollector(Collector):
                 nodes.add_metric([pool, state], count)
             for node_id in sorted(s.registered | set(s.rejected)):
                 rejected.add_metric([pool, node_id], s.rejected.get(node_id, 0))
-        yield from (pending, oldest, nodes, *resources.values(), outcomes, wait, run, rejected)
+            for shape, count in sorted(view.wanted.items()):
+                wanted.add_metric([pool, shape], count)
+        yield from (pending, oldest, nodes, *resources.values(), outcomes, wait, run, rejected, wanted)
 
 
 def _cumulative(h: Histogram) -> list[tuple[str, float]]:

@@ -11,12 +11,13 @@ While the attempt runs a thread copies the file's last ``task_log_tail_bytes`` t
 (log.lua) when it grew, at most every ``task_log_flush_s``, which bounds the Redis write rate;
 the last copy is made just before the outcome is recorded.
 
-A copy never holds up the outcome: every copy is one try on a connection of its own that
-neither retries nor waits longer than ``COPY_TIMEOUT_S``, and a failed one is only logged.
-During a Redis outage the outcome report retries until Redis is back (``workers.task``); a
-last copy that failed then is tried once more after the outcome is recorded (``task_postrun``),
-which log.lua allows (it fences by attempt number, not by state). The file on the node always
-has the whole output.
+A copy never waits for Redis: every copy is one try on a connection of its own that neither
+retries nor waits longer than ``COPY_TIMEOUT_S``, and a failed one is only logged, so the
+outcome is delayed by two such timeouts at the most (a copy in flight, the last one), and by
+nothing when Redis refuses connections. During a Redis outage the outcome report retries until
+Redis is back (``workers.task``); a last copy that failed then is tried once more after the
+outcome is recorded (``task_postrun``), which log.lua allows (it fences by attempt number, not
+by state). The file on the node always has the whole output.
 """
 
 from __future__ import annotations

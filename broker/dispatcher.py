@@ -44,10 +44,9 @@ import redis
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from broker.metrics import COLLECTOR
+from broker.metrics import COLLECTOR, WantedNodes
 from broker.native.ingest import Ingest
-from broker.scheduling import demand
-from broker.scheduling.model import NodeFree, Placement, Plan, Snapshot
+from broker.scheduling.model import Placement, Plan, Snapshot
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
@@ -133,7 +132,7 @@ class Dispatcher:
         self._next_beat_ms = 0  # when to record the cycle time again (P cycle, for health checks)
         self._next_trim_ms = 0  # when to trim the history index again
         self._waiting: Snapshot | None = None  # the last full pass's, while tasks wait (gpubroker_wanted_nodes)
-        self._shapes: dict[demand.NodeShape, NodeFree] = {}  # every node shape seen up since start
+        self._wanted = WantedNodes(s, int(settings.explain_interval_s * 5000))
         COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
         for code in ReserveCode:
             if code is not ReserveCode.OK:
@@ -220,10 +219,8 @@ class Dispatcher:
         if now < self._next_stats_ms:
             return
         self._next_stats_ms = now + int(self.settings.explain_interval_s * 1000)
-        self._shapes = {**demand.templates(n for n in self._free.nodes.values() if n is not None), **self._shapes}
-        wanted = demand.wanted_nodes(self.settings.scheduling, self._waiting, self._shapes) if self._waiting else {}
         COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._free.nodes,
-                         {demand.shape_label(shape): wanted.get(shape, 0) for shape in self._shapes})
+                         self._wanted.figures(now, self._waiting, self._free.nodes.values()))
 
     def _forget_departed(self, report: CycleReport) -> None:
         """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down

@@ -23,7 +23,9 @@ from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.scheduling.model import NodeFree
+from broker.scheduling import demand
+from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.model import NodeFree, Snapshot
 from broker.store.stats import BUCKETS_S, OUTCOMES, PRIORITY_CLASSES, Histogram, Stats
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,27 @@ def _add_node(families: dict[str, GaugeMetricFamily], pool: str, node: NodeFree)
     for key, (capacity, free) in amounts.items():
         families[key].add_metric([pool, node.id, "allocated"], capacity - free)
         families[key].add_metric([pool, node.id, "free"], free)
+
+
+class WantedNodes:
+    """One dispatcher's ``gpubroker_wanted_nodes`` (``scheduling.demand``): every node shape seen up
+    since it started, and how many more of each its last full pass's waiting tasks want, worked
+    out again at most every ``every_ms`` (a planner pass per shape; a scaler polls slower)."""
+
+    def __init__(self, config: SchedulingConfig, every_ms: int) -> None:
+        self.config, self.every_ms = config, every_ms
+        self.shapes: dict[demand.NodeShape, NodeFree] = {}
+        self.wanted: dict[demand.NodeShape, int] = {}
+        self.next_ms = 0
+
+    def figures(self, now_ms: int, waiting: Snapshot | None, nodes: Iterable[NodeFree | None]) -> dict[str, int]:
+        self.shapes = {**demand.templates(n for n in nodes if n is not None), **self.shapes}
+        if waiting is None:
+            self.wanted = {}
+        elif now_ms >= self.next_ms:
+            self.wanted = demand.wanted_nodes(self.config, waiting, self.shapes)
+            self.next_ms = now_ms + self.every_ms
+        return {demand.shape_label(shape): self.wanted.get(shape, 0) for shape in self.shapes}
 
 
 COLLECTOR = PoolCollector()

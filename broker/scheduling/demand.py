@@ -2,17 +2,16 @@
 tasks be placed now, as the planner itself answers it (``gpubroker_wanted_nodes``).
 
 A shape is what a node registered with: its GPUs, GPU memory per GPU, CPUs and RAM. For each
-shape the planner is run again on the same snapshot with ``k`` extra empty nodes of that shape
-(copies of the first registered node of it, by id: its labels, task names and slots too) and
-the answer is the smallest ``k`` that places as many tasks as any number of such nodes would.
-So it counts only what nodes can fix: a task refused by its tenant's quota or a rate limit, or
-that no node of the shape could hold (too many GPUs, a label it lacks), adds nothing to that
-shape; a task that would start once a running one ends is not counted as placeable now, and
-neither is its node. Like Ray's autoscaler demand, each shape's answer assumes only that shape
-is added: the answers are alternatives, not a sum.
-
-``k`` is found by bisection between 0 and one node per task that fits the shape (a gang's members
-each counted), at most ``MAX_NODES``: 1 + log2 of that many planner passes per shape.
+shape the planner runs again on the same snapshot with as many extra empty nodes of that shape
+as it could use (copies of the first registered node of it, by id: its labels, task names and
+slots too; one per task that fits one, a gang's members each counted, at most ``MAX_NODES``),
+after the existing nodes, with best-fit placement, which fills a node before it opens the next:
+the answer is how many of the extra nodes it put tasks on. A greedy bin-pack of what the
+existing nodes cannot take, by the pool's own ordering, quotas and rate limits, in one pass per
+shape. So it counts only what nodes can fix: a task refused by its tenant's quota or a rate
+limit, or that no node of the shape could hold (too many GPUs, a label it lacks), adds nothing
+to that shape. Like Ray's autoscaler demand, each shape's answer assumes only that shape is
+added: the answers are alternatives, not a sum.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from dataclasses import replace
 
 from broker.models import MILLI
 from broker.scheduling import gang
-from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.config import PlacementKind, SchedulingConfig
 from broker.scheduling.model import NodeFree, Snapshot
 from broker.scheduling.planner import Planner
 
@@ -58,30 +57,18 @@ def fresh(template: NodeFree, node_id: str) -> NodeFree:
 
 
 def wanted_nodes(config: SchedulingConfig, snap: Snapshot, shapes: dict[NodeShape, NodeFree]) -> dict[NodeShape, int]:
-    """For each shape in ``shapes`` (shape -> a node of it), how many more of it would place every
-    task of ``snap`` that any number of them could place now."""
-    planner = Planner(config.model_copy(update={"explain_limit": 0}))
-
-    def placed(extra: list[NodeFree]) -> int:
-        plan = planner.plan(replace(snap, nodes=[*snap.nodes, *extra]))
-        return len(plan.placements) + len(plan.gangs)
-
-    base = placed([]) if snap.pending else 0
+    """For each shape in ``shapes`` (shape -> a node of it), how many more of it the planner would
+    start tasks of ``snap`` on now, given as many as it could use."""
+    planner = Planner(config.model_copy(update={"explain_limit": 0, "placement": PlacementKind.BEST_FIT}))
     wanted: dict[NodeShape, int] = {}
     for shape, template in shapes.items():
         empty = fresh(template, "")
         upper = min(MAX_NODES, sum(t.replicas for t in snap.pending if empty.could_hold(gang.member_of(t))))
-        extra = [fresh(template, f"(wanted {i})") for i in range(upper)]  # no real node id has spaces
-        most = placed(extra) if upper else base
-        if most <= base:
+        extra = {f"(wanted {i})": i for i in range(upper)}  # no real node id has a space
+        if not upper:
             wanted[shape] = 0
             continue
-        low, high = 0, upper  # placed(low) < most <= placed(high)
-        while high - low > 1:
-            middle = (low + high) // 2
-            if placed(extra[:middle]) >= most:
-                high = middle
-            else:
-                low = middle
-        wanted[shape] = high
+        plan = planner.plan(replace(snap, nodes=[*snap.nodes, *(fresh(template, n) for n in extra)]))
+        used = {p.node_id for p in plan.placements} | {m.node_id for g in plan.gangs for m in g.members}
+        wanted[shape] = len(used & extra.keys())
     return wanted

@@ -38,6 +38,7 @@ from celery.signals import task_postrun
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from broker.store.connection import connect
 from broker.store.keys import PoolKeys
 from broker.store.scripts import LogCode, Scripts
 from workers import context
@@ -74,8 +75,8 @@ def tail_of(path: Path, limit: int) -> tuple[bytes, int]:
 def _copier(pid: int) -> Scripts:
     """This process's connection for log copies: one try each, ``COPY_TIMEOUT_S`` at most."""
     settings = context.settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=COPY_TIMEOUT_S,
-                                  socket_connect_timeout=COPY_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+    client = connect(settings.model_copy(update={"socket_timeout_s": COPY_TIMEOUT_S}))  # its URL, TLS, auth
+    client.set_retry(Retry(NoBackoff(), 0))
     return Scripts(client, PoolKeys(settings.pool))
 
 

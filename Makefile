@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench redis-server python-ok clean
+.PHONY: demo test lint bench compose-check base-images redis-server python-ok clean
 
 python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -46,6 +46,15 @@ bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.dispatch
 	$(BIN)/python -m bench.submit
 	$(BIN)/python -m bench.e2e
+
+# docker-compose.yml in a real Docker engine (Compose v2): scale, Redis restart, drain, nothing
+# lost. Not part of `make test`; its last run's output is docs/compose-check.txt.
+compose-check: $(STAMP)
+	$(BIN)/python -m bench.compose_check --output docs/compose-check.txt
+
+# python:3.11-slim and redis:7 built locally from a Debian root filesystem (no registry needed).
+base-images:
+	scripts/base_images.sh
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

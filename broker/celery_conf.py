@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import ssl
+import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.events.state import Task as TaskState
+from celery.exceptions import CPendingDeprecationWarning
+from celery.signals import worker_ready
 from kombu.entity import Queue
 from kombu.utils.url import parse_url
 
@@ -30,6 +33,25 @@ EVENT_FIELDS = ("node", "gpus", "tenant")
 TaskState._fields = tuple(dict.fromkeys((*TaskState._fields, *EVENT_FIELDS)))
 for _field in EVENT_FIELDS:  # unset until the task-started event says (Celery's other fields work so)
     setattr(TaskState, _field, None)
+
+
+def quiet_reconnect_warning() -> None:
+    """Drop the 6-line notice Celery 5 prints on every broker reconnect while
+    ``worker_cancel_long_running_tasks_on_connection_loss`` is False (it says the default turns True
+    in Celery 6). False is gpubroker's choice, not Celery's default: a running task outlives a Redis
+    blip, and the node lease, not Celery's redelivery, decides what is lost (celery_settings)."""
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional breaking change",
+                            category=CPendingDeprecationWarning)
+
+
+quiet_reconnect_warning()
+
+
+@worker_ready.connect(weak=False)
+def _quiet_after_celery_logging(**_: Any) -> None:
+    """Again once the worker runs: Celery's logging setup (``Logging.setup``) puts an 'always' filter
+    for its deprecation warnings in front of every other, so the import-time filter alone loses."""
+    quiet_reconnect_warning()
 
 
 def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
@@ -85,6 +107,9 @@ def celery_settings(settings: Settings, submit: bool = True) -> dict[str, Any]:
         "worker_send_task_events": False,
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
+        # A worker that loses Redis keeps its running tasks (they report when it is back); set, so
+        # Celery 6's change of default cannot flip it (quiet_reconnect_warning).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_transport_options": {
             # Recovery is the node lease, never kombu's redelivery (celery#5935).
             "visibility_timeout": settings.visibility_timeout_s,

@@ -32,6 +32,17 @@ from broker.store.scripts import CancelCode, Clock, DrainCode, ForgetCode, Scrip
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class TaskLog:
+    """The last part of one attempt's output as kept with its task (``Client.logs``)."""
+
+    attempt: int  # 0: the task has not been placed yet
+    tail: bytes  # the last task_log_tail_bytes (or fewer) it wrote
+    size: int  # bytes it wrote in all; the tail is the end of them
+    file: str | None  # ``<node>:<path>`` of the whole log, on the node it ran on
+    final: bool  # the task has ended: nothing more comes
+
+
 class TaskHandle:
     """What ``submit`` returns: the task id, with shortcuts to its status."""
 
@@ -272,6 +283,18 @@ class Client:
             raise TaskNotFound(task_id)
         why = reads.waiting_info(self.redis, self.keys, [task_id])[0] if h[b"state"] == b"PENDING" else None
         return records.task_status(task_id, h, why)
+
+    def logs(self, task_id: str, attempt: int | None = None) -> TaskLog:
+        """What is kept of an attempt's output (default: the latest attempt's)."""
+        key = self.keys.task(task_id)
+        state, attempts = cast(list[bytes | None], self.redis.hmget(key, "state", "attempts"))
+        if state is None:
+            raise TaskNotFound(task_id)
+        n = attempt if attempt is not None else int(attempts or 0)
+        tail, size, file = cast(list[bytes | None], self.redis.hmget(key, f"log:{n}", f"log_size:{n}",
+                                                                       f"log_file:{n}"))
+        return TaskLog(n, tail or b"", int(size or 0), file.decode() if file else None,
+                       state.decode() in ("SUCCEEDED", "FAILED", "CANCELLED"))
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskStatus:
         """Block until the task is SUCCEEDED, FAILED or CANCELLED and return its status."""

@@ -44,9 +44,9 @@ import redis
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
-from broker.metrics import COLLECTOR
+from broker.metrics import COLLECTOR, WantedNodes
 from broker.native.ingest import Ingest
-from broker.scheduling.model import Placement, Plan
+from broker.scheduling.model import Placement, Plan, Snapshot
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.planner import Planner
@@ -131,6 +131,8 @@ class Dispatcher:
         self._next_stats_ms = 0
         self._next_beat_ms = 0  # when to record the cycle time again (P cycle, for health checks)
         self._next_trim_ms = 0  # when to trim the history index again
+        self._waiting: Snapshot | None = None  # the last full pass's, while tasks wait (gpubroker_wanted_nodes)
+        self._wanted = WantedNodes(s, int(settings.explain_interval_s * 5000))
         COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
         for code in ReserveCode:
             if code is not ReserveCode.OK:
@@ -180,6 +182,7 @@ class Dispatcher:
             full = left and due and (sched.explain_limit > 0 or sched.preemption)
             if not left and self._last_full_ms is not None:
                 self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
+                self._waiting = None
                 self._last_full_ms = None
         if full:
             # After the lazy planner, the full pass is for preemption and the queue view: the
@@ -216,7 +219,8 @@ class Dispatcher:
         if now < self._next_stats_ms:
             return
         self._next_stats_ms = now + int(self.settings.explain_interval_s * 1000)
-        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._free.nodes)
+        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._free.nodes,
+                         self._wanted.figures(now, self._waiting, self._free.nodes.values()))
 
     def _forget_departed(self, report: CycleReport) -> None:
         """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down
@@ -257,6 +261,7 @@ class Dispatcher:
             snap.preempting_for = {k: v for k, v in preempting.items() if k in waiting}
         report.nodes_seen = max(report.nodes_seen, len(snap.nodes))
         report.pending_seen = max(report.pending_seen, len(snap.pending))
+        self._waiting = snap if snap.pending else None
         with _Timer(report, "3_plan"):
             plan = self.planner.plan(snap)
         self._wake_for_rates(report, snap.rate_limits, plan.tokens)

@@ -9,7 +9,8 @@ with it. The dispatcher reads those counters (``broker.store.stats``) at most on
 free-capacity cache its cycle keeps anyway; a scrape reads no Redis.
 
 Every series is present from the start at 0: the three node states, every outcome and priority
-class of each tenant seen (and of ``default``), every registered node's rejected count.
+class of each tenant seen (and of ``default``), every registered node's rejected count, and the
+wanted nodes of every node shape seen up since the dispatcher started (``scheduling.demand``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.scheduling.model import NodeFree
+from broker.scheduling import demand
+from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.model import NodeFree, Snapshot
 from broker.store.stats import BUCKETS_S, OUTCOMES, PRIORITY_CLASSES, Histogram, Stats
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class PoolView:
     now_ms: int = 0
     live: dict[str, NodeFree | None] = field(default_factory=dict)  # lease valid; None: not up or unreadable
     tenants: set[str] = field(default_factory=set)  # every tenant seen since start: its series stay
+    wanted: dict[str, int] = field(default_factory=dict)  # node shape label -> more nodes of it wanted
 
 
 class PoolCollector(Collector):
@@ -46,9 +50,10 @@ class PoolCollector(Collector):
     def __init__(self) -> None:
         self.pools: dict[str, PoolView] = {}
 
-    def update(self, pool: str, stats: Stats, now_ms: int, live: Mapping[str, NodeFree | None]) -> None:
+    def update(self, pool: str, stats: Stats, now_ms: int, live: Mapping[str, NodeFree | None],
+               wanted: Mapping[str, int] | None = None) -> None:
         seen = self.pools[pool].tenants if pool in self.pools else set()
-        self.pools[pool] = PoolView(stats, now_ms, dict(live), seen | stats.tenants())
+        self.pools[pool] = PoolView(stats, now_ms, dict(live), seen | stats.tenants(), dict(wanted or {}))
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are checked at collect time (the families are built per scrape)
@@ -80,6 +85,9 @@ class PoolCollector(Collector):
                                     "that ran and ended", labels=["pool", "tenant"])
         rejected = CounterMetricFamily("gpubroker_rejected_messages", "Queue messages a node's worker dropped "
                                        "unread (not JSON, malformed)", labels=["pool", "node"])
+        wanted = GaugeMetricFamily("gpubroker_wanted_nodes", "More nodes of this shape (as registered nodes: "
+                                   "GPUs, GPU memory, CPUs, RAM) that would let the pending tasks that nodes can "
+                                   "place start now (the planner's answer; each shape alone)", labels=["pool", "shape"])
         for pool, view in sorted(self.pools.items()):
             s = view.stats
             tenants = sorted(view.tenants)
@@ -103,7 +111,9 @@ class PoolCollector(Collector):
                 nodes.add_metric([pool, state], count)
             for node_id in sorted(s.registered | set(s.rejected)):
                 rejected.add_metric([pool, node_id], s.rejected.get(node_id, 0))
-        yield from (pending, oldest, nodes, *resources.values(), outcomes, wait, run, rejected)
+            for shape, count in sorted(view.wanted.items()):
+                wanted.add_metric([pool, shape], count)
+        yield from (pending, oldest, nodes, *resources.values(), outcomes, wait, run, rejected, wanted)
 
 
 def _cumulative(h: Histogram) -> list[tuple[str, float]]:
@@ -126,6 +136,27 @@ def _add_node(families: dict[str, GaugeMetricFamily], pool: str, node: NodeFree)
     for key, (capacity, free) in amounts.items():
         families[key].add_metric([pool, node.id, "allocated"], capacity - free)
         families[key].add_metric([pool, node.id, "free"], free)
+
+
+class WantedNodes:
+    """One dispatcher's ``gpubroker_wanted_nodes`` (``scheduling.demand``): every node shape seen up
+    since it started, and how many more of each its last full pass's waiting tasks want, worked
+    out again at most every ``every_ms`` (a planner pass per shape; a scaler polls slower)."""
+
+    def __init__(self, config: SchedulingConfig, every_ms: int) -> None:
+        self.config, self.every_ms = config, every_ms
+        self.shapes: dict[demand.NodeShape, NodeFree] = {}
+        self.wanted: dict[demand.NodeShape, int] = {}
+        self.next_ms = 0
+
+    def figures(self, now_ms: int, waiting: Snapshot | None, nodes: Iterable[NodeFree | None]) -> dict[str, int]:
+        self.shapes = {**demand.templates(n for n in nodes if n is not None), **self.shapes}
+        if waiting is None:
+            self.wanted = {}
+        elif now_ms >= self.next_ms:
+            self.wanted = demand.wanted_nodes(self.config, waiting, self.shapes)
+            self.next_ms = now_ms + self.every_ms
+        return {demand.shape_label(shape): self.wanted.get(shape, 0) for shape in self.shapes}
 
 
 COLLECTOR = PoolCollector()

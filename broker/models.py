@@ -361,6 +361,7 @@ class TaskStatus(BaseModel):
     replaced_by: str | None = None  # it replaced itself (Task.replace) and waits for this to be sent
     not_before: float | None = None  # seconds: not placed before then (countdown, ETA, a retry's wait)
     expires_at: float | None = None
+    log_files: dict[int, str] = {}  # attempt -> <node>:<path> of its whole output (`gpubroker logs`)
     # While PENDING, as of the dispatcher's last pass:
     position: int | None = None
     reason: str | None = None

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     result_expires_s: float = Field(86400.0, ge=0)
     # A cancelled running task gets SIGTERM, then SIGKILL after this many seconds.
     cancel_grace_s: float = Field(10.0, ge=0)
+    # Each attempt's stdout and stderr (its subprocesses' too) go to <task_log_dir>/<task id>/<attempt>.log
+    # on its node ("": gpubroker-task-logs in the temporary directory). The last task_log_tail_bytes of it
+    # are kept with the task (`gpubroker logs`), refreshed at most every task_log_flush_s while it runs.
+    task_log_dir: str = ""
+    task_log_tail_bytes: int = Field(64 * 1024, gt=0, le=16 * 1024 * 1024)
+    task_log_flush_s: float = Field(2.0, gt=0)
     # A warm pool process (a CPU task's, or a reuse=True GPU task's) exits after this many tasks,
     # or once it uses more than this much memory (MiB, resident) after a task; None (or empty): no limit.
     max_tasks_per_process: int | None = Field(None, gt=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -299,6 +301,29 @@ class ClassBased(Task):
 
 
 app.register_task(ClassBased())
+
+
+@app.task(name="tests.chatty", bind=True, max_retries=3)
+def chatty(self: Any, lines: int = 0, pause: float = 0.0, filler: int = 0, retry_first: bool = False,
+           killed_first: bool = False) -> int:
+    """Writes to stdout, stderr and from a subprocess, each line naming its attempt; ``filler``
+    bytes of 'x' and ``lines`` numbered lines ``pause`` s apart; the first attempt retries, or is
+    SIGKILLed (as the OOM killer would) at its end, on request."""
+    attempt = _attempt(self)
+    print(f"out {attempt}", flush=True)
+    print(f"err {attempt}", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-c", f"import os; os.write(1, b'child {attempt}\\n')"], check=True)
+    if filler:
+        print("x" * filler, flush=True)
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(pause)
+    print(f"end {attempt}", flush=True)
+    if retry_first and attempt == 1:
+        raise self.retry(countdown=0.1)
+    if killed_first and attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return attempt
 
 
 _runs_here = 0  # module state: how many tasks this pool process has run (workers.warm keeps it)

@@ -9,6 +9,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from broker.cli.common import host_node_id
 from broker.settings import Settings
 from workers.cli import app
 
@@ -104,3 +105,10 @@ def test_submit_with_a_label_preference_list_and_preemptible(env: dict[str, str]
     status = json.loads(runner.invoke(app, ["status", json.loads(submitted.output)["id"], "--json"], env=env).output)
     assert status["resources"]["labels"] == {"gpu": ["H100", "A100"], "zone": "eu"}
     assert status["preemptible"] is True
+
+
+def test_host_node_id_is_the_hostname_made_a_valid_node_id() -> None:
+    assert host_node_id("gpu-a.example.com") == "gpu-a.example.com"
+    assert host_node_id("Rack 4/GPU #2") == "Rack-4-GPU--2"
+    assert host_node_id("-" + "x" * 80) == "x" * 64
+    assert host_node_id("") == "node"

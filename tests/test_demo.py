@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -110,3 +111,33 @@ def test_demo_runs_the_mixed_workload_and_leaves_nothing_running(tmp_path: Path)
     assert leftovers(pgids, port.group(1)) == []
     assert list(tmp_path.glob(".demo/*/worker-h100x8.log")), "logs go to .demo/ under the working directory"
     print(f"demo took {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.e2e
+def test_demo_keep_leaves_the_cluster_up_until_ctrl_c_then_stops_everything(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUBROKER_", "FLOWER_"))}
+    env.update(PYTHONPATH=str(ROOT), COLUMNS="200", PYTHONUNBUFFERED="1")
+    command = [*GPUBROKER, "demo", "--no-live", "--tasks", "3", "--timeout", "240", "--keep"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        out = ""
+        while "tasks succeeded" not in out or "Flower:" not in out.rpartition("tasks succeeded")[2]:
+            line = proc.stdout.readline()
+            assert line, f"the demo ended before it kept the cluster up:\n{out[-3000:]}"
+            out += line
+        assert re.search(r"Flower: http://127\.0\.0\.1:\d+\s+\(basic auth admin:gpubroker\)\n$", out), out[-2000:]
+        pgids = {int(pid) for pid in re.findall(r"started \S+\s+pid (\d+)", out)}
+        port = re.search(r"Redis redis://127\.0\.0\.1:(\d+)/", out)
+        assert port and len(pgids) == 2 + len(NODES) + 1, out[:2000]
+        time.sleep(2)  # after the summary, nothing stops by itself
+        up = leftovers(pgids, port.group(1))
+        assert proc.poll() is None and {int(line.split()[2].rstrip("):")) for line in up} == pgids, up
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stdout.read()
+        assert proc.wait(60) == 0, rest
+    finally:
+        proc.kill()
+    assert "stopped" in rest
+    assert leftovers(pgids, port.group(1)) == []

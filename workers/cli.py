@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from broker.cli import app
-from broker.cli.common import Pool, RedisUrl, parse_labels, run_cli, settings_for
+from broker.cli.common import NODE_HELP, Pool, RedisUrl, host_node_id, parse_labels, run_cli, settings_for
 from broker.models import NodeSpec
 
 
 @app.command()
 def worker(
-    node: Annotated[str, typer.Option("--node", help="Node id (also the Celery worker name)")],
+    node: Annotated[str | None, typer.Option("--node", help=NODE_HELP)] = None,
     gpus: Annotated[str, typer.Option(help="GPU count, or 'auto' to read them through NVML")] = "0",
     gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB per GPU (auto: from NVML)")] = None,
     cpus: Annotated[float, typer.Option()] = 1,
@@ -42,8 +42,8 @@ def worker(
             except ValueError:
                 raise typer.BadParameter(f"{gpus!r} is not a whole number or 'auto'", param_hint="--gpus") from None
             memory = gpu_memory_mb if gpu_memory_mb is not None else (80 * 1024 if count else 0)
-        spec = NodeSpec(node_id=node, gpus=count, gpu_memory_mb=memory, cpus=cpus, memory_mb=memory_mb,
-                        slots=slots, labels=labels)
+        spec = NodeSpec(node_id=node if node is not None else host_node_id(), gpus=count, gpu_memory_mb=memory,
+                        cpus=cpus, memory_mb=memory_mb, slots=slots, labels=labels)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run_worker(settings_for(redis_url, pool), spec, tasks or [])
 

@@ -39,7 +39,7 @@ from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
 from broker.store.connection import as_broker_error, transient
 from broker.store.scripts import FinishCode, StartCode
-from workers import context, rejects, warm
+from workers import context, logs, rejects, warm
 from workers.fence import Watchdog, watch
 from workers.unit import Unit
 from workers.warm import ThisProcess
@@ -137,13 +137,15 @@ def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: st
     return None
 
 
-def _end_unit(unit: Unit, watchdog: Watchdog) -> None:
+def _end_unit(unit: Unit, watchdog: Watchdog, capture: logs.Capture) -> None:
     """The attempt's code is done: every process it started goes before its outcome is recorded
     (which releases its capacity). A SIGTERM from now on (a stop that came late) must not break
-    off the report; SIGKILL still ends it. The handler is restored once it is recorded."""
+    off the report; SIGKILL still ends it, and the handler is restored once it is recorded. Its
+    log's last part is kept with the task now, while the attempt still holds it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     watchdog.stop()
     unit.end_here()
+    capture.end()
 
 
 def _describe(exc: BaseException) -> str:
@@ -244,6 +246,7 @@ class GpuRequest(Request):
         """Kill whatever is left of this attempt (its pool child, what it started) and wait for it."""
         if self.delivery_tag:
             Unit(context.node_id(), self.delivery_tag).kill(self.worker_pid, wait_s=10.0)
+            logs.keep_tail(self.id, self.delivery_tag, logs.log_path(self.delivery_tag))  # the child could not
 
 
 class GpuTask(BrokerTask):
@@ -271,6 +274,7 @@ class GpuTask(BrokerTask):
         ThisProcess.starting(tag or task_id, gpus, reuse)
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
+        capture = logs.Capture(task_id, tag or task_id)
         watchdog = watch(unit, context.settings().fence_margin_s)
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
@@ -278,10 +282,10 @@ class GpuTask(BrokerTask):
                 result = self.run(*args, **kwargs)
                 payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
             except BaseException as exc:
-                _end_unit(unit, watchdog)
+                _end_unit(unit, watchdog, capture)
                 self._end_raised(task_id, tag, exc, watchdog.fired)
                 raise
-            _end_unit(unit, watchdog)
+            _end_unit(unit, watchdog, capture)
             report(task_id, tag, "succeeded", payload, patience_s=None)
         finally:
             # Ended and recorded: the node agent no longer signals this process for it, and a warm

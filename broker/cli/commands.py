@@ -1,5 +1,5 @@
-"""The operational ``gpubroker`` commands: dispatcher, submit, status, queue, nodes (and nodes remove),
-drain, undrain, cancel, demo."""
+"""The operational ``gpubroker`` commands: dispatcher, submit, status, logs, queue, nodes (and nodes
+remove), drain, undrain, cancel, demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,6 +130,36 @@ def status(task_id: str, redis_url: RedisUrl = None, pool: Pool = None, as_json:
 
 
 @app.command()
+def logs(task_id: str, redis_url: RedisUrl = None, pool: Pool = None,
+         attempt: Annotated[int | None, typer.Option(help="Which attempt (default: the latest)")] = None,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep showing it until the task ends")] = False,
+         interval: Annotated[float, typer.Option(help="Seconds between polls with --follow")] = 1.0) -> None:
+    """Show the last part of a task's output (stdout and stderr, kept with it as each attempt runs)."""
+
+    def go() -> None:
+        shown, current = 0, None
+        with client_for(redis_url, pool) as client:
+            while True:
+                got = client.logs(task_id, attempt)
+                if got.attempt != current:
+                    if current is not None:
+                        err.print(f"[dim]--- attempt {got.attempt} ---[/dim]")
+                    shown, current = 0, got.attempt
+                start = got.size - len(got.tail)
+                if start > shown:  # the kept part no longer reaches back to what was shown
+                    err.print(f"[dim]... {start - shown} bytes not kept (the whole log: {got.file})[/dim]")
+                if got.size > shown:
+                    sys.stdout.write(got.tail[max(0, shown - start):].decode(errors="replace"))
+                    sys.stdout.flush()
+                    shown = got.size
+                if not follow or got.final:
+                    return
+                time.sleep(interval)
+
+    run_cli(go)
+
+
+@app.command()
 def queue(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False,
           limit: Annotated[int, typer.Option(help="Rows to show")] = 50) -> None:
     """Pending tasks in dispatch order."""
@@ -220,10 +251,12 @@ def demo(
     flower: Annotated[bool, typer.Option(help="Start Flower")] = True,
     live: Annotated[bool, typer.Option(help="Live view (off: print a line per second)")] = True,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 300,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the cluster and Flower up after the summary, "
+                                                      "until Ctrl-C")] = False,
 ) -> None:
     """Run a local demo cluster: Redis, dispatcher, three simulated nodes, Flower, a mixed workload."""
     from broker.cli.demo import run_demo  # starts processes: imported only when asked
 
     # A live view needs a terminal; piped or in CI, print a progress line per second instead.
     sys.exit(run_demo(redis_url=redis_url, n_tasks=tasks, with_flower=flower, live=live and console.is_terminal,
-                      timeout=timeout))
+                      timeout=timeout, keep=keep))

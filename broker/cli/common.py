@@ -4,6 +4,8 @@ and ``run_cli`` (gpubroker errors as a message and an exit code, never a traceba
 from __future__ import annotations
 
 import json
+import re
+import socket
 from typing import Annotated, Any
 
 import redis
@@ -24,6 +26,15 @@ err = Console(stderr=True, soft_wrap=True)  # a message is one line, however lon
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env GPUBROKER_REDIS_URL]")]
 Pool = Annotated[str | None, typer.Option("--pool", help="Pool name [env GPUBROKER_POOL]")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+NODE_HELP = "Node id (also the Celery worker name); default: this host's name, as a node id"
+
+
+def host_node_id(hostname: str | None = None) -> str:
+    """This host's name as a node id (characters a node id may not have become ``-``; at most 64):
+    the default of ``worker --node`` and ``health worker --node``. Two workers on one host need a
+    ``--node`` each, else the second takes the first one's place (as a restarted worker does)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", hostname if hostname is not None else socket.gethostname())
+    return name.strip(".-")[:64].rstrip(".-") or "node"
 
 
 def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> Settings:

@@ -6,6 +6,7 @@
 3 submit    a mixed workload of ``workers.tasks.probe`` tasks (fixed seed)
 4 watch     a live view of the queue, per-GPU use and task states until every task is final
 5 summary   final states, waits, runtimes and GPU utilisation
+  keep      with --keep: everything stays up, the URLs printed last, until Ctrl-C / SIGTERM
 6 stop      every process it started, also on Ctrl-C / SIGTERM (exit code 130)
 """
 
@@ -193,6 +194,7 @@ class DemoRun:
         self.deadline = time.monotonic() + timeout
         self.flower: Managed | None = None
         self.flower_url: str | None = None
+        self.auth = ""
 
     def start(self, redis_url: str | None, with_flower: bool) -> tuple[str, str]:
         """Phase 1: start everything; returns the Redis URL and pool the demo uses."""
@@ -203,7 +205,7 @@ class DemoRun:
         self.cluster.gpubroker("dispatcher", "dispatcher")
         for node_id, options in NODES.items():
             self.cluster.gpubroker(f"worker-{node_id}", "worker", "--node", node_id, *options)
-        auth = os.environ.get("FLOWER_BASIC_AUTH") or DEFAULT_FLOWER_AUTH
+        auth = self.auth = os.environ.get("FLOWER_BASIC_AUTH") or DEFAULT_FLOWER_AUTH
         if with_flower:
             port = free_port()
             self.flower, self.flower_url = self.cluster.flower(port, auth), f"http://127.0.0.1:{port}"
@@ -294,6 +296,17 @@ class DemoRun:
         self.plain(f"{succeeded}/{len(ids)} tasks succeeded")
         return 0 if succeeded == len(ids) else 1
 
+    def keep_up(self, redis_url: str, pool: str) -> None:
+        """With --keep: leave the cluster and Flower up to look at, until Ctrl-C or SIGTERM. The
+        URLs come last, where the user looks (the issue: they were dead by the time they were read)."""
+        self.plain(f"Keeping the cluster up; Ctrl-C stops it. Try: GPUBROKER_REDIS_URL={redis_url} "
+                   f"GPUBROKER_POOL={pool} gpubroker nodes")
+        self.plain(f"Redis: {redis_url}  pool {pool!r}")
+        if self.flower_url:
+            self.plain(f"Flower: {self.flower_url}  (basic auth {self.auth})")
+        while True:
+            signal.pause()  # SIGINT / SIGTERM raise KeyboardInterrupt here
+
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
@@ -312,8 +325,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_demo(redis_url: str | None, n_tasks: int, with_flower: bool, live: bool, timeout: float) -> int:
-    """Run the demo; 0 if every task SUCCEEDED, 1 otherwise, 130 if interrupted."""
+def run_demo(redis_url: str | None, n_tasks: int, with_flower: bool, live: bool, timeout: float,
+             keep: bool = False) -> int:
+    """Run the demo; 0 if every task SUCCEEDED, 1 otherwise, 130 if interrupted (with ``keep``:
+    only before the summary; the Ctrl-C that ends a kept cluster is its normal end)."""
     console = Console()
     if n_tasks < 1:
         console.print("[red]error:[/] --tasks must be at least 1")
@@ -327,7 +342,13 @@ def run_demo(redis_url: str | None, n_tasks: int, with_flower: bool, live: bool,
                 demo.wait_ready(client)
                 ids = demo.submit(client, n_tasks)
                 demo.watch(client, ids, live)
-                return demo.finish(client, ids)
+                code = demo.finish(client, ids)
+            if keep:
+                try:
+                    demo.keep_up(url, pool)
+                except KeyboardInterrupt:
+                    console.print()
+            return code
         except KeyboardInterrupt:
             console.print("\n[yellow]interrupted[/]: stopping every process the demo started")
             return 130

@@ -13,7 +13,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from broker.cli.common import AsJson, Pool, RedisUrl, app, client_for, console, err, run_cli, settings_for
+from broker.cli.common import (
+    NODE_HELP,
+    AsJson,
+    Pool,
+    RedisUrl,
+    app,
+    client_for,
+    console,
+    err,
+    host_node_id,
+    run_cli,
+    settings_for,
+)
 from broker.store import health as checks
 from broker.store import history
 from broker.store.connection import as_broker_error, connect
@@ -130,7 +142,7 @@ def health_dispatcher(max_age: MaxAge = None, redis_url: RedisUrl = None, pool: 
 
 
 @health_app.command("worker")
-def health_worker(node: Annotated[str, typer.Option("--node", help="Node id")], max_age: MaxAge = None,
-                  redis_url: RedisUrl = None, pool: Pool = None) -> None:
+def health_worker(node: Annotated[str | None, typer.Option("--node", help=NODE_HELP)] = None,
+                  max_age: MaxAge = None, redis_url: RedisUrl = None, pool: Pool = None) -> None:
     """Healthy while NODE is up and heartbeated within --max-age (default 2 x GPUBROKER_HEARTBEAT_S + 1)."""
-    _check(redis_url, pool, "worker", node, max_age)
+    _check(redis_url, pool, "worker", node if node is not None else host_node_id(), max_age)

@@ -108,6 +108,8 @@ def status_table(status: TaskStatus) -> Table:
         rows["result"] = repr(status.result)
     if status.error:
         rows["error"] = status.error
+    for attempt, file in sorted(status.log_files.items()):
+        rows[f"log (attempt {attempt})"] = file
     for field, value in rows.items():
         table.add_row(field, Text(value))  # results and errors are user text: never Rich markup
     return table

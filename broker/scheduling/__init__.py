@@ -6,5 +6,6 @@
 - ``ordering``: one function per ordering (``ORDERINGS``);
 - ``planner``: the pass (estimate, order, admit, explain);
 - ``preemption``, ``explain``, ``timeline`` (backfill holds, earliest starts), ``fairshare``;
-- ``placement/``: one module per placer (``PLACERS``).
+- ``placement/``: one module per placer (``PLACERS``);
+- ``demand``: more nodes of each shape the planner would use now (``gpubroker_wanted_nodes``).
 """

@@ -79,6 +79,12 @@ class ProgressCode(enum.IntEnum):
     STALE = 2
 
 
+class LogCode(enum.IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    STALE = 2
+
+
 class ReapCode(enum.IntEnum):
     OK = 0
 

@@ -114,6 +114,9 @@ Fields of ``P task:<id>`` (formats in ``store/records.py``):
 | ``reserved_at started_at``              | reserve, start   | ms since epoch, of the current attempt        |
 | ``progress_state progress``             | progress         | what the running attempt said of itself       |
 |                                         |                  | (``update_state``)                            |
+| ``log:<n> log_size:<n> log_file:<n>``   | log              | attempt n's last output (at most              |
+|                                         |                  | ``task_log_tail_bytes``), the bytes it wrote  |
+|                                         |                  | in all, ``<node>:<path>`` of its whole log    |
 | ``retried retry_reason``                | finish           | it asked Celery to retry and waits to run     |
 |                                         |                  | again                                         |
 | ``awaiting replaced_by``                | finish, submit   | it replaced itself (``Task.replace``) and     |

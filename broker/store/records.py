@@ -119,6 +119,7 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "reserve": (frozenset({P}), frozenset({R})),
     "start": (frozenset({R}), frozenset({U})),
     "progress": (frozenset(), frozenset()),
+    "log": (frozenset(), frozenset()),
     "finish": (frozenset({R, U}), frozenset({S, F, C, P})),
     "cancel": (frozenset({P, R}), frozenset({C})),
     "expire": (frozenset({P, R}), frozenset({C})),
@@ -138,7 +139,7 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
 def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, Any] | None) -> TaskStatus:
     """A task hash (``keys``' task fields) as users read it; ``waiting``: the dispatcher's last
     word on a pending task (position, reason, eta)."""
-    t = {k.decode(): v.decode(errors="replace") for k, v in h.items() if k != b"message"}
+    t = {k.decode(): v.decode(errors="replace") for k, v in h.items() if k != b"message" and k[:4] != b"log:"}
     try:
         wire = decode_request(t.get("req", ""))
     except UnreadableRecord:  # a quarantined task: its error says what was wrong
@@ -160,7 +161,7 @@ def task_status(task_id: str, h: Mapping[bytes, bytes], waiting: Mapping[str, An
         exception=json.loads(t["exc"]) if t.get("exc") else None, retried="retried" in t,
         retry_reason=t.get("retry_reason"), replaced_by=t.get("replaced_by") if "awaiting" in t else None,
         not_before=seconds("not_before"), expires_at=seconds("expires_at"),
-    )
+        log_files={int(k.partition(":")[2]): v for k, v in t.items() if k.startswith("log_file:")})
 
 
 # ---- GPU kinds, the request mix and learned runtimes -------------------------------------------

@@ -28,6 +28,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     FinishCode,
     ForgetCode,
     HeartbeatCode,
+    LogCode,
     PreemptCode,
     ProgressCode,
     PromoteCode,
@@ -44,8 +45,8 @@ from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
-    "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "QuarantineCode", "ReapCode",
-    "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
+    "HeartbeatCode", "LogCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "QuarantineCode",
+    "ReapCode", "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
     "wall_clock_ms",
 ]
 
@@ -92,6 +93,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
     "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
     "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
+    "log": (LogCode, ("task",), ("tag", "attempt", "tail", "size", "file")),
     "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
                    ("task_id", "request", "reason", "now")),
 }
@@ -401,3 +403,8 @@ class Scripts:
         """Record a running attempt's custom state and its meta (JSON)."""
         (code,) = self._run("progress", (self.keys.task(task_id),), (tag, state, meta, self.clock()))
         return ProgressCode(code)
+
+    def log(self, task_id: str, tag: str, tail: bytes, size: int, file: str = "") -> LogCode:
+        """Keep the running attempt's last output (``tail``, of ``size`` bytes in all) with its task."""
+        (code,) = self._run("log", (self.keys.task(task_id),), (tag, tag.rpartition(".")[2], tail, size, file))
+        return LogCode(code)

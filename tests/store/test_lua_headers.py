@@ -132,6 +132,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.promote()
     s.expire()
     s.progress("t1", "t1.1", "PROGRESS", "{}")
+    s.log("t1", "t1.1", b"out", 3, "n1:/tmp/t1/1.log")
     s.drain("n1", "operator")
     s.forget("n1")
     s.quarantine("t1", "{", "req: not JSON")

@@ -1,0 +1,86 @@
+"""workers.logs.Capture in this process: fds 1 and 2 go to the file (a subprocess's too) and come back."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers import context, logs
+
+
+@pytest.fixture
+def kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, str]]:
+    monkeypatch.setenv(context.NODE_ENV, "n1")
+    monkeypatch.setenv("GPUBROKER_TASK_LOG_DIR", str(tmp_path / "logs"))
+    context._settings.cache_clear()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(logs, "keep_tail", lambda task_id, tag, path: calls.append((tag, str(path))) or True)
+    yield calls
+    context._settings.cache_clear()
+
+
+def test_the_attempts_output_and_its_subprocesses_go_to_the_file_then_the_fds_come_back(
+        kept: list[tuple[str, str]], tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    capture = logs.Capture("t/1", "t/1.2")
+    print("from python")
+    os.write(2, b"from fd 2\n")
+    subprocess.run([sys.executable, "-c", "import os; os.write(1, b'from a child\\n')"], check=True)
+    capture.end()
+    capture.end()  # once is enough; again changes nothing
+    print("after")
+    path = tmp_path / "logs" / "t_1" / "2.log"
+    assert path.read_text() == "from python\nfrom fd 2\nfrom a child\n"
+    assert capfd.readouterr().out == "after\n"
+    assert kept == [("t/1.2", str(path)), ("t/1.2", str(path))]  # at the start, at the end
+
+
+def test_an_unwritable_log_directory_leaves_the_output_where_it_was(
+        kept: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GPUBROKER_TASK_LOG_DIR", str(tmp_path / "file"))  # a file, not a directory
+    context._settings.cache_clear()
+    capture = logs.Capture("t", "t.1")
+    print("still here")
+    capture.end()
+    assert capfd.readouterr().out == "still here\n" and kept == []
+
+
+def test_a_last_copy_that_failed_is_tried_once_more_after_the_outcome(
+        kept: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([True, False, True])  # the start's copy, the end's (Redis down), the one after
+    monkeypatch.setattr(logs, "keep_tail", lambda task_id, tag, path: kept.append((tag, "")) or next(answers))
+    capture = logs.Capture("t", "t.1")
+    capture.end()
+    assert len(kept) == 2 and logs._missed == [capture]
+    logs.task_postrun.send(sender=None)  # Celery sends it once the task returned: its outcome is recorded
+    assert len(kept) == 3 and logs._missed == []
+    logs.task_postrun.send(sender=None)
+    assert len(kept) == 3, "a copy that was kept is not made again"
+
+
+def test_a_copy_is_one_try_that_gives_up_instead_of_waiting_for_redis(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (one stopped, or a lost network): the
+    copy gives up after its timeout, on its first connection, and says so; it raises nothing."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv(context.NODE_ENV, "n1")
+    monkeypatch.setenv("GPUBROKER_REDIS_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+    context._settings.cache_clear()
+    logs._copier.cache_clear()
+    try:
+        (tmp_path / "1.log").write_text("out\n")
+        assert logs.keep_tail("t", "t.1", tmp_path / "1.log") is False
+        silent.settimeout(0.5)
+        silent.accept()[0].close()  # the copy's one connection
+        with pytest.raises(TimeoutError):
+            silent.accept()  # and no other: it did not retry
+    finally:
+        silent.close()
+        context._settings.cache_clear()
+        logs._copier.cache_clear()

@@ -1,0 +1,189 @@
+"""Task logs: each attempt's stdout and stderr, to a file on its node and its last part with the task.
+
+The pool child redirects fds 1 and 2 (``os.dup2``) to ``<task_log_dir>/<task id>/<attempt>.log``
+as the attempt starts and restores them when it ends, so what the processes it starts write to
+the fds they inherit lands there too (a ``print`` in a ``subprocess`` as much as the task's own).
+``sys.stdout``/``sys.stderr`` write straight to the file meanwhile: Celery's redirection of them
+into its logger would prefix every line. Celery's own logging keeps going to the worker's log:
+handlers that wrote to fd 1 or 2 get a copy of the original fd for the attempt.
+
+While the attempt runs a thread copies the file's last ``task_log_tail_bytes`` to the task
+(log.lua) when it grew, at most every ``task_log_flush_s``, which bounds the Redis write rate;
+the last copy is made just before the outcome is recorded.
+
+A copy never waits for Redis: every copy is one try on a connection of its own that neither
+retries nor waits longer than ``COPY_TIMEOUT_S``, and a failed one is only logged, so the
+outcome is delayed by two such timeouts at the most (a copy in flight, the last one), and by
+nothing when Redis refuses connections. During a Redis outage the outcome report retries until
+Redis is back (``workers.task``); a last copy that failed then is tried once more after the
+outcome is recorded (``task_postrun``), which log.lua allows (it fences by attempt number, not
+by state). The file on the node always has the whole output.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+from celery.signals import task_postrun
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from broker.store.connection import connect
+from broker.store.keys import PoolKeys
+from broker.store.scripts import LogCode, Scripts
+from workers import context
+
+log = logging.getLogger(__name__)
+
+COPY_TIMEOUT_S = 1.0  # the longest one copy to Redis may take, connecting included
+
+
+def log_dir() -> Path:
+    configured = context.settings().task_log_dir
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / "gpubroker-task-logs"
+
+
+def log_path(tag: str) -> Path:
+    """Where the attempt named by delivery tag ``<task id>.<attempt>`` writes on this node."""
+    task_id, _, attempt = tag.rpartition(".")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task_id or tag).lstrip(".") or "_"
+    return log_dir() / safe / f"{attempt or 0}.log"
+
+
+def tail_of(path: Path, limit: int) -> tuple[bytes, int]:
+    """The last ``limit`` bytes of ``path`` and its size (b"", 0 when it is not there)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            return f.read(min(limit, size)), size  # not what came after ``size`` was read: it says where the tail ends
+    except OSError:
+        return b"", 0
+
+
+@functools.cache
+def _copier(pid: int) -> Scripts:
+    """This process's connection for log copies: one try each, ``COPY_TIMEOUT_S`` at most."""
+    settings = context.settings()
+    client = connect(settings.model_copy(update={"socket_timeout_s": COPY_TIMEOUT_S}))  # its URL, TLS, auth
+    client.set_retry(Retry(NoBackoff(), 0))
+    return Scripts(client, PoolKeys(settings.pool))
+
+
+def keep_tail(task_id: str, tag: str, path: Path) -> bool:
+    """Copy the log's last part (and where the whole of it is) to attempt ``tag`` of the task, in
+    one try; whether it was kept."""
+    tail, size = tail_of(path, context.settings().task_log_tail_bytes)
+    try:
+        return _copier(os.getpid()).log(task_id, tag, tail, size, f"{context.node_id()}:{path}") is LogCode.OK
+    except (redis.RedisError, OSError) as exc:  # the log is worth a try, never a delayed or lost outcome
+        log.warning("could not keep the log of %s with it: %s", tag, exc)
+        return False
+
+
+def _handler_streams() -> list[logging.StreamHandler[Any]]:
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    found = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                try:
+                    if handler.stream.fileno() in (1, 2):
+                        found.append(handler)
+                except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                    continue
+    return found
+
+
+class Capture:
+    """An attempt's fds 1 and 2 sent to its log file, until ``end``. Where the file cannot be
+    written the attempt runs as before, its output in the worker's log: a full or misconfigured
+    log directory is the operator's to fix (the warning says so), not a reason to fail the task."""
+
+    def __init__(self, task_id: str, tag: str) -> None:
+        self.task_id, self.tag = task_id, tag
+        self.path = log_path(tag)
+        self.active = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            log.warning("task %s: no log file (%s); its output goes to the worker's log (GPUBROKER_TASK_LOG_DIR)",
+                        tag, exc)
+            return
+        self.active = True
+        self._flush_all()
+        self.saved = (os.dup(1), os.dup(2))
+        # Celery's handlers write to the worker's original stderr/stdout meanwhile.
+        self.worker_stream: IO[str] = open(os.dup(self.saved[1]), "w", buffering=1, encoding="utf-8",
+                                           errors="replace")
+        self.handlers = [(h, h.setStream(self.worker_stream)) for h in _handler_streams()]
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        self.streams = (sys.stdout, sys.stderr)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        self._stop = threading.Event()
+        keep_tail(task_id, tag, self.path)
+        self._thread = threading.Thread(target=self._refresh, name=f"log-{tag}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _flush_all() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _refresh(self) -> None:
+        interval = context.settings().task_log_flush_s
+        kept = -1
+        while not self._stop.wait(interval):
+            size = tail_of(self.path, 0)[1]
+            if size != kept and keep_tail(self.task_id, self.tag, self.path):
+                kept = size
+
+    def end(self) -> None:
+        """Keep the last part with the task and give the fds back (call once its processes are gone)."""
+        if not self.active:
+            return
+        self.active = False
+        self._stop.set()
+        self._thread.join()
+        self._flush_all()
+        if not keep_tail(self.task_id, self.tag, self.path):
+            _missed.append(self)  # once more after the outcome (task_postrun)
+        sys.stdout, sys.stderr = self.streams
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        for handler, previous in self.handlers:
+            if previous is not None:
+                handler.setStream(previous)
+        self.worker_stream.close()
+
+
+_missed: list[Capture] = []  # this process's attempts whose last copy failed (a Redis outage)
+
+
+@task_postrun.connect
+def _copy_missed(**_: Any) -> None:
+    """After the outcome is recorded (Redis answered again): one more try for a last copy that failed."""
+    while _missed:
+        capture = _missed.pop()
+        keep_tail(capture.task_id, capture.tag, capture.path)

@@ -78,6 +78,7 @@ class Submit:
     countdown: float | None = None
     eta: datetime | None = None
     expires: float | datetime | None = None
+    reuse: bool | None = None
     options: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,12 @@ class Submit:
                   "estimated_runtime_s": self.estimated_runtime_s, "preemptible": self.preemptible,
                   "idempotency_key": self.idempotency_key, "max_retries": self.max_retries}
         object.__setattr__(self, "options", {k: v for k, v in values.items() if v is not None})
+
+
+def checked_reuse(reuse: object) -> bool:
+    if not isinstance(reuse, bool):
+        raise InvalidRequest({"reuse": f"must be True or False, not {type(reuse).__name__}"})
+    return reuse
 
 
 _SUBMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Submit) if f.init)
@@ -138,7 +145,7 @@ class Client:
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
                max_retries: int = 3, preemptible: bool | None = None, countdown: float | None = None,
                eta: datetime | None = None, expires: float | datetime | None = None, replicas: int | None = None,
-               spread: bool | None = None, same_label: str | None = None) -> TaskHandle:
+               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
         The same path as Celery's ``send_task``/``apply_async``: options not given are the task's
@@ -149,7 +156,9 @@ class Client:
         ``replicas`` > 1: a gang of that many members, each with ``resources``, reserved all or
         none, one job id (``status(id).members``); ``spread``: one member per node;
         ``same_label``: all members on nodes sharing one value of that node label key.
+        ``reuse``: a GPU task may run in a warm process (``workers.warm``); None: as declared.
         """
+        extra = {"reuse": checked_reuse(reuse)} if reuse is not None else {}
         values = {"resources": resources, "priority": priority, "tenant": tenant,
                   "estimated_runtime_s": estimated_runtime_s, "preemptible": preemptible,
                   "idempotency_key": idempotency_key, "max_retries": max_retries, "replicas": replicas,
@@ -162,7 +171,7 @@ class Client:
         task_id = new_task_id()
         try:
             Celery.send_task(self._celery_app(), req.task_name, args=req.args, kwargs=req.kwargs, task_id=task_id,
-                             countdown=countdown, eta=eta, expires=expires, **message_options(options))
+                             countdown=countdown, eta=eta, expires=expires, **message_options(options), **extra)
         except (OperationalError, ChannelError) as exc:  # kombu's wrapping of a Redis error
             error = as_broker_error(exc)
             if error is exc:
@@ -193,12 +202,13 @@ class Client:
     def _admit(self, request: Submit) -> tuple[str, SubmitRequest, str]:
         """One request of a batch validated, its envelope built, and checked as ``submit`` checks it."""
         options = request.options
+        reuse = None if request.reuse is None else checked_reuse(request.reuse)
         req = self.submitter.request(request.task_name, cast(list[Any], request.args), request.kwargs, options)
         if self._envelopes is None:
             self._envelopes = Envelopes(self._celery_app())
         task_id = new_task_id()
         message = self._envelopes.build(task_id, req.task_name, req.args, req.kwargs, options.get("priority"),
-                                        request.countdown, request.eta, request.expires)
+                                        request.countdown, request.eta, request.expires, reuse)
         if message.not_before is not None or message.expires_at is not None:
             req = self.submitter.request(req.task_name, req.args, req.kwargs, options, message.not_before,
                                          message.expires_at)

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     gang_barrier_timeout_s: float = Field(60.0, gt=0)
     # When one member of a gang ends (fails, is lost), the others get SIGTERM, then SIGKILL after this.
     gang_stop_grace_s: float = Field(5.0, ge=0)
+    # A warm pool process (a CPU task's, or a reuse=True GPU task's) exits after this many tasks,
+    # or once it uses more than this much memory (MiB, resident) after a task; None (or empty): no limit.
+    max_tasks_per_process: int | None = Field(None, gt=0)
+    max_memory_per_process_mb: int | None = Field(None, gt=0)
     # Lists where Celery producers that do not use these settings publish (task_default_queue):
     # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
     ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])
@@ -88,7 +92,7 @@ class Settings(BaseSettings):
                              "themselves between two renewals")
         return self
 
-    @field_validator("self_fence_margin_s", mode="before")
+    @field_validator("self_fence_margin_s", "max_tasks_per_process", "max_memory_per_process_mb", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

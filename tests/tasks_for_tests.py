@@ -363,3 +363,25 @@ def gang_fail_once(self: Any, seconds: float) -> dict[str, Any]:
     if attempt == 1:
         time.sleep(seconds)
     return {"attempt": attempt, "rank": rank, "pid": os.getpid()}
+
+
+_runs_here = 0  # module state: how many tasks this pool process has run (workers.warm keeps it)
+
+
+def _warm(seconds: float) -> dict[str, Any]:
+    global _runs_here
+    _runs_here += 1
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "runs": _runs_here, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+@app.task(name="tests.warm_state")
+def warm_state(seconds: float = 0) -> dict[str, Any]:
+    """Which process ran it, how many tasks that process ran, and the GPUs it saw."""
+    return _warm(seconds)
+
+
+@app.task(name="tests.warm_gpu", reuse=True)
+def warm_gpu(seconds: float = 0) -> dict[str, Any]:
+    """``warm_state`` declared ``reuse=True``: a GPU task that keeps its process."""
+    return _warm(seconds)

@@ -1,9 +1,9 @@
 """The node agent: register the node, keep its lease, run a Celery worker pinned to it.
 
-The worker consumes only its node's queue (worker name = node id, task events on,
-late ack, prefetch 1, JSON only) with a prefork pool whose children each run one
-task (``max_tasks_per_child=1``), so every task starts in a fresh process where
-CUDA_VISIBLE_DEVICES can still decide what CUDA sees.
+The worker consumes only its node's queue (worker name = node id, task events while a
+monitor asks for them, late ack, prefetch 1, JSON only) with a prefork pool whose processes are reused for CPU tasks
+and ``reuse=True`` GPU tasks, and run one task each otherwise (``workers.warm``), so a GPU
+task starts in a fresh process where CUDA_VISIBLE_DEVICES can still decide what CUDA sees.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from broker.store.connection import as_broker_error, connect
 from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
-from workers import context, fence, gang
+from workers import context, fence, gang, warm
 from workers.recovery import RedeliverUnacked
 from workers.task import through_outages
 from workers.unit import CGROUP_ROOT_ENV, Unit, alive, cgroup_root, containment, remove_empty_cgroups, sweep_node
@@ -165,6 +165,8 @@ class NodeAgent:
             why, grace = ("cancelled", cancel_grace) if cancel_at is not None else ("preempted", preempt_grace)
             first = self._stopping.get(attempt)
             unit = Unit(self.spec.node_id, tag)
+            if warm.board().runs(int(pid), tag) is False:
+                continue  # a warm process that has moved on to another task: this attempt has ended
             if first is None:
                 log.warning("task %s %s: SIGTERM to pid %s and its processes (grace %s ms)", task_id, why, pid, grace)
                 self._stopping[attempt] = now
@@ -175,7 +177,7 @@ class NodeAgent:
                 # Its process is gone and nobody recorded it (a child that died of the signal while
                 # Celery had already let go of its request): once nothing of it is left, record it
                 # here, fenced by the tag.
-                if unit.kill(wait_s=1.0):  # not yet: the next look tries again
+                if unit.kill(int(pid), wait_s=1.0):  # not yet: the next look tries again
                     code, after = self.scripts.finish(task_id, self.spec.node_id, tag, "lost",
                                                       f"stopped ({why}): its process ended",
                                                       incarnation=self.incarnation)
@@ -225,7 +227,9 @@ class NodeAgent:
         conf["broker_transport_options"].update(
             unacked_key=self.keys.unacked(node), unacked_index_key=self.keys.unacked_index(node),
             unacked_mutex_key=self.keys.unacked_mutex(node))
-        conf["worker_max_tasks_per_child"] = 1
+        # Warm processes (workers.warm) live until these limits; a fresh-process task's exits after it.
+        conf["worker_max_tasks_per_child"] = self.settings.max_tasks_per_process
+        conf["worker_max_memory_per_child"] = (self.settings.max_memory_per_process_mb or 0) * 1024 or None
         # One poison message on the queue must not stop or wedge the node (workers.rejects).
         conf["worker_consumer"] = GUARDED_CONSUMER
         if urlsplit(self.settings.redis_url).scheme in ("redis", "rediss"):
@@ -238,7 +242,7 @@ class NodeAgent:
         # Messages held when the Redis connection drops go back to the queue on reconnect.
         app.steps["consumer"].add(RedeliverUnacked)
         return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
-                "--concurrency", str(self.spec.slots), "--pool", "custom", "--task-events",
+                "--concurrency", str(self.spec.slots), "--pool", "custom",
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
 
 
@@ -303,6 +307,7 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
         log.warning("node %s: killed %d processes a previous worker process of this node left running", spec.node_id,
                     left)
     fence.window()  # shared with the pool's processes: created before Celery forks them
+    warm.board(spec.slots)  # likewise
     # Redis not up yet, or full: wait for it. Refused credentials: exit (workers.cli says why).
     through_outages(agent.register, f"registering node {spec.node_id}", None)
     agent.start_heartbeat()

@@ -67,35 +67,59 @@ def window() -> LeaseWindow:
 
 
 class Watchdog(threading.Thread):
-    """In a pool child: stops the attempt (``unit``) when the lease window closes."""
+    """In a pool process: stops the attempt it runs (``unit``) when the lease window closes.
 
-    def __init__(self, unit: Unit, margin_s: float) -> None:
+    One thread per process, armed for each attempt (``arm``): a warm process runs many attempts,
+    and starting a thread per attempt cost milliseconds on a loaded machine. Arming and stopping
+    only set a field: the thread looks every ``CHECK_S`` anyway, and waking it would hand it the
+    GIL at the start of every attempt."""
+
+    def __init__(self, margin_s: float) -> None:
         super().__init__(name="gpubroker-fence", daemon=True)
-        self.unit, self.margin_s = unit, margin_s
-        self.done = threading.Event()
+        self.margin_s = margin_s
+        self.unit: Unit | None = None
         self.fired = False  # it stopped the attempt: the outcome is "lost", not the task's failure
 
     def run(self) -> None:
         shared = window()
-        while not self.done.wait(CHECK_S):
-            held_until = shared.held_until()
-            if time.monotonic() < held_until:
+        while True:
+            time.sleep(CHECK_S)
+            unit, held_until = self.unit, shared.held_until()
+            if unit is None or time.monotonic() < held_until:
                 continue
             self.fired = True
             log.error("attempt %s: this node's lease was not renewed in time (Redis unreachable, or the "
-                      "worker's main process stalled); stopping it before the lease can expire", self.unit.tag)
-            self.unit.signal(signal.SIGTERM, os.getpid())
+                      "worker's main process stalled); stopping it before the lease can expire", unit.tag)
+            unit.signal(signal.SIGTERM, os.getpid())
             deadline = held_until + self.margin_s / 2
             while time.monotonic() < deadline:
-                if self.done.wait(CHECK_S) or time.monotonic() < shared.held_until():
-                    if not self.done.is_set():
+                time.sleep(CHECK_S)
+                if self.unit is not unit or time.monotonic() < shared.held_until():
+                    if self.unit is unit:
                         log.warning("attempt %s: the lease was renewed after all; it was already told to stop",
-                                    self.unit.tag)
-                    return
-            log.error("attempt %s: SIGKILL, the lease may expire in %.1fs", self.unit.tag, self.margin_s / 2)
-            self.unit.kill(os.getpid(), wait_s=self.margin_s / 4)
-            os.killpg(os.getpid(), signal.SIGKILL)  # this process too, whatever the rest did
-            return
+                                    unit.tag)
+                        self.unit = None  # told once: this attempt is not watched further
+                    break
+            else:
+                log.error("attempt %s: SIGKILL, the lease may expire in %.1fs", unit.tag, self.margin_s / 2)
+                unit.kill(os.getpid(), wait_s=self.margin_s / 4)
+                os.killpg(os.getpid(), signal.SIGKILL)  # this process too, whatever the rest did
+
+    def arm(self, unit: Unit) -> Watchdog:
+        self.fired, self.unit = False, unit
+        return self
 
     def stop(self) -> None:
-        self.done.set()
+        self.unit = None
+
+
+_watchdog: tuple[int, Watchdog] | None = None
+
+
+def watch(unit: Unit, margin_s: float) -> Watchdog:
+    """This process's watchdog, armed for ``unit`` (started at its first attempt)."""
+    global _watchdog
+    if _watchdog is None or _watchdog[0] != os.getpid():  # a thread does not survive fork
+        _watchdog = (os.getpid(), Watchdog(margin_s))
+        _watchdog[1].start()
+    return _watchdog[1].arm(unit)

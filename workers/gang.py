@@ -23,7 +23,7 @@ import redis
 
 from broker.store.gangs import MEMBER, member_id
 from broker.store.keys import PoolKeys
-from workers import context
+from workers import context, warm
 
 log = logging.getLogger(__name__)
 
@@ -92,5 +92,6 @@ def enter(task_id: str) -> None:
     if env is None:
         return
     os.environ.update(env)
+    warm.ThisProcess.retire()  # its env (and any process group) is this member's: no later task may inherit it
     wait_for_members(scripts.redis, scripts.keys, env["GPUBROKER_GANG_ID"], int(env["WORLD_SIZE"]),
                      context.settings().gang_barrier_timeout_s)

@@ -1,10 +1,14 @@
-"""The prefork pool gpubroker workers run: one fresh process per task, replaced promptly.
+"""The prefork pool gpubroker workers run: warm processes where a task allows it, a fresh
+process per task where it does not (``workers.warm`` decides), replaced promptly.
 
-With ``max_tasks_per_child=1`` every task gets a process in which CUDA has not been
-initialised, so CUDA_VISIBLE_DEVICES decides what it sees. Stock Celery replaces an
-exited process from a 5-second maintenance timer, so a task received just after its
-predecessor's process exited could wait up to 5 s (celery#9579). This pool runs that
-maintenance every 0.1 s instead; the call is cheap when nothing needs replacing.
+A pool process that must not take another task (it ran a GPU task that does not reuse its
+process, or it is warm for GPUs reserved for something else) exits at the top of billiard's
+loop, after its last result was sent and before it takes the next job (``WarmWorker``): what
+``max_tasks_per_child`` does, decided per task. Every GPU task that does not reuse gets a
+process in which CUDA has not been initialised, so CUDA_VISIBLE_DEVICES decides what it sees.
+Stock Celery replaces an exited process from a 5-second maintenance timer, so a task received
+just after its predecessor's process exited could wait up to 5 s (celery#9579). This pool runs
+that maintenance every 0.1 s instead; the call is cheap when nothing needs replacing.
 
 Celery also runs a full ``gc.collect()`` in the worker's main process before every fork
 (celery#2927). With a fresh process per task that is a full collection per task, about
@@ -28,16 +32,39 @@ pool skips it: nothing is left to watch, and its replacement is watched when it 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from billiard.pool import EX_RECYCLE
 from celery.concurrency.asynpool import AsynPool
+from celery.concurrency.asynpool import Worker as AsynWorker
 from celery.concurrency.prefork import TaskPool
+
+from workers.warm import ThisProcess
 
 MAINTAIN_EVERY_S = 0.1
 
 
+class WarmWorker(AsynWorker):
+    """A pool process that exits, as one past ``max_tasks_per_child`` does, when it must not take
+    another task. billiard looks for a job at least once a second, so an idle process told to
+    retire (``workers.warm.Board``) is gone within a second."""
+
+    def _make_child_methods(self, *args: Any, **kwargs: Any) -> None:
+        super()._make_child_methods(*args, **kwargs)
+        receive: Callable[[], Any] = self.wait_for_job  # type: ignore[has-type]  # billiard sets it
+
+        def wait_for_job() -> Any:
+            if ThisProcess.must_retire():
+                sys.exit(EX_RECYCLE)  # billiard's workloop waits until its results are read, then exits
+            return receive()
+        self.wait_for_job = wait_for_job
+
+
 class FreshProcessAsynPool(AsynPool):
+    Worker = WarmWorker
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         gc.freeze()  # see the module docstring

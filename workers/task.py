@@ -39,9 +39,10 @@ from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
 from broker.store.connection import as_broker_error, transient
 from broker.store.scripts import FinishCode, StartCode
-from workers import context, gang, logs, rejects
-from workers.fence import Watchdog
+from workers import context, gang, logs, rejects, warm
+from workers.fence import Watchdog, watch
 from workers.unit import Unit
+from workers.warm import ThisProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -139,8 +140,8 @@ def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: st
 def _end_unit(unit: Unit, watchdog: Watchdog, capture: logs.Capture) -> None:
     """The attempt's code is done: every process it started goes before its outcome is recorded
     (which releases its capacity). A SIGTERM from now on (a stop that came late) must not break
-    off the report: this process ends right after it anyway, and SIGKILL still ends it. Its log's
-    last part is kept with the task now, while the attempt still holds it."""
+    off the report; SIGKILL still ends it, and the handler is restored once it is recorded. Its
+    log's last part is kept with the task now, while the attempt still holds it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     watchdog.stop()
     unit.end_here()
@@ -258,26 +259,41 @@ class GpuTask(BrokerTask):
             return self.run(*args, **kwargs)
         task_id = self.request.id
         tag = (self.request.properties or {}).get("delivery_tag")
+        reserved, reuse = warm.reservation(self.request.properties, self)
+        if not ThisProcess.admits(reserved, reuse):
+            # Warm for other GPUs (or for CPU tasks): hand the task, not started, to a fresh process.
+            ThisProcess.retire()
+            raise Reject(f"pool process {os.getpid()} is warm for {ThisProcess.held}; handing {task_id} to a "
+                         "fresh one", requeue=True)
+        if reserved:  # no process warm for other tasks on these GPUs may hold them while it runs
+            warm.board().retire_holders(reserved, reuse)
+            warm.board().wait_released(reserved, reuse, os.getpid())
         gpus = self._start(task_id, tag)
-        os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
-        unit = Unit(context.node_id(), tag or task_id)
+        if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
+            os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
+        ThisProcess.starting(tag or task_id, gpus, reuse)
+        unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
         capture = logs.Capture(task_id, tag or task_id)
-        watchdog = Watchdog(unit, context.settings().fence_margin_s)
-        watchdog.start()
+        watchdog = watch(unit, context.settings().fence_margin_s)
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
-            gang.enter(task_id)  # a gang member: its rendezvous env, and no code before all members start
-            result = self.run(*args, **kwargs)
-            payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
-        except BaseException as exc:
+            try:
+                gang.enter(task_id)  # a gang member: its rendezvous env, and no code before all members start
+                result = self.run(*args, **kwargs)
+                payload = encode_result(result, self.backend, bool(get_actual_ignore_result(self, self.request)))
+            except BaseException as exc:
+                _end_unit(unit, watchdog, capture)
+                self._end_raised(task_id, tag, exc, watchdog.fired)
+                raise
             _end_unit(unit, watchdog, capture)
-            self._end_raised(task_id, tag, exc, watchdog.fired)
-            raise
+            report(task_id, tag, "succeeded", payload, patience_s=None)
         finally:
+            # Ended and recorded: the node agent no longer signals this process for it, and a warm
+            # process takes SIGTERM as a pool process does again.
+            ThisProcess.ended()
+            unit.leave()
             signal.signal(signal.SIGTERM, previous)
-        _end_unit(unit, watchdog, capture)
-        report(task_id, tag, "succeeded", payload, patience_s=None)
         return result
 
     def _start(self, task_id: str, tag: str | None) -> str:

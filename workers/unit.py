@@ -134,14 +134,33 @@ def _kill(pids: Iterable[int], signum: int) -> None:
             pass
 
 
+_entered: Path | None = None  # the cgroup this (warm pool) process moved into, once
+
+
+def _entered_once(group: Path) -> None:
+    global _entered
+    _entered = group
+
+
 class Unit:
     """The processes of one attempt on this node (see the module docstring)."""
 
-    def __init__(self, node: str, tag: str) -> None:
+    def __init__(self, node: str, tag: str, warm: bool = False) -> None:
+        """``warm``: the attempt runs in a pool process that outlives it (``workers.warm``). Such a
+        process enters a cgroup of its own once (``gpubroker-<node>-w<pid>``) and every attempt it
+        runs is contained there: moving a process into a cgroup waits for an RCU grace period
+        (10-20 ms on a busy machine), which a warm process must not pay per task."""
         self.node, self.tag = node, tag
         self.marker = marker(node, tag)
         root = cgroup_root()
-        self.cgroup = root / f"gpubroker-{node}-{tag}".replace("/", "_") if root else None
+        name = f"gpubroker-{node}-w{os.getpid()}" if warm else f"gpubroker-{node}-{tag}"
+        self.cgroup = root / name.replace("/", "_") if root else None
+        self.warm = warm
+
+    def _process_cgroup(self, leader: int | None) -> Path | None:
+        """The cgroup of warm pool process ``leader``, where its attempts run (see ``__init__``)."""
+        root = cgroup_root()
+        return root / f"gpubroker-{self.node}-w{leader}".replace("/", "_") if root and leader else None
 
     # ---- in the pool child, as the attempt starts and ends ----------------------------------
 
@@ -157,10 +176,11 @@ class Unit:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the worker died before the line above took effect
             os._exit(1)
-        if self.cgroup is not None:
+        if self.cgroup is not None and not (self.warm and _entered == self.cgroup):
             try:
                 self.cgroup.mkdir(exist_ok=True)
                 (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+                _entered_once(self.cgroup)
             except OSError:
                 log.warning("attempt %s: could not enter cgroup %s", self.tag, self.cgroup, exc_info=True)
                 self.cgroup = None
@@ -181,6 +201,12 @@ class Unit:
                 return
             time.sleep(0.01)
 
+    def leave(self) -> None:
+        """In a pool process that lives on after the attempt (a warm one): what it starts from now
+        on carries no marker of this attempt. It stays in its own cgroup (``__init__``)."""
+        if os.environ.get(ATTEMPT_ENV) == self.marker:
+            del os.environ[ATTEMPT_ENV]
+
     @staticmethod
     def _reap() -> None:
         while True:
@@ -198,11 +224,12 @@ class Unit:
         ``leader``, or this process if it is the one), and, with ``scan``, any process on the
         machine carrying its marker (those whose leader is gone)."""
         found: set[int] = set()
-        if self.cgroup is not None:
-            try:
-                found.update(int(p) for p in (self.cgroup / "cgroup.procs").read_text().split())
-            except OSError:
-                pass
+        for group in (self.cgroup, self._process_cgroup(leader)):
+            if group is not None:
+                try:
+                    found.update(int(p) for p in (group / "cgroup.procs").read_text().split())
+                except OSError:
+                    pass
         head = leader if leader is not None else (os.getpid() if os.environ.get(ATTEMPT_ENV) == self.marker
                                                   else None)
         if head is not None and alive(head):
@@ -235,11 +262,12 @@ class Unit:
         """SIGKILL every process of the unit and wait until none is left; False if one outlived
         ``wait_s`` (a process in uninterruptible sleep cannot be killed by anyone)."""
         deadline = time.monotonic() + wait_s
-        if self.cgroup is not None:
-            try:
-                (self.cgroup / "cgroup.kill").write_text("1")
-            except OSError:
-                pass
+        for group in (self.cgroup, self._process_cgroup(leader)):
+            if group is not None:
+                try:
+                    (group / "cgroup.kill").write_text("1")
+                except OSError:
+                    pass
         while True:
             left = self.signal(signal.SIGKILL, leader)
             if not left:

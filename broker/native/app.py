@@ -48,6 +48,10 @@ class BrokerTask(Task):
     tenant: str | None = None
     preemptible: bool | None = None
     estimated_runtime_s: float | None = None
+    #: ``@app.task(reuse=True)``: a GPU task may run in a warm pool process that ran it (or another
+    #: reuse task) on the same GPU indices, keeping what it loaded (``workers.warm``); per call:
+    #: ``apply_async(reuse=...)``. CPU tasks always reuse pool processes.
+    reuse: bool | None = None
     #: ``@app.task(priority=...)``, kept apart from Celery's own task attribute ``priority``,
     #: which Celery 5.3+ deprecates (and warns of) for routing to broker priority queues.
     declared_priority: int | None = None

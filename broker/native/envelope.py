@@ -53,7 +53,8 @@ class Envelopes:
         self.args_max, self.kwargs_max = app.amqp.argsrepr_maxsize, app.amqp.kwargsrepr_maxsize
 
     def build(self, task_id: str, name: str, args: list[Any], kwargs: dict[str, Any], priority: int | None,
-              countdown: float | None, eta: datetime | None, expires: float | datetime | None) -> Envelope:
+              countdown: float | None, eta: datetime | None, expires: float | datetime | None,
+              reuse: bool | None = None) -> Envelope:
         """The envelope of ``send_task(name, args, kwargs, task_id=..., countdown/eta/expires=...)``
         as the transport stores it (``TaskMessage.stored``)."""
         eta_iso, expires_iso = (None, None) if countdown is None and eta is None and expires is None else \
@@ -79,7 +80,9 @@ class Envelopes:
             # kombu's prepare_message: delivery_mode 2 (persistent), priority 0 when none was given;
             # as TaskMessage.stored, the properties close the document (reserve.lua appends there).
             "properties": {"correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2,
-                           "priority": priority or 0, "body_encoding": "base64"},
+                           "priority": priority or 0, "body_encoding": "base64",
+                           # apply_async(reuse=...) travels as a property too (workers.warm reads it)
+                           **({"reuse": reuse} if reuse is not None else {})},
         }
         stored = json.dumps(envelope, separators=(",", ":"), allow_nan=False)
         return Envelope(stored, epoch_seconds(eta_iso, "eta"), epoch_seconds(expires_iso, "expires"))

@@ -298,16 +298,21 @@ def test_flower_shows_the_broker_fields_a_preemption_as_retry_and_revokes(cluste
     wait_until(lambda: len([w for w, alive in (flower.json("/api/workers?status=true") or {}).items() if alive]) == 2,
                30, 0.2, what="Flower to see both workers")
 
-    # The task page carries where the broker placed it.
-    placed = t.gpu_where.delay()
-    placed.get(timeout=30)
+    # The task page carries where the broker placed it. Workers send task events once Flower asks
+    # for them (enable_events, every 5 s), as Celery's do: run the task until Flower sees one end.
+    def shown() -> tuple[Any, dict[str, Any]] | None:
+        placed = t.gpu_where.delay()
+        placed.get(timeout=30)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            info = flower.task(placed.id)
+            if info and info.get("state") == "SUCCESS" and info.get("node"):
+                return placed, info
+            time.sleep(0.2)
+        return None
+
+    placed, info = wait_until(shown, 60, 0, what="Flower's task page with the broker's fields")
     status = cluster.status(placed.id)
-
-    def shown() -> dict[str, Any] | None:
-        info = flower.task(placed.id)
-        return info if info and info.get("state") == "SUCCESS" and info.get("node") else None
-
-    info = wait_until(shown, 20, 0.2, what="Flower's task page with the broker's fields")
     # gpus as the task saw them in CUDA_VISIBLE_DEVICES.
     assert (info["node"], info["gpus"], info["tenant"]) == (GPU_NODE, ",".join(map(str, status.gpus)), "vision")
 

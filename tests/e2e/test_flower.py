@@ -73,6 +73,16 @@ def node_of(worker: str) -> str:
 
 
 @pytest.mark.e2e
+def task_events_on(flower: FlowerApi, client: Client) -> bool:
+    """Does Flower hear a task end on every node (a probe run on each)?"""
+    ids = [client.submit("workers.tasks.probe", resources=Resources(cpus=1, labels=labels)).id
+           for labels in ({"gpu_model": "A100"}, {"gpu_model": "L4"})]
+    for task_id in ids:
+        client.wait(task_id, 30)
+    time.sleep(0.5)
+    return all((flower.task(task_id) or {}).get("state") == "SUCCESS" for task_id in ids)
+
+
 def test_flower_shows_nodes_and_tasks_through_its_api(settings: Settings, procs: Processes) -> None:
     procs.dispatcher()
     for node, options in NODES.items():
@@ -96,6 +106,8 @@ def test_flower_shows_nodes_and_tasks_through_its_api(settings: Settings, procs:
             return {node_of(w) for w in flower.json("/api/workers?refresh=true") or {}}
 
         wait_until(lambda: inspected() == set(NODES), 20, 0.2, what="/api/workers to list both nodes")
+        # Workers send task events once a monitor asks (Flower's enable_events, every 5 s), as Celery's do.
+        wait_until(lambda: task_events_on(flower, client), 60, 0.5, what="Flower to turn the workers' task events on")
 
         # fl-big's two GPUs are busy with `hog` for 3 s, so `waiting` (2 GPUs, fits only
         # fl-big) stays in the broker's pending queue meanwhile.

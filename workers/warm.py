@@ -1,0 +1,174 @@
+"""Warm pool processes: which tasks a pool process may run, and when it must go (issue 14).
+
+A pool process starts fresh. What it runs first decides what it is warm for, for life:
+
+- a CPU task (no GPU reserved): it stays, and runs CPU tasks only (as plain Celery reuses its
+  processes; ``CUDA_VISIBLE_DEVICES`` is empty in it);
+- a GPU task with ``reuse=True`` (``@app.task(reuse=True)`` or at submit): it keeps
+  ``CUDA_VISIBLE_DEVICES`` for those GPU indices and runs only ``reuse=True`` tasks reserved
+  exactly those indices, so what the task loaded at module level (a model on those GPUs) is
+  there for the next one;
+- any other GPU task: it runs that one task and exits (a fresh process per task, the default:
+  CUDA is initialised by nobody before ``CUDA_VISIBLE_DEVICES`` is set).
+
+A task that reaches a process warm for something else is handed back to the node queue
+(``Reject(requeue=True)`` before start.lua: the reservation stays, the task is not started) and
+that process exits, so a fresh one takes it. A process also exits after ``max_tasks_per_process``
+tasks or when it grows past ``max_memory_per_process_mb`` (Celery's own per-child limits), and
+when GPUs it holds are reserved for another task: the pool process that received that task
+marks it (``Board``), an idle pool process looks at the mark at least once a second (billiard's
+wait for a job), and the task waits for it to be gone before it starts.
+
+``Board`` is memory shared between the worker's main process and its pool processes, one slot
+per pool process index: its pid, the attempt it runs now (the node agent checks it before a
+SIGTERM, so a stop never lands on the next task of a warm process), the GPUs it is warm for,
+and whether it must exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import time
+from typing import Any
+
+from workers.unit import alive
+
+log = logging.getLogger(__name__)
+
+_SLOT = struct.Struct("=iB128s64s")  # pid, retire, attempt tag, what it is warm for
+CPU = "cpu"  # warm for CPU tasks
+RELEASE_WAIT_S = 5.0  # longest a task waits for an idle process holding its GPUs to exit
+
+
+class Board:
+    """What each pool process of this worker runs and is warm for (see the module docstring)."""
+
+    def __init__(self, slots: int) -> None:
+        """``slots``: the pool's size; billiard numbers its processes 0 to size - 1."""
+        self.slots = slots
+        self._shared = mmap.mmap(-1, _SLOT.size * slots)  # MAP_SHARED | MAP_ANONYMOUS: kept across fork
+
+    def read(self, index: int) -> tuple[int, bool, str, str]:
+        pid, retire, tag, held = _SLOT.unpack_from(self._shared, index * _SLOT.size)
+        return pid, bool(retire), tag.rstrip(b"\0").decode(), held.rstrip(b"\0").decode()
+
+    def write(self, index: int, pid: int, tag: str, held: str) -> None:
+        """The owner's fields of slot ``index`` (its pid's); a new owner starts unmarked."""
+        if not 0 <= index < self.slots:
+            return
+        at = index * _SLOT.size
+        if struct.unpack_from("=i", self._shared, at)[0] != pid:
+            struct.pack_into("=iB", self._shared, at, pid, 0)
+        struct.pack_into("=128s64s", self._shared, at + 5, tag.encode()[:128], held.encode()[:64])
+
+    def mark_retire(self, index: int) -> None:
+        """Tell the process in slot ``index`` to exit before its next task (only others write this)."""
+        struct.pack_into("=B", self._shared, index * _SLOT.size + 4, 1)
+
+    def entries(self) -> list[tuple[int, int, bool, str, str]]:
+        return [(i, *slot) for i in range(self.slots) if (slot := self.read(i))[0]]
+
+    def runs(self, pid: int, tag: str) -> bool | None:
+        """Does pool process ``pid`` run attempt ``tag`` now? None: not on the board."""
+        for _, slot_pid, _, running, _ in self.entries():
+            if slot_pid == pid:
+                return running == tag[:128]
+        return None
+
+    def retire_holders(self, gpus: str, reuse: bool) -> None:
+        """A task was reserved ``gpus``: every process warm for any of them goes, unless it is
+        warm for exactly these and the task may reuse it."""
+        wanted = set(gpus.split(","))
+        for index, pid, retire, _tag, held in self.entries():
+            if (pid != os.getpid() and held and held != CPU and not retire and wanted & set(held.split(","))
+                    and not (reuse and held == gpus)):
+                log.info("pool process %d (warm for GPUs %s) retires: GPUs %s are reserved for another task",
+                         pid, held, gpus)
+                self.mark_retire(index)
+
+    def wait_released(self, gpus: str, reuse: bool, me: int) -> None:
+        """Wait until no idle process other than this one is warm for GPUs of ``gpus`` (they were
+        told to retire as the task arrived); a busy one shares them rightfully (GPU shares)."""
+        wanted = set(gpus.split(","))
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            holders = [pid for _, pid, _, tag, held in self.entries()
+                       if pid != me and not tag and held and held != CPU and wanted & set(held.split(","))
+                       and not (reuse and held == gpus) and alive(pid)]
+            if not holders:
+                return
+            if time.monotonic() > deadline:
+                log.warning("GPUs %s: idle pool processes %s warm for them have not exited after %gs", gpus,
+                            holders, RELEASE_WAIT_S)
+                return
+            time.sleep(0.01)
+
+
+def reservation(properties: Any, task: Any) -> tuple[str, bool]:
+    """The GPU indices reserved for this delivery ("" for none) and whether the task may run in
+    a warm process for them (``reuse`` at submit, else the task's decorator)."""
+    properties = properties or {}
+    reuse = properties.get("reuse")
+    return (properties.get("gpubroker") or {}).get("gpus") or "", bool(
+        getattr(task, "reuse", False) if reuse is None else reuse is True)
+
+
+_board: Board | None = None
+
+
+def board(slots: int = 1) -> Board:
+    """This worker's board (created by the agent, for its pool's size, before the pool forks)."""
+    global _board
+    if _board is None:
+        _board = Board(slots)
+    return _board
+
+
+class ThisProcess:
+    """What this pool process is warm for, and whether it must exit before its next task."""
+
+    held: str | None = None  # None: nothing run here yet
+    retiring = False
+
+    @classmethod
+    def index(cls) -> int:
+        from billiard.process import current_process
+
+        index = getattr(current_process(), "index", None)
+        return index if isinstance(index, int) else -1
+
+    @classmethod
+    def admits(cls, gpus: str, reuse: bool) -> bool:
+        """May this process run a task reserved ``gpus`` ("" for none)?"""
+        if cls.held is None:
+            return True
+        if not gpus:
+            return cls.held == CPU
+        return reuse and cls.held == gpus
+
+    @classmethod
+    def starting(cls, tag: str, gpus: str, reuse: bool) -> None:
+        """An attempt starts here (start.lua said so): this process is now warm for its GPUs, or
+        runs it and exits (a GPU task that does not reuse)."""
+        cls.held = gpus or CPU
+        if gpus and not reuse:
+            cls.retiring = True
+        board().write(cls.index(), os.getpid(), tag, cls.held)
+
+    @classmethod
+    def ended(cls) -> None:
+        board().write(cls.index(), os.getpid(), "", cls.held or "")
+
+    @classmethod
+    def retire(cls) -> None:
+        cls.retiring = True
+
+    @classmethod
+    def must_retire(cls) -> bool:
+        if cls.retiring:
+            return True
+        pid, retire, _, _ = board().read(cls.index()) if 0 <= cls.index() < board().slots else (0, False, "", "")
+        return retire and pid == os.getpid()

@@ -531,15 +531,22 @@ def test_every_process_on_its_own_acl_role_end_to_end(acl_server: SecureRedis, a
         wait_until(lambda: any(w.startswith("n1@") and alive
                                for w, alive in (flower.get("/api/workers?status=true") or {}).items()),
                    30, interval=0.2, what="Flower to see n1 through events")
-        done = producer.wait(producer.submit(PROBE, kwargs={"seconds": 0.2}, resources=Resources(gpus=1)).id, 60)
-        assert (done.state, done.node, done.error) == (TaskState.SUCCEEDED, "n1", None)
-        assert done.result["cuda_visible_devices"] == "0"
+        # Workers send task events once a monitor asks (Flower's enable_events, every 5 s), as
+        # Celery's do: probes run until Flower (its own role) shows one SUCCESS on n1 through events.
+        def flower_saw_a_probe() -> bool:
+            done = producer.wait(producer.submit(PROBE, kwargs={"seconds": 0.2}, resources=Resources(gpus=1)).id, 60)
+            assert (done.state, done.node, done.error) == (TaskState.SUCCEEDED, "n1", None)
+            assert done.result["cuda_visible_devices"] == "0"
 
-        # Flower (its own role) saw the task through events and the node through inspect.
-        def flower_saw_it() -> bool:
-            task = (flower.get("/api/tasks") or {}).get(done.id) or {}
-            return task.get("state") == "SUCCESS" and str(task.get("worker", "")).startswith("n1@")
-        wait_until(flower_saw_it, 20, interval=0.2, what="Flower to show the task SUCCESS on n1")
+            def shown() -> bool:
+                task = (flower.get("/api/tasks") or {}).get(done.id) or {}
+                return task.get("state") == "SUCCESS" and str(task.get("worker", "")).startswith("n1@")
+            try:
+                wait_until(shown, 3, interval=0.2, what="Flower to show the probe")
+            except AssertionError:
+                return False
+            return True
+        wait_until(flower_saw_a_probe, 60, interval=0.1, what="Flower to show a task SUCCESS on n1")
         # Flower's inspect broadcasts reach the worker, and its queue view reads the node's queue.
         wait_until(lambda: any(w.startswith("n1@") for w in flower.get("/api/workers?refresh=true") or {}), 20,
                    interval=0.5, what="Flower to inspect n1")

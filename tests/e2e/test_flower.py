@@ -72,7 +72,6 @@ def node_of(worker: str) -> str:
     return worker.split("@", 1)[0]
 
 
-@pytest.mark.e2e
 def task_events_on(flower: FlowerApi, client: Client) -> bool:
     """Does Flower hear a task end on every node (a probe run on each)?"""
     ids = [client.submit("workers.tasks.probe", resources=Resources(cpus=1, labels=labels)).id
@@ -83,6 +82,7 @@ def task_events_on(flower: FlowerApi, client: Client) -> bool:
     return all((flower.task(task_id) or {}).get("state") == "SUCCESS" for task_id in ids)
 
 
+@pytest.mark.e2e
 def test_flower_shows_nodes_and_tasks_through_its_api(settings: Settings, procs: Processes) -> None:
     procs.dispatcher()
     for node, options in NODES.items():

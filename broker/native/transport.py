@@ -97,7 +97,9 @@ class Channel(kombu_redis.Channel):
         if self._submitter is None:
             options = dict(self.connection.client.transport_options.get(OPTIONS_KEY) or {})
             settings = Settings(**{**Settings().model_dump(), **options})
-            self._submitter = Submitter(settings, self._create_client())
+            client = self._create_client()
+            client.replicas_ack = (settings.min_replicas_ack, int(settings.replicas_ack_timeout_s * 1000))
+            self._submitter = Submitter(settings, client)
         return self._submitter
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -126,3 +128,11 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same, on kombu's Sentinel transport (a ``redis+sentinel://`` URL, ``celery_conf``)."""
+
+
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -83,6 +83,10 @@ class ReapCode(enum.IntEnum):
     OK = 0
 
 
+class RedeliverCode(enum.IntEnum):
+    OK = 0
+
+
 class DrainCode(enum.IntEnum):
     OK = 0
     NOT_FOUND = 1

@@ -33,19 +33,20 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     PromoteCode,
     QuarantineCode,
     ReapCode,
+    RedeliverCode,
     RegisterCode,
     ReserveCode,
     StartCode,
     SubmitCode,
 )
-from broker.store.connection import SentCommand, bulk
+from broker.store.connection import SentCommand, bulk, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
     "HeartbeatCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode", "QuarantineCode", "ReapCode",
-    "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
+    "RedeliverCode", "RegisterCode", "ReserveCode", "Scripts", "StartCode", "SubmitCode", "includes", "script_source",
     "wall_clock_ms",
 ]
 
@@ -80,6 +81,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         ("task_id", "node_id", "now", "mode", "grace_ms", "ask"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "redeliver": (RedeliverCode, ("prefix", "node_tasks", "queue", "unacked"), ("node_id",)),
     "drain": (DrainCode, ("prefix", "node", "node_tasks", "pending", "requests", "wake", "changes"),
               ("node_id", "now", "by", "incarnation")),
     "forget": (ForgetCode, ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
@@ -96,6 +98,10 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
                    ("task_id", "request", "reason", "now")),
 }
 
+
+#: Transitions whose loss in a failover would lose or duplicate work: with ``min_replicas_ack`` set,
+#: each is followed on its connection by WAIT for that many replicas (``Scripts._run``).
+DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel"})
 
 _FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
 _RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
@@ -157,16 +163,19 @@ class PreparedReserve:
     def __init__(self, client: redis.Redis, command: bytes, run_as_usual: Callable[[], Any]) -> None:
         self.client, self.command, self.run_as_usual = client, command, run_as_usual
         self.sent: SentCommand | None = None
+        self.wait = wait_command(client)  # WAIT for min_replicas_ack, sent right behind it
 
     def send(self) -> None:
-        self.sent = SentCommand(self.client, self.command)
+        self.sent = SentCommand(self.client, self.command, self.wait)
 
     def codes(self) -> list[ReserveCode]:
         assert self.sent is not None, "send() first"
         try:
-            reply = self.sent.reply()
-        except redis.exceptions.NoScriptError:
-            reply = self.run_as_usual()
+            reply, *acked = self.sent.replies()
+        except redis.exceptions.NoScriptError:  # nothing ran (a new master, a flushed cache): load it
+            reply, acked = self.run_as_usual(), []
+        if acked:
+            wait_replicas(acked[0], *replicas_ack(self.client))
         return [_RESERVE_CODES[c] for c in reply]
 
 
@@ -217,7 +226,16 @@ class Scripts:
         self._reserve_encoder = _ReserveEncoder(keys)
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return self._scripts[name](keys=list(keys), args=list(args))
+        wanted, timeout_ms = replicas_ack(self.redis)
+        if not wanted or name not in DURABLE:
+            return self._scripts[name](keys=list(keys), args=list(args))
+        # WAIT counts the writes of its own connection: the script and it go on one (a pipeline).
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._scripts[name](keys=list(keys), args=list(args), client=pipe)
+            pipe.execute_command("WAIT", wanted, timeout_ms)
+            reply, acked = pipe.execute()
+        wait_replicas(acked, wanted, timeout_ms)
+        return reply
 
     def sha(self, name: str) -> str:
         """The SHA1 script ``name`` is run by (EVALSHA)."""
@@ -255,6 +273,14 @@ class Scripts:
         _ok, *nodes = self._run("reap", (k.prefix, k.leases, k.pending, k.requests, k.wake, k.changes),
                                  (self.clock(), limit))
         return [_text(n) for n in nodes]
+
+    def redeliver(self, node_id: str) -> list[str]:
+        """Queue again the message of each task RESERVED on ``node_id`` that is neither on its queue
+        nor in its unacked hash (lost in a failover); the ids of those queued again."""
+        k = self.keys
+        _ok, *ids = self._run("redeliver", (k.prefix, k.node_tasks(node_id), k.queue(node_id), k.unacked(node_id)),
+                              (node_id,))
+        return [_text(i) for i in ids]
 
     def drain(self, node_id: str, by: str, incarnation: str = "") -> tuple[DrainCode, int]:
         """Drain ``node_id`` (``by``: "operator", or "shutdown", which also hands back what was

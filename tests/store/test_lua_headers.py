@@ -135,6 +135,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.drain("n1", "operator")
     s.forget("n1")
     s.quarantine("t1", "{", "req: not JSON")
+    s.redeliver("n1")
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
     fixed_keys, fixed_argv = expected["reserve"]

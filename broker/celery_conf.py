@@ -73,8 +73,10 @@ def transport_for(redis_url: str, plain: str, sentinel: str) -> str | None:
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     """What ``broker.native`` reads of the gpubroker settings, carried in the transport options."""
-    return settings.model_dump(include={"pool", "max_payload_bytes", "result_expires_s", "cancel_grace_s",
-                                        "socket_timeout_s", "min_replicas_ack", "replicas_ack_timeout_s"})
+    return {**settings.model_dump(include={"pool", "max_payload_bytes", "result_expires_s", "cancel_grace_s",
+                                           "socket_timeout_s", "min_replicas_ack", "replicas_ack_timeout_s"}),
+            # gpubroker's form of the pool's URL (broker_url is kombu's, which may differ: Sentinel).
+            "redis_url": settings.url}
 
 
 def celery_settings(settings: Settings, submit: bool = True) -> dict[str, Any]:

@@ -11,6 +11,7 @@ which submits were not acknowledged is printed (docs/reliability.md has the figu
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter
@@ -67,7 +68,7 @@ class TimedFeeder(threading.Thread):
         times = [at for at, _ in self.acked]
         first = max((i for i, at in enumerate(times) if at <= t), default=0)
         span = times[first:first + 7]
-        return max((b - a for a, b in zip(span, span[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(span)), default=0.0)
 
     def stop(self) -> None:
         self.halt.set()

@@ -12,6 +12,7 @@ which submits were not acknowledged is printed (docs/reliability.md has the figu
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections import Counter
@@ -25,7 +26,15 @@ from broker.errors import BrokerUnavailable
 from broker.settings import Settings
 from broker.store.connection import connect
 from broker.store.keys import PoolKeys
-from tests.e2e.test_faults import FAST_LEASE, assert_node_free, executions, wait_all, wait_nodes_up
+from tests.e2e.test_faults import (
+    DROPPED,
+    FAST_LEASE,
+    assert_node_free,
+    executions,
+    wait_all,
+    wait_nodes_up,
+    worker_logs,
+)
 from tests.invariants import assert_capacity_invariant
 from tests.sentinel_support import SentinelCluster, sentinel_cluster
 from tests.support import processes, wait_until
@@ -33,6 +42,7 @@ from tests.support import processes, wait_until
 pytestmark = pytest.mark.e2e
 
 NODES = ("node-a", "node-b")
+REQUEUED = re.compile(r"queued again the message of (\d+) reserved task")
 HA_ENV = {**FAST_LEASE, "GPUBROKER_MIN_REPLICAS_ACK": "1", "GPUBROKER_REPLICAS_ACK_TIMEOUT_S": "1"}
 
 
@@ -91,8 +101,12 @@ def _check_nothing_lost(client: Client, feeder: TimedFeeder, procs: object, sett
     for node in NODES:
         assert_node_free(client, node)
     assert_capacity_invariant(connect(settings), PoolKeys(settings.pool))
+    logs = worker_logs(procs, NODES)  # type: ignore[arg-type]
     return {"acknowledged": len(done), "lost": len(feeder.ids()) - states[TaskState.SUCCEEDED],
-            "ran twice": len(twice), "refused": len(feeder.refused)}
+            "ran twice": len(twice), "refused": len(feeder.refused),
+            # messages a failover lost, queued again by workers.redeliver, and duplicates start.lua dropped
+            "messages queued again": sum(int(n) for n in REQUEUED.findall(logs)),
+            "duplicates dropped": len(DROPPED.findall(logs))}
 
 
 def _kill_master(cluster: SentinelCluster, feeder: TimedFeeder) -> tuple[float, float, float]:

@@ -18,8 +18,8 @@ from celery.events.state import Task as TaskState
 from kombu.entity import Queue
 from kombu.utils.url import parse_url
 
-from broker import redis_urls
 from broker.native.app import GpuCelery
+from broker.redis_urls import is_sentinel, parse_sentinel
 from broker.settings import Settings
 
 TRANSPORT = "broker.native.transport:Transport"
@@ -42,8 +42,8 @@ def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
     back to CERT_NONE when the URL has no ``ssl_cert_reqs``, and Flower's queue view (which
     takes TLS options only from ``broker_use_ssl``) could not connect at all.
     """
-    if redis_urls.is_sentinel(redis_url):
-        target = redis_urls.parse_sentinel(redis_url)
+    if is_sentinel(redis_url):
+        target = parse_sentinel(redis_url)
         if not target.tls:
             return None
         reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(target.ssl.get("ssl_cert_reqs", ""),
@@ -57,9 +57,9 @@ def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
 def broker_url(redis_url: str) -> tuple[str, dict[str, Any]]:
     """kombu's URL for a gpubroker Redis URL, and the transport options it needs: a Sentinel URL
     becomes kombu's ``sentinel://h1:p1;sentinel://h2:p2/db`` with ``master_name``."""
-    if not redis_urls.is_sentinel(redis_url):
+    if not is_sentinel(redis_url):
         return redis_url, {}
-    target = redis_urls.parse_sentinel(redis_url)
+    target = parse_sentinel(redis_url)
     return target.kombu_url(), {"master_name": target.service}
 
 
@@ -68,7 +68,7 @@ def transport_for(redis_url: str, plain: str, sentinel: str) -> str | None:
     scheme = urlsplit(redis_url).scheme
     if scheme in ("redis", "rediss"):
         return plain
-    return sentinel if redis_urls.is_sentinel(redis_url) else None
+    return sentinel if is_sentinel(redis_url) else None
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker import redis_urls
 from broker.errors import ConfigError
 from broker.models import NAME_PATTERN, NAME_RULE
+from broker.redis_urls import check as check_url
 from broker.scheduling.config import SchedulingConfig
 
 
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _url_form(cls, value: str) -> str:
-        return redis_urls.check(value)
+        return check_url(value)
 
     @field_validator("pool_urls")
     @classmethod
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
             if not NAME_PATTERN.match(pool):
                 raise ValueError(f"pool name {pool!r}: {NAME_RULE}")
             try:
-                redis_urls.check(url)
+                check_url(url)
             except ValueError as exc:
                 raise ValueError(f"pool {pool!r}: {exc}") from None
         return value

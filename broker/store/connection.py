@@ -22,8 +22,8 @@ from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from broker import redis_urls
 from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable, RedisOutOfMemory, ReplicasNotConfirmed
+from broker.redis_urls import SentinelTarget, is_sentinel, parse_sentinel
 from broker.settings import Settings
 
 P = ParamSpec("P")
@@ -57,11 +57,11 @@ def connect(settings: Settings) -> redis.Redis:
         "socket_connect_timeout": settings.socket_timeout_s,
         "health_check_interval": 10,
         # A failover takes a few seconds: enough tries to outlast a short one.
-        "retry": _Retry(ExponentialBackoff(cap=1.0, base=0.05), 8 if redis_urls.is_sentinel(settings.url) else 3),
+        "retry": _Retry(ExponentialBackoff(cap=1.0, base=0.05), 8 if is_sentinel(settings.url) else 3),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
     }
-    if redis_urls.is_sentinel(settings.url):
-        client = sentinel_master(redis_urls.parse_sentinel(settings.url), options)
+    if is_sentinel(settings.url):
+        client = sentinel_master(parse_sentinel(settings.url), options)
     else:
         client = redis.Redis.from_url(settings.url, **options)
     client.replicas_ack = (settings.min_replicas_ack, int(settings.replicas_ack_timeout_s * 1000))  # type: ignore[attr-defined]
@@ -71,7 +71,7 @@ def connect(settings: Settings) -> redis.Redis:
 _SSL_REQS = {"none": "none", "optional": "optional", "required": "required"}
 
 
-def sentinel_master(target: redis_urls.SentinelTarget, options: dict[str, Any]) -> redis.Redis:
+def sentinel_master(target: SentinelTarget, options: dict[str, Any]) -> redis.Redis:
     """A client of the master ``target`` names, found through its sentinels."""
     tls: dict[str, Any] = {}
     if target.tls:
@@ -116,6 +116,18 @@ def wait_replicas(acked: Any, wanted: int, timeout_ms: int) -> None:
     """Raise NotReplicated unless WAIT's reply ``acked`` is at least ``wanted``."""
     if int(acked) < wanted:
         raise NotReplicated(int(acked), wanted, timeout_ms)
+
+
+def durable_call(client: redis.Redis, script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """Run a registered ``script`` followed by WAIT for ``min_replicas_ack`` replicas; its reply.
+    WAIT counts the writes of its own connection: both go on one (a pipeline)."""
+    wanted, timeout_ms = replicas_ack(client)
+    with client.pipeline(transaction=False) as pipe:
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", wanted, timeout_ms)
+        reply, acked = pipe.execute()
+    wait_replicas(acked, wanted, timeout_ms)
+    return reply
 
 
 def wait_command(client: Any) -> bytes | None:

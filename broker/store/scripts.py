@@ -39,7 +39,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     StartCode,
     SubmitCode,
 )
-from broker.store.connection import SentCommand, bulk, replicas_ack, wait_command, wait_replicas
+from broker.store.connection import SentCommand, bulk, durable_call, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
@@ -99,8 +99,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
 }
 
 
-#: Transitions whose loss in a failover would lose or duplicate work: with ``min_replicas_ack`` set,
-#: each is followed on its connection by WAIT for that many replicas (``Scripts._run``).
+#: Transitions whose loss in a failover would lose or duplicate work: WAIT for ``min_replicas_ack``.
 DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel"})
 
 _FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
@@ -226,16 +225,9 @@ class Scripts:
         self._reserve_encoder = _ReserveEncoder(keys)
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        wanted, timeout_ms = replicas_ack(self.redis)
-        if not wanted or name not in DURABLE:
-            return self._scripts[name](keys=list(keys), args=list(args))
-        # WAIT counts the writes of its own connection: the script and it go on one (a pipeline).
-        with self.redis.pipeline(transaction=False) as pipe:
-            self._scripts[name](keys=list(keys), args=list(args), client=pipe)
-            pipe.execute_command("WAIT", wanted, timeout_ms)
-            reply, acked = pipe.execute()
-        wait_replicas(acked, wanted, timeout_ms)
-        return reply
+        if name in DURABLE and replicas_ack(self.redis)[0]:
+            return durable_call(self.redis, self._scripts[name], list(keys), list(args))
+        return self._scripts[name](keys=list(keys), args=list(args))
 
     def sha(self, name: str) -> str:
         """The SHA1 script ``name`` is run by (EVALSHA)."""
@@ -275,8 +267,7 @@ class Scripts:
         return [_text(n) for n in nodes]
 
     def redeliver(self, node_id: str) -> list[str]:
-        """Queue again the message of each task RESERVED on ``node_id`` that is neither on its queue
-        nor in its unacked hash (lost in a failover); the ids of those queued again."""
+        """Queue again each RESERVED task's message lost in a failover (redeliver.lua); their ids."""
         k = self.keys
         _ok, *ids = self._run("redeliver", (k.prefix, k.node_tasks(node_id), k.queue(node_id), k.unacked(node_id)),
                               (node_id,))

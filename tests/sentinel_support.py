@@ -82,10 +82,10 @@ class SentinelCluster:
     def stop(self) -> None:
         for sentinel in self.sentinels:
             sentinel.stop()
-        for server in self.servers:
-            server.stop()
         if self.proxy:
             self.proxy.close()
+        for server in self.servers:  # no persistence to flush; SIGTERM would wait for lagging replicas
+            server.kill()
 
     @staticmethod
     def replicas_online(server: RedisServer) -> int:

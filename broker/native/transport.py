@@ -28,6 +28,7 @@ from kombu.transport import redis as kombu_redis
 from broker.native.messages import BadMessage, TaskMessage, revoke_request, task_message
 from broker.native.submitter import Submitter
 from broker.settings import Settings
+from broker.store.connection import FollowMasterConnection, FollowMasterSSLConnection
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,11 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
-    """The same, on kombu's Sentinel transport (a ``redis+sentinel://`` URL, ``celery_conf``)."""
+    """The same, on kombu's Sentinel transport (a ``redis+sentinel://`` URL, ``celery_conf``), with
+    connections that look the master up again on every reconnect (``FollowMasterConnection``)."""
+
+    connection_class = FollowMasterConnection
+    connection_class_ssl = FollowMasterSSLConnection  # type: ignore[assignment]  # kombu's own, the same bases
 
 
 class SentinelTransport(Transport, kombu_redis.SentinelTransport):

@@ -20,7 +20,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoPermissionError
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable, RedisOutOfMemory, ReplicasNotConfirmed
 from broker.redis_urls import SentinelTarget, is_sentinel, parse_sentinel
@@ -68,6 +68,25 @@ def connect(settings: Settings) -> redis.Redis:
     return client
 
 
+class FollowMasterConnection(SentinelManagedConnection):
+    """redis-py's Sentinel connection, asking the sentinels where the master is on *every* connect.
+
+    redis-py 8 looks the master up only when a pooled connection is first connected; a connection
+    that drops and reconnects inside a call's retries (``send_packed_command`` ->
+    ``connect_check_health``) goes back to the address it had. After a failover that is the old
+    master: refused at once when it died, but when it is cut off by a partition each retry waits
+    a whole socket timeout on it (measured: 50 s of retries against the old master, 5 s each)."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock is None and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class FollowMasterSSLConnection(FollowMasterConnection, SentinelManagedSSLConnection):
+    """``FollowMasterConnection`` over TLS."""
+
+
 _SSL_REQS = {"none": "none", "optional": "optional", "required": "required"}
 
 
@@ -82,8 +101,10 @@ def sentinel_master(target: SentinelTarget, options: dict[str, Any]) -> redis.Re
         sentinel_kwargs={"socket_timeout": options["socket_timeout"],
                          "socket_connect_timeout": options["socket_connect_timeout"], **tls},
         **tls)
+    connection_class = FollowMasterSSLConnection if target.tls else FollowMasterConnection
     client: redis.Redis = sentinel.master_for(target.service, redis_class=redis.Redis, db=target.db,
-                                              username=target.username, password=target.password, **options)
+                                              username=target.username, password=target.password,
+                                              connection_class=connection_class, **options)
     return client
 
 

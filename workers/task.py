@@ -113,6 +113,16 @@ def through_outages(call: Callable[[], T], what: str, patience_s: float | None) 
             delay = min(delay * 2, RETRY_CAP_S)
 
 
+def _started_here(task_id: str) -> bool:
+    """Did this very process start ``task_id`` (start.lua records the pid of the attempt's process)?"""
+    scripts = context.scripts()
+    return _text(scripts.redis.hget(scripts.keys.task(task_id), "pid")) == str(os.getpid())
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
 def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: str = "",
            not_before: float | None = None, patience_s: float | None = PARENT_PATIENCE_S) -> str | None:
     """Record an attempt's outcome through finish.lua; the task's state afterwards (None when not recorded)."""
@@ -287,6 +297,11 @@ class GpuTask(BrokerTask):
             log.warning("task %s: this worker was replaced on node %s; handing message %s back", task_id,
                         context.node_id(), tag)
             raise Reject("this worker process was replaced on its node", requeue=True)
+        if code is StartCode.ALREADY_RUNNING and _started_here(task_id):
+            # This process's own start, applied by an earlier try whose reply was lost or whose
+            # replicas did not confirm in time (min_replicas_ack): it is this attempt's to run.
+            code, gpus = StartCode.OK, _text(context.scripts().redis.hget(context.scripts().keys.task(task_id),
+                                                                          "gpus"))
         if code is not StartCode.OK:
             # A redelivered, stale or cancelled message: never run it (invariant 4).
             log.warning("dropping message %s of task %s: %s", tag, task_id, code.name)

@@ -22,9 +22,11 @@ from kombu.entity import Queue
 from kombu.utils.url import parse_url
 
 from broker.native.app import GpuCelery
+from broker.redis_urls import is_sentinel, parse_sentinel
 from broker.settings import Settings
 
 TRANSPORT = "broker.native.transport:Transport"
+SENTINEL_TRANSPORT = "broker.native.transport:SentinelTransport"
 BACKEND = "broker.native.backend:BrokerBackend"
 
 # Flower shows a task's fields from its events as listed here; the worker adds where a task ran
@@ -62,28 +64,55 @@ def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
     back to CERT_NONE when the URL has no ``ssl_cert_reqs``, and Flower's queue view (which
     takes TLS options only from ``broker_use_ssl``) could not connect at all.
     """
+    if is_sentinel(redis_url):
+        target = parse_sentinel(redis_url)
+        if not target.tls:
+            return None
+        reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(target.ssl.get("ssl_cert_reqs", ""),
+                                                                         ssl.CERT_REQUIRED)
+        return {**target.ssl, "ssl_cert_reqs": reqs}
     if not redis_url.startswith("rediss://"):
         return None
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED, **(parse_url(redis_url).get("ssl") or {})}
 
 
+def broker_url(redis_url: str) -> tuple[str, dict[str, Any]]:
+    """kombu's URL for a gpubroker Redis URL, and the transport options it needs: a Sentinel URL
+    becomes kombu's ``sentinel://h1:p1;sentinel://h2:p2/db`` with ``master_name``."""
+    if not is_sentinel(redis_url):
+        return redis_url, {}
+    target = parse_sentinel(redis_url)
+    return target.kombu_url(), {"master_name": target.service}
+
+
+def transport_for(redis_url: str, plain: str, sentinel: str) -> str | None:
+    """The explicit transport (``plain`` or ``sentinel``) for a URL the broker's transport serves."""
+    scheme = urlsplit(redis_url).scheme
+    if scheme in ("redis", "rediss"):
+        return plain
+    return sentinel if is_sentinel(redis_url) else None
+
+
 def transport_options(settings: Settings) -> dict[str, Any]:
     """What ``broker.native`` reads of the gpubroker settings, carried in the transport options."""
-    return settings.model_dump(include={"pool", "max_payload_bytes", "result_expires_s", "cancel_grace_s",
-                                        "socket_timeout_s"})
+    return {**settings.model_dump(include={"pool", "max_payload_bytes", "result_expires_s", "cancel_grace_s",
+                                           "socket_timeout_s", "min_replicas_ack", "replicas_ack_timeout_s"}),
+            # gpubroker's form of the pool's URL (broker_url is kombu's, which may differ: Sentinel).
+            "redis_url": settings.url}
 
 
 def celery_settings(settings: Settings, submit: bool = True) -> dict[str, Any]:
     """The Celery settings of a gpubroker process. ``submit=False``: kombu's own Redis transport, for
     a process that only watches (Flower, which reads queue lengths by the URL's scheme); its
     revokes still cancel through the broker, on the workers (``workers.control``)."""
-    native = submit and urlsplit(settings.redis_url).scheme in ("redis", "rediss")
+    transport = transport_for(settings.url, TRANSPORT, SENTINEL_TRANSPORT) if submit else None
+    url, sentinel_options = broker_url(settings.url)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": url,
         # Tasks go through the broker: an explicit transport wins over the URL's scheme.
-        **({"broker_transport": TRANSPORT} if native else {}),
+        **({"broker_transport": transport} if transport else {}),
         # TLS for rediss:// URLs (False, Celery's default, otherwise).
-        "broker_use_ssl": broker_use_ssl(settings.redis_url) or False,
+        "broker_use_ssl": broker_use_ssl(settings.url) or False,
         # JSON only: a message of another content type is rejected unread.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -115,6 +144,7 @@ def celery_settings(settings: Settings, submit: bool = True) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "socket_timeout": settings.socket_timeout_s,
             "health_check_interval": 10,
+            **sentinel_options,
             "gpubroker": transport_options(settings),
         },
     }

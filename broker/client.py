@@ -137,6 +137,11 @@ class Client:
         self._celery: Celery | None = None
         self._envelopes: Envelopes | None = None
 
+    def for_pool(self, pool: str) -> Client:
+        """A client of another pool with these settings: on its own Redis deployment when
+        ``pool_urls`` maps it to one (docs/scaling.md), else on the same Redis."""
+        return Client(settings=self.settings.for_pool(pool), clock=self.clock)
+
     # ---- writing --------------------------------------------------------------
 
     @unavailable_as_error

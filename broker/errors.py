@@ -65,6 +65,11 @@ class RedisOutOfMemory(BrokerUnavailable):
     It passes once memory is freed: retry later, or raise ``maxmemory``."""
 
 
+class ReplicasNotConfirmed(BrokerUnavailable):
+    """A write reached the Redis master, but fewer replicas than ``min_replicas_ack`` confirmed it in
+    time: a failover now could lose it. Retrying is safe (scripts are fenced, submits idempotent by key)."""
+
+
 class AuthenticationFailed(BrokerUnavailable):
     """Redis refused the user or password in the Redis URL; nothing was changed."""
 

@@ -10,14 +10,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
 from broker.models import NAME_PATTERN, NAME_RULE
+from broker.redis_urls import check as check_url
 from broker.scheduling.config import SchedulingConfig
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPUBROKER_", extra="ignore")
 
+    # redis://, rediss:// (TLS) or redis+sentinel://sentinel:26379[,...]/<service>[/<db>] (broker.redis_urls).
     redis_url: str = "redis://127.0.0.1:6379/0"
     pool: str = "default"
+    # Pools on other Redis deployments: pool -> its URL (GPUBROKER_POOL_URLS='{"b": "redis://..."}');
+    # a pool not listed is on redis_url. Every process of a pool must be given the same map.
+    pool_urls: dict[str, str] = Field(default_factory=dict)
+    # Replicas that must confirm (Redis WAIT) a submit, reserve, start, finish or cancel before it
+    # counts as done; 0: none (Redis replication is asynchronous, a failover may lose the last writes).
+    min_replicas_ack: int = Field(0, ge=0)
+    # How long a write waits for those replicas before it fails with ReplicasNotConfirmed.
+    replicas_ack_timeout_s: float = Field(2.0, gt=0)
     # A node whose worker has not heartbeated for lease_s is reaped and its tasks requeued.
     lease_s: float = Field(15.0, gt=0)
     heartbeat_s: float = Field(3.0, gt=0)
@@ -97,6 +107,32 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @property
+    def url(self) -> str:
+        """The Redis URL of this pool: its entry in ``pool_urls``, else ``redis_url``."""
+        return self.pool_urls.get(self.pool, self.redis_url)
+
+    def for_pool(self, pool: str) -> Settings:
+        """These settings for another pool (on its own Redis when ``pool_urls`` says so)."""
+        return Settings(**{**self.model_dump(), "pool": pool})
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url_form(cls, value: str) -> str:
+        return check_url(value)
+
+    @field_validator("pool_urls")
+    @classmethod
+    def _pool_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for pool, url in value.items():
+            if not NAME_PATTERN.match(pool):
+                raise ValueError(f"pool name {pool!r}: {NAME_RULE}")
+            try:
+                check_url(url)
+            except ValueError as exc:
+                raise ValueError(f"pool {pool!r}: {exc}") from None
+        return value
+
     @field_validator("pool")
     @classmethod
     def _pool_name(cls, value: str) -> str:
@@ -118,7 +154,7 @@ def _problems(exc: ValidationError) -> dict[str, str]:
 def redacted_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc or ":" not in parts.netloc.rpartition("@")[0]:
         return url
     netloc = parts.netloc.rpartition("@")[2]
     user = parts.netloc.rpartition("@")[0].partition(":")[0]

@@ -639,7 +639,7 @@ def test_env_example_lists_every_setting_with_its_default(env_example: dict[str,
         value = env_example[f"GPUBROKER_{name.upper()}"]
         # A nested model (scheduling) is JSON in the environment, as pydantic-settings reads it.
         nested = (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)) or (
-            typing.get_origin(field.annotation) is list)
+            typing.get_origin(field.annotation) in (list, dict))
         parsed = getattr(Settings(**{name: json.loads(value) if nested else value}), name)
         default = field.get_default(call_default_factory=True)
         assert parsed == default, f"GPUBROKER_{name.upper()}={value} is not the default {default!r}"

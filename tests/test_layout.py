@@ -27,6 +27,7 @@ MAX_LINES = 420
 LAYERS: list[tuple[str, ...]] = [
     ("broker.errors",),
     ("broker.models",),
+    ("broker.redis_urls",),
     ("broker.scheduling",),
     ("broker.settings",),
     ("broker.store",),

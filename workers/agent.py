@@ -19,13 +19,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
-from urllib.parse import urlsplit
 
 import redis
 from celery import Celery, concurrency, signals
 from celery.utils.time import rate
 
-from broker.celery_conf import celery_settings
+from broker.celery_conf import celery_settings, transport_for
 from broker.errors import ConfigError, NodeRejected
 from broker.models import NodeSpec, Resources
 from broker.settings import Settings
@@ -34,14 +33,16 @@ from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
 from workers import context, fence, gang, warm
+from workers.outcome import through_outages
 from workers.recovery import RedeliverUnacked
-from workers.task import through_outages
+from workers.redeliver import RedeliverReserved
 from workers.unit import CGROUP_ROOT_ENV, Unit, alive, cgroup_root, containment, remove_empty_cgroups, sweep_node
 
 log = logging.getLogger(__name__)
 
 FRESH_PROCESS_POOL = "workers.pool:FreshProcessPool"
 GUARDED_TRANSPORT = "workers.rejects:GuardedTransport"
+GUARDED_SENTINEL_TRANSPORT = "workers.rejects:GuardedSentinelTransport"
 GUARDED_CONSUMER = "workers.rejects:GuardedConsumer"
 STOP_CHECK_S = 0.5  # how often the agent looks for tasks of its own that must stop (preempted, cancelled)
 
@@ -218,7 +219,7 @@ class NodeAgent:
         node = self.spec.node_id
         os.environ[context.NODE_ENV] = node
         os.environ[context.INCARNATION_ENV] = self.incarnation
-        os.environ["GPUBROKER_REDIS_URL"] = self.settings.redis_url
+        os.environ["GPUBROKER_REDIS_URL"] = self.settings.url
         os.environ["GPUBROKER_POOL"] = self.settings.pool
         if "CUDA_VISIBLE_DEVICES" in os.environ and context.DEVICE_MAP_ENV not in os.environ:
             os.environ[context.DEVICE_MAP_ENV] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -232,15 +233,18 @@ class NodeAgent:
         conf["worker_max_memory_per_child"] = (self.settings.max_memory_per_process_mb or 0) * 1024 or None
         # One poison message on the queue must not stop or wedge the node (workers.rejects).
         conf["worker_consumer"] = GUARDED_CONSUMER
-        if urlsplit(self.settings.redis_url).scheme in ("redis", "rediss"):
+        transport = transport_for(self.settings.url, GUARDED_TRANSPORT, GUARDED_SENTINEL_TRANSPORT)
+        if transport:
             # An explicit transport wins over the URL's scheme; other schemes keep kombu's own.
-            conf["broker_transport"] = GUARDED_TRANSPORT
+            conf["broker_transport"] = transport
         # Celery's documented hook for a pool class of one's own (`--pool custom`).
         os.environ["CELERY_CUSTOM_WORKER_POOL"] = FRESH_PROCESS_POOL
         concurrency.ALIASES["custom"] = FRESH_PROCESS_POOL
         app.conf.update(conf)
         # Messages held when the Redis connection drops go back to the queue on reconnect.
         app.steps["consumer"].add(RedeliverUnacked)
+        # Reserved tasks whose message a failover lost are queued again, then and every so often.
+        app.steps["consumer"].add(RedeliverReserved)
         return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
                 "--concurrency", str(self.spec.slots), "--pool", "custom",
                 "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

@@ -88,6 +88,10 @@ class GuardedChannel(native.Channel):
             return True
 
 
+class GuardedSentinelChannel(GuardedChannel, native.SentinelChannel):
+    """GuardedChannel on kombu's Sentinel transport (a ``redis+sentinel://`` URL)."""
+
+
 class GuardedTransport(native.Transport):
     """The broker's transport (``broker.native.transport``), minus the ways one bad queue item
     stops the worker."""
@@ -128,3 +132,7 @@ class GuardedConsumer(Consumer):
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)  # logs it and acks it
         count(f"undecodable body ({type(exc).__name__}: {str(exc)[:200]})", message.delivery_tag)
+
+
+class GuardedSentinelTransport(GuardedTransport, native.SentinelTransport):
+    Channel = GuardedSentinelChannel

@@ -19,40 +19,29 @@ import json
 import logging
 import os
 import signal
-import time
 import traceback
-from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-import redis
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, Terminated
 from celery.signals import task_rejected, task_unknown
 from celery.worker.request import Request
-from kombu.utils import json as kombu_json
 
 from broker.errors import InvalidRequest
 from broker.native.app import BrokerTask
 from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
-from broker.store.connection import as_broker_error, transient
-from broker.store.scripts import FinishCode, StartCode
+from broker.store.scripts import StartCode
 from workers import context, gang, logs, rejects, warm
 from workers.fence import Watchdog, watch
+from workers.outcome import as_text, encode_result, report, through_outages
 from workers.unit import Unit
 from workers.warm import ThisProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# How long the worker's main process retries a transition script while Redis is unreachable
-# before it gives up on recording an outcome (it blocks the event loop meanwhile). A pool
-# child has nothing else to do and waits for as long as it takes (patience None): the outcome
-# of work that ran is not thrown away because Redis restarted.
-PARENT_PATIENCE_S = 30.0
-RETRY_CAP_S = 2.0
 
 # Outcomes in the parent that mean "not a failure of this attempt": the fence refused
 # the message, the task was cancelled, or the child reported it already.
@@ -82,59 +71,10 @@ def _redelivered(message: str) -> str:
     return json.dumps(envelope, separators=(",", ":"))
 
 
-def encode_result(result: Any, backend: Any = None, ignored: bool = False) -> str:
-    """The result as Celery's JSON serializer writes it: an AsyncResult or GroupResult as its
-    tuple, datetimes, UUIDs and Decimals tagged so that AsyncResult.get gives them back. With
-    ``ignore_result`` (the task's or the call's) none is kept: the record says SUCCEEDED, and
-    ``get`` gives None, as Celery's does."""
-    if ignored:
-        return "null"
-    try:
-        value = backend.prepare_value(result) if backend is not None else result
-        return str(kombu_json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"task result must be JSON-serialisable: {exc}") from None
-
-
-def through_outages(call: Callable[[], T], what: str, patience_s: float | None) -> T:
-    """``call()``, retried with backoff while Redis is unreachable or refuses for a while (full,
-    a replica, loading, busy: ``connection.transient``), for up to ``patience_s`` (None: until it
-    answers). Every script is safe to repeat: a repeated start or finish of the same attempt is
-    refused by its fence and changes nothing."""
-    deadline = None if patience_s is None else time.monotonic() + patience_s
-    delay = 0.05
-    while True:
-        try:
-            return call()
-        except redis.RedisError as exc:
-            if not transient(exc) or (deadline is not None and time.monotonic() + delay > deadline):
-                raise
-            log.warning("%s: Redis unavailable (%s); retrying in %.2fs", what, as_broker_error(exc), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, RETRY_CAP_S)
-
-
-def report(task_id: str, tag: str | None, outcome: str, payload: str, detail: str = "",
-           not_before: float | None = None, patience_s: float | None = PARENT_PATIENCE_S) -> str | None:
-    """Record an attempt's outcome through finish.lua; the task's state afterwards (None when not recorded)."""
-    if not tag:
-        log.error("task %s has no delivery tag; cannot report %s", task_id, outcome)
-        return None
-    try:
-        code, new_state = through_outages(
-            lambda: context.scripts().finish(task_id, context.node_id(), tag, outcome, payload, detail, not_before,
-                                             context.incarnation()),
-            f"reporting task {task_id} {outcome}", patience_s)
-    except redis.RedisError as exc:
-        if patience_s is None or not transient(exc):
-            raise
-        log.error("could not record that task %s %s: %s, for %gs", task_id, outcome, as_broker_error(exc),
-                  patience_s)
-        return None
-    if code is FinishCode.OK:
-        log.info("task %s %s -> %s", task_id, outcome, new_state)
-        return new_state
-    return None
+def _started_here(task_id: str) -> bool:
+    """Did this very process start ``task_id`` (start.lua records the pid of the attempt's process)?"""
+    scripts = context.scripts()
+    return as_text(scripts.redis.hget(scripts.keys.task(task_id), "pid")) == str(os.getpid())
 
 
 def _end_unit(unit: Unit, watchdog: Watchdog, capture: logs.Capture) -> None:
@@ -308,6 +248,11 @@ class GpuTask(BrokerTask):
             log.warning("task %s: this worker was replaced on node %s; handing message %s back", task_id,
                         context.node_id(), tag)
             raise Reject("this worker process was replaced on its node", requeue=True)
+        if code is StartCode.ALREADY_RUNNING and _started_here(task_id):
+            # This process's own start, applied by an earlier try whose reply was lost or whose
+            # replicas did not confirm in time (min_replicas_ack): it is this attempt's to run.
+            code, gpus = StartCode.OK, as_text(context.scripts().redis.hget(context.scripts().keys.task(task_id),
+                                                                          "gpus"))
         if code is not StartCode.OK:
             # A redelivered, stale or cancelled message: never run it (invariant 4).
             log.warning("dropping message %s of task %s: %s", tag, task_id, code.name)

@@ -61,7 +61,7 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, redacted_url(settings.redis_url))
+    logging.getLogger(__name__).info("dispatcher on pool %s at %s", settings.pool, redacted_url(settings.url))
     # Transient Redis errors are retried inside; refused credentials end it here, in one line.
     run_cli(lambda: Dispatcher(settings).run_forever(stop))
 

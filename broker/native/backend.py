@@ -70,7 +70,7 @@ class BrokerBackend(KeyValueStoreBackend):
         super().__init__(app, **kwargs)
         options = dict((app.conf.broker_transport_options or {}).get(OPTIONS_KEY) or {})
         values = {**Settings().model_dump(), **options}
-        if app.conf.broker_url:
+        if app.conf.broker_url and "redis_url" not in options:  # a Celery app not from celery_conf
             values["redis_url"] = app.conf.broker_url
         self.settings = Settings(**values)
         self.keys = PoolKeys(self.settings.pool)

@@ -19,7 +19,7 @@ from broker.models import NodeView, Resources, SubmitRequest, shortfall
 from broker.native.messages import TaskMessage
 from broker.settings import Settings
 from broker.store import gangs, reads
-from broker.store.connection import encode_command, raw_pipeline
+from broker.store.connection import encode_command, raw_pipeline, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.scripts import SIGNATURES, CancelCode, Clock, Scripts, SubmitCode, script_source, wall_clock_ms
 
@@ -117,12 +117,16 @@ class Submitter:
             commands = [encode_command(b"EVALSHA", sha, n_keys, *(_arg(a) for a in (*keys, *args)))
                         for keys, args in (self.scripts.submit_call(task_id, req, message, result_ttl_ms=ttl_ms)
                                            for task_id, req, message in part)]
+            wait = wait_command(self.redis)  # min_replicas_ack: WAIT behind the chunk, on its connection
+            commands += [wait] if wait else []
             try:
                 replies = raw_pipeline(self.redis, commands)
             except redis.exceptions.NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it, send again
                 # (safe: a task this chunk wrote before the flush answers ID_TAKEN, its own id)
                 self.redis.script_load(script_source("submit"))
                 replies = raw_pipeline(self.redis, commands)
+            if wait:
+                wait_replicas(replies.pop(), *replicas_ack(self.redis))
             for offset, ((task_id, _, _), (code, existing, *why)) in enumerate(zip(part, replies, strict=True)):
                 if code == SubmitCode.BAD_REQUEST:  # admit mirrors submit.lua's checks: not expected
                     raise InvalidRequest({f"[{start + offset}]": f"refused by submit.lua ({_text(existing)}: "

@@ -28,6 +28,7 @@ from kombu.transport import redis as kombu_redis
 from broker.native.messages import BadMessage, TaskMessage, revoke_request, task_message
 from broker.native.submitter import Submitter
 from broker.settings import Settings
+from broker.store.connection import FollowMasterConnection, FollowMasterSSLConnection
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ class Channel(kombu_redis.Channel):
         if self._submitter is None:
             options = dict(self.connection.client.transport_options.get(OPTIONS_KEY) or {})
             settings = Settings(**{**Settings().model_dump(), **options})
-            self._submitter = Submitter(settings, self._create_client())
+            client = self._create_client()
+            client.replicas_ack = (settings.min_replicas_ack, int(settings.replicas_ack_timeout_s * 1000))
+            self._submitter = Submitter(settings, client)
         return self._submitter
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -126,3 +129,15 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same, on kombu's Sentinel transport (a ``redis+sentinel://`` URL, ``celery_conf``), with
+    connections that look the master up again on every reconnect (``FollowMasterConnection``)."""
+
+    connection_class = FollowMasterConnection
+    connection_class_ssl = FollowMasterSSLConnection  # type: ignore[assignment]  # kombu's own, the same bases
+
+
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

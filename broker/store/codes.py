@@ -1,6 +1,6 @@
 """Return codes of the Lua transition scripts, one IntEnum per script, mirroring the ``Returns:``
-block of its header (``tests/store/test_lua_headers.py`` checks that they agree). Re-exported by
-``broker.store.scripts``, where the wrappers that return them live."""
+block of its header, and each script's signature (``tests/store/test_lua_headers.py`` checks that
+they agree). Re-exported by ``broker.store.scripts``, where the wrappers that return them live."""
 
 from __future__ import annotations
 
@@ -89,6 +89,10 @@ class ReapCode(enum.IntEnum):
     OK = 0
 
 
+class RedeliverCode(enum.IntEnum):
+    OK = 0
+
+
 class DrainCode(enum.IntEnum):
     OK = 0
     NOT_FOUND = 1
@@ -137,3 +141,58 @@ class SettleCode(enum.IntEnum):
     FAILED = 3
     SUCCEEDED = 4
     NOT_LIVE = 5
+
+
+#: script name -> (its return-code enum, the KEYS it takes in order, the ARGV it takes in order).
+#: The names must match the script headers; a batch script lists its fixed prefix only.
+SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]]] = {
+    "register": (
+        RegisterCode,
+        ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes", "tasks"),
+        ("node_id", "incarnation", "now", "lease_ms", "gpus", "gpu_mem", "cpu_m", "mem", "slots", "labels", "serves"),
+    ),
+    "heartbeat": (HeartbeatCode, ("node", "leases"), ("node_id", "incarnation", "now", "lease_ms")),
+    "submit": (
+        SubmitCode,
+        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix", "delayed", "expiring"),
+        ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
+         "gpu_kind", "not_before", "expires_at", "result_ttl"),
+    ),
+    "reserve": (ReserveCode, ("pending", "requests", "leases", "changes", "tasks", "ratelimit"), ("now",)),
+    "start": (StartCode, ("task", "node"), ("node_id", "tag", "now", "pid", "incarnation")),
+    "finish": (
+        FinishCode,
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes", "prefix"),
+        ("task_id", "node_id", "tag", "outcome", "payload", "now", "detail", "not_before", "incarnation"),
+    ),
+    "cancel": (
+        CancelCode,
+        ("task", "node", "node_tasks", "pending", "requests", "wake", "changes", "prefix"),
+        ("task_id", "node_id", "now", "mode", "grace_ms", "ask"),
+    ),
+    "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "redeliver": (RedeliverCode, ("prefix", "node_tasks", "queue", "unacked"), ("node_id",)),
+    "drain": (DrainCode, ("prefix", "node", "node_tasks", "pending", "requests", "wake", "changes"),
+              ("node_id", "now", "by", "incarnation")),
+    "forget": (ForgetCode, ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
+               ("node_id", "now", "incarnation")),
+    "preempt": (
+        PreemptCode,
+        ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
+        ("task_id", "node_id", "preemptor", "grace_ms", "now"),
+    ),
+    "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
+    "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
+    "log": (LogCode, ("task",), ("tag", "attempt", "tail", "size", "file")),
+    "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
+                   ("task_id", "request", "reason", "now")),
+    # Gangs (issue 13); their wrappers are in broker.store.gangs.
+    "submit_gang": (SubmitCode, ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
+                    ("task_id", "idempotency_key", "priority", "now", "request", "member_request", "name", "tenant",
+                     "max_retries", "gpu_kind", "result_ttl")),
+    "reserve_gang": (GangReserveCode, ("pending", "requests", "leases", "changes", "tasks", "gang", "gangs"),
+                     ("now", "gang_id")),
+    "settle_gang": (SettleCode, ("gang", "gangs", "pending", "requests", "wake", "prefix"),
+                    ("gang_id", "now", "grace_ms")),
+}

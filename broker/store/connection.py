@@ -2,8 +2,12 @@
 
 ``connect`` builds every client (the user's ``Client``, dispatchers, workers); ``raw_pipeline``
 and ``SentCommand`` are the two fast paths that write pre-encoded commands straight onto a
-pooled connection. A Redis Cluster or Sentinel deployment changes this module (and the kombu
-transport on the worker side), nothing else.
+pooled connection. A Sentinel URL (``broker.redis_urls``) gives a client that follows the
+master: every new connection asks the sentinels where it is, and a connection still open to a
+demoted master is dropped on its first READONLY reply (redis-py's ``SentinelManagedConnection``)
+and the call retried on the new one. Scripts are reloaded where the new master lacks them
+(redis-py's ``Script`` and ``PreparedReserve`` on NOSCRIPT). ``wait_replicas`` is the durable
+acknowledgement (``min_replicas_ack``).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoPermissionError
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
-from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable, RedisOutOfMemory
+from broker.errors import AccessDenied, AuthenticationFailed, BrokerUnavailable, RedisOutOfMemory, ReplicasNotConfirmed
+from broker.redis_urls import SentinelTarget, is_sentinel, parse_sentinel
 from broker.settings import Settings
 
 P = ParamSpec("P")
@@ -38,19 +44,68 @@ class _Retry(Retry):
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A Redis client that retries briefly with backoff, then fails instead of hanging.
+    """A Redis client for the settings' pool (``Settings.url``) that retries briefly with backoff,
+    then fails instead of hanging.
 
     Credentials and TLS come from the URL: ``redis://USER:PASSWORD@HOST:PORT/DB`` (an ACL
-    user, see config/redis-acl.conf), ``redis://:PASSWORD@...`` (requirepass), and
-    ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` for TLS."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
-        health_check_interval=10,
-        retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    user, see config/redis-acl.conf), ``redis://:PASSWORD@...`` (requirepass),
+    ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` for TLS, and
+    ``redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``: the master
+    the sentinels name, followed through failovers."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "health_check_interval": 10,
+        # A failover takes a few seconds: enough tries to outlast a short one.
+        "retry": _Retry(ExponentialBackoff(cap=1.0, base=0.05), 8 if is_sentinel(settings.url) else 3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if is_sentinel(settings.url):
+        client = sentinel_master(parse_sentinel(settings.url), options)
+    else:
+        client = redis.Redis.from_url(settings.url, **options)
+    client.replicas_ack = (settings.min_replicas_ack, int(settings.replicas_ack_timeout_s * 1000))  # type: ignore[attr-defined]
+    return client
+
+
+class FollowMasterConnection(SentinelManagedConnection):
+    """redis-py's Sentinel connection, asking the sentinels where the master is on *every* connect.
+
+    redis-py 8 looks the master up only when a pooled connection is first connected; a connection
+    that drops and reconnects inside a call's retries (``send_packed_command`` ->
+    ``connect_check_health``) goes back to the address it had. After a failover that is the old
+    master: refused at once when it died, but when it is cut off by a partition each retry waits
+    a whole socket timeout on it (measured: 50 s of retries against the old master, 5 s each)."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock is None and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class FollowMasterSSLConnection(FollowMasterConnection, SentinelManagedSSLConnection):
+    """``FollowMasterConnection`` over TLS."""
+
+
+_SSL_REQS = {"none": "none", "optional": "optional", "required": "required"}
+
+
+def sentinel_master(target: SentinelTarget, options: dict[str, Any]) -> redis.Redis:
+    """A client of the master ``target`` names, found through its sentinels."""
+    tls: dict[str, Any] = {}
+    if target.tls:
+        tls = {"ssl": True, "ssl_cert_reqs": _SSL_REQS.get(target.ssl.get("ssl_cert_reqs", "required"), "required"),
+               **{k: v for k, v in target.ssl.items() if k != "ssl_cert_reqs"}}
+    sentinel = Sentinel(
+        list(target.sentinels),
+        sentinel_kwargs={"socket_timeout": options["socket_timeout"],
+                         "socket_connect_timeout": options["socket_connect_timeout"], **tls},
+        **tls)
+    connection_class = FollowMasterSSLConnection if target.tls else FollowMasterConnection
+    client: redis.Redis = sentinel.master_for(target.service, redis_class=redis.Redis, db=target.db,
+                                              username=target.username, password=target.password,
+                                              connection_class=connection_class, **options)
+    return client
 
 
 #: Error replies that pass by themselves, with what each means and what to do. A script refused
@@ -67,6 +122,44 @@ TRANSIENT_REPLIES = {
     "CLUSTERDOWN": "the Redis cluster is down: nothing was changed; retry once it is back",
     "TRYAGAIN": "the Redis cluster is moving the pool's slot: nothing was changed; retry in a moment",
 }
+
+
+class NotReplicated(redis.RedisError):
+    """A write was applied on the master, but fewer replicas than ``min_replicas_ack`` confirmed it
+    in time (WAIT): it would be lost if the master failed now."""
+
+    def __init__(self, acked: int, wanted: int, timeout_ms: int) -> None:
+        self.acked, self.wanted, self.timeout_ms = acked, wanted, timeout_ms
+        super().__init__(f"{acked} of {wanted} replicas confirmed the write within {timeout_ms} ms")
+
+
+def wait_replicas(acked: Any, wanted: int, timeout_ms: int) -> None:
+    """Raise NotReplicated unless WAIT's reply ``acked`` is at least ``wanted``."""
+    if int(acked) < wanted:
+        raise NotReplicated(int(acked), wanted, timeout_ms)
+
+
+def durable_call(client: redis.Redis, script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """Run a registered ``script`` followed by WAIT for ``min_replicas_ack`` replicas; its reply.
+    WAIT counts the writes of its own connection: both go on one (a pipeline)."""
+    wanted, timeout_ms = replicas_ack(client)
+    with client.pipeline(transaction=False) as pipe:
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", wanted, timeout_ms)
+        reply, acked = pipe.execute()
+    wait_replicas(acked, wanted, timeout_ms)
+    return reply
+
+
+def wait_command(client: Any) -> bytes | None:
+    """The encoded ``WAIT`` a durable write is followed by on its connection, or None (0 replicas)."""
+    wanted, timeout_ms = replicas_ack(client)
+    return encode_command(b"WAIT", b"%d" % wanted, b"%d" % timeout_ms) if wanted else None
+
+
+def replicas_ack(client: Any) -> tuple[int, int]:
+    """(min_replicas_ack, timeout in ms) of a client ``connect`` made; (0, 0) for any other."""
+    return getattr(client, "replicas_ack", (0, 0))
 
 
 def _redis_error(exc: BaseException) -> redis.RedisError | None:
@@ -94,7 +187,9 @@ def transient(exc: BaseException) -> bool:
     found = _redis_error(exc)
     if found is None or isinstance(found, redis.AuthenticationError | redis.exceptions.AuthorizationError):
         return False
-    return isinstance(found, redis.ConnectionError | redis.TimeoutError) or _reply_code(found) in TRANSIENT_REPLIES
+    if isinstance(found, redis.ConnectionError | redis.TimeoutError | NotReplicated):
+        return True
+    return _reply_code(found) in TRANSIENT_REPLIES
 
 
 def as_broker_error(exc: BaseException) -> Exception:
@@ -108,6 +203,12 @@ def as_broker_error(exc: BaseException) -> Exception:
     if isinstance(found, NoPermissionError):
         return AccessDenied(f"the Redis user in the Redis URL may not do this ({found}); see "
                             "config/redis-acl.conf for what each role may do")
+    if isinstance(found, NotReplicated):
+        return ReplicasNotConfirmed(
+            f"the write was applied on the Redis master, but {found} (GPUBROKER_MIN_REPLICAS_ACK="
+            f"{found.wanted}, GPUBROKER_REPLICAS_ACK_TIMEOUT_S): it could be lost if the master failed now. "
+            "Retrying is safe (a submit retried with the same idempotency_key is not duplicated); if it keeps "
+            "failing, check the replicas (INFO replication)")
     code = _reply_code(found) if found is not None else ""
     if found is not None and code in TRANSIENT_REPLIES:
         reply = str(found) if str(found).startswith(code) else f"{code} {found}"
@@ -164,32 +265,44 @@ def raw_pipeline(client: redis.Redis, commands: list[bytes]) -> list[Any]:
 
 
 class SentCommand:
-    """An encoded command sent now on a pooled connection of its own, its reply read later (once).
+    """An encoded command (and, when given, a ``then`` command right behind it on the same
+    connection: a WAIT) sent now on a pooled connection of its own, its replies read later (once).
 
     The dispatcher sends one reserve.lua batch and plans the next before reading the reply."""
 
-    def __init__(self, client: redis.Redis, command: bytes) -> None:
+    def __init__(self, client: redis.Redis, command: bytes, then: bytes | None = None) -> None:
         self.pool = client.connection_pool
+        self.count = 2 if then else 1
         self.conn: Any = self.pool.get_connection()
         try:
-            self.conn.send_packed_command([command])
+            self.conn.send_packed_command([command + (then or b"")])
         except BaseException:
             self._drop()
             raise
 
     def reply(self) -> Any:
-        """The reply; a Redis error reply (NoScriptError included) is raised with the connection
-        returned to the pool, any other failure drops the connection (its reply may be half read)."""
+        """The reply of the command (``replies`` for both)."""
+        return self.replies()[0]
+
+    def replies(self) -> list[Any]:
+        """Every reply, in order; a Redis error reply (NoScriptError included) is raised once all are
+        read, with the connection returned to the pool; any other failure drops the connection
+        (a reply may be half read)."""
+        replies: list[Any] = []
         try:
-            reply = self.conn.read_response()
-        except redis.ResponseError:
-            self.pool.release(self.conn)
-            raise
+            for _ in range(self.count):
+                try:
+                    replies.append(self.conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
         except BaseException:
             self._drop()
             raise
         self.pool.release(self.conn)
-        return reply
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return replies
 
     def _drop(self) -> None:
         self.conn.disconnect()

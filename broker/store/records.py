@@ -126,6 +126,7 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "expire": (frozenset({P, R}), frozenset({C})),
     "preempt": (frozenset({R}), frozenset({P})),
     "reap": (frozenset({R, U}), frozenset({P, F, C})),
+    "redeliver": (frozenset(), frozenset()),
     "register": (frozenset({R, U}), frozenset({P, F, C})),
     "heartbeat": (frozenset(), frozenset()),
     "drain": (frozenset({R}), frozenset({P, C})),

@@ -9,7 +9,6 @@ checks that they agree).
 
 from __future__ import annotations
 
-import enum
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from broker.errors import InvalidRequest
 from broker.models import SubmitRequest
 from broker.scheduling.model import Placement
 from broker.store.codes import (  # every script's return codes (SIGNATURES), re-exported from here
+    SIGNATURES,
     CancelCode,
     DrainCode,
     ExpireCode,
@@ -35,79 +35,31 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     PromoteCode,
     QuarantineCode,
     ReapCode,
+    RedeliverCode,
     RegisterCode,
     ReserveCode,
     SettleCode,
     StartCode,
     SubmitCode,
 )
-from broker.store.connection import SentCommand, bulk
+from broker.store.connection import SentCommand, bulk, durable_call, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
     "GangReserveCode", "HeartbeatCode", "LogCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode",
-    "QuarantineCode", "ReapCode", "RegisterCode", "ReserveCode", "Scripts", "SettleCode", "StartCode", "SubmitCode",
-    "includes", "script_source", "wall_clock_ms",
+    "QuarantineCode", "ReapCode", "RedeliverCode", "RegisterCode", "ReserveCode", "Scripts", "SettleCode", "StartCode",
+    "SubmitCode", "includes", "script_source", "wall_clock_ms",
 ]
 
 LUA = resources.files("broker.store") / "lua"
 
 
-#: script name -> (its return-code enum, the KEYS it takes in order, the ARGV it takes in order).
-#: The names must match the script headers; a batch script lists its fixed prefix only.
-SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]]] = {
-    "register": (
-        RegisterCode,
-        ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes", "tasks"),
-        ("node_id", "incarnation", "now", "lease_ms", "gpus", "gpu_mem", "cpu_m", "mem", "slots", "labels", "serves"),
-    ),
-    "heartbeat": (HeartbeatCode, ("node", "leases"), ("node_id", "incarnation", "now", "lease_ms")),
-    "submit": (
-        SubmitCode,
-        ("task", "pending", "requests", "idempotency", "seq", "wake", "mix", "delayed", "expiring"),
-        ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
-         "gpu_kind", "not_before", "expires_at", "result_ttl"),
-    ),
-    "reserve": (ReserveCode, ("pending", "requests", "leases", "changes", "tasks", "ratelimit"), ("now",)),
-    "start": (StartCode, ("task", "node"), ("node_id", "tag", "now", "pid", "incarnation")),
-    "finish": (
-        FinishCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes", "prefix"),
-        ("task_id", "node_id", "tag", "outcome", "payload", "now", "detail", "not_before", "incarnation"),
-    ),
-    "cancel": (
-        CancelCode,
-        ("task", "node", "node_tasks", "pending", "requests", "wake", "changes", "prefix"),
-        ("task_id", "node_id", "now", "mode", "grace_ms", "ask"),
-    ),
-    "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
-    "drain": (DrainCode, ("prefix", "node", "node_tasks", "pending", "requests", "wake", "changes"),
-              ("node_id", "now", "by", "incarnation")),
-    "forget": (ForgetCode, ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),
-               ("node_id", "now", "incarnation")),
-    "preempt": (
-        PreemptCode,
-        ("task", "node", "node_tasks", "pending", "requests", "preempting", "wake", "changes"),
-        ("task_id", "node_id", "preemptor", "grace_ms", "now"),
-    ),
-    "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
-    "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
-    "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
-    "log": (LogCode, ("task",), ("tag", "attempt", "tail", "size", "file")),
-    "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
-                   ("task_id", "request", "reason", "now")),
-    # Gangs (issue 13); their wrappers are in broker.store.gangs.
-    "submit_gang": (SubmitCode, ("task", "pending", "requests", "idempotency", "seq", "wake", "mix"),
-                    ("task_id", "idempotency_key", "priority", "now", "request", "member_request", "name", "tenant",
-                     "max_retries", "gpu_kind", "result_ttl")),
-    "reserve_gang": (GangReserveCode, ("pending", "requests", "leases", "changes", "tasks", "gang", "gangs"),
-                     ("now", "gang_id")),
-    "settle_gang": (SettleCode, ("gang", "gangs", "pending", "requests", "wake", "prefix"),
-                    ("gang_id", "now", "grace_ms")),
-}
 
+
+#: Transitions whose loss in a failover would lose or duplicate work: WAIT for ``min_replicas_ack``.
+DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel"})
 
 _FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
 _RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
@@ -169,16 +121,19 @@ class PreparedReserve:
     def __init__(self, client: redis.Redis, command: bytes, run_as_usual: Callable[[], Any]) -> None:
         self.client, self.command, self.run_as_usual = client, command, run_as_usual
         self.sent: SentCommand | None = None
+        self.wait = wait_command(client)  # WAIT for min_replicas_ack, sent right behind it
 
     def send(self) -> None:
-        self.sent = SentCommand(self.client, self.command)
+        self.sent = SentCommand(self.client, self.command, self.wait)
 
     def codes(self) -> list[ReserveCode]:
         assert self.sent is not None, "send() first"
         try:
-            reply = self.sent.reply()
-        except redis.exceptions.NoScriptError:
-            reply = self.run_as_usual()
+            reply, *acked = self.sent.replies()
+        except redis.exceptions.NoScriptError:  # nothing ran (a new master, a flushed cache): load it
+            reply, acked = self.run_as_usual(), []
+        if acked:
+            wait_replicas(acked[0], *replicas_ack(self.client))
         return [_RESERVE_CODES[c] for c in reply]
 
 
@@ -229,6 +184,8 @@ class Scripts:
         self._reserve_encoder = _ReserveEncoder(keys)
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if name in DURABLE and replicas_ack(self.redis)[0]:
+            return durable_call(self.redis, self._scripts[name], list(keys), list(args))
         return self._scripts[name](keys=list(keys), args=list(args))
 
     def sha(self, name: str) -> str:
@@ -267,6 +224,13 @@ class Scripts:
         _ok, *nodes = self._run("reap", (k.prefix, k.leases, k.pending, k.requests, k.wake, k.changes),
                                  (self.clock(), limit))
         return [_text(n) for n in nodes]
+
+    def redeliver(self, node_id: str) -> list[str]:
+        """Queue again each RESERVED task's message lost in a failover (redeliver.lua); their ids."""
+        k = self.keys
+        _ok, *ids = self._run("redeliver", (k.prefix, k.node_tasks(node_id), k.queue(node_id), k.unacked(node_id)),
+                              (node_id,))
+        return [_text(i) for i in ids]
 
     def drain(self, node_id: str, by: str, incarnation: str = "") -> tuple[DrainCode, int]:
         """Drain ``node_id`` (``by``: "operator", or "shutdown", which also hands back what was

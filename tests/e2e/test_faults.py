@@ -8,7 +8,7 @@ One test per scenario of docs/reliability.md, in its order:
 4. Redis kill -9 and restart (AOF)        8. cancel of a pending, reserved and running task
 
 "Exactly once" is read from the worker logs: Celery writes ``Task <name>[<id>] succeeded in``
-once per execution, and ``workers.task.report`` writes ``task <id> <outcome> -> <STATE>`` only
+once per execution, and ``workers.outcome.report`` writes ``task <id> <outcome> -> <STATE>`` only
 when finish.lua accepted the outcome (the attempt still held the task). A consistent view of
 several keys is read with the writers paused (SIGSTOP), since only the Lua scripts are atomic.
 """

@@ -146,6 +146,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     gangs.submit_gang(s, "g", gang, '{"headers":{"id":"g"},"properties":{"a":1}}')
     gangs.reserve_gang(s, GangPlacement("g", (Placement("g", "n1"), Placement("g", "n1"))))
     gangs.settle(s, "g", 2, 1000)
+    s.redeliver("n1")
 
     expected = {name: (len(k), len(a)) for name, (_, k, a) in SIGNATURES.items()}
     fixed_keys, fixed_argv = expected["reserve"]

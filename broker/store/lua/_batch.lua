@@ -135,8 +135,7 @@ local function batch_node(cache, leases_key, now, key, id, tasks_key, queue_key)
       slots = v[h[4]], gpus = v[h[5]], gpu_mem = v[h[6]], milli = false, gmem = {}, labels = {},
       count = 0, tasks = {}, messages = {}, tasks_key = tasks_key, queue = queue_key,
       listed = h[7] == 'listed', serves = {},
-      -- what kombu's Redis transport adds to a message's properties, up to the delivery tag
-      route = ',"delivery_info":{"exchange":"","routing_key":"' .. queue_key .. '"},"delivery_tag":"'}
+      route = queue_route(queue_key)}
     cache[id] = n
   end
   return n
@@ -185,12 +184,7 @@ local function batch_flush(n)
   call_chunked('LPUSH', n.queue, n.messages)
 end
 
--- The message reserve.lua queues: Celery's own JSON ends in its properties object, to which
--- only what kombu's Redis transport would add (routing, delivery tag) and what the worker
--- shows Flower (GPU indices, tenant) are added: never decoded and re-encoded. A tenant that
--- would need escaping is left out.
+-- The message reserve.lua queues (queued_message, _lib.lua), with the node's route read once.
 local function batch_message(n, message, tag, indices, r)
-  local tenant = string.find(r.t or '', '^[%w_.%-]+$') and r.t or ''
-  return string.sub(message, 1, -3) .. n.route .. tag .. '","gpubroker":{"gpus":"' .. indices ..
-    '","tenant":"' .. tenant .. '"}}}'
+  return queued_message(n.route, message, tag, indices, r.t)
 end

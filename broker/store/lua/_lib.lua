@@ -24,3 +24,19 @@ local function touch(changes_key, node_id)
   local last = redis.call('ZREVRANGE', changes_key, 0, 0, 'WITHSCORES')
   redis.call('ZADD', changes_key, int((tonumber(last[2]) or 0) + 1), node_id)
 end
+
+-- What kombu's Redis transport adds to a message's properties on node queue queue_key, up to
+-- the delivery tag.
+local function queue_route(queue_key)
+  return ',"delivery_info":{"exchange":"","routing_key":"' .. queue_key .. '"},"delivery_tag":"'
+end
+
+-- The message a node queue holds: Celery's own JSON ends in its properties object, to which
+-- only what kombu's Redis transport would add (route, delivery tag) and what the worker shows
+-- Flower (GPU indices, tenant) are added: never decoded and re-encoded. A tenant that would
+-- need escaping is left out. (reserve.lua queues it, redeliver.lua queues it again.)
+local function queued_message(route, message, tag, indices, tenant)
+  tenant = string.find(tenant or '', '^[%w_.%-]+$') and tenant or ''
+  return string.sub(message, 1, -3) .. route .. tag .. '","gpubroker":{"gpus":"' .. indices ..
+    '","tenant":"' .. tenant .. '"}}}'
+end

@@ -1,0 +1,58 @@
+"""min_replicas_ack: durable transitions wait (WAIT, on their own connection) for replicas, and a
+shortfall is a clear, retryable error, never a silent success."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker import Client, ReplicasNotConfirmed
+from broker.scheduling.model import Placement
+from broker.settings import Settings
+from broker.store.connection import NotReplicated, as_broker_error, connect, transient
+from broker.store.keys import PoolKeys
+from broker.store.scripts import ReserveCode, Scripts
+from tests.invariants import register_node, submit_task
+from tests.sentinel_support import SentinelCluster
+from tests.support import RedisServer, wait_until
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    master = RedisServer(tmp_path / "master")
+    master.start()
+    replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port))
+    replica.start()
+    wait_until(lambda: SentinelCluster.replicas_online(master) == 1, 20, what="the replica to sync")
+    yield master, replica
+    replica.stop()
+    master.stop()
+
+
+def test_with_a_replica_every_durable_transition_is_confirmed(replicated: tuple[RedisServer, RedisServer]) -> None:
+    master, replica = replicated
+    settings = Settings(redis_url=master.url, pool="acks", min_replicas_ack=1)
+    scripts = Scripts(connect(settings), PoolKeys(settings.pool))
+    register_node(scripts, "n1", gpus=1, gpu_mem=1000)
+    task = submit_task(scripts)
+    prepared = scripts.prepare_reserve([Placement(task, "n1")])
+    prepared.send()
+    assert prepared.codes() == [ReserveCode.OK]
+    # Confirmed means on the replica by the time the call returned.
+    assert redis.Redis(port=replica.port).hget(PoolKeys("acks").task(task), "state") == b"RESERVED"
+
+
+def test_without_enough_replicas_the_write_fails_clearly(settings: Settings) -> None:
+    lone = Settings(**{**settings.model_dump(), "min_replicas_ack": 1, "replicas_ack_timeout_s": 0.1})
+    scripts = Scripts(connect(lone), PoolKeys(lone.pool))
+    with pytest.raises(NotReplicated) as caught:
+        submit_task(scripts)
+    assert transient(caught.value), "retried like a failover in progress"
+    error = as_broker_error(caught.value)
+    assert isinstance(error, ReplicasNotConfirmed)
+    assert "0 of 1 replicas confirmed" in str(error) and "GPUBROKER_MIN_REPLICAS_ACK=1" in str(error)
+    with Client(settings=lone) as client, pytest.raises(ReplicasNotConfirmed, match="applied on the Redis master"):
+        client.submit("workers.tasks.probe")

@@ -1,0 +1,71 @@
+"""Reserved tasks whose message was lost in a failover are queued again.
+
+reserve.lua pushes a reserved task's message onto the node queue in the same script that
+reserves it; the worker's BRPOP then takes it, and kombu records it in the node's unacked hash
+in a second command. Redis replication is asynchronous: after the master is lost, the promoted
+replica may have seen the pop and not the unacked write (or a restarted Redis may have lost
+the tail of its AOF), and the task is RESERVED, holding capacity on a live node, with its
+message nowhere. Nothing else would ever notice: the node keeps its lease, so the reaper never
+requeues it.
+
+``RedeliverReserved`` runs redeliver.lua for this node when the consumer (re)connects, after
+``RedeliverUnacked`` put the unacked messages back, and then every ``INTERVAL_S`` from the
+consumer's own event loop (so no message of this worker is ever between the pop and its
+unacked record while it runs). redeliver.lua queues the stored message of each RESERVED task
+of the node whose delivery tag is neither on the queue nor unacked. A duplicate can only be
+dropped: start.lua lets exactly one delivery of an attempt's tag run (the next one gets
+ALREADY_RUNNING, or STALE once the attempt ended, and is acknowledged unrun).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import bootsteps
+
+from broker.store.connection import as_broker_error
+from workers import context
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two looks while connected: one script call per node, reading its reserved tasks.
+INTERVAL_S = 10.0
+
+
+def redeliver_lost() -> list[str]:
+    """Queue again what this node holds RESERVED with no message anywhere; the task ids."""
+    ids = context.scripts().redeliver(context.node_id())
+    if ids:
+        log.warning("queued again the message of %d reserved task(s) found in no queue (a Redis failover or "
+                    "restart lost it): %s", len(ids), ", ".join(ids[:10]))
+    return ids
+
+
+def _look() -> None:
+    try:
+        redeliver_lost()
+    except redis.RedisError as exc:  # Redis away: the consumer reconnects, and this runs again then
+        log.warning("could not look for reserved tasks with a lost message: %s", as_broker_error(exc))
+
+
+class RedeliverReserved(bootsteps.StartStopStep):
+    """Consumer bootstep: after ``RedeliverUnacked``, before the event loop, and then periodically."""
+
+    requires = ("workers.recovery:RedeliverUnacked",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer_ref: Any = None
+
+    def start(self, c: Any) -> None:
+        _look()
+        self.timer_ref = c.timer.call_repeatedly(INTERVAL_S, _look)
+
+    def stop(self, c: Any) -> None:
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+    shutdown = stop

@@ -79,14 +79,25 @@ class BestFit:
         self.failed: set[tuple[Any, ...]] = set()  # task shapes that fit nowhere
         self.dead: dict[tuple[Any, ...], set[int]] = {}  # task shape -> ranks of nodes it does not fit
         # (kind, group, bucket) -> sorted [(fullness, rank)]; kind "w": whole, "s": share, "c": CPU.
+        # Each kind of bucket is built when the first task that reads it asks: a pass of whole-GPU
+        # tasks (most cycles, often with one task) should not pay for the other two.
         self.buckets: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
-        self.filed: dict[str, list[tuple[tuple[str, int, int], tuple[int, int]]]] = {}
+        self.built: set[str] = set()
+        self._keys_memo: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}
+        self.filed: dict[str, list[tuple[tuple[str, int, int], tuple[int, int]]]] = {n.id: [] for n in self.ranked}
+
+    def _index(self, kind: str) -> None:
+        if kind in self.built:
+            return
+        self.built.add(kind)
+        touched = set()
         for node in self.ranked:
-            for key, entry in self._entries(node):
+            for key, entry in self._entries(node, (kind,)):
                 self.buckets.setdefault(key, []).append(entry)
-            self.filed[node.id] = self._entries(node)
-        for entries in self.buckets.values():
-            entries.sort()
+                self.filed[node.id].append((key, entry))
+                touched.add(key)
+        for key in touched:
+            self.buckets[key].sort()
 
     def own(self, node_id: str) -> NodeFree:
         """The node, as this placer's own copy (made on first use) that placements may change."""
@@ -96,19 +107,23 @@ class BestFit:
             node = self.nodes[node_id] = self.ranked[self.rank[node_id]] = node.copy()
         return node
 
-    def _entries(self, node: NodeFree) -> list[tuple[tuple[str, int, int], tuple[int, int]]]:
+    def _entries(self, node: NodeFree, kinds: Iterable[str]) -> list[tuple[tuple[str, int, int], tuple[int, int]]]:
+        """The node's bucket entries for ``kinds`` ("w": whole GPUs, "s": shares, "c": CPU)."""
         group, entry = self.groups.of[node.id], (fullness(node, self.factors), self.rank[node.id])
-        out = [(("c", group, int(bool(node.free_milli))), entry)]
-        if node.free_milli:
-            out.append((("w", group, len(self.whole_gpus[node.id])), entry))
-            out.append((("s", group, _share_bucket(node)), entry))
+        out = []
+        for kind in kinds:
+            if kind == "c":
+                out.append((("c", group, int(bool(node.free_milli))), entry))
+            elif node.free_milli:
+                bucket = len(self.whole_gpus[node.id]) if kind == "w" else _share_bucket(node)
+                out.append(((kind, group, bucket), entry))
         return out
 
     def _refile(self, node: NodeFree) -> None:
         for key, entry in self.filed[node.id]:
             entries = self.buckets[key]
             del entries[bisect_left(entries, entry)]
-        self.filed[node.id] = after = self._entries(node)
+        self.filed[node.id] = after = self._entries(node, self.built)
         for key, entry in after:
             insort(self.buckets.setdefault(key, []), entry)
 
@@ -134,6 +149,13 @@ class BestFit:
 
     def _keys(self, task: TaskRequest, group: int) -> list[tuple[str, int, int]]:
         """The buckets of ``group`` where ``task`` may fit, CPU tasks' GPU-less nodes first."""
+        memo = (task.whole_gpus, task.gpu_milli, group)
+        found = self._keys_memo.get(memo)
+        if found is None:
+            found = self._keys_memo[memo] = self._bucket_keys(task, group)
+        return found
+
+    def _bucket_keys(self, task: TaskRequest, group: int) -> list[tuple[str, int, int]]:
         if task.whole_gpus:
             return [("w", group, c) for c in range(task.whole_gpus, self.max_gpus + 1)]
         if task.gpu_milli:
@@ -146,13 +168,17 @@ class BestFit:
         shape = task.shape
         if shape in self.failed:
             return None
+        self._index("w" if task.whole_gpus else "s" if task.gpu_milli else "c")
         # Free capacity only shrinks in a placer: a node a shape did not fit never will.
         dead = self.dead.setdefault(shape, set())
         best: tuple[tuple[int, int, int], list[int]] | None = None
         cpu_only = not (task.whole_gpus or task.gpu_milli)
         for group, _ in self.groups.matching(task):
             for key in self._keys(task, group):
-                for entry in self.buckets.get(key, ()):
+                entries = self.buckets.get(key)
+                if not entries:
+                    continue
+                for entry in entries:
                     if entry[1] in dead:
                         continue
                     ranked = (key[2] if cpu_only else 0, *entry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,9 @@ def sim(
     estimates: EstimatesOpt = "learned", trace_format: FormatOpt = "auto", limit: LimitOpt = None,
     static: StaticOpt = None, out: OutOpt = Path("sim-out"), redis_url: RedisOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result instead of tables")] = False,
+    checkpoint: Annotated[float | None, typer.Option(
+        "--checkpoint-interval", help="Seconds between checkpoints of every job: a preempted job resumes from its "
+                                      "last (default: restarts from zero)")] = None,
 ) -> None:
     """Replay a trace through the real dispatcher and Lua scripts under a virtual clock."""
     from broker.sim.report import plot_allocation, plot_wait_cdf, result_json, summary_table, tenant_table
@@ -136,6 +140,10 @@ def sim(
         base = SchedulingConfig.load(scheduling) if scheduling else SchedulingConfig()
         policies = parse_policies(policy or [], base, mode, placement)
         jobs = read_trace(trace, trace_format, limit, static)
+        if checkpoint is not None:
+            if not checkpoint > 0:
+                raise InvalidRequest({"checkpoint_interval": f"must be a number of seconds > 0 (got {checkpoint})"})
+            jobs = [dataclasses.replace(job, checkpoint_interval_s=checkpoint) for job in jobs]
         cluster_nodes = read_cluster(cluster, nodes, shape)
         results = _run_all(jobs, cluster_nodes, policies, estimates, redis_url)
         out.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,9 @@ class SchedulingConfig(_Config):
     min_runtime_s: float = Field(0.0, ge=0, allow_inf_nan=False)  # before a task may be preempted
     preempt_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)  # SIGTERM, then this, then SIGKILL
     srtf_factor: float = Field(2.0, ge=1, allow_inf_nan=False)  # arrival must be this much shorter
+    # A task stopped this many times is no longer a victim (None: no limit): without it srtf
+    # stopped one long Philly job 41 times, each restart making it look long again.
+    max_preemptions: int | None = Field(3, ge=0)
     # Preemptors served per pass (the rest wait for the next): each one searches every node.
     preemptions_per_pass: int = Field(64, ge=0, le=100_000)
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)

@@ -104,6 +104,13 @@ class RunningTask:
     preempting: bool = False  # already asked to stop; its capacity is about to come back
     seq: int = 0
     submitted_at: float = 0.0
+    preemptions: int = 0  # times it was stopped for a more urgent task (SchedulingConfig.max_preemptions)
+    checkpoint_at: float | None = None  # seconds; its last checkpoint in this attempt, if it reported one
+
+    def work_at_risk(self, now: float) -> float:
+        """Seconds of work stopping it now would lose: since its last checkpoint, else since it started."""
+        saved = self.started_at if self.checkpoint_at is None else max(self.started_at, self.checkpoint_at)
+        return max(0.0, now - saved)
 
     @property
     def gpus(self) -> float:

@@ -29,7 +29,7 @@ from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement,
 from broker.scheduling.ordering import ORDERINGS, Ranking
 from broker.scheduling.placement import make_placer
 from broker.scheduling.preemption import Preemptor
-from broker.scheduling.timeline import INF, Hold, Timeline, Usage
+from broker.scheduling.timeline import INF, Hold, Timeline, Usage, expected_end
 
 MAX_HOLDS = 100  # backfill: blocked tasks that get a hold (and an exact start) per pass, highest-ranked first
 
@@ -84,7 +84,7 @@ class _Pass:
             if run.node_id not in self.placer.nodes:
                 continue  # on a node that is no longer schedulable: counts for its tenant only
             estimate = self._estimate(run.name, run.gpu_kind, run.estimate_s)
-            end = None if estimate == INF else max(self.now, run.started_at + estimate)
+            end = expected_end(run.started_at, estimate, self.now)
             usage = Usage(run.id, run.gpu_indices, run.gpu_milli, run.gpu_mem, run.cpu_milli, run.memory_mb)
             self.timeline.release(run.node_id, self.now if run.preempting else end, usage)
             self.preemptor.add_running(run, usage, end)

@@ -4,9 +4,11 @@ Rules (Kueue's and Slurm's, see docs/scheduling.md): only tasks submitted preemp
 ``min_runtime_s``; under fair share across tenants only to reclaim a guarantee from a
 borrower; otherwise a lower priority (or equal, with ``preempt_equal_priority``), or under
 srtf a task with ``srtf_factor`` times more left to run. Candidates are taken greedily
-(borrowers, then lowest priority, then most recently started) until the task fits, then every
-victim it fits without is dropped again. Among nodes: fewest victims, then fewest GPUs
-stopped, then node order. What stopping victims free is held for the preemptor from now.
+(borrowers, then lowest priority, then least work lost: time since its last checkpoint, else
+since it started) until the task fits, then every victim it fits without is dropped again.
+Among nodes: fewest victims, then fewest GPUs stopped, then least work lost, then node order.
+A task already stopped ``max_preemptions`` times is not stopped again. What stopping victims
+free is held for the preemptor from now.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class Preemptor:
             found = answer[1]
             if found is not None:
                 chosen, gpus = found
-                rank = (len(chosen), sum(r.gpus for r, _ in chosen), self.node_order[node_id])
+                rank = (len(chosen), sum(r.gpus for r, _ in chosen),
+                        sum(r.gpus * r.work_at_risk(self.now) for r, _ in chosen), self.node_order[node_id])
                 if best is None or rank < best[0]:
                     best = (rank, node_id, chosen, gpus)
         if best is None:
@@ -132,13 +135,15 @@ class Preemptor:
 
     def _victims_on(self, node_id: str, task: TaskRequest, end: float, running: list[RunningTask],
                     reclaim: bool) -> _Victims | None:
-        """Greedy (borrowers, then lowest priority, then most recently started) until ``task`` fits,
+        """Greedy (borrowers, then lowest priority, then least work lost) until ``task`` fits,
         then drop every victim it fits without."""
         eligible = [(r, why) for r in running
                     if r.id not in self.stopping and (why := self._may_preempt(task, r, reclaim))]
         if not eligible or self._fits_with(node_id, task, end, eligible) is None:
             return None  # not even with all of them
-        eligible.sort(key=lambda e: (not self.ledger.is_borrower(e[0].tenant), e[0].priority, -e[0].started_at))
+        now = self.now
+        eligible.sort(key=lambda e: (not self.ledger.is_borrower(e[0].tenant), e[0].priority,
+                                     e[0].work_at_risk(now), -e[0].started_at))
         chosen: list[tuple[RunningTask, str]] = []
         taken: dict[str, Vector] = {}
         gpus = None
@@ -168,6 +173,8 @@ class Preemptor:
         """Why ``run`` may be stopped for ``task`` ("" if it may not)."""
         config = self.config
         if not run.preemptible or self.now - run.started_at < config.min_runtime_s:
+            return ""
+        if config.max_preemptions is not None and run.preemptions >= config.max_preemptions:
             return ""
         if self.fair and run.tenant != task.tenant:
             if reclaim and self.ledger.is_borrower(run.tenant):

@@ -123,6 +123,19 @@ class _Profile:
         return state
 
 
+OVERDUE_MIN_S = 1.0  # the least an overdue task is still expected to run
+
+
+def expected_end(started_at: float, estimate: float, now: float) -> float | None:
+    """When a running task should end: ``started_at + estimate``; once it has outlived that, as
+    long again as it has run so far (its estimate moves with it, and is never now: what it holds
+    is not free yet). None: never known."""
+    if estimate == INF:
+        return None
+    end = started_at + estimate
+    return end if end > now else now + max(now - started_at, OVERDUE_MIN_S)
+
+
 class Timeline:
     """Free capacity over time, per node: free now (the placer's live copy), plus releases at
     running tasks' expected ends, less holds. Releases only add, so a task that starts at ``t``

@@ -9,9 +9,9 @@ moment it is reserved and finishes it ``duration_s`` later; nothing else is mode
 The event loop: take the next instant with events, end the tasks due then (capacity first),
 submit the arrivals, then run dispatcher cycles while anything is pending, as wake-ups
 would: again at once when a cycle filled its window or stopped victims of preemption.
-Stopped victims end at the same instant (finish.lua requeues them uncharged) and restart
-from scratch when placed again. A cycle is never run when nothing is pending; the live
-dispatcher's idle reap every ``reap_interval_s`` has nothing to do here (leases never expire).
+Stopped victims end at once (finish.lua requeues them uncharged) and resume from their last
+checkpoint (``TraceJob.checkpoint_interval_s``; none: from scratch). No cycle runs when nothing
+is pending; the live dispatcher's idle reap has nothing to do here (leases never expire).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from broker.models import MILLI, SubmitRequest, shortfall
 from broker.scheduling.config import SchedulingConfig
 from broker.scheduling.model import Placement
 from broker.settings import Settings
-from broker.sim.gangs import GangBook, GangPlanner, GangShape, gang_shape
+from broker.sim.gangs import GangBook, GangPlanner, gang_shape
 from broker.sim.localcluster import private_redis
 from broker.sim.results import EPOCH_MS, Batch, JobOutcome, Series, SimResult, SimulationError, VirtualClock
 from broker.sim.static import static_problems
@@ -55,6 +55,7 @@ class _Running:
     node: str
     tag: str
     gpus: tuple[int, ...]
+    started_s: float = 0.0
 
 
 class _Messages:
@@ -274,8 +275,7 @@ class Simulator:
 
     def _milli(self, index: int) -> int:
         """GPU capacity one task of job ``index`` holds: a gang member holds its own part."""
-        shape: GangShape | None = self._gang_shapes.get(index)
-        return (shape.member if shape else self.jobs[index]).gpu_milli
+        return (shape.member if (shape := self._gang_shapes.get(index)) else self.jobs[index]).gpu_milli
 
     def _dispatch(self) -> None:
         while True:
@@ -335,12 +335,12 @@ class Simulator:
                 outcome.started_s = now_s
             outcome.node, outcome.gpus, outcome.order = p.node_id, p.gpu_indices, len(self.placements)
             self.placements.append((job.id, p.node_id, p.gpu_indices, now_s))
-            self._running[p.task_id] = _Running(index, p.node_id, tag, p.gpu_indices)
+            self._running[p.task_id] = _Running(index, p.node_id, tag, p.gpu_indices, now_s)
             self._hold(p.node_id, p.gpu_indices, self._milli(index), +1)
             if job.duration_s is not None:
                 self._seq += 1
-                heapq.heappush(self._finishes, (self.clock.now_ms + round(job.duration_s * 1000), self._seq,
-                                                p.task_id, tag))
+                left = job.duration_s - outcome.saved_s
+                heapq.heappush(self._finishes, (self.clock.now_ms + round(left * 1000), self._seq, p.task_id, tag))
         if tags:
             raise SimulationError(f"messages without a reservation this cycle: {sorted(tags)[:5]}")
         return dropped
@@ -373,7 +373,7 @@ class Simulator:
         return stopped
 
     def _requeued(self, task_id: str, run: _Running) -> None:
-        self.outcomes[run.index].preemptions += 1
+        self.outcomes[run.index].stopped(self.clock.seconds - run.started_s, self.jobs[run.index].checkpoint_interval_s)
         self._pending += 1
         self._release(task_id, run)
 

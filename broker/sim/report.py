@@ -79,7 +79,8 @@ def metrics(result: SimResult) -> dict[str, float]:
     out: dict[str, float] = {
         "jobs": len(jobs), "rejected": sum(1 for o in jobs if o.rejected),
         "completed": len(done), "never_started": sum(1 for o in jobs if o.started_s is None and not o.rejected),
-        "preemptions": sum(o.preemptions for o in jobs)}
+        "preemptions": sum(o.preemptions for o in jobs), "preempted_max": max((o.preemptions for o in jobs), default=0),
+        "lost_gpu_h": sum(o.lost_s * o.job.gpus for o in jobs) / 3600}
     out |= _stats("wait", waits(jobs))
     out |= _stats("jct", [jct for _, jct in done])
     out |= _stats("slowdown", [_slowdown(o, jct) for o, jct in done])
@@ -149,6 +150,7 @@ _ROWS: list[tuple[str, str, str]] = [  # label, metric key, format
     ("gang wait mean", "gang_wait_mean", "time"), ("gang wait max", "gang_wait_max", "time"),
     ("wait mean, single-node jobs", "single_wait_mean", "time"),
     ("makespan", "makespan_s", "time"), ("preemptions", "preemptions", "int"),
+    ("most preemptions of one job", "preempted_max", "int"), ("GPU-hours redone after preemption", "lost_gpu_h", "num"),
     ("dispatcher cycles", "cycles", "int"), ("wall time", "wall_s", "time"), ("jobs/s simulated", "jobs_per_s", "int"),
 ]
 

@@ -43,6 +43,15 @@ class JobOutcome:
     rejected: str | None = None  # why submit refused it (no node could ever run it)
     order: int | None = None  # position among all placements of the run (last placement)
     members: int = 1  # a job larger than any node replays as a gang of this many (broker.sim.gangs)
+    saved_s: float = 0.0  # run time kept by checkpoints across preemptions: a restart resumes here
+    lost_s: float = 0.0  # run time redone after preemptions (since the last checkpoint of each stopped run)
+
+    def stopped(self, ran_s: float, checkpoint_interval_s: float | None) -> None:
+        """A run of ``ran_s`` seconds was preempted: keep what its last checkpoint saved."""
+        self.preemptions += 1
+        kept = ran_s // checkpoint_interval_s * checkpoint_interval_s if checkpoint_interval_s else 0.0
+        self.saved_s += kept
+        self.lost_s += ran_s - kept
 
 
 @dataclass(slots=True)

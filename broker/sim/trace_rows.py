@@ -45,6 +45,9 @@ class TraceJob:
     name: str = "trace.job"
     labels: Selector = field(default_factory=dict)
     preemptible: bool | None = None
+    # A preempted job resumes from its last checkpoint, taken every this many seconds of its run
+    # (None: it restarts from zero).
+    checkpoint_interval_s: float | None = None
 
     def resources(self) -> Resources:
         labels = {k: v if isinstance(v, str) else list(v) for k, v in self.labels.items()}

@@ -248,7 +248,7 @@ def _forget_gone(shapes: Shapes | None, live: list[str]) -> None:
 # ---- what the full planner sees (scheduling.planner) ---------------------------------------
 
 _RUNNING_FIELDS = (b"state", b"node", b"alloc", b"req", b"started_at", b"reserved_at", b"preempt_at", b"seq",
-                   b"submitted_at")
+                   b"submitted_at", b"preemptions")
 
 
 def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
@@ -264,7 +264,7 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
                                     for t in ids])
     wires: dict[bytes, records.Wire] = {}
     out = []
-    for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted) in zip(
+    for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted, preemptions) in zip(
             ids, replies, strict=True):
         if state not in (b"RESERVED", b"RUNNING") or alloc is None or node is None or req is None:
             continue  # finished or moved between the two reads
@@ -274,9 +274,11 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
                 wire = wires[req] = records.decode_request(req)
             except records.UnreadableRecord:
                 continue  # it holds what its alloc says either way; only preemption cannot weigh it
-        out.append(records.running_task(task_id.decode(), node.decode(), alloc, wire,
-                                        int(started or reserved or 0) / 1000, int(seq or 0),
-                                        int(submitted or 0) / 1000, preempt_at is not None, preemptible_default))
+        run = records.running_task(task_id.decode(), node.decode(), alloc, wire, int(started or reserved or 0) / 1000,
+                                   int(seq or 0), int(submitted or 0) / 1000, preempt_at is not None,
+                                   preemptible_default)
+        run.preemptions = int(preemptions or 0)
+        out.append(run)
     return out
 
 

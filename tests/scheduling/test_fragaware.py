@@ -161,10 +161,10 @@ def test_cpu_left_must_feed_the_free_gpus() -> None:
 
 
 def test_slots_feed_gpus_like_cpu() -> None:
-    """With 2 slots left, 4 free GPUs take only 2 of the 8 half shares expected: a whole GPU uses them best."""
-    nodes = [node("many", 4, slots=8), node("few", 4, slots=2)]
-    assert FragAware(nodes, {(0, 500): 1}).place(task("t", 1)) == Placement("t", "few", (0,))
-    assert BestFit(nodes).place(task("t", 1)) == Placement("t", "many", (0,))
+    """With 2 slots left, 4 free GPUs take only 2 of the 4 whole-GPU tasks expected: a CPU task
+    there would leave 3 of them unfed, so it goes where slots are plenty."""
+    nodes = [node("few", 4, slots=2), node("many", 4, slots=8)]
+    assert FragAware(nodes, {(1, 0): 1}).place(task("c", cpus=1)) == Placement("c", "many")
 
 
 def test_each_choice_is_the_best_of_a_full_scan() -> None:
@@ -190,3 +190,14 @@ def test_each_choice_is_the_best_of_a_full_scan() -> None:
             assert mine is not None and mine[0] == min(r[0] for r in ranks)
             placer.take(t, chosen)
             assert all(m >= 0 for m in node_now.free_milli) and node_now.free_cpu_milli >= 0
+
+
+def test_a_share_does_not_take_the_cpu_another_share_needs() -> None:
+    """Shares seen ask 8 CPUs. "small" (8 CPUs) can host one more; "big" (64) many. A 2-CPU share
+    on "small" would strand its GPU for every such share; on "big" it strands nothing. The rule
+    that made the CPU feed every share slot (4 of 0.25 per GPU) saw "small" as fragmented
+    already (CPU for 1 of 4) and no rise either way, and took "small"."""
+    nodes = [node("small", 1, cpus=8), node("big", 1, cpus=64)]
+    fgd = FragAware(nodes, {(0, 250): 10})
+    fgd.choose(task("seen", 0.25, cpus=8))
+    assert fgd.place(task("t", 0.25, cpus=2)) == Placement("t", "big", (0,))

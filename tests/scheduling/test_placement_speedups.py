@@ -14,7 +14,7 @@ import pytest
 from broker.models import MILLI
 from broker.scheduling.model import NodeFree, Placement, TaskRequest
 from broker.scheduling.placement import make_placer
-from broker.scheduling.placement.best_fit import plan
+from broker.scheduling.placement.best_fit import WEIGHTS, plan
 from broker.scheduling.placement.first_fit import _MaxTree
 from tests.scheduling.helpers import GiB, node, task
 
@@ -41,19 +41,27 @@ def _preference(n: NodeFree, t: TaskRequest) -> int:
 
 
 class Reference:
-    """Judges every node for every task. best_fit: fewest wholly free GPUs, ties to the node
-    changed longest ago (initially, the given order); a share to the least share left over,
-    then fewest whole GPUs; CPU tasks to nodes without GPUs, then the tightest CPU. spread: most
-    wholly free, most share free, most CPU free. first_fit: lowest id, lowest GPU index."""
+    """Judges every node for every task. best_fit: the fullest node, every dimension weighed (free
+    GPU, GPU memory, CPU, memory, each over the largest node's, by ``WEIGHTS``), ties to the given
+    order; a share to the GPU there with the least share left over; CPU tasks to nodes without
+    GPUs first. spread: most wholly free, most share free, most CPU free. first_fit: lowest id,
+    lowest GPU index."""
 
     def __init__(self, kind: str, nodes: list[NodeFree]) -> None:
         self.kind = kind
         given = sorted(nodes, key=lambda n: n.id) if kind == "first_fit" else nodes
         self.nodes = {n.id: n.copy() for n in given}
         self.rank = {n: r for r, n in enumerate(self.nodes)}
-        self.changed = dict(self.rank)
-        self.clock = len(self.nodes)
         self.free_slots = sum(n.free_slots for n in self.nodes.values())
+        extent = [max([1] + [len(n.free_milli) * MILLI for n in nodes]),
+                  max([1] + [len(n.free_milli) * n.gpu_memory_mb for n in nodes]),
+                  max([1] + [max(n.cap_cpu_milli, n.free_cpu_milli) for n in nodes]),
+                  max([1] + [max(n.cap_memory_mb, n.free_memory_mb) for n in nodes])]
+        self.factors = [w * 1_000_000 / e for w, e in zip(WEIGHTS, extent, strict=True)]
+
+    def fullness(self, n: NodeFree) -> int:
+        free = (sum(n.free_milli), sum(n.free_mem), n.free_cpu_milli, n.free_memory_mb)
+        return round(sum(f * v for f, v in zip(self.factors, free, strict=True)))
 
     def choose(self, t: TaskRequest, views: dict[str, NodeFree] | None = None) -> Placement | None:
         if self.free_slots <= 0:
@@ -73,16 +81,15 @@ class Reference:
 
     def _choose(self, t: TaskRequest, views: dict[str, NodeFree]) -> Placement | None:
         best: tuple[Key, str, list[int]] | None = None
-        viewed = {node_id: position for position, node_id in enumerate(views)}
         for node_id, own in self.nodes.items():
             n = views.get(node_id, own)
-            for key, gpus in self._options(n, t, viewed.get(node_id)):
+            for key, gpus in self._options(n, t):
                 if best is None or key < best[0]:
                     best = (key, node_id, gpus)
         return None if best is None else Placement(t.id, best[1], tuple(best[2]))
 
-    def _options(self, n: NodeFree, t: TaskRequest, viewed: int | None) -> list[tuple[Key, list[int]]]:
-        """(key, GPUs) of each way ``t`` fits on ``n``; ``viewed``: the place of ``n`` among the views."""
+    def _options(self, n: NodeFree, t: TaskRequest) -> list[tuple[Key, list[int]]]:
+        """(key, GPUs) of each way ``t`` fits on ``n``."""
         if not _fits(n, t):
             return []
         # best_fit tries each preferred label set in turn (choose) instead of ranking nodes by it
@@ -92,24 +99,24 @@ class Reference:
             if n.gpu_memory_mb < t.gpu_memory_mb or whole < t.whole_gpus:
                 return []
             gpus = _whole(n)[: t.whole_gpus]
-            if self.kind == "best_fit":  # a viewed node wins only over nodes with more whole GPUs
-                return [((whole, 0, self.changed[n.id]) if viewed is None else (whole, 1, viewed), gpus)]
+            if self.kind == "best_fit":
+                return [((0, self.fullness(n), rank), gpus)]
             return [((pref, -whole if self.kind == "spread" else 0, rank), gpus)]
         if t.gpu_milli:
             fit = _share_gpus(n, t)
             if self.kind == "best_fit":
-                return [((n.free_milli[i], whole, rank, i), [i]) for i in fit]
+                return [((0, self.fullness(n), rank, n.free_milli[i], i), [i]) for i in fit]
             if self.kind == "spread":
                 return [((pref, -n.free_milli[i], rank, i), [i]) for i in fit]
             return [((pref, rank, i), [i]) for i in fit]
         has_gpus = len(n.free_milli) > 0
+        if self.kind == "best_fit":
+            return [((has_gpus, self.fullness(n), rank), [])]
         cpu = {"best_fit": n.free_cpu_milli, "spread": -n.free_cpu_milli, "first_fit": 0}[self.kind]
         return [((pref, has_gpus, cpu, rank), [])]
 
     def take(self, t: TaskRequest, p: Placement) -> None:
         self.nodes[p.node_id].take(t, p.gpu_indices)
-        self.changed[p.node_id] = self.clock
-        self.clock += 1
         self.free_slots -= 1
 
 

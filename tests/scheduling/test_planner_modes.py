@@ -106,7 +106,9 @@ ETA_TABLE = [
     pytest.param([running("r1", "n", (0, 1), est=100), running("r2", "n", (2, 3))], task("t", 6), None,
                  id="unknown end: unknown start"),
     pytest.param([running("r1", "n", (0, 1), started=-500, est=100), running("r2", "n", (2, 3), est=300)],
-                 task("t", 3), 0.0, id="an overdue task counts as ending now"),
+                 task("t", 3), 300.0, id="an overdue task is not free now: the next release is r2's"),
+    pytest.param([running("r1", "n", (0, 1, 2, 3), started=-500, est=100)], task("t", 4), 500.0,
+                 id="an overdue task's estimate moves with it: as long again as it has run"),
 ]
 
 

@@ -1,8 +1,10 @@
 """best_fit, the default placer, and the dispatcher's lazy spine planner built on it.
 
-Whole-GPU tasks go to the node with the fewest wholly free GPUs that still has enough (fills
-busy nodes, keeps empty ones whole); GPU shares go to the GPU they fill best (least share left
-over); CPU tasks prefer nodes without GPUs, then the tightest CPU fit.
+Each task goes to the fullest node it fits on, every resource weighed: free GPU, GPU memory,
+CPU and memory, each as a share of the largest node's, summed with ``WEIGHTS`` (the ATC '23
+paper's best fit weighs free CPU and GPU half and half; GPU-only packing strands GPUs on nodes
+whose CPU ran out). A share takes the GPU it fills best there (least share left over); whole
+GPUs are the lowest wholly free ones; CPU tasks prefer nodes without GPUs.
 
 ``BestFit`` is the indexed core; ``BestFitPlacer`` adds the ``Placer`` contract (choose/take,
 preference lists, backfill views); ``propose`` is the spine: priority order, skip-ahead,
@@ -13,47 +15,89 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
+from broker.models import MILLI
 from broker.scheduling.model import NodeFree, Placement, TaskRequest
-from broker.scheduling.placement.base import ChooseThenTake, Entries, LabelGroups, reindex
+from broker.scheduling.placement.base import ChooseThenTake, LabelGroups
+
+# Weights of free GPU, GPU memory, CPU and memory in a node's fullness (each as a share of the
+# largest node's capacity in that dimension). The paper's best fit weighs CPU and GPU half and half.
+WEIGHTS = (0.35, 0.15, 0.35, 0.15)
+SCALE = 1_000_000  # fullness is an integer, so that equal nodes tie exactly
+SHARE_BUCKETS = 20  # nodes filed by the most share free on one GPU, in steps of MILLI / SHARE_BUCKETS
+
+
+def _extent(nodes: Iterable[NodeFree]) -> tuple[float, float, float, float]:
+    """The largest node's capacity in each dimension (GPU milli, GPU memory, CPU milli, memory MiB)."""
+    top = [1, 1, 1, 1]
+    for n in nodes:
+        gpus = len(n.free_milli)
+        for d, value in enumerate((gpus * MILLI, gpus * n.gpu_memory_mb, max(n.cap_cpu_milli, n.free_cpu_milli),
+                                   max(n.cap_memory_mb, n.free_memory_mb))):
+            top[d] = max(top[d], value)
+    return (WEIGHTS[0] * SCALE / top[0], WEIGHTS[1] * SCALE / top[1], WEIGHTS[2] * SCALE / top[2],
+            WEIGHTS[3] * SCALE / top[3])
+
+
+def fullness(node: NodeFree, factors: tuple[float, float, float, float]) -> int:
+    """What is free on the node, every dimension weighed: lower is fuller."""
+    return round(factors[0] * sum(node.free_milli) + factors[1] * sum(node.free_mem)
+                 + factors[2] * node.free_cpu_milli + factors[3] * node.free_memory_mb)
+
+
+def _share_bucket(node: NodeFree) -> int:
+    return max(node.free_milli, default=0) * SHARE_BUCKETS // MILLI
 
 
 class BestFit:
-    """Places tasks one at a time onto a private copy of the cluster's free capacity.
+    """Places tasks one at a time onto a private copy of the cluster's free capacity: each on the
+    fullest node it fits on, every resource weighed (``fullness``: free GPU, GPU memory, CPU and
+    memory, each as a share of the largest node's), then the node given first. A share takes the
+    GPU it fills best there; CPU tasks prefer nodes without GPUs.
 
-    Indexed so that a placement looks at the few nodes that can win, not every node: wholly
-    free GPU count -> nodes (whole GPUs); per label group, every GPU sorted by (free share,
-    its node's wholly free count, node rank, index), and nodes sorted by (free CPU, rank),
-    apart for nodes with and without GPUs. Rank (the order nodes came in) breaks ties as the
-    plain scan over all nodes did."""
+    Indexed so that a placement looks at the few nodes that can win, not every node: per label
+    group, nodes sorted by (fullness, rank) in buckets by wholly free GPU count (whole-GPU
+    tasks), by the most share free on one GPU (shares) and by whether they have GPUs (CPU
+    tasks). A bucket is read from its fullest node to the first the task fits on."""
 
     def __init__(self, nodes: Iterable[NodeFree]) -> None:
         # The caller's nodes, copied only when a placement takes from one (own()): most cycles
         # place a few tasks on a few of thousands of nodes.
         self.nodes = {n.id: n for n in nodes}
         self.owned: set[str] = set()
-        self.max_gpus = max((len(n.free_milli) for n in self.nodes.values()), default=0)
-        # Wholly free GPU count -> node ids, insertion-ordered so ties break the same way each run.
-        self.by_whole: list[dict[str, None]] = [{} for _ in range(self.max_gpus + 1)]
-        self.whole: dict[str, int] = {}
-        # Node id -> its wholly free GPU indices, ascending: kept up to date as tasks are placed
-        # rather than recounted, since every placement needs them.
-        self.whole_gpus: dict[str, list[int]] = {}
-        for node in self.nodes.values():
-            self.whole_gpus[node.id] = node.whole_indices()
-            self._file(node, len(self.whole_gpus[node.id]))
-        self.free_slots = sum(n.free_slots for n in self.nodes.values())
         self.ranked = list(self.nodes.values())
         self.rank = {node.id: rank for rank, node in enumerate(self.ranked)}
         self.groups = LabelGroups(self.ranked)
-        # The share and CPU indexes are built when the first such task asks: a pass of whole-GPU
-        # tasks (most cycles, often with one task) should not pay for sorting every GPU.
-        self.indexed = False
-        self.shares: list[list[tuple[int, ...]]] = [[] for _ in self.groups.labels]
-        self.cpus: list[list[tuple[int, ...]]] = [[] for _ in range(2 * len(self.groups.labels))]
+        self.factors = _extent(self.ranked)
+        self.max_gpus = max((len(n.free_milli) for n in self.ranked), default=0)
+        # Node id -> its wholly free GPU indices, ascending: kept up to date as tasks are placed.
+        self.whole_gpus: dict[str, list[int]] = {n.id: n.whole_indices() for n in self.ranked}
+        self.free_slots = sum(n.free_slots for n in self.ranked)
+        self.failed: set[tuple[Any, ...]] = set()  # task shapes that fit nowhere
+        self.dead: dict[tuple[Any, ...], set[int]] = {}  # task shape -> ranks of nodes it does not fit
+        # (kind, group, bucket) -> sorted [(fullness, rank)]; kind "w": whole, "s": share, "c": CPU.
+        # Each kind of bucket is built when the first task that reads it asks: a pass of whole-GPU
+        # tasks (most cycles, often with one task) should not pay for the other two.
+        self.buckets: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+        self.built: set[str] = set()
+        self._keys_memo: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}
+        self.filed: dict[str, list[tuple[tuple[str, int, int], tuple[int, int]]]] = {n.id: [] for n in self.ranked}
+
+    def _index(self, kind: str) -> None:
+        if kind in self.built:
+            return
+        self.built.add(kind)
+        touched = set()
+        for node in self.ranked:
+            for key, entry in self._entries(node, (kind,)):
+                self.buckets.setdefault(key, []).append(entry)
+                self.filed[node.id].append((key, entry))
+                touched.add(key)
+        for key in touched:
+            self.buckets[key].sort()
 
     def own(self, node_id: str) -> NodeFree:
         """The node, as this placer's own copy (made on first use) that placements may change."""
@@ -63,115 +107,104 @@ class BestFit:
             node = self.nodes[node_id] = self.ranked[self.rank[node_id]] = node.copy()
         return node
 
-    def index(self) -> None:
-        if self.indexed:
-            return
-        self.indexed = True
-        for node in self.ranked:
-            for entries, entry in self._entries(node):
-                entries.append(entry)
-        for entries in (*self.shares, *self.cpus):
-            entries.sort()
-
-    def indexed_entries(self, node: NodeFree) -> Entries:
-        """The node's index entries, or none while the indexes are not built."""
-        return self._entries(node) if self.indexed else []
-
-    def _entries(self, node: NodeFree) -> Entries:
-        group, rank, whole = self.groups.of[node.id], self.rank[node.id], self.whole[node.id]
-        shares = self.shares[group]
-        out: Entries = [(shares, (milli, whole, rank, i)) for i, milli in enumerate(node.free_milli)]
-        out.append((self.cpus[2 * group + (len(node.free_milli) > 0)], (node.free_cpu_milli, rank)))
+    def _entries(self, node: NodeFree, kinds: Iterable[str]) -> list[tuple[tuple[str, int, int], tuple[int, int]]]:
+        """The node's bucket entries for ``kinds`` ("w": whole GPUs, "s": shares, "c": CPU)."""
+        group, entry = self.groups.of[node.id], (fullness(node, self.factors), self.rank[node.id])
+        out = []
+        for kind in kinds:
+            if kind == "c":
+                out.append((("c", group, int(bool(node.free_milli))), entry))
+            elif node.free_milli:
+                bucket = len(self.whole_gpus[node.id]) if kind == "w" else _share_bucket(node)
+                out.append(((kind, group, bucket), entry))
         return out
 
-    def _file(self, node: NodeFree, count: int) -> None:
-        self.whole[node.id] = count
-        self.by_whole[count][node.id] = None
-
-    def _refile(self, node: NodeFree, count: int) -> None:
-        """Move the node to the back of the bucket for ``count``, even when that is its own bucket."""
-        del self.by_whole[self.whole[node.id]][node.id]
-        self.whole[node.id] = count
-        self.by_whole[count][node.id] = None
+    def _refile(self, node: NodeFree) -> None:
+        for key, entry in self.filed[node.id]:
+            entries = self.buckets[key]
+            del entries[bisect_left(entries, entry)]
+        self.filed[node.id] = after = self._entries(node, self.built)
+        for key, entry in after:
+            insort(self.buckets.setdefault(key, []), entry)
 
     def place(self, task: TaskRequest) -> Placement | None:
         if self.free_slots <= 0:
             return None
-        if task.whole_gpus:
-            choice = self._whole(task)
-        elif task.gpu_milli:
-            choice = self._share(task)
-        else:
-            choice = self._cpu(task)
+        choice = self._best(task)
         if choice is None:
             return None
         node, gpus = choice
-        node = self.own(node.id)
-        before = self.indexed_entries(node)
-        whole = self.whole_gpus[node.id]
-        if task.whole_gpus:
-            del whole[: len(gpus)]  # _whole hands out the lowest wholly free indices
-        elif gpus and gpus[0] in whole:
-            whole.remove(gpus[0])  # a share leaves its GPU partly used
-        node.take(task, gpus)
-        self._refile(node, len(whole))
-        reindex(before, self.indexed_entries(node))
-        self.free_slots -= 1
+        self._take(node.id, task, gpus)
         return Placement(task.id, node.id, tuple(gpus))
 
-    def _whole(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        for bucket in self.by_whole[task.whole_gpus:]:
-            for node_id in bucket:
-                node = self.nodes[node_id]
-                if node.gpu_memory_mb >= task.gpu_memory_mb and node.host_fits(task):
-                    return node, self.whole_gpus[node_id][: task.whole_gpus]
-        return None
+    def _take(self, node_id: str, task: TaskRequest, gpus: Sequence[int]) -> None:
+        node = self.own(node_id)
+        node.take(task, gpus)
+        whole = self.whole_gpus[node_id]
+        for i in gpus:
+            if i in whole:
+                whole.remove(i)
+        self._refile(node)
+        self.free_slots -= 1
 
-    def _share(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        best = self._best_share(task)
-        return None if best is None else (self.ranked[best[2]], [best[3]])
+    def _keys(self, task: TaskRequest, group: int) -> list[tuple[str, int, int]]:
+        """The buckets of ``group`` where ``task`` may fit, CPU tasks' GPU-less nodes first."""
+        memo = (task.whole_gpus, task.gpu_milli, group)
+        found = self._keys_memo.get(memo)
+        if found is None:
+            found = self._keys_memo[memo] = self._bucket_keys(task, group)
+        return found
 
-    def _best_share(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[int, ...] | None:
-        """The least (free share, node's wholly free count, rank, index) of a GPU the share fits on,
-        outside nodes in ``skip``: least share left over, then the node with fewest whole GPUs."""
-        self.index()
-        best: tuple[int, ...] | None = None
+    def _bucket_keys(self, task: TaskRequest, group: int) -> list[tuple[str, int, int]]:
+        if task.whole_gpus:
+            return [("w", group, c) for c in range(task.whole_gpus, self.max_gpus + 1)]
+        if task.gpu_milli:
+            return [("s", group, b) for b in range(task.gpu_milli * SHARE_BUCKETS // MILLI, SHARE_BUCKETS + 1)]
+        return [("c", group, 0), ("c", group, 1)]
+
+    def _best(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[NodeFree, list[int]] | None:
+        """The fullest node outside ``skip`` that ``task`` fits on, and its GPUs (CPU tasks: nodes
+        without GPUs first)."""
+        shape = task.shape
+        if shape in self.failed:
+            return None
+        self._index("w" if task.whole_gpus else "s" if task.gpu_milli else "c")
+        # Free capacity only shrinks in a placer: a node a shape did not fit never will.
+        dead = self.dead.setdefault(shape, set())
+        best: tuple[tuple[int, int, int], list[int]] | None = None
+        cpu_only = not (task.whole_gpus or task.gpu_milli)
         for group, _ in self.groups.matching(task):
-            entries = self.shares[group]
-            for k in range(bisect_left(entries, (task.gpu_milli,)), len(entries)):
-                entry = entries[k]
-                if best is not None and entry >= best:
-                    break
-                node = self.ranked[entry[2]]
-                if (node.free_mem[entry[3]] >= node.share_memory(task) and node.host_fits(task)
-                        and node.id not in skip):
-                    best = entry
-                    break
-        return best
-
-    def _cpu(self, task: TaskRequest) -> tuple[NodeFree, list[int]] | None:
-        best = self._best_cpu(task)
-        return None if best is None else (self.ranked[best[2]], [])
-
-    def _best_cpu(self, task: TaskRequest, skip: Container[str] = ()) -> tuple[int, ...] | None:
-        """The least (has GPUs, free CPU, rank) of a node the task fits on, outside ``skip``:
-        nodes without GPUs first, then the tightest CPU fit."""
-        self.index()
-        best: tuple[int, ...] | None = None
-        for gpus in (0, 1):
-            for group, _ in self.groups.matching(task):
-                entries = self.cpus[2 * group + gpus]
-                for k in range(bisect_left(entries, (task.cpu_milli,)), len(entries)):
-                    entry = (gpus, *entries[k])
-                    if best is not None and entry >= best:
+            for key in self._keys(task, group):
+                entries = self.buckets.get(key)
+                if not entries:
+                    continue
+                for entry in entries:
+                    if entry[1] in dead:
+                        continue
+                    ranked = (key[2] if cpu_only else 0, *entry)
+                    if best is not None and ranked >= best[0]:
                         break
-                    node = self.ranked[entry[2]]
-                    if node.host_fits(task) and node.id not in skip:
-                        best = entry
+                    node = self.ranked[entry[1]]
+                    if node.id in skip:
+                        continue
+                    gpus = self._gpus(node, task)
+                    if gpus is not None:
+                        best = (ranked, gpus)
                         break
-            if best is not None:
-                return best
-        return None
+                    dead.add(entry[1])
+        if best is None:
+            if not skip:
+                self.failed.add(shape)
+            return None
+        return self.ranked[best[0][2]], best[1]
+
+    def _gpus(self, node: NodeFree, task: TaskRequest) -> list[int] | None:
+        if task.whole_gpus:
+            whole = self.whole_gpus[node.id]
+            if len(whole) < task.whole_gpus or node.gpu_memory_mb < task.gpu_memory_mb or not node.host_fits(task):
+                return None
+            return whole[: task.whole_gpus]
+        return node.gpus_for(task)
 
 
 class BestFitPlacer(ChooseThenTake, BestFit):
@@ -189,62 +222,25 @@ class BestFitPlacer(ChooseThenTake, BestFit):
         return None
 
     def _fast(self, task: TaskRequest, views: dict[str, NodeFree]) -> Placement | None:
-        if task.whole_gpus:
-            choice = self._whole_viewed(task, views) if views else self._whole(task)
-        elif task.gpu_milli:
-            choice = self._share_viewed(task, views) if views else self._share(task)
-        else:
-            choice = self._cpu_viewed(task, views) if views else self._cpu(task)
+        choice = self._best(task, views)
+        if views:
+            best = None if choice is None else self._ranked(self.nodes[choice[0].id], task)
+            for node_id, view in views.items():
+                gpus = view.gpus_for(task)
+                if gpus is not None:
+                    key = self._ranked(view, task, node_id)
+                    if best is None or key < best:
+                        best, choice = key, (self.nodes[node_id], gpus)
         return None if choice is None else Placement(task.id, choice[0].id, tuple(choice[1]))
 
-    def _whole_viewed(self, task: TaskRequest, views: dict[str, NodeFree]) -> tuple[NodeFree, list[int]] | None:
-        """BestFit._whole, judging the nodes in ``views`` by their view."""
-        best: tuple[int, NodeFree, list[int]] | None = None
-        for node_id, view in views.items():
-            gpus = view.gpus_for(task)
-            if gpus is not None and (best is None or len(view.whole_indices()) < best[0]):
-                best = (len(view.whole_indices()), self.nodes[node_id], gpus)
-        last = self.max_gpus if best is None else best[0]
-        for bucket in self.by_whole[task.whole_gpus: last + 1]:
-            for node_id in bucket:
-                node = self.nodes[node_id]
-                if node_id not in views and node.gpu_memory_mb >= task.gpu_memory_mb and node.host_fits(task):
-                    return node, self.whole_gpus[node_id][: task.whole_gpus]
-        return None if best is None else (best[1], best[2])
-
-    def _share_viewed(self, task: TaskRequest, views: dict[str, NodeFree]) -> tuple[NodeFree, list[int]] | None:
-        """BestFit._share, judging the nodes in ``views`` by their view."""
-        best = self._best_share(task, views)
-        for node_id, view in views.items():
-            if not view.free_milli or not view.host_fits(task):
-                continue
-            memory, whole, rank = view.share_memory(task), len(view.whole_indices()), self.rank[node_id]
-            for i, milli in enumerate(view.free_milli):
-                if milli >= task.gpu_milli and view.free_mem[i] >= memory and (
-                        best is None or (milli, whole, rank, i) < best):
-                    best = (milli, whole, rank, i)
-        return None if best is None else (self.ranked[best[2]], [best[3]])
-
-    def _cpu_viewed(self, task: TaskRequest, views: dict[str, NodeFree]) -> tuple[NodeFree, list[int]] | None:
-        """BestFit._cpu, judging the nodes in ``views`` by their view."""
-        best = self._best_cpu(task, views)
-        for node_id, view in views.items():
-            key = (len(view.free_milli) > 0, view.free_cpu_milli, self.rank[node_id])
-            if view.host_fits(task) and (best is None or key < best):
-                best = key
-        return None if best is None else (self.ranked[best[2]], [])
+    def _ranked(self, node: NodeFree, task: TaskRequest, node_id: str | None = None) -> tuple[int, int, int]:
+        """How ``_best`` ranks a node (lower wins), judged by what is free on ``node``."""
+        cpu_only = not (task.whole_gpus or task.gpu_milli)
+        return (int(bool(node.free_milli)) if cpu_only else 0, fullness(node, self.factors),
+                self.rank[node_id or node.id])
 
     def take(self, task: TaskRequest, placement: Placement) -> None:
-        node = self.own(placement.node_id)
-        before = self.indexed_entries(node)
-        node.take(task, placement.gpu_indices)
-        whole = self.whole_gpus[node.id]
-        for i in placement.gpu_indices:
-            if i in whole:
-                whole.remove(i)
-        self._refile(node, len(whole))
-        reindex(before, self.indexed_entries(node))
-        self.free_slots -= 1
+        self._take(placement.node_id, task, placement.gpu_indices)
 
 
 def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:

@@ -8,8 +8,9 @@ cannot use there: all of it when m cannot run on the node at all (too little CPU
 slots, labels that do not match, too few usable GPUs), else the free capacity of the GPUs that
 are individually too small for m (a GPU with 400 free is a fragment to a 0.5 share, and any
 partly used GPU is one to a whole-GPU task). One step beyond the paper: when the host can feed
-fewer tasks of m than the GPUs could hold (8 GPUs, CPU for 3 such tasks), the unfed part of the
-usable GPU counts as fragment too, in proportion. A node's expected fragmentation weighs each
+fewer tasks of a whole-GPU kind m than the GPUs could hold (8 GPUs, CPU for 3 such tasks), the
+unfed part of the usable GPU counts as fragment too, in proportion (not for shares: see
+``_fragmentation``). A node's expected fragmentation weighs each
 kind by its share of the request mix. Each task goes where it raises the expected fragmentation
 least; ties go to the best fit. Whole-GPU tasks take GPUs nobody holds any share of.
 
@@ -201,10 +202,14 @@ class FragAware(ChooseThenTake):
         """Expected free milli-GPU on a node in ``state`` that the next task cannot use.
 
         FGD's fragment for a kind is all free GPU where the kind cannot run, else the GPUs too
-        small for it. Beyond FGD, the host must feed the GPUs too: if the node's CPU, memory or
-        slots can take only ``fed`` of the ``room`` tasks of the kind its GPUs could hold, the rest
-        of the usable GPU is stranded as well, in proportion. (On openb this lifts allocation at
-        130 % arrived by about 0.1 point: 8-GPU nodes run out of CPU before GPUs.)"""
+        small for it. Beyond FGD, for whole-GPU kinds the host must feed the GPUs too: if the
+        node's CPU, memory or slots can take only ``fed`` of the ``room`` tasks of the kind its
+        GPUs could hold, the rest of the usable GPU is stranded as well, in proportion (8-GPU
+        nodes run out of CPU before GPUs). Not for shares: their ``room`` counts the tasks that
+        would fill every GPU with that one kind (32 of a 0.23 share on 8 GPUs), which no node's
+        CPU feeds even empty and no mix does; weighing CPU against it made every CPU placed look
+        like fragmentation and cost 0.4 point on gpushare40 and 0.6 on multigpu20 at 130 %
+        arrived (seed 42; docs/evaluation.md)."""
         cached = self._frag.get(state)
         if cached is not None:
             return cached
@@ -215,13 +220,17 @@ class FragAware(ChooseThenTake):
             rooms = self._rooms.get((gpus, node_mem))
             if rooms is None:
                 rooms = self._rooms[gpus, node_mem] = [_gpu_room(gpus, node_mem, demand) for demand in self._kinds]
-            for (room, fragment), kinds, weight in zip(rooms, self._kinds.values(), self._shape_weights, strict=True):
+            for (room, fragment), (shape, kinds), weight in zip(rooms, self._kinds.items(), self._shape_weights,
+                                                                 strict=True):
                 if not room:
                     frag += weight * total
                     continue
                 usable = total - fragment
                 for kind in kinds:
-                    if cpu >= kind.cpu * room and memory >= kind.memory * room and slots >= room:
+                    if not shape[0]:  # a share: FGD's own test, can the host run one more
+                        fits = cpu >= kind.cpu and memory >= kind.memory and slots >= 1
+                        fed = room if fits else 0
+                    elif cpu >= kind.cpu * room and memory >= kind.memory * room and slots >= room:
                         fed = room  # the usual case, without dividing
                     else:
                         fed = min(slots, cpu // kind.cpu if kind.cpu else slots,

@@ -4,10 +4,13 @@ and ``run_cli`` (gpubroker errors as a message and an exit code, never a traceba
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import redis
 import typer
+from pydantic import BaseModel, TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 
@@ -24,6 +27,17 @@ err = Console(stderr=True, soft_wrap=True)  # a message is one line, however lon
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env GPUBROKER_REDIS_URL]")]
 Pool = Annotated[str | None, typer.Option("--pool", help="Pool name [env GPUBROKER_POOL]")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+
+
+def print_models(models: Sequence[BaseModel]) -> None:
+    """Print ``models`` as an indented JSON list, serialised by pydantic-core: rich's print_json
+    (json.dumps with an indent runs in pure Python, then highlighting) took 12 s for a
+    10,000-row queue (issue 14)."""
+    sys.stdout.buffer.write(_ANY_LIST.dump_json(list(models), indent=2) + b"\n")
+    sys.stdout.flush()
+
+
+_ANY_LIST = TypeAdapter(list[Any])
 
 
 def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> Settings:

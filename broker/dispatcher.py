@@ -46,6 +46,7 @@ from prometheus_client import Histogram
 
 from broker.metrics import COLLECTOR
 from broker.native.ingest import Ingest
+from broker.scan_gate import Mark, ScanGate
 from broker.scheduling.model import Placement, Plan
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
@@ -53,6 +54,7 @@ from broker.scheduling.planner import Planner
 from broker.settings import Settings
 from broker.store import history, reads, records, stats
 from broker.store.connection import as_broker_error, connect, transient
+from broker.store.free_view import FreeView
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
 
@@ -91,6 +93,7 @@ class CycleReport:
     ingested: int = 0  # tasks taken in from Celery's own queues
     forgotten: list[str] = field(default_factory=list)  # nodes down for node_forget_after_s, removed
     quarantined: list[str] = field(default_factory=list)  # pending tasks whose request could not be read
+    scanned: int = 0  # pending tasks the lazy planner read (none when the scan gate skipped the window)
     wake_at_ms: int | None = None  # something is due then (a delayed task, an expiry, a rate limit's next start)
 
 
@@ -120,8 +123,9 @@ class Dispatcher:
         s = settings.scheduling
         self.lazy = s.is_spine
         self.planner = Planner(s if explain or self.lazy else s.model_copy(update={"explain_limit": 0}))
-        self._node_shapes: reads.Shapes = {}  # read_free's memory of what nodes registered with
-        self._free = reads.FreeCache()  # and of what was free on each, until a script changes it
+        self._view = FreeView()  # what is free on each node, read again only where a script changed it
+        self._gate = ScanGate()  # skips reading the queue while nothing changed since it placed nothing
+        self._last_head = (0, False)  # what the last read of the queue's head found: tasks read, window full
         self._last_full_ms: int | None = None
         self._published = False
         self._catalogue = reads.Catalogue()
@@ -157,30 +161,7 @@ class Dispatcher:
             report.ingested = self._ingest.maybe()
             self._forget_departed(report)
             self._trim_history()
-        full = not self.lazy
-        if self.lazy:
-            with _Timer(report, "2_snapshot"):
-                nodes = reads.read_free(self.redis, self.keys, self.clock(), self._node_shapes, self._free)
-                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
-                                         first=sum(n.free_slots for n in nodes))
-                limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
-            report.nodes_seen = len(nodes)
-            tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
-            tokens = {name: left for name, (_rate, left) in limits.items()}
-            self._plan_and_commit(report, propose(tasks, nodes, tokens))
-            with _Timer(report, "4_commit"):
-                self._quarantine(report, head.poisoned)
-            self._wake_for_rates(report, limits, tokens)
-            report.pending_seen, report.window_full = head.read, head.window_full
-            # Tasks left waiting: now and then, a full pass for preemption and the queue view.
-            left = head.read > report.placed or report.window_full
-            interval_ms = self.settings.explain_interval_s * 1000
-            due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
-            sched = self.settings.scheduling
-            full = left and due and (sched.explain_limit > 0 or sched.preemption)
-            if not left and self._last_full_ms is not None:
-                self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
-                self._last_full_ms = None
+        full = self._lazy_pass(report) if self.lazy else True
         if full:
             # After the lazy planner, the full pass is for preemption and the queue view: the
             # head of the queue is enough.
@@ -194,6 +175,41 @@ class Dispatcher:
             self._refresh_metrics()
             self._beat()
         return report
+
+    def _lazy_pass(self, report: CycleReport) -> bool:
+        """The spine's lazy best-fit over the head of the queue; whether a full pass is due.
+        Skipped, window unread, while nothing changed since a pass that placed nothing (scan_gate)."""
+        with _Timer(report, "2_snapshot"):
+            nodes = self._view.read(self.redis, self.keys, self.clock())
+            mark = Mark(self._view.seen, int(cast(bytes | None, self.redis.get(self.keys.seq)) or 0))
+        report.nodes_seen = len(nodes)
+        if self._gate.may_skip(mark, report.promoted + report.ingested):
+            report.pending_seen, report.window_full = self._last_head
+        else:
+            with _Timer(report, "2_snapshot"):
+                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
+                                         first=sum(n.free_slots for n in nodes))
+                limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
+            tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
+            tokens = {name: left for name, (_rate, left) in limits.items()}
+            self._plan_and_commit(report, propose(tasks, nodes, tokens))
+            with _Timer(report, "4_commit"):
+                self._quarantine(report, head.poisoned)
+            self._wake_for_rates(report, limits, tokens)
+            report.scanned = report.pending_seen = head.read
+            report.window_full = head.window_full
+            self._last_head = (head.read, head.window_full)
+            self._gate.after(mark, not (report.placed or report.refused or head.poisoned)
+                             and all(t >= 1 for t in tokens.values()))
+        # Tasks left waiting: now and then, a full pass for preemption and the queue view.
+        left = report.pending_seen > report.placed or report.window_full
+        interval_ms = self.settings.explain_interval_s * 1000
+        due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
+        sched = self.settings.scheduling
+        if not left and self._last_full_ms is not None:
+            self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
+            self._last_full_ms = None
+        return left and due and (sched.explain_limit > 0 or sched.preemption)
 
     def _beat(self) -> None:
         """Record that a cycle ran (``gpubroker health dispatcher``), at most once a second."""
@@ -216,7 +232,7 @@ class Dispatcher:
         if now < self._next_stats_ms:
             return
         self._next_stats_ms = now + int(self.settings.explain_interval_s * 1000)
-        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._free.nodes)
+        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._view.nodes)
 
     def _forget_departed(self, report: CycleReport) -> None:
         """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down
@@ -246,9 +262,9 @@ class Dispatcher:
         window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
         poisoned: records.Poisoned = {}
         with _Timer(report, "2_snapshot"):
-            snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window,
-                                                   sched.preemptible_default, self._node_shapes, self._free,
-                                                   self._catalogue, poisoned)
+            found = self._view.read(self.redis, self.keys, now, draining=True)
+            snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window, sched.preemptible_default,
+                                                   found, self._catalogue, poisoned)
             # Preemptors no longer pending (placed, cancelled) wait for nothing.
             waiting = {t.id for t in snap.pending}
             done = [task_id for task_id in preempting if task_id not in waiting]
@@ -294,11 +310,11 @@ class Dispatcher:
     def _note_unreadable_nodes(self) -> None:
         """Log and count, once per node and reason, the node hashes read_free could not read: such a
         node is left out of scheduling (the others are not) until a script changes it."""
-        for node_id, why in self._free.unreadable.items():
+        for node_id, why in self._view.unreadable.items():
             if self._unreadable_nodes.get(node_id) != why:
                 log.error("node %s left out of scheduling: its hash cannot be read (%s)", node_id, why)
                 QUARANTINED.labels(self.settings.pool, "node").inc()
-        self._unreadable_nodes = dict(self._free.unreadable)
+        self._unreadable_nodes = dict(self._view.unreadable)
 
     def _publish_waiting(self, plan: Plan) -> None:
         """Each waiting task's position, reason and estimated start, for ``client.queue()``/``status``."""
@@ -342,7 +358,7 @@ class Dispatcher:
             else:
                 report.refused[code.name] += 1
                 if code is not ReserveCode.NOT_PENDING:  # the node is not as the cache had it: read it anew
-                    self._free.nodes.pop(placement.node_id, None)
+                    self._view.forget(placement.node_id)
 
     def _record(self, report: CycleReport) -> None:
         pool = self.settings.pool
@@ -384,8 +400,7 @@ class Dispatcher:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", as_broker_error(exc), backoff)
                 # A restarted Redis may have lost its last writes, and new ones can bring the
                 # change sequence back past what was cached: read every node afresh.
-                self._free = reads.FreeCache()
-                self._node_shapes.clear()
+                self._view = FreeView()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

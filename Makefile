@@ -45,6 +45,7 @@ lint: $(STAMP)
 bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.dispatch
 	$(BIN)/python -m bench.submit
+	$(BIN)/python -m bench.scale
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -180,19 +180,19 @@ class Dispatcher:
         """The spine's lazy best-fit over the head of the queue; whether a full pass is due.
         Skipped, window unread, while nothing changed since a pass that placed nothing (scan_gate)."""
         with _Timer(report, "2_snapshot"):
-            nodes = self._view.read(self.redis, self.keys, self.clock())
+            self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
             mark = Mark(self._view.seen, int(cast(bytes | None, self.redis.get(self.keys.seq)) or 0))
-        report.nodes_seen = len(nodes)
+        report.nodes_seen = len(self._view.index.nodes)
         if self._gate.may_skip(mark, report.promoted + report.ingested):
             report.pending_seen, report.window_full = self._last_head
         else:
             with _Timer(report, "2_snapshot"):
                 head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
-                                         first=sum(n.free_slots for n in nodes))
+                                         first=self._view.index.free_slots)
                 limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
             tasks = (task for chunk in head.chunks() for task in queue_order(chunk))
             tokens = {name: left for name, (_rate, left) in limits.items()}
-            self._plan_and_commit(report, propose(tasks, nodes, tokens))
+            self._plan_and_commit(report, propose(tasks, self._view.index, tokens))
             with _Timer(report, "4_commit"):
                 self._quarantine(report, head.poisoned)
             self._wake_for_rates(report, limits, tokens)

@@ -23,13 +23,15 @@ from typing import Any, cast
 import redis
 
 from broker.scheduling.model import NodeFree
+from broker.scheduling.placement.free_index import FreeIndex
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
 from broker.store.reads import Shapes, forget_gone, read_nodes_free
 
 
 class FreeView:
-    """What ``read`` read last. The NodeFree objects are shared from cycle to cycle: readers must
+    """What ``read`` read last, and ``index``: the schedulable nodes by free shape (the lazy
+    planner's). The NodeFree objects are shared from cycle to cycle: readers must
     copy, not change them."""
 
     def __init__(self) -> None:
@@ -40,7 +42,9 @@ class FreeView:
         self.leased: set[str] = set()  # nodes holding a lease, run out or not, at the last read
         self.order: list[str] = []  # ``leased``, sorted: the order planners rank nodes in
         self.changed: set[str] = set()  # nodes the last read read anew
+        self.expired: set[str] = set()  # leased nodes whose lease had run out at the last read
         self.node_reads = 0  # node hashes read so far (tests count them)
+        self.index = FreeIndex()  # the schedulable nodes by free shape, updated on each refresh
         self._dirty: set[str] = set()  # nodes to read again whatever the markers say
         self._synced = False
 
@@ -51,6 +55,17 @@ class FreeView:
     def read(self, client: redis.Redis, keys: PoolKeys, now_ms: int, draining: bool = False) -> list[NodeFree]:
         """What is free on each schedulable node (up, lease valid, not draining; ``draining=True``:
         draining ones too), in node id order, as ``reads.read_free`` reads it."""
+        self.refresh(client, keys, now_ms)
+        out = []
+        for node_id in self.order:
+            node = self.nodes.get(node_id)
+            if node is not None and (draining or not node.draining) and node_id not in self.expired:
+                out.append(node)
+        return out
+
+    def refresh(self, client: redis.Redis, keys: PoolKeys, now_ms: int) -> dict[str, NodeFree | None]:
+        """Read what changed; returns each node that may be other than at the last refresh: what is
+        free on it now, None when it is not up or its lease ran out (draining ones as they are)."""
         changes, last, expired, count = raw_pipeline(client, [
             encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % self.seen, b"+inf", b"BYSCORE"),
             encode_command(b"ZRANGE", keys.changes.encode(), b"-1", b"-1", b"WITHSCORES"),
@@ -67,17 +82,18 @@ class FreeView:
         if len(self.leased) != count and self._synced:
             self._synced = False  # a lease came or went without a marker: read everything next time
         gone = {m.decode() for m in expired}
-        out = []
-        for node_id in self.order:
-            node = self.nodes.get(node_id)
-            if node is not None and (draining or not node.draining) and node_id not in gone:
-                out.append(node)
-        return out
+        changed = self.changed | (gone ^ self.expired)  # leases that ran out, or were renewed in time
+        self.expired = gone
+        now = {i: None if i in gone else self.nodes.get(i) for i in changed}
+        self.index.update(now, now)
+        return now
 
     def _resync(self, client: redis.Redis, keys: PoolKeys) -> None:
         ids = {m.decode() for m in cast(list[bytes], client.zrange(keys.leases, 0, -1))}
+        known = set(self.nodes)
         self.nodes, self.unreadable, self.leased, self._synced = {}, {}, set(), True
         self._update(client, keys, 0, ids, ids)
+        self.changed = ids | known  # the nodes gone since are changes too
 
     def _update(self, client: redis.Redis, keys: PoolKeys, now_ms: int, stale: set[str],
                 leased: set[str] | None = None) -> None:

@@ -88,6 +88,9 @@ def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
         for draining in (False, True):
             assert view.read(redis_client, keys, clock(), draining) == reads.read_free(redis_client, keys, clock(),
                                                                                        draining=draining)
+        full = reads.read_free(redis_client, keys, clock())  # and the lazy planner's index of them
+        assert view.index.ranked == full and view.index.free_slots == sum(n.free_slots for n in full)
+        assert sorted(i for bucket in view.index.by_whole for i in bucket) == [n.id for n in full]
 
     register_node(scripts, "a", gpus=2, gpu_mem=1000)
     register_node(scripts, "b", gpus=1, gpu_mem=500, cpus=4)
@@ -126,14 +129,22 @@ def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
     assert scripts.heartbeat("c", "inc-1", 60_000) is HeartbeatCode.OK  # heartbeat.lua: a lease, no capacity
     assert_same()
     assert view.node_reads == reads_before  # nothing changed: nothing re-read
+
+
+def test_a_free_view_reads_only_the_node_a_script_changed(scripts: Scripts, redis_client: redis.Redis,
+                                                          keys: PoolKeys, clock: Clock) -> None:
+    from tests.invariants import place
+
+    view = FreeView()
     for node in (f"n{i}" for i in range(20)):
         register_node(scripts, node, gpus=1, gpu_mem=500)
     view.read(redis_client, keys, clock())
     reads_before = view.node_reads
     task = submit_task(scripts, resources=Resources(gpus=1))
     place(scripts, task, "n7", 0)
-    assert_same()
-    assert view.node_reads - reads_before == 1  # of 22 nodes, the one reserve.lua changed
+    assert view.read(redis_client, keys, clock()) == reads.read_free(redis_client, keys, clock())
+    assert view.node_reads - reads_before == 1  # of 20 nodes, the one reserve.lua changed
+    assert view.index.whole["n7"] == 0 and len(view.index.nodes) == 20
 
 
 def test_read_free_cache_starts_afresh_when_redis_lost_its_data(scripts: Scripts, redis_client: redis.Redis,

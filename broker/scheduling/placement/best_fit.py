@@ -19,6 +19,7 @@ from typing import Any
 
 from broker.scheduling.model import NodeFree, Placement, TaskRequest
 from broker.scheduling.placement.base import ChooseThenTake, Entries, LabelGroups, reindex
+from broker.scheduling.placement.free_index import FreeIndex
 
 
 class BestFit:
@@ -55,12 +56,29 @@ class BestFit:
         self.shares: list[list[tuple[int, ...]]] = [[] for _ in self.groups.labels]
         self.cpus: list[list[tuple[int, ...]]] = [[] for _ in range(2 * len(self.groups.labels))]
 
+    @classmethod
+    def from_index(cls, index: FreeIndex) -> BestFit:
+        """Start from a FreeIndex kept across cycles: containers copied, no node visited one by one;
+        the same placements as ``BestFit(nodes)`` over its nodes in id order."""
+        fit = cls.__new__(cls)
+        fit.nodes, fit.owned, fit.max_gpus = dict(index.nodes), set(), index.max_gpus
+        fit.by_whole = [dict.fromkeys(bucket) for bucket in index.by_whole[: index.max_gpus + 1]]
+        fit.by_whole += [{} for _ in range(index.max_gpus + 1 - len(fit.by_whole))]
+        fit.whole, fit.whole_gpus = dict(index.whole), dict(index.whole_gpus)  # lists copied by own()
+        fit.free_slots, fit.ranked, fit.rank = index.free_slots, list(index.ranked), index.rank
+        fit.groups = index.groups
+        fit.indexed = False
+        fit.shares = [[] for _ in fit.groups.labels]
+        fit.cpus = [[] for _ in range(2 * len(fit.groups.labels))]
+        return fit
+
     def own(self, node_id: str) -> NodeFree:
         """The node, as this placer's own copy (made on first use) that placements may change."""
         node = self.nodes[node_id]
         if node_id not in self.owned:
             self.owned.add(node_id)
             node = self.nodes[node_id] = self.ranked[self.rank[node_id]] = node.copy()
+            self.whole_gpus[node_id] = list(self.whole_gpus[node_id])  # from_index shares the lists
         return node
 
     def index(self) -> None:
@@ -255,14 +273,15 @@ def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:
     return [tuple(sorted((*task.labels, *zip(keys, (v for _, v in combo), strict=True)))) for combo in ranked]
 
 
-def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree],
+def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree] | FreeIndex,
             tokens: dict[str, float] | None = None) -> Iterator[Placement]:
-    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``, one at a time.
+    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes`` (or the nodes
+    a FreeIndex keeps: the same placements), one at a time.
     ``tokens``: starts each rate-limited task name may take now (taken from as tasks are placed).
 
     Lazy on both sides: the dispatcher commits each batch while the next is planned, and
     ``tasks`` is not read past the point where every free slot is taken."""
-    fit = BestFit(nodes)
+    fit = BestFit.from_index(nodes) if isinstance(nodes, FreeIndex) else BestFit(nodes)
     failed: set[tuple[Any, ...]] = set()
     pending = iter(tasks)
     while fit.free_slots > 0:  # checked before taking a task: the next one may cost a Redis read

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -67,6 +68,47 @@ def dispatch_case(tasks: int, n_nodes: int) -> dict[str, float]:
            "py_us": run.python_cpu_s / run.placed * 1e6, "redis_us": run.redis_cpu_s / run.placed * 1e6,
            "cycles": run.cycles}
     out.update({phase[2:]: s / run.placed * 1e6 for phase, s in run.phases.items()})
+    return out
+
+
+def _cycle_ms(dispatcher: Dispatcher, cycles: int, before: Callable[[], object] = lambda: None) -> float:
+    """Median wall milliseconds of ``cycles`` dispatcher cycles, ``before`` run ahead of each."""
+    times = []
+    for _ in range(cycles):
+        before()
+        t0 = time.perf_counter()
+        dispatcher.run_cycle()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def cycle_costs(n_nodes: int = 10_000, blocked: int = 10_000, cycles: int = 15) -> dict[str, float]:
+    """Milliseconds per cycle at ``n_nodes`` idle 8-GPU nodes: nothing changed; one task submitted
+    (placed); and, on a cluster whose GPUs are all taken, ``blocked`` GPU tasks waiting."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, _port, client, scripts, settings = _fresh(Path(tmp))
+        try:
+            _register(scripts, n_nodes)
+            dispatcher = Dispatcher(settings, client=client)
+            dispatcher.run_cycle()
+            out = {"idle": _cycle_ms(dispatcher, cycles), "one": _cycle_ms(dispatcher, cycles,
+                                                                           lambda: submit_all(scripts, 1))}
+        finally:
+            proc.terminate()
+            proc.wait()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, _port, client, scripts, settings = _fresh(Path(tmp))
+        try:
+            for node in [f"n{i:03d}" for i in range(100)]:  # one GPU each, slots to spare
+                scripts.register(node, "bench", 24 * 3600 * 1000, 1, 81920, 128_000, 1 << 20, 8, {})
+            submit_all(scripts, blocked + 100)
+            dispatcher = Dispatcher(settings, client=client)
+            dispatcher.run_cycle()  # places 100: the cluster is full
+            dispatcher.run_cycle()  # its own reservations changed capacity: reads the window once more
+            out["blocked"] = _cycle_ms(dispatcher, cycles)
+        finally:
+            proc.terminate()
+            proc.wait()
     return out
 
 
@@ -141,6 +183,10 @@ def main() -> None:
               f"{med['cycles']:.0f} cycles)", flush=True)
     if opts.skip_queue:
         return
+    costs = [cycle_costs() for _ in range(opts.repeats)]
+    idle, one, blocked = (statistics.median(c[k] for c in costs) for k in ("idle", "one", "blocked"))
+    print(f"cycle at 10,000 idle nodes: {idle:.1f} ms with nothing changed, {one:.1f} ms placing one new task; "
+          f"with 10,000 GPU tasks waiting on a full cluster: {blocked:.1f} ms a cycle")
     runs_q = [queue_json_seconds() for _ in range(opts.repeats)]
     seconds, startup = statistics.median(r[0] for r in runs_q), statistics.median(r[1] for r in runs_q)
     print(f"gpubroker queue --json, 10,000 rows: {seconds:.2f}s ({startup:.2f}s of it the CLI's start-up, "

@@ -126,6 +126,7 @@ class Dispatcher:
         self._view = FreeView()  # what is free on each node, read again only where a script changed it
         self._gate = ScanGate()  # skips reading the queue while nothing changed since it placed nothing
         self._last_head = (0, False)  # what the last read of the queue's head found: tasks read, window full
+        self._explained: Mark | None = None  # what the last full pass after the lazy one saw
         self._last_full_ms: int | None = None
         self._published = False
         self._catalogue = reads.Catalogue()
@@ -183,7 +184,8 @@ class Dispatcher:
             self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
             mark = Mark(self._view.seen, int(cast(bytes | None, self.redis.get(self.keys.seq)) or 0))
         report.nodes_seen = len(self._view.index.nodes)
-        if self._gate.may_skip(mark, report.promoted + report.ingested):
+        skipped = self._gate.may_skip(mark, report.promoted + report.ingested)
+        if skipped:
             report.pending_seen, report.window_full = self._last_head
         else:
             with _Timer(report, "2_snapshot"):
@@ -209,7 +211,11 @@ class Dispatcher:
         if not left and self._last_full_ms is not None:
             self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
             self._last_full_ms = None
-        return left and due and (sched.explain_limit > 0 or sched.preemption)
+        full = left and due and (sched.explain_limit > 0 or sched.preemption)
+        if full and skipped and not sched.preemption and self._explained == mark:
+            return False  # nothing changed since the last full pass: its queue view still holds
+        self._explained = mark if full else self._explained
+        return full
 
     def _beat(self) -> None:
         """Record that a cycle ran (``gpubroker health dispatcher``), at most once a second."""

@@ -7,6 +7,7 @@ import redis
 
 from broker.dispatcher import Dispatcher
 from broker.models import Resources
+from broker.scheduling.config import SchedulingConfig
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
 from tests.conftest import Clock
@@ -44,3 +45,22 @@ def test_a_full_cluster_is_not_rescanned_until_capacity_or_the_queue_changes(
 
     register_node(scripts, "n2", gpus=1, gpu_mem=1000)  # a node came: read and placed
     assert dispatcher.run_cycle().placed == 1
+
+
+def test_without_preemption_the_full_pass_is_not_repeated_while_nothing_changed(
+        redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
+    settings = Settings(pool=keys.pool, scheduling=SchedulingConfig(preemption=False))
+    dispatcher = Dispatcher(settings, clock, redis_client)
+    register_node(dispatcher.scripts, "n1", gpus=1, gpu_mem=1000, slots=8)
+    for _ in range(3):
+        submit_task(dispatcher.scripts, resources=Resources(gpus=1))
+    assert dispatcher.run_cycle().full_pass  # placed one, two wait: the queue view is written
+    clock.advance(settings.explain_interval_s + 1)
+    assert dispatcher.run_cycle().full_pass  # its own reservation changed capacity
+    clock.advance(settings.explain_interval_s + 1)
+    idle = dispatcher.run_cycle()
+    assert idle.scanned == 0 and not idle.full_pass  # due, but nothing changed since the last one
+    assert len(redis_client.hgetall(keys.queueinfo)) == 2  # the reasons it wrote stay
+    submit_task(dispatcher.scripts, resources=Resources(gpus=1))
+    clock.advance(settings.explain_interval_s + 1)
+    assert dispatcher.run_cycle().full_pass

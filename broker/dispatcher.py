@@ -46,7 +46,7 @@ from prometheus_client import Histogram
 
 from broker.metrics import COLLECTOR
 from broker.native.ingest import Ingest
-from broker.scan_gate import Mark, ScanGate
+from broker.scan_gate import Mark, ScanGate, read_mark
 from broker.scheduling.model import Placement, Plan
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
@@ -182,7 +182,7 @@ class Dispatcher:
         Skipped, window unread, while nothing changed since a pass that placed nothing (scan_gate)."""
         with _Timer(report, "2_snapshot"):
             self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
-            mark = Mark(self._view.seen, int(cast(bytes | None, self.redis.get(self.keys.seq)) or 0))
+            mark = read_mark(self.redis, self.keys, self._view.seen)
         report.nodes_seen = len(self._view.index.nodes)
         skipped = self._gate.may_skip(mark, report.promoted + report.ingested)
         if skipped:

@@ -3,8 +3,9 @@ not be repeated until capacity or the queue changed (issue 14: with 200,000 pend
 cluster, every cycle spent 53-79 ms scanning the 10,000-task window to place nothing).
 
 A blocked cycle's inputs are marked by a ``Mark``: the newest node change sequence (``P changes``,
-which every script that frees, takes or adds capacity bumps in the same EVAL) and the submit
-counter (``P seq``). A task comes back to the pending queue only by a script that also frees
+which every script that frees, takes or adds capacity bumps in the same EVAL), the submit
+counter (``P seq``) and the pending count (a task cancelled or quarantined out of a full window
+lets one behind it in, unread). A task comes back to the pending queue only by a script that also frees
 its capacity on a node (a requeue: finish, preempt, drain, reap, cancel) and so bumps the
 change sequence, or by promote.lua / the Celery ingest (the cycle counts both). Capacity that
 only shrinks (a lease running out) cannot make a task fit. The lazy planner depends on
@@ -16,11 +17,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
+
+from broker.store.connection import encode_command, raw_pipeline
+from broker.store.keys import PoolKeys
+
 
 @dataclass(frozen=True, slots=True)
 class Mark:
     changes: int  # newest node change sequence seen
     submitted: int  # the submit counter
+    pending: int  # tasks in the pending queue
+
+
+def read_mark(client: redis.Redis, keys: PoolKeys, changes: int) -> Mark:
+    """The mark of a cycle whose node view saw change sequence ``changes``: one round trip."""
+    submitted, pending = raw_pipeline(client, [encode_command(b"GET", keys.seq.encode()),
+                                               encode_command(b"ZCARD", keys.pending.encode())])
+    return Mark(changes, int(submitted or 0), int(pending))
 
 
 class ScanGate:

@@ -37,6 +37,10 @@ def test_a_full_cluster_is_not_rescanned_until_capacity_or_the_queue_changes(
     scripts.heartbeat("n1", "inc-1", 60_000)  # a lease renewed is no capacity
     assert dispatcher.run_cycle().scanned == 0
 
+    scripts.cancel(tasks[5], "")  # one fewer: with a full window, one behind it would come in unread
+    assert dispatcher.run_cycle().scanned == 4
+    assert dispatcher.run_cycle().scanned == 0
+
     done = tasks[0]  # a GPU freed (finish.lua): read, and the next task in line is placed
     scripts.finish(done, "n1", tag_of(redis_client, keys, done), "succeeded", "null")
     freed = dispatcher.run_cycle()

@@ -49,6 +49,7 @@ bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.dispatch
 	$(BIN)/python -m bench.submit
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.scale
 
 # docker-compose.yml in a real Docker engine (Compose v2): scale, Redis restart, drain, nothing
 # lost. Not part of `make test`; its last run's output is docs/compose-check.txt.

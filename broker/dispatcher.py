@@ -34,18 +34,15 @@ import itertools
 import json
 import logging
 import threading
-import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import cast
 
 import redis
-from prometheus_client import Counter as MetricCounter
-from prometheus_client import Histogram
 
+from broker.cycle import PHASE, PLACED, PREEMPTED, QUARANTINED, REFUSED, CycleReport, Timer
 from broker.metrics import COLLECTOR, WantedNodes
 from broker.native.ingest import Ingest
+from broker.scan_gate import Mark, ScanGate, read_mark
 from broker.scheduling.model import Placement, Plan, Snapshot
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
@@ -53,57 +50,16 @@ from broker.scheduling.planner import Planner
 from broker.settings import Settings
 from broker.store import gangs, history, reads, records, stats
 from broker.store.connection import as_broker_error, connect, transient
+from broker.store.free_view import FreeView
 from broker.store.keys import PoolKeys
 from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode, ReserveCode, Scripts, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
-PLACED = MetricCounter("gpubroker_placements_total", "Tasks reserved onto a node", ["pool"])
-REFUSED = MetricCounter("gpubroker_placements_refused_total", "Placements reserve.lua refused", ["pool", "code"])
-PHASE = Histogram("gpubroker_dispatch_phase_seconds", "Time per dispatcher cycle phase", ["pool", "phase"])
-PREEMPTED = MetricCounter("gpubroker_preemptions_total", "Tasks stopped or requeued for a more urgent one",
-                          ["pool", "how"])
-QUARANTINED = MetricCounter("gpubroker_quarantined_total", "Records the dispatcher could not read, taken out of "
-                            "scheduling: a pending task's request (ended FAILED or dead-lettered) or a node hash",
-                            ["pool", "record"])
-
 #: How a victim of preemption is told to stop: ``stopper(task_id, node_id)``. Live workers
 #: watch their own tasks (workers.agent), so the dispatcher's default does nothing; the
 #: simulator passes one that ends the victim at once.
 Stopper = Callable[[str, str], None]
-
-
-@dataclass
-class CycleReport:
-    reaped: list[str] = field(default_factory=list)
-    pending_seen: int = 0
-    nodes_seen: int = 0
-    proposed: int = 0
-    placed: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
-    seconds: dict[str, float] = field(default_factory=dict)
-    window_full: bool = False
-    placed_tasks: list[Placement] = field(default_factory=list)  # what reserve.lua accepted, in order
-    preempted: list[str] = field(default_factory=list)  # victims marked or requeued this cycle
-    full_pass: bool = False  # the full planner ran
-    promoted: int = 0  # delayed tasks whose time came
-    expired: list[str] = field(default_factory=list)
-    ingested: int = 0  # tasks taken in from Celery's own queues
-    forgotten: list[str] = field(default_factory=list)  # nodes down for node_forget_after_s, removed
-    quarantined: list[str] = field(default_factory=list)  # pending tasks whose request could not be read
-    wake_at_ms: int | None = None  # something is due then (a delayed task, an expiry, a rate limit's next start)
-
-
-class _Timer:
-    def __init__(self, report: CycleReport, phase: str) -> None:
-        self.report, self.phase = report, phase
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        seconds = self.report.seconds
-        seconds[self.phase] = seconds.get(self.phase, 0.0) + time.perf_counter() - self.t0
 
 
 class Dispatcher:
@@ -120,8 +76,10 @@ class Dispatcher:
         s = settings.scheduling
         self.lazy = s.is_spine
         self.planner = Planner(s if explain or self.lazy else s.model_copy(update={"explain_limit": 0}))
-        self._node_shapes: reads.Shapes = {}  # read_free's memory of what nodes registered with
-        self._free = reads.FreeCache()  # and of what was free on each, until a script changes it
+        self._view = FreeView()  # what is free on each node, read again only where a script changed it
+        self._gate = ScanGate()  # skips reading the queue while nothing changed since it placed nothing
+        self._last_head = (0, False)  # what the last read of the queue's head found: tasks read, window full
+        self._explained: Mark | None = None  # what the last full pass after the lazy one saw
         self._last_full_ms: int | None = None
         self._published = False
         self._catalogue = reads.Catalogue()
@@ -131,6 +89,7 @@ class Dispatcher:
         self._next_stats_ms = 0
         self._next_beat_ms = 0  # when to record the cycle time again (P cycle, for health checks)
         self._next_trim_ms = 0  # when to trim the history index again
+        self._gangs_wait = False  # the lazy pass's window held a gang (it forces a full pass)
         self._waiting: Snapshot | None = None  # the last full pass's, while tasks wait (gpubroker_wanted_nodes)
         self._wanted = WantedNodes(s, int(settings.explain_interval_s * 5000))
         COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
@@ -152,7 +111,7 @@ class Dispatcher:
         report = CycleReport()
         if not self._published:
             self.publish_config()
-        with _Timer(report, "1_reap"):
+        with Timer(report, "1_reap"):
             report.reaped = self.scripts.reap()
             report.promoted = self.scripts.promote()
             report.expired = self.scripts.expire()
@@ -160,37 +119,12 @@ class Dispatcher:
             report.ingested = self._ingest.maybe()
             self._forget_departed(report)
             self._trim_history()
-        full = not self.lazy
-        if self.lazy:
-            with _Timer(report, "2_snapshot"):
-                nodes = reads.read_free(self.redis, self.keys, self.clock(), self._node_shapes, self._free)
-                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
-                                         first=sum(n.free_slots for n in nodes))
-                limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
-            report.nodes_seen = len(nodes)
-            gangs_seen: list[str] = []
-            tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)
-            tokens = {name: left for name, (_rate, left) in limits.items()}
-            self._plan_and_commit(report, propose(tasks, nodes, tokens))
-            with _Timer(report, "4_commit"):
-                self._quarantine(report, head.poisoned)
-            self._wake_for_rates(report, limits, tokens)
-            report.pending_seen, report.window_full = head.read, head.window_full
-            # Tasks left waiting: now and then, a full pass for preemption and the queue view.
-            left = head.read > report.placed or report.window_full
-            interval_ms = self.settings.explain_interval_s * 1000
-            due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
-            sched = self.settings.scheduling
-            full = (left and due and (sched.explain_limit > 0 or sched.preemption)) or bool(gangs_seen)
-            if not left and self._last_full_ms is not None:
-                self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
-                self._waiting = None
-                self._last_full_ms = None
+        full = self._lazy_pass(report) if self.lazy else True
         if full:
             # After the lazy planner, the full pass is for preemption and the queue view: the
             # head of the queue is enough.
             self._full_pass(report, self.settings.scheduling.explain_limit if self.lazy else None)
-        with _Timer(report, "5_record"):
+        with Timer(report, "5_record"):
             self._note_unreadable_nodes()
             timer = reads.next_timer_ms(self.redis, self.keys)
             if timer is not None:
@@ -199,6 +133,49 @@ class Dispatcher:
             self._refresh_metrics()
             self._beat()
         return report
+
+    def _lazy_pass(self, report: CycleReport) -> bool:
+        """The spine's lazy best-fit over the head of the queue; whether a full pass is due.
+        Skipped, window unread, while nothing changed since a pass that placed nothing (scan_gate)."""
+        with Timer(report, "2_snapshot"):
+            self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
+            mark = read_mark(self.redis, self.keys, self._view.seen)
+        report.nodes_seen = len(self._view.index.nodes)
+        skipped = self._gate.may_skip(mark, report.promoted + report.ingested)
+        if skipped:
+            report.pending_seen, report.window_full = self._last_head
+        else:
+            with Timer(report, "2_snapshot"):
+                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
+                                         first=self._view.index.free_slots)
+                limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
+            gangs_seen: list[str] = []  # gangs go to the full planner, which places them whole
+            tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)
+            self._gangs_wait = bool(gangs_seen)
+            tokens = {name: left for name, (_rate, left) in limits.items()}
+            self._plan_and_commit(report, propose(tasks, self._view.index, tokens))
+            with Timer(report, "4_commit"):
+                self._quarantine(report, head.poisoned)
+            self._wake_for_rates(report, limits, tokens)
+            report.scanned = report.pending_seen = head.read
+            report.window_full = head.window_full
+            self._last_head = (head.read, head.window_full)
+            self._gate.after(mark, not (report.placed or report.refused or head.poisoned)
+                             and all(t >= 1 for t in tokens.values()))
+        # Tasks left waiting: now and then, a full pass for preemption and the queue view.
+        left = report.pending_seen > report.placed or report.window_full
+        interval_ms = self.settings.explain_interval_s * 1000
+        due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
+        sched = self.settings.scheduling
+        if not left and self._last_full_ms is not None:
+            self.redis.delete(self.keys.queueinfo)  # nothing waits: no stale reasons
+            self._waiting = None
+            self._last_full_ms = None
+        full = (left and due and (sched.explain_limit > 0 or sched.preemption)) or self._gangs_wait
+        if full and skipped and self._explained == mark and not (sched.preemption and due):
+            return False  # nothing changed since the last full pass: its queue view (and gang plan) still holds
+        self._explained = mark if full else self._explained
+        return full
 
     def _beat(self) -> None:
         """Record that a cycle ran (``gpubroker health dispatcher``), at most once a second."""
@@ -221,8 +198,8 @@ class Dispatcher:
         if now < self._next_stats_ms:
             return
         self._next_stats_ms = now + int(self.settings.explain_interval_s * 1000)
-        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._free.nodes,
-                         self._wanted.figures(now, self._waiting, self._free.nodes.values()))
+        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._view.nodes,
+                         self._wanted.figures(now, self._waiting, self._view.nodes.values()))
 
     def _forget_departed(self, report: CycleReport) -> None:
         """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down
@@ -251,10 +228,10 @@ class Dispatcher:
         self._last_full_ms = now = self.clock()
         window = self.settings.dispatch_window if limit is None else max(1, min(limit, self.settings.dispatch_window))
         poisoned: records.Poisoned = {}
-        with _Timer(report, "2_snapshot"):
-            snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window,
-                                                   sched.preemptible_default, self._node_shapes, self._free,
-                                                   self._catalogue, poisoned)
+        with Timer(report, "2_snapshot"):
+            found = self._view.read(self.redis, self.keys, now, draining=True)
+            snap, preempting = reads.read_snapshot(self.redis, self.keys, now, window, sched.preemptible_default,
+                                                   found, self._catalogue, poisoned)
             # Preemptors no longer pending (placed, cancelled) wait for nothing.
             waiting = {t.id for t in snap.pending}
             done = [task_id for task_id in preempting if task_id not in waiting]
@@ -264,15 +241,15 @@ class Dispatcher:
         report.nodes_seen = max(report.nodes_seen, len(snap.nodes))
         report.pending_seen = max(report.pending_seen, len(snap.pending))
         self._waiting = snap if snap.pending else None
-        with _Timer(report, "3_plan"):
+        with Timer(report, "3_plan"):
             plan = self.planner.plan(snap)
         self._wake_for_rates(report, snap.rate_limits, plan.tokens)
         self._plan_and_commit(report, iter(plan.placements))
-        with _Timer(report, "4_commit"):
+        with Timer(report, "4_commit"):
             self._commit_gangs(report, plan)
             self._preempt(report, plan)
             self._quarantine(report, poisoned)
-        with _Timer(report, "5_record"):
+        with Timer(report, "5_record"):
             self._publish_waiting(plan)
 
     def _commit_gangs(self, report: CycleReport, plan: Plan) -> None:
@@ -285,7 +262,7 @@ class Dispatcher:
             else:
                 report.refused[code.name] += 1
                 for node_id in placed.nodes if code is not code.NOT_PENDING else ():  # not as the cache had it
-                    self._free.nodes.pop(node_id, None)
+                    self._view.forget(node_id)
 
     def _preempt(self, report: CycleReport, plan: Plan) -> None:
         grace_ms = int(self.settings.scheduling.preempt_grace_s * 1000)
@@ -314,11 +291,11 @@ class Dispatcher:
     def _note_unreadable_nodes(self) -> None:
         """Log and count, once per node and reason, the node hashes read_free could not read: such a
         node is left out of scheduling (the others are not) until a script changes it."""
-        for node_id, why in self._free.unreadable.items():
+        for node_id, why in self._view.unreadable.items():
             if self._unreadable_nodes.get(node_id) != why:
                 log.error("node %s left out of scheduling: its hash cannot be read (%s)", node_id, why)
                 QUARANTINED.labels(self.settings.pool, "node").inc()
-        self._unreadable_nodes = dict(self._free.unreadable)
+        self._unreadable_nodes = dict(self._view.unreadable)
 
     def _publish_waiting(self, plan: Plan) -> None:
         """Each waiting task's position, reason and estimated start, for ``client.queue()``/``status``."""
@@ -337,10 +314,10 @@ class Dispatcher:
         size, in_flight, sent = self.settings.commit_batch, None, cast(list[Placement], [])
         try:
             while True:
-                with _Timer(report, "3_plan"):
+                with Timer(report, "3_plan"):
                     batch = list(itertools.islice(proposals, size))
                     prepared = self.scripts.prepare_reserve(batch) if batch else None
-                with _Timer(report, "4_commit"):
+                with Timer(report, "4_commit"):
                     if in_flight is not None:
                         done, in_flight = in_flight, None
                         self._tally(report, sent, done.codes())
@@ -362,7 +339,7 @@ class Dispatcher:
             else:
                 report.refused[code.name] += 1
                 if code is not ReserveCode.NOT_PENDING:  # the node is not as the cache had it: read it anew
-                    self._free.nodes.pop(placement.node_id, None)
+                    self._view.forget(placement.node_id)
 
     def _record(self, report: CycleReport) -> None:
         pool = self.settings.pool
@@ -404,8 +381,7 @@ class Dispatcher:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", as_broker_error(exc), backoff)
                 # A restarted Redis may have lost its last writes, and new ones can bring the
                 # change sequence back past what was cached: read every node afresh.
-                self._free = reads.FreeCache()
-                self._node_shapes.clear()
+                self._view = FreeView()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

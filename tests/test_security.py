@@ -222,7 +222,8 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "tasks":         dict(zip(ROLES, ["r", "rw", "rw", "r", "r"], strict=True)),
     "ratelimit":     dict(zip(ROLES, ["-", "rw", "r", "r", "r"], strict=True)),
     "celery":        dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
-    "seq":           dict(zip(ROLES, ["rw", "-", "-", "r", "r"], strict=True)),
+    # The dispatcher reads it to tell whether tasks came since a cycle that placed nothing (scan_gate).
+    "seq":           dict(zip(ROLES, ["rw", "r", "-", "r", "r"], strict=True)),
     # The dispatcher exports the counts (gpubroker_rejected_messages_total).
     "rejected":      dict(zip(ROLES, ["-", "r", "rw", "r", "r"], strict=True)),
     "wake":          dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),

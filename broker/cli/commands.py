@@ -26,6 +26,7 @@ from broker.cli.common import (
     err,
     parse_json,
     parse_selector,
+    print_models,
     run_cli,
     settings_for,
 )
@@ -168,7 +169,7 @@ def queue(redis_url: RedisUrl = None, pool: Pool = None, as_json: AsJson = False
         with client_for(redis_url, pool) as client:
             entries = client.queue()
         if as_json:
-            console.print_json(json.dumps([e.model_dump() for e in entries]))
+            print_models(entries)
         else:
             console.print(views.queue_table(entries, limit))
 
@@ -189,7 +190,7 @@ def nodes(ctx: typer.Context, redis_url: RedisUrl = None, pool: Pool = None, as_
         with client_for(redis_url, pool) as client:
             found = client.nodes()
         if as_json:
-            console.print_json(json.dumps([n.model_dump() for n in found]))
+            print_models(found)
         else:
             console.print(views.nodes_table(found))
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import redis
 import typer
+from pydantic import BaseModel, TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 
@@ -35,6 +38,17 @@ def host_node_id(hostname: str | None = None) -> str:
     ``--node`` each, else the second takes the first one's place (as a restarted worker does)."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", hostname if hostname is not None else socket.gethostname())
     return name.strip(".-")[:64].rstrip(".-") or "node"
+
+
+def print_models(models: Sequence[BaseModel]) -> None:
+    """Print ``models`` as an indented JSON list, serialised by pydantic-core: rich's print_json
+    (json.dumps with an indent runs in pure Python, then highlighting) took 12 s for a
+    10,000-row queue (issue 14)."""
+    sys.stdout.buffer.write(_ANY_LIST.dump_json(list(models), indent=2) + b"\n")
+    sys.stdout.flush()
+
+
+_ANY_LIST = TypeAdapter(list[Any])
 
 
 def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> Settings:

@@ -10,8 +10,7 @@ The event loop: take the next instant with events, end the tasks due then (capac
 submit the arrivals, then run dispatcher cycles while anything is pending, as wake-ups
 would: again at once when a cycle filled its window or stopped victims of preemption.
 Stopped victims end at once (finish.lua requeues them uncharged) and resume from their last
-checkpoint (``TraceJob.checkpoint_interval_s``; none: from scratch). No cycle runs when nothing
-is pending; the live dispatcher's idle reap has nothing to do here (leases never expire).
+checkpoint (``TraceJob.checkpoint_interval_s``; none: from scratch). No cycle runs when idle.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from typing import Any
 
 import redis
 
-from broker.dispatcher import CycleReport, Dispatcher
+from broker.cycle import CycleReport
+from broker.dispatcher import Dispatcher
 from broker.errors import InvalidRequest
 from broker.message import build_message, new_task_id
 from broker.models import MILLI, SubmitRequest, shortfall

@@ -32,7 +32,8 @@ from kombu import Connection
 
 from broker import Client, Resources, TaskState, TaskStatus
 from broker.celery_conf import celery_settings
-from broker.dispatcher import CycleReport, Dispatcher
+from broker.cycle import CycleReport
+from broker.dispatcher import Dispatcher
 from broker.errors import BrokerUnavailable, WaitTimeout
 from broker.models import MILLI
 from broker.settings import Settings

@@ -8,8 +8,9 @@ import redis
 from broker.models import Resources
 from broker.scheduling.model import Placement
 from broker.store import reads
+from broker.store.free_view import FreeView
 from broker.store.keys import PoolKeys
-from broker.store.scripts import ReserveCode, Scripts
+from broker.store.scripts import HeartbeatCode, ReserveCode, Scripts
 from tests.conftest import Clock
 from tests.invariants import assert_capacity_invariant, pending_ids, register_node, submit_task
 
@@ -81,11 +82,15 @@ def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
     each transition it must agree with a full read."""
     from tests.invariants import place
 
-    cache, shapes = reads.FreeCache(), {}
+    view = FreeView()
 
     def assert_same() -> None:
-        assert reads.read_free(redis_client, keys, clock(), shapes, cache) == reads.read_free(redis_client, keys,
-                                                                                             clock())
+        for draining in (False, True):
+            assert view.read(redis_client, keys, clock(), draining) == reads.read_free(redis_client, keys, clock(),
+                                                                                       draining=draining)
+        full = reads.read_free(redis_client, keys, clock())  # and the lazy planner's index of them
+        assert view.index.ranked == full and view.index.free_slots == sum(n.free_slots for n in full)
+        assert sorted(i for bucket in view.index.by_whole for i in bucket) == [n.id for n in full]
 
     register_node(scripts, "a", gpus=2, gpu_mem=1000)
     register_node(scripts, "b", gpus=1, gpu_mem=500, cpus=4)
@@ -113,21 +118,50 @@ def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
     assert_same()
     register_node(scripts, "b", gpus=1, gpu_mem=500, cpus=4, incarnation="inc-3")
     assert_same()
-    seen = cache.seen
+    scripts.drain("b", "operator")  # drain.lua
     assert_same()
-    assert cache.seen == seen  # nothing changed: nothing re-read
+    scripts.forget("a")  # forget.lua: "a" is down since the reap
+    assert_same()
+    register_node(scripts, "c", gpus=2, gpu_mem=500)
+    assert_same()
+    reads_before = view.node_reads
+    clock.advance(5)
+    assert scripts.heartbeat("c", "inc-1", 60_000) is HeartbeatCode.OK  # heartbeat.lua: a lease, no capacity
+    assert_same()
+    assert view.node_reads == reads_before  # nothing changed: nothing re-read
+
+
+def test_a_free_view_reads_only_the_node_a_script_changed(scripts: Scripts, redis_client: redis.Redis,
+                                                          keys: PoolKeys, clock: Clock) -> None:
+    from tests.invariants import place
+
+    view = FreeView()
+    for node in (f"n{i}" for i in range(20)):
+        register_node(scripts, node, gpus=1, gpu_mem=500)
+    view.read(redis_client, keys, clock())
+    reads_before = view.node_reads
+    task = submit_task(scripts, resources=Resources(gpus=1))
+    place(scripts, task, "n7", 0)
+    assert view.read(redis_client, keys, clock()) == reads.read_free(redis_client, keys, clock())
+    assert view.node_reads - reads_before == 1  # of 20 nodes, the one reserve.lua changed
+    assert view.index.whole["n7"] == 0 and len(view.index.nodes) == 20
 
 
 def test_read_free_cache_starts_afresh_when_redis_lost_its_data(scripts: Scripts, redis_client: redis.Redis,
                                                                  keys: PoolKeys, clock: Clock) -> None:
-    cache = reads.FreeCache()
+    view = FreeView()
     for node in ("a", "b", "c"):
         register_node(scripts, node, gpus=1, gpu_mem=500)
-    assert [n.id for n in reads.read_free(redis_client, keys, clock(), None, cache)] == ["a", "b", "c"]
-    redis_client.flushall()  # the change sequence restarts below what the cache saw
+    assert [n.id for n in view.read(redis_client, keys, clock())] == ["a", "b", "c"]
+    redis_client.flushall()  # the change sequence restarts below what the view saw
     register_node(scripts, "d", gpus=2, gpu_mem=500)
-    assert [n.id for n in reads.read_free(redis_client, keys, clock(), None, cache)] == ["d"]
-    assert reads.read_free(redis_client, keys, clock(), None, cache) == reads.read_free(redis_client, keys, clock())
+    assert [n.id for n in view.read(redis_client, keys, clock())] == ["d"]
+    assert view.read(redis_client, keys, clock()) == reads.read_free(redis_client, keys, clock())
+    redis_client.flushall()  # and then goes past it before the next read: the lease count tells
+    for node in ("e", "f", "g", "h"):
+        register_node(scripts, node, gpus=1, gpu_mem=500)
+    view.read(redis_client, keys, clock())
+    assert [n.id for n in view.read(redis_client, keys, clock())] == ["e", "f", "g", "h"]
 
 
 def test_planning_never_changes_the_nodes_it_was_given() -> None:

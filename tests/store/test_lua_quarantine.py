@@ -163,7 +163,7 @@ def test_the_dispatcher_fails_unreadable_tasks_skips_an_unreadable_node_and_plac
     assert pending_ids(redis_client, keys) == []
     assert quarantined_count(keys.pool, "task") - tasks_before == len(bad)
     assert quarantined_count(keys.pool, "node") - nodes_before == 1
-    assert "cap_gpus" in dispatcher._free.unreadable["n2"]
+    assert "cap_gpus" in dispatcher._view.unreadable["n2"]
     shown = {n.id: n.state for n in reads.read_nodes(redis_client, keys)}  # gpubroker nodes
     assert shown == {"n1": "up", "n2": "unreadable (field 'cap_gpus': must be an integer (got b'lots'))"}
 

@@ -22,6 +22,7 @@ from typing import Any
 from broker.models import MILLI
 from broker.scheduling.model import NodeFree, Placement, TaskRequest
 from broker.scheduling.placement.base import ChooseThenTake, LabelGroups
+from broker.scheduling.placement.free_index import FreeIndex
 
 # Weights of free GPU, GPU memory, CPU and memory in a node's fullness (each as a share of the
 # largest node's capacity in that dimension). The paper's best fit weighs CPU and GPU half and half.
@@ -98,6 +99,13 @@ class BestFit:
                 touched.add(key)
         for key in touched:
             self.buckets[key].sort()
+
+    @classmethod
+    def from_index(cls, index: FreeIndex) -> BestFit:
+        """Start from a FreeIndex kept across cycles (its nodes in id order): the same placements
+        as ``BestFit(nodes)`` over them. The index spares the dispatcher reading every node; the
+        fullness buckets are still built here per cycle, as each kind of task first asks."""
+        return cls(index.ranked)
 
     def own(self, node_id: str) -> NodeFree:
         """The node, as this placer's own copy (made on first use) that placements may change."""
@@ -251,14 +259,15 @@ def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:
     return [tuple(sorted((*task.labels, *zip(keys, (v for _, v in combo), strict=True)))) for combo in ranked]
 
 
-def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree],
+def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree] | FreeIndex,
             tokens: dict[str, float] | None = None) -> Iterator[Placement]:
-    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes``, one at a time.
+    """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes`` (or the nodes
+    a FreeIndex keeps: the same placements), one at a time.
     ``tokens``: starts each rate-limited task name may take now (taken from as tasks are placed).
 
     Lazy on both sides: the dispatcher commits each batch while the next is planned, and
     ``tasks`` is not read past the point where every free slot is taken."""
-    fit = BestFit(nodes)
+    fit = BestFit.from_index(nodes) if isinstance(nodes, FreeIndex) else BestFit(nodes)
     failed: set[tuple[Any, ...]] = set()
     pending = iter(tasks)
     while fit.free_slots > 0:  # checked before taking a task: the next one may cost a Redis read

@@ -484,8 +484,12 @@ def test_monitoring_profile_scrapes_the_services(services: dict[str, dict[str, A
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     assert all(str(port).startswith("127.0.0.1:") for port in prometheus["ports"])
     scrape = yaml.safe_load((CONFIG / "monitoring" / "prometheus.yml").read_text())
-    targets = {t for c in scrape["scrape_configs"] for sc in c["static_configs"] for t in sc["targets"]}
+    targets = {t for c in scrape["scrape_configs"] for sc in c.get("static_configs", ()) for t in sc["targets"]}
+    targets |= {f"{name}:{sd['port']}" for c in scrape["scrape_configs"] for sd in c.get("dns_sd_configs", ())
+                for name in sd["names"]}  # a service name resolves to every replica
     assert "dispatcher:9808" in targets and "9808" in [str(p) for p in services["dispatcher"]["expose"]]
+    assert "worker:9809" in targets and "9809" in [str(p) for p in services["worker"]["expose"]]
+    assert "--metrics-port 9809" in " ".join(map(str, services["worker"]["command"]))
     assert "flower:5555" in targets
     for target in targets:
         host = target.split(":")[0]

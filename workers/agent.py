@@ -32,7 +32,7 @@ from broker.store.connection import as_broker_error, connect
 from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
-from workers import context, fence, gang, warm
+from workers import context, fence, gang, metrics, warm
 from workers.outcome import through_outages
 from workers.recovery import RedeliverUnacked
 from workers.redeliver import RedeliverReserved
@@ -292,8 +292,8 @@ def served_tasks(app: Celery) -> dict[str, str]:
     return served
 
 
-def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = (), address: str | None = None
-               ) -> None:
+def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = (), address: str | None = None,
+               metrics_port: int = 0) -> None:
     from workers import control  # noqa: F401  (registers the broker's revoke with Celery's remote control)
     from workers.app import app  # configure before the app finalizes
 
@@ -315,6 +315,7 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
     # Redis not up yet, or full: wait for it. Refused credentials: exit (workers.cli says why).
     through_outages(agent.register, f"registering node {spec.node_id}", None)
     agent.start_heartbeat()
+    metrics.serve_worker(metrics_port, agent.scripts.redis, agent.keys, settings.pool, spec.node_id)
     signals.worker_shutting_down.connect(lambda **_: agent.drain_for_shutdown(), weak=False)
     try:
         app.worker_main(argv)

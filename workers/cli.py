@@ -24,6 +24,8 @@ def worker(
     tasks: Annotated[list[str] | None, typer.Option(help="Module with your tasks (repeatable)")] = None,
     address: Annotated[str | None, typer.Option(help="Address gang members on other nodes reach this node at "
                                                      "(MASTER_ADDR); default: this host's")] = None,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="Serve this worker's /metrics on this port "
+                                                                     "(0: none)")] = 0,
     redis_url: RedisUrl = None, pool: Pool = None,
 ) -> None:
     """Run a Celery worker pinned to one node; it runs only what was reserved for it."""
@@ -47,7 +49,7 @@ def worker(
         spec = NodeSpec(node_id=node if node is not None else host_node_id(), gpus=count, gpu_memory_mb=memory,
                         cpus=cpus, memory_mb=memory_mb, slots=slots, labels=labels)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run_worker(settings_for(redis_url, pool), spec, tasks or [], address)
+        run_worker(settings_for(redis_url, pool), spec, tasks or [], address, metrics_port)
 
     run_cli(go)
 

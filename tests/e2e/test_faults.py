@@ -411,7 +411,7 @@ def test_after_a_redis_restart_the_dispatcher_reads_every_node_again(tmp_path: P
             first = client.submit("workers.tasks.probe", resources=Resources(cpus=1)).id
             wait_state(client, first, TaskState.RESERVED, 10)  # the node is full, and the cache says so
             seen = int(cast(float, redis.Redis.from_url(server.url).zscore(keys.changes, "n")))
-            wait_until(lambda: dispatcher._free.seen >= seen, 10, what="a cycle to read the full node")
+            wait_until(lambda: dispatcher._view.seen >= seen, 10, what="a cycle to read the full node")
             gate.clear()
             server.kill()
             wait_until(lambda: "Redis unavailable" in caplog.text, 20, what="the dispatcher to meet the outage")

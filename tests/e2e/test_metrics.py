@@ -125,3 +125,43 @@ def test_a_metrics_port_already_taken_is_a_warning(procs: Processes) -> None:
         time.sleep(1)
         assert dispatcher.poll() is None, procs.log("dispatcher")
         assert "Traceback" not in procs.log("dispatcher")
+
+
+def test_a_worker_serves_its_own_node_and_processes(procs: Processes, settings: Settings) -> None:
+    """``worker --metrics-port``: its lease, what its node holds and its pool processes, read at
+    each scrape; a GPU task running shows as an allocated GPU and a busy process, and both are
+    free again once it ended."""
+    port = free_port()
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.worker(NODE, "--gpus", "2", "--slots", "2", "--tasks", "tests.tasks_for_tests",
+                     "--metrics-port", str(port))
+        wait_until(lambda: _scrapes(port), 30, what="the worker's metrics endpoint")
+        wait_until(lambda: [n.state for n in client.nodes()] == ["up"], 30, what="the node to register")
+        idle = scrape(port)
+        assert value(idle, "gpubroker_worker_redis_up", node=NODE) == 1
+        assert 0 < (value(idle, "gpubroker_worker_lease_seconds", node=NODE) or 0) <= settings.lease_s
+        assert value(idle, "gpubroker_worker_gpus", node=NODE, state="free") == 2
+        assert value(idle, "gpubroker_worker_gpus", node=NODE, state="allocated") == 0
+        assert value(idle, "gpubroker_pending_tasks", tenant="default", priority_class="high") is None  # not the pool's
+
+        task = client.submit("tests.sleeper", args=(60,), resources=Resources(gpus=1)).id
+        wait_until(lambda: client.status(task).state is TaskState.RUNNING, 30, what="the task to run")
+        busy = wait_until(lambda: _scraped_with(port, "gpubroker_worker_processes", "busy", 1), 15,
+                          what="a busy pool process in the worker's metrics")
+        assert value(busy, "gpubroker_worker_gpus", node=NODE, state="allocated") == 1
+        assert value(busy, "gpubroker_worker_slots", node=NODE, state="allocated") == 1
+        assert value(busy, "gpubroker_worker_tasks", node=NODE) == 1
+
+        client.cancel(task)
+        wait_until(lambda: client.status(task).state is TaskState.CANCELLED, 30, what="the task to be cancelled")
+        done = wait_until(lambda: _scraped_with(port, "gpubroker_worker_gpus", "free", 2), 30,
+                          what="the GPU free again in the worker's metrics")
+        assert value(done, "gpubroker_worker_tasks", node=NODE) == 0
+        assert value(done, "gpubroker_worker_processes", node=NODE, state="busy") == 0
+
+
+def _scraped_with(port: int, name: str, state: str, want: float) -> Samples | None:
+    """A scrape of the worker's metrics in which ``name{state}`` of its node reads ``want``."""
+    samples = scrape(port)
+    return samples if value(samples, name, node=NODE, state=state) == want else None

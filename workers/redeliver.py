@@ -9,11 +9,13 @@ message nowhere. Nothing else would ever notice: the node keeps its lease, so th
 requeues it.
 
 ``RedeliverReserved`` runs redeliver.lua for this node when the consumer (re)connects, after
-``RedeliverUnacked`` put the unacked messages back, and then every ``INTERVAL_S`` from the
-consumer's own event loop (so no message of this worker is ever between the pop and its
-unacked record while it runs). redeliver.lua queues the stored message of each RESERVED task
-of the node whose delivery tag is neither on the queue nor unacked. A duplicate can only be
-dropped: start.lua lets exactly one delivery of an attempt's tag run (the next one gets
+``RedeliverUnacked`` put the unacked messages back, queuing the stored message of each RESERVED
+task of the node whose delivery tag is neither on the queue nor unacked; and then every
+``INTERVAL_S`` from the consumer's own event loop. A message this worker acknowledged when it
+handed it to a pool process is in neither place either until start.lua marks the task RUNNING,
+so a periodic look queues only what the previous look also found missing with the same tag
+(an attempt does not wait ``INTERVAL_S`` between its hand-over and its start). A duplicate can
+only be dropped: start.lua lets exactly one delivery of an attempt's tag run (the next one gets
 ALREADY_RUNNING, or STALE once the attempt ended, and is acknowledged unrun).
 """
 
@@ -34,18 +36,23 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 10.0
 
 
-def redeliver_lost() -> list[str]:
-    """Queue again what this node holds RESERVED with no message anywhere; the task ids."""
-    ids = context.scripts().redeliver(context.node_id())
+_suspects: list[str] = []  # "id:tag" of the reserved tasks the last periodic look found with no message
+
+
+def redeliver_lost(confirm: list[str] | None = None) -> list[str]:
+    """Queue again what this node holds RESERVED with no message anywhere (only the ``confirm``
+    pairs still missing, when given); the task ids."""
+    global _suspects
+    ids, _suspects = context.scripts().redeliver(context.node_id(), confirm)
     if ids:
         log.warning("queued again the message of %d reserved task(s) found in no queue (a Redis failover or "
                     "restart lost it): %s", len(ids), ", ".join(ids[:10]))
     return ids
 
 
-def _look() -> None:
+def _look(confirm: bool = True) -> None:
     try:
-        redeliver_lost()
+        redeliver_lost(list(_suspects) if confirm else None)
     except redis.RedisError as exc:  # Redis away: the consumer reconnects, and this runs again then
         log.warning("could not look for reserved tasks with a lost message: %s", as_broker_error(exc))
 
@@ -60,7 +67,7 @@ class RedeliverReserved(bootsteps.StartStopStep):
         self.timer_ref: Any = None
 
     def start(self, c: Any) -> None:
-        _look()
+        _look(confirm=False)  # (re)connected: whatever is missing now was lost
         self.timer_ref = c.timer.call_repeatedly(INTERVAL_S, _look)
 
     def stop(self, c: Any) -> None:

@@ -171,7 +171,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         ("task_id", "node_id", "now", "mode", "grace_ms", "ask"),
     ),
     "reap": (ReapCode, ("prefix", "leases", "pending", "requests", "wake", "changes"), ("now", "limit")),
-    "redeliver": (RedeliverCode, ("prefix", "node_tasks", "queue", "unacked"), ("node_id",)),
+    "redeliver": (RedeliverCode, ("prefix", "node_tasks", "queue", "unacked"), ("node_id", "confirm")),
     "drain": (DrainCode, ("prefix", "node", "node_tasks", "pending", "requests", "wake", "changes"),
               ("node_id", "now", "by", "incarnation")),
     "forget": (ForgetCode, ("prefix", "node", "nodes", "leases", "pending", "requests", "wake", "changes"),

@@ -225,12 +225,15 @@ class Scripts:
                                  (self.clock(), limit))
         return [_text(n) for n in nodes]
 
-    def redeliver(self, node_id: str) -> list[str]:
-        """Queue again each RESERVED task's message lost in a failover (redeliver.lua); their ids."""
+    def redeliver(self, node_id: str, confirm: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+        """Queue again each RESERVED task's message lost in a failover (redeliver.lua): all those
+        missing (``confirm`` None), or only those of ``confirm`` (the "id:tag" pairs a previous
+        call found missing) still missing. The ids queued, and the "id:tag" pairs missing now."""
         k = self.keys
-        _ok, *ids = self._run("redeliver", (k.prefix, k.node_tasks(node_id), k.queue(node_id), k.unacked(node_id)),
-                              (node_id,))
-        return [_text(i) for i in ids]
+        pairs = "*" if confirm is None else " ".join(confirm)
+        _ok, n, *rest = self._run("redeliver", (k.prefix, k.node_tasks(node_id), k.queue(node_id),
+                                                k.unacked(node_id)), (node_id, pairs))
+        return [_text(i) for i in rest[:n]], [_text(i) for i in rest[n:]]
 
     def drain(self, node_id: str, by: str, incarnation: str = "") -> tuple[DrainCode, int]:
         """Drain ``node_id`` (``by``: "operator", or "shutdown", which also hands back what was

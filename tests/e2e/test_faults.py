@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 import pytest
 import redis
@@ -166,6 +166,8 @@ class Feeder(threading.Thread):
     With ``backlog``, it waits while that many tasks are pending: the run lasts as long as the
     test needs, whatever the machine's speed, without piling up work."""
 
+    started: ClassVar[list[Feeder]] = []  # halted after each test (_halt_feeders), passed or not
+
     def __init__(self, settings: Settings, shapes: list[Resources], kwargs: dict[str, float] | None = None,
                  count: int | None = None, interval_s: float = 0.0, backlog: int | None = None) -> None:
         super().__init__(name="feeder", daemon=True)
@@ -174,6 +176,7 @@ class Feeder(threading.Thread):
         self.halt = threading.Event()
         self.acknowledged: list[str] = []
         self.refused: list[tuple[float, str]] = []
+        Feeder.started.append(self)
 
     def run(self) -> None:
         with Client(settings=self.settings) as client:
@@ -193,6 +196,14 @@ class Feeder(threading.Thread):
     def stop(self) -> None:
         self.halt.set()
         self.join(30)
+
+
+@pytest.fixture(autouse=True)
+def _halt_feeders() -> Iterator[None]:
+    """A test that fails leaves no Feeder submitting into the pool the next tests use."""
+    yield
+    while Feeder.started:
+        Feeder.started.pop().halt.set()
 
 
 # ---- 1. worker killed ---------------------------------------------------------------

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -163,15 +163,15 @@ COLLECTOR = PoolCollector()
 REGISTRY.register(COLLECTOR)
 
 
-def serve(port: int) -> bool:
-    """Serve /metrics on ``port`` (0: do not); a port already taken is logged, and the process runs on."""
+def serve(port: int, registry: CollectorRegistry = REGISTRY, what: str = "metrics") -> bool:
+    """Serve ``registry`` on ``port`` (0: do not); a port already taken is logged, and the process runs on."""
     if not port:
         return False
     try:
-        start_http_server(port)
+        start_http_server(port, registry=registry)
     except OSError as exc:
-        log.warning("metrics not served: port %d is not available (%s); use --metrics-port to move them, "
-                    "0 to turn them off", port, exc.strerror or exc)
+        log.warning("%s not served: port %d is not available (%s); use --metrics-port to move them, "
+                    "0 to turn them off", what, port, exc.strerror or exc)
         return False
-    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+    log.info("%s on http://0.0.0.0:%d/metrics", what, port)
     return True

@@ -18,10 +18,11 @@ import time
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from broker.metrics import serve
 from broker.models import NodeView
 from broker.store import records
 from broker.store.keys import PoolKeys
@@ -93,11 +94,4 @@ def serve_worker(port: int, client: redis.Redis, keys: PoolKeys, pool: str, node
     registry = CollectorRegistry()
     registry.register(WorkerCollector(client, keys, pool, node_id))
     ProcessCollector(registry=registry)
-    try:
-        start_http_server(port, registry=registry)
-    except OSError as exc:
-        log.warning("worker metrics not served: port %d is not available (%s); use --metrics-port to move them, "
-                    "0 to turn them off", port, exc.strerror or exc)
-        return False
-    log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
-    return True
+    return serve(port, registry, "worker metrics")

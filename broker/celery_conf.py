@@ -76,13 +76,20 @@ def broker_use_ssl(redis_url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED, **(parse_url(redis_url).get("ssl") or {})}
 
 
-def broker_url(redis_url: str) -> tuple[str, dict[str, Any]]:
+def broker_url(redis_url: str, own_transport: bool = True) -> tuple[str, dict[str, Any]]:
     """kombu's URL for a gpubroker Redis URL, and the transport options it needs: a Sentinel URL
-    becomes kombu's ``sentinel://h1:p1;sentinel://h2:p2/db`` with ``master_name``."""
+    becomes kombu's ``sentinel://h1:p1;sentinel://h2:p2/db`` with ``master_name``. With the
+    broker's own transport, only the first sentinel is in the URL and all are in ``sentinels``
+    (``broker.native.transport.SentinelChannel``): kombu switches a failed connection to the next
+    of several URLs with the transport their scheme names, which would drop the broker's and
+    publish a task straight onto Celery's queue, past submit.lua and ``min_replicas_ack``."""
     if not is_sentinel(redis_url):
         return redis_url, {}
     target = parse_sentinel(redis_url)
-    return target.kombu_url(), {"master_name": target.service}
+    options: dict[str, Any] = {"master_name": target.service}
+    if not own_transport:
+        return target.kombu_url(), options
+    return target.kombu_url().split(";")[0], {**options, "sentinels": [list(s) for s in target.sentinels]}
 
 
 def transport_for(redis_url: str, plain: str, sentinel: str) -> str | None:
@@ -106,7 +113,7 @@ def celery_settings(settings: Settings, submit: bool = True) -> dict[str, Any]:
     a process that only watches (Flower, which reads queue lengths by the URL's scheme); its
     revokes still cancel through the broker, on the workers (``workers.control``)."""
     transport = transport_for(settings.url, TRANSPORT, SENTINEL_TRANSPORT) if submit else None
-    url, sentinel_options = broker_url(settings.url)
+    url, sentinel_options = broker_url(settings.url, own_transport=transport is not None)
     return {
         "broker_url": url,
         # Tasks go through the broker: an explicit transport wins over the URL's scheme.

@@ -48,14 +48,51 @@ def test_a_bad_url_is_refused_naming_the_setting(url: str, reason: str) -> None:
 def test_celery_gets_kombus_sentinel_transport() -> None:
     settings = Settings(redis_url="redis+sentinel://u:pw@s1:26379,s2:26380/gpb/3", min_replicas_ack=1)
     conf = celery_settings(settings)
-    assert conf["broker_url"] == "sentinel://u:pw@s1:26379/3;sentinel://u:pw@s2:26380/3"
+    # One URL (no alternates kombu would switch to, with its own transport), every sentinel an option.
+    assert conf["broker_url"] == "sentinel://u:pw@s1:26379/3"
     assert conf["broker_transport"] == SENTINEL_TRANSPORT
     options = conf["broker_transport_options"]
-    assert options["master_name"] == "gpb"
+    assert options["master_name"] == "gpb" and options["sentinels"] == [["s1", 26379], ["s2", 26380]]
     assert options["gpubroker"]["redis_url"] == settings.redis_url  # the result backend's
     assert options["gpubroker"]["min_replicas_ack"] == 1
-    flower = celery_settings(settings, submit=False)  # kombu's own sentinel transport, same options
+    flower = celery_settings(settings, submit=False)  # kombu's own sentinel transport: every sentinel a URL
     assert "broker_transport" not in flower and flower["broker_transport_options"]["master_name"] == "gpb"
+    assert flower["broker_url"] == "sentinel://u:pw@s1:26379/3;sentinel://u:pw@s2:26380/3"
     assert conf["broker_use_ssl"] is False
     tls = celery_settings(Settings(redis_url="rediss+sentinel://s1:26379/gpb?ssl_ca_certs=/ca.pem"))
     assert tls["broker_use_ssl"] == {"ssl_ca_certs": "/ca.pem", "ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def test_the_brokers_sentinel_channel_asks_every_sentinel_and_never_switches_transport() -> None:
+    """kombu switches a connection with alternates to the next URL, and to the transport its
+    scheme names (kombu's own, which would publish past submit.lua): the broker's connection has
+    none, and its channel still asks every sentinel."""
+    from broker.celery_conf import monitor_app
+    from broker.native.transport import SentinelChannel
+
+    app = monitor_app(Settings(redis_url="redis+sentinel://s1:26379,s2:26380/gpb/0"))
+    connection = app.connection_for_write()
+    assert connection.alt == [] and connection.transport_cls == SENTINEL_TRANSPORT
+    channel = SentinelChannel.__new__(SentinelChannel)
+    channel.connection = connection.transport
+    channel.sentinels, channel.master_name = [["s1", 26379], ["s2", 26380]], "gpb"
+    channel.min_other_sentinels, channel.sentinel_kwargs = 0, None
+    seen: list[list[tuple[str, int]]] = []
+
+    class Probe(Exception):
+        pass
+
+    def sentinel(hosts: list[tuple[str, int]], **_: object) -> None:
+        seen.append(list(hosts))
+        raise Probe
+
+    import kombu.transport.redis as kombu_redis
+    real, kombu_redis.sentinel.Sentinel = kombu_redis.sentinel.Sentinel, sentinel  # type: ignore[attr-defined]
+    try:
+        channel._connparams = lambda asynchronous=False: {"host": "s1", "port": 26379}  # type: ignore[method-assign]
+        with pytest.raises(Probe):
+            channel._sentinel_managed_pool()
+    finally:
+        kombu_redis.sentinel.Sentinel = real  # type: ignore[attr-defined]
+    assert seen == [[("s1", 26379), ("s2", 26380)]]
+    assert connection.alt == []

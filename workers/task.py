@@ -37,7 +37,7 @@ from broker.store.scripts import StartCode
 from workers import context, gang, logs, rejects, warm
 from workers.fence import Watchdog, watch
 from workers.outcome import as_text, encode_result, report, through_outages
-from workers.unit import Unit
+from workers.unit import Unit, alive
 from workers.warm import ThisProcess
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,14 @@ def _started_here(task_id: str) -> bool:
     """Did this very process start ``task_id`` (start.lua records the pid of the attempt's process)?"""
     scripts = context.scripts()
     return as_text(scripts.redis.hget(scripts.keys.task(task_id), "pid")) == str(os.getpid())
+
+
+def _orphaned(task_id: str) -> bool:
+    """Is the process start.lua recorded for ``task_id``'s running attempt on this node gone? (It
+    was killed before the worker learnt it ran that attempt, so no WorkerLostError reports it.)"""
+    scripts = context.scripts()
+    pid, node = (as_text(v) for v in scripts.redis.hmget(scripts.keys.task(task_id), "pid", "node"))
+    return node == context.node_id() and pid.isdigit() and not alive(int(pid))
 
 
 def _end_unit(unit: Unit, watchdog: Watchdog, capture: logs.Capture) -> None:
@@ -253,6 +261,12 @@ class GpuTask(BrokerTask):
             # replicas did not confirm in time (min_replicas_ack): it is this attempt's to run.
             code, gpus = StartCode.OK, as_text(context.scripts().redis.hget(context.scripts().keys.task(task_id),
                                                                           "gpus"))
+        if code is StartCode.ALREADY_RUNNING and _orphaned(task_id):
+            # Its attempt's process died (a warm process killed between start.lua and the pool's
+            # word that it took the task): the attempt is lost, recorded as a lost one is.
+            log.warning("task %s: the process of attempt %s is gone; recording it lost", task_id, tag)
+            report(task_id, tag, "lost", "its pool process died before its outcome was recorded")
+            raise Ignore()
         if code is not StartCode.OK:
             # A redelivered, stale or cancelled message: never run it (invariant 4).
             log.warning("dropping message %s of task %s: %s", tag, task_id, code.name)

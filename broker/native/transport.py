@@ -137,6 +137,21 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
     connection_class = FollowMasterConnection
     connection_class_ssl = FollowMasterSSLConnection  # type: ignore[assignment]  # kombu's own, the same bases
+    # Every sentinel (celery_conf.broker_url): the URL names one, so that kombu never switches the
+    # connection to another URL, and this transport with it, for kombu's own.
+    sentinels: list[list[Any]] | None = None
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "sentinels")  # type: ignore[assignment]
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's, asking every sentinel of ``sentinels`` (kombu reads them from the URL's alternates)."""
+        client = self.connection.client
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)
+        alternates, client.alt = client.alt, [f"sentinel://{host}:{port}" for host, port in self.sentinels]
+        try:
+            return super()._sentinel_managed_pool(asynchronous)
+        finally:
+            client.alt = alternates
 
 
 class SentinelTransport(Transport, kombu_redis.SentinelTransport):

@@ -110,6 +110,39 @@ def test_a_killed_warm_process_loses_nothing(procs: Processes, settings: Setting
         assert_node_free(client, "n1")
 
 
+def test_a_redelivered_message_whose_attempts_process_is_gone_is_recorded_lost(
+        procs: Processes, settings: Settings) -> None:
+    """A warm process killed between start.lua and the pool's word that it took the task leaves
+    the attempt RUNNING with no WorkerLostError to report it; its message comes back (kombu's
+    redelivery). start.lua says ALREADY_RUNNING, and the process it recorded is gone: the attempt
+    is recorded lost and runs again, instead of the message being dropped and the task left
+    RUNNING for ever on a live node."""
+    import subprocess
+    import sys
+
+    from broker.store.keys import PoolKeys
+    from broker.store.scripts import Scripts, StartCode
+
+    keys = PoolKeys(settings.pool)
+    with Client(settings=settings) as client:
+        worker = procs.worker("n1", "--slots", "1", *TASKS)
+        wait_nodes_up(client, ["n1"])
+        with procs.paused(worker):  # the worker takes nothing meanwhile
+            procs.dispatcher()
+            task = client.submit("tests.warm_state").id
+            wait_state(client, task, TaskState.RESERVED, 30)
+            message = client.redis.rpop(keys.queue("n1"))  # as the killed process's worker had taken it
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            tag = client.redis.hget(keys.task(task), "tag").decode()
+            assert Scripts(client.redis, keys).start(task, "n1", tag, pid=dead.pid)[0] is StartCode.OK
+            client.redis.lpush(keys.queue("n1"), message)  # its redelivery
+        done = final(client, task)
+        assert (done.state, done.attempts) == (TaskState.SUCCEEDED, 2), (done.state, done.error)
+        assert "recording it lost" in procs.log("worker-n1")
+        assert_node_free(client, "n1")
+
+
 def test_reuse_that_is_not_a_bool_is_refused_naming_it(settings: Settings) -> None:
     from broker.client import Submit
     from broker.errors import InvalidRequest

@@ -151,9 +151,9 @@ class Dispatcher:
                 limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
             gangs_seen: list[str] = []  # gangs go to the full planner, which places them whole
             tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)
-            self._gangs_wait = bool(gangs_seen)
             tokens = {name: left for name, (_rate, left) in limits.items()}
             self._plan_and_commit(report, propose(tasks, self._view.index, tokens))
+            self._gangs_wait = bool(gangs_seen)  # read once the lazy planner has taken its tasks
             with Timer(report, "4_commit"):
                 self._quarantine(report, head.poisoned)
             self._wake_for_rates(report, limits, tokens)

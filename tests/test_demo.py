@@ -133,7 +133,9 @@ def test_demo_keep_leaves_the_cluster_up_until_ctrl_c_then_stops_everything(tmp_
         assert port and len(pgids) == 2 + len(NODES) + 1, out[:2000]
         time.sleep(2)  # after the summary, nothing stops by itself
         up = leftovers(pgids, port.group(1))
-        assert proc.poll() is None and {int(line.split()[2].rstrip("):")) for line in up} == pgids, up
+        # Every process the demo started is still up (a warm pool process that ran a task is in a
+        # process group of its own, so there may be more groups than the demo started).
+        assert proc.poll() is None and pgids <= {int(line.split()[2].rstrip("):")) for line in up}, up
         proc.send_signal(signal.SIGINT)
         rest = proc.stdout.read()
         assert proc.wait(60) == 0, rest

@@ -27,6 +27,7 @@ from broker.models import NodeView
 from broker.store import records
 from broker.store.keys import PoolKeys
 from workers import warm
+from workers.unit import alive
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class WorkerCollector(Collector):
         processes = self._gauge("gpubroker_worker_processes", "Pool processes by what they run or are warm for",
                                 ("state",))
         counts = {"busy": 0, "warm_cpu": 0, "warm_gpu": 0, "idle": 0}
-        for _index, _pid, _retire, running, held in warm.board().entries():
+        for _index, pid, _retire, running, held in warm.board().entries():
+            if not alive(pid):  # a killed process's slot stays until another process takes its index
+                continue
             state = "busy" if running else "idle" if not held else "warm_cpu" if held == warm.CPU else "warm_gpu"
             counts[state] += 1
         for state, count in counts.items():

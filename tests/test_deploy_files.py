@@ -114,12 +114,17 @@ def long_options(command: Any) -> set[str]:
     return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+def compose_document(path: Path) -> dict[str, Any]:
+    """A compose file, parsed (the test skips where PyYAML is not installed)."""
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed in this environment")
-    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    document = yaml.safe_load(path.read_text())
     assert isinstance(document, dict)
     return document
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return compose_document(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="module")

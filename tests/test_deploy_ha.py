@@ -17,7 +17,7 @@ import redis
 from broker.redis_urls import parse_sentinel
 from broker.settings import Settings
 from tests.support import RedisServer, free_port, wait_until
-from tests.test_deploy_files import GPUBROKER_SERVICES, ROOT
+from tests.test_deploy_files import GPUBROKER_SERVICES, ROOT, compose_document
 
 HA_FILE = ROOT / "docker-compose.ha.yml"
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
@@ -25,10 +25,7 @@ SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
 
 @pytest.fixture(scope="module")
 def ha() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed in this environment")
-    document = yaml.safe_load(HA_FILE.read_text())
-    assert isinstance(document, dict)
-    return document
+    return compose_document(HA_FILE)
 
 
 def sentinel_lines(service: dict[str, Any]) -> list[str]:

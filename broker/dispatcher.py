@@ -122,8 +122,10 @@ class Dispatcher:
         full = self._lazy_pass(report) if self.lazy else True
         if full:
             # After the lazy planner, the full pass is for preemption and the queue view: the
-            # head of the queue is enough.
-            self._full_pass(report, self.settings.scheduling.explain_limit if self.lazy else None)
+            # head of the queue is enough; but the lazy planner stops at a gang, so then the full
+            # pass places the gang and what is behind it, over the whole window.
+            lazy_only = self.lazy and not self._gangs_wait
+            self._full_pass(report, self.settings.scheduling.explain_limit if lazy_only else None)
         with Timer(report, "5_record"):
             self._note_unreadable_nodes()
             timer = reads.next_timer_ms(self.redis, self.keys)

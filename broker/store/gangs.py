@@ -93,13 +93,14 @@ def submit_gang(scripts: Scripts, task_id: str, req: SubmitRequest, message: str
 
 
 def singles(tasks: Iterator[TaskRequest], gangs_seen: list[str]) -> Iterator[TaskRequest]:
-    """The dispatcher's lazy planner's tasks: a gang (all members or none) is noted in
-    ``gangs_seen`` and left to the full planner, which places gangs."""
+    """The dispatcher's lazy planner's tasks, up to the first gang (all members or none), which is
+    noted in ``gangs_seen`` and left to the full planner with everything behind it: a lazy pass
+    that went on past it would hand the gang's capacity to later, lower-priority tasks."""
     for task in tasks:
         if task.replicas > 1:
             gangs_seen.append(task.id)
-        else:
-            yield task
+            return
+        yield task
 
 
 def reserve_gang(scripts: Scripts, gang: GangPlacement) -> tuple[GangReserveCode, int]:

@@ -1,0 +1,31 @@
+"""The dispatcher's lazy pass and gangs, against a real Redis: a waiting gang's capacity is not
+handed to the tasks queued behind it."""
+
+from __future__ import annotations
+
+import redis
+
+from broker.dispatcher import Dispatcher
+from broker.models import Resources
+from broker.settings import Settings
+from broker.store.keys import PoolKeys
+from broker.store.scripts import Scripts
+from tests.conftest import Clock
+from tests.invariants import assert_pool_invariants, register_node, submit_task, task_hash
+from tests.store.test_lua_gang import submit_gang
+
+
+def test_tasks_behind_a_gang_do_not_take_its_capacity(scripts: Scripts, redis_client: redis.Redis,
+                                                      keys: PoolKeys, clock: Clock) -> None:
+    """An idle 4-GPU node, a gang of 2 members of 2 GPUs at the head of the queue, then four 1-GPU tasks
+    of lower priority: the gang is reserved and the later tasks wait (the lazy pass used to skip
+    the gang and give the node to them, leaving the gang pending)."""
+    register_node(scripts, "n1", gpus=4, gpu_mem=40_000, cpus=8, mem=16_384, slots=8)
+    submit_gang(scripts, "g0", 2, gpus=2, priority=5)
+    clock.advance(1)
+    later = [submit_task(scripts, resources=Resources(gpus=1)) for _ in range(4)]
+    report = Dispatcher(Settings(pool=keys.pool, dispatch_window=50), clock, redis_client).run_cycle()
+    assert task_hash(redis_client, keys, "g0")["state"] == "RESERVED", report
+    assert {task_hash(redis_client, keys, t)["state"] for t in later} == {"PENDING"}
+    assert report.placed == 2
+    assert_pool_invariants(redis_client, keys, set())

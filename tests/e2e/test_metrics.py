@@ -40,7 +40,11 @@ def test_metrics_after_a_known_workload(procs: Processes, settings: Settings, re
     with Client(settings=settings) as client:
         dispatcher = procs.spawn("dispatcher", "dispatcher", "--metrics-port", str(port))
         wait_until(lambda: _scrapes(port), 30, what="the metrics endpoint")
-        empty = scrape(port)  # every series of a tenant present at 0 before anything happens
+        # Every series of a tenant present at 0 before anything happens (the endpoint may answer
+        # before the dispatcher's first refresh has filled it in).
+        wait_until(lambda: value(scrape(port), "gpubroker_tasks_total", tenant="default", outcome="succeeded")
+                   is not None, 30, what="the first metrics refresh")
+        empty = scrape(port)
         assert value(empty, "gpubroker_tasks_total", tenant="default", outcome="succeeded") == 0
         assert value(empty, "gpubroker_pending_tasks", tenant="default", priority_class="high") == 0
         assert value(empty, "gpubroker_nodes", state="up") == 0

@@ -59,7 +59,7 @@ LUA = resources.files("broker.store") / "lua"
 
 
 #: Transitions whose loss in a failover would lose or duplicate work: WAIT for ``min_replicas_ack``.
-DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel"})
+DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel", "submit_gang", "reserve_gang", "settle_gang"})
 
 _FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
 _RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
@@ -194,7 +194,10 @@ class Scripts:
 
     def call(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
         """Run script ``name`` as is; with ``client=`` a pipeline, queue it there (its reply comes
-        from the pipeline's ``execute``). The typed methods below are the usual way in."""
+        from the pipeline's ``execute``; a durable transition's WAIT is then the caller's). The typed
+        methods below are the usual way in."""
+        if client is None:
+            return self._run(name, keys, args)
         return self._scripts[name](keys=list(keys), args=list(args), client=client)
 
     # ---- nodes ----------------------------------------------------------------

@@ -149,7 +149,11 @@ def gang_status(client: redis.Redis, keys: PoolKeys, gang_id: str, h: Mapping[by
                 waiting: Mapping[str, Any] | None) -> TaskStatus:
     """``task_status`` of a gang's record, with its members and the state and result they make."""
     status = task_status(gang_id, h, waiting)
-    members = members_of(client, keys, gang_id, int(h[b"replicas"]))
+    replicas = int(h[b"replicas"])
+    if status.state is TaskState.PENDING:  # waiting (again): the last attempt's member records are history
+        return status.model_copy(update={"members": [MemberView(rank=r, state=TaskState.PENDING)
+                                                     for r in range(replicas)]})
+    members = members_of(client, keys, gang_id, replicas)
     state = overall(status.state, members)
     update: dict[str, Any] = {"members": members, "state": state}
     if state is not status.state and state.is_final:

@@ -79,12 +79,16 @@ class Submit:
     eta: datetime | None = None
     expires: float | datetime | None = None
     reuse: bool | None = None
+    replicas: int | None = None
+    spread: bool | None = None
+    same_label: str | None = None
     options: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         values = {"resources": self.resources, "priority": self.priority, "tenant": self.tenant,
                   "estimated_runtime_s": self.estimated_runtime_s, "preemptible": self.preemptible,
-                  "idempotency_key": self.idempotency_key, "max_retries": self.max_retries}
+                  "idempotency_key": self.idempotency_key, "max_retries": self.max_retries,
+                  "replicas": self.replicas, "spread": self.spread, "same_label": self.same_label}
         object.__setattr__(self, "options", {k: v for k, v in values.items() if v is not None})
 
 
@@ -194,7 +198,8 @@ class Client:
         refusal names the request's index and field (``requests[3].resources.gpus``), and then
         nothing was written. The tasks are written in order, one round trip per 500; an
         idempotency key already taken, here or earlier in the same batch, returns that task
-        (``handle.created`` is False). No task-sent event is sent for them (Flower sees each
+        (``handle.created`` is False). A gang (``replicas`` > 1) is written in its place in the
+        order, as ``submit`` writes one. No task-sent event is sent for them (Flower sees each
         task once a worker receives it)."""
         admitted = []
         for index, item in enumerate(requests):

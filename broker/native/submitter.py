@@ -9,7 +9,7 @@ node runs its task name or could ever hold it, then written by submit.lua.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -110,8 +110,11 @@ class Submitter:
         ttl_ms = int(self.settings.result_expires_s * 1000)
         sha, n_keys = self.scripts.sha("submit").encode(), b"%d" % len(SIGNATURES["submit"][1])
         known: list[tuple[str, bool]] = []
-        for start in range(0, len(tasks), chunk):
-            part = tasks[start:start + chunk]
+        for start, part in _runs(tasks, chunk):
+            if part[0][1].replicas > 1:  # a gang: its own submit_gang.lua call, in its place
+                task_id, req, message = part[0]
+                known.append(self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms)))
+                continue
             # Encoded here, not through redis-py's Pipeline: its per-command bookkeeping cost a
             # batch about as much as submit.lua's own run (bench/submit.py).
             commands = [encode_command(b"EVALSHA", sha, n_keys, *(_arg(a) for a in (*keys, *args)))
@@ -224,3 +227,15 @@ class Submitter:
         for task_id in task_ids:
             self.cancel(task_id, "cancel" if terminate else "revoke")
 
+
+def _runs(tasks: Sequence[tuple[str, SubmitRequest, str]],
+          chunk: int) -> Iterator[tuple[int, Sequence[tuple[str, SubmitRequest, str]]]]:
+    """``tasks`` in order as (offset, part): each gang alone, single tasks in runs of up to ``chunk``."""
+    start = 0
+    while start < len(tasks):
+        end = start + 1
+        if tasks[start][1].replicas == 1:
+            while end < len(tasks) and end - start < chunk and tasks[end][1].replicas == 1:
+                end += 1
+        yield start, tasks[start:end]
+        start = end

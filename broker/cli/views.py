@@ -91,7 +91,7 @@ def status_table(status: TaskStatus) -> Table:
     if status.reason:
         rows["waiting for"] = status.reason
     now = time.time()
-    if status.retried:
+    if status.retried or status.retry_reason:  # a Celery retry, or a gang's attempt requeued whole
         rows["retrying"] = status.retry_reason or "the task asked Celery to retry"
     if status.replaced_by:
         rows["replaced by"] = status.replaced_by

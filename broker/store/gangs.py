@@ -59,16 +59,18 @@ def check_gang(req: SubmitRequest, nodes: list[NodeView]) -> None:
     if not nodes:
         return
     r = req.resources
-    room = 0
+    rooms: dict[str, int] = {}  # by the same_label value the nodes share ("" without same_label)
     for n in nodes:
         if req.same_label and req.same_label not in n.labels:
             continue
         per_gpu = len(n.gpus) // r.whole_gpus if r.whole_gpus else (len(n.gpus) if r.gpu_milli else n.slots)
         per_cpu = int(n.cpus * 1000 // r.cpu_milli) if r.cpu_milli else n.slots
         fits = min(per_gpu, per_cpu, n.slots, n.memory_mb // r.memory_mb if r.memory_mb else n.slots)
-        room += min(fits, 1) if req.spread else fits
+        value = n.labels[req.same_label] if req.same_label else ""
+        rooms[value] = rooms.get(value, 0) + (min(fits, 1) if req.spread else fits)
+    room = max(rooms.values(), default=0)
     if room < req.replicas:
-        where = f" with label {req.same_label!r}" if req.same_label else ""
+        where = f" sharing one value of label {req.same_label!r}" if req.same_label else ""
         each = " (one per node: spread)" if req.spread else ""
         raise Unsatisfiable({"replicas": f"{req.replicas} members of {r.gpus:g} GPUs each cannot all fit: the "
                                          f"registered nodes{where} hold at most {room}{each}"})
@@ -150,12 +152,15 @@ def gang_status(client: redis.Redis, keys: PoolKeys, gang_id: str, h: Mapping[by
     """``task_status`` of a gang's record, with its members and the state and result they make."""
     status = task_status(gang_id, h, waiting)
     replicas = int(h[b"replicas"])
+    last = h.get(b"last_error")  # why the last attempt ended: why this one runs (or waits)
+    retry_reason = last.decode(errors="replace") if last and not status.state.is_final else None
     if status.state is TaskState.PENDING:  # waiting (again): the last attempt's member records are history
         return status.model_copy(update={"members": [MemberView(rank=r, state=TaskState.PENDING)
-                                                     for r in range(replicas)]})
+                                                     for r in range(replicas)], "retry_reason": retry_reason})
     members = members_of(client, keys, gang_id, replicas)
     state = overall(status.state, members)
-    update: dict[str, Any] = {"members": members, "state": state}
+    update: dict[str, Any] = {"members": members, "state": state,
+                              "retry_reason": None if state.is_final else retry_reason}
     if state is not status.state and state.is_final:
         first = cast(dict[bytes, bytes], client.hgetall(keys.task(member_id(gang_id, 0))))
         rank0 = task_status(member_id(gang_id, 0), first, None)

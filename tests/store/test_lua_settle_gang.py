@@ -69,6 +69,7 @@ def test_a_failed_member_stops_the_others_then_the_gang_goes_back_whole(
     assert waiting.state is TaskState.PENDING and waiting.members is not None
     assert [(m.rank, m.state, m.node, m.gpus, m.error) for m in waiting.members] == [
         (0, TaskState.PENDING, None, [], None), (1, TaskState.PENDING, None, [], None)]
+    assert "member 0 FAILED" in (waiting.retry_reason or "")
     # The next attempt starts afresh: new member records, attempt 2.
     placed = GangPlacement("g", (Placement("g", "n2", (4, 5, 6, 7)), Placement("g", "n1", (4, 5, 6, 7))))
     assert gangs.reserve_gang(scripts, placed)[0] is GangReserveCode.OK

@@ -183,7 +183,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     ),
     "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
     "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
-    "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now")),
+    "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now", "checkpoint")),
     "log": (LogCode, ("task",), ("tag", "attempt", "tail", "size", "file")),
     "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),
                    ("task_id", "request", "reason", "now")),

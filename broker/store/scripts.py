@@ -58,6 +58,9 @@ LUA = resources.files("broker.store") / "lua"
 
 
 
+#: The custom state (Celery's update_state) by which a running task reports a checkpoint.
+CHECKPOINT_STATE = "CHECKPOINT"
+
 #: Transitions whose loss in a failover would lose or duplicate work: WAIT for ``min_replicas_ack``.
 DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel", "submit_gang", "reserve_gang", "settle_gang"})
 
@@ -380,8 +383,10 @@ class Scripts:
         return QuarantineCode(code)
 
     def progress(self, task_id: str, tag: str, state: str, meta: str) -> ProgressCode:
-        """Record a running attempt's custom state and its meta (JSON)."""
-        (code,) = self._run("progress", (self.keys.task(task_id),), (tag, state, meta, self.clock()))
+        """Record a running attempt's custom state and its meta (JSON); state ``CHECKPOINT``
+        (``workers.checkpoint``) also as the task's last checkpoint."""
+        (code,) = self._run("progress", (self.keys.task(task_id),),
+                            (tag, state, meta, self.clock(), "1" if state == CHECKPOINT_STATE else ""))
         return ProgressCode(code)
 
     def log(self, task_id: str, tag: str, tail: bytes, size: int, file: str = "") -> LogCode:

@@ -107,6 +107,13 @@ class SchedulingConfig(_Config):
         return self.tenants.get(name) or _DEFAULT_TENANT
 
     @property
+    def orders_by_time(self) -> bool:
+        """The order of waiting tasks changes with time alone (aging, hrrn): a live dispatcher
+        re-plans it on its idle wake-ups, with no event."""
+        return (self.aging_per_minute > 0 or self.ordering is Ordering.HRRN
+                or (self.ordering is Ordering.FAIR and self.within_tenant is WithinTenant.HRRN))
+
+    @property
     def in_queue_order(self) -> bool:
         """Tasks are considered in the pending queue's own order: priority, then submit order."""
         return self.ordering is Ordering.PRIORITY and self.aging_per_minute == 0

@@ -11,20 +11,18 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from celery import Celery
-from kombu.exceptions import ChannelError, OperationalError
 from redis.exceptions import NoPermissionError
 
 from broker.celery_conf import monitor_app
 from broker.errors import AccessDenied, InvalidRequest, NodeNotFound, NodeRejected, TaskNotFound, WaitTimeout
 from broker.message import new_task_id
 from broker.models import NodeView, QueueEntry, Resources, SubmitRequest, TaskStatus
-from broker.native.app import message_options
-from broker.native.envelope import Envelopes
+from broker.native.envelope import Envelope, Envelopes, after_publish
+from broker.native.events import SentEvents
 from broker.native.submitter import Submitter
-from broker.native.transport import submitted
 from broker.settings import Settings
 from broker.store import gangs, history, reads, records
-from broker.store.connection import as_broker_error, connect, unavailable_as_error
+from broker.store.connection import connect, unavailable_as_error
 from broker.store.history import TaskRow, UsageRow
 from broker.store.keys import PoolKeys
 from broker.store.scripts import CancelCode, Clock, DrainCode, ForgetCode, Scripts, wall_clock_ms
@@ -140,6 +138,7 @@ class Client:
         self.clock = clock
         self._celery: Celery | None = None
         self._envelopes: Envelopes | None = None
+        self._events: SentEvents | None = None
 
     def for_pool(self, pool: str) -> Client:
         """A client of another pool with these settings: on its own Redis deployment when
@@ -167,26 +166,17 @@ class Client:
         ``same_label``: all members on nodes sharing one value of that node label key.
         ``reuse``: a GPU task may run in a warm process (``workers.warm``); None: as declared.
         """
-        extra = {"reuse": checked_reuse(reuse)} if reuse is not None else {}
-        values = {"resources": resources, "priority": priority, "tenant": tenant,
-                  "estimated_runtime_s": estimated_runtime_s, "preemptible": preemptible,
-                  "idempotency_key": idempotency_key, "max_retries": max_retries, "replicas": replicas,
-                  "spread": spread, "same_label": same_label}
-        options = {k: v for k, v in values.items() if v is not None}
-        # Refused here, before Celery builds anything, with the errors the transport would raise.
-        # SubmitRequest takes a list or tuple for args and refuses anything else.
-        req = self.submitter.request(task_name, cast(list[Any], args), kwargs, options)
-        self.submitter.check(req)
-        task_id = new_task_id()
-        try:
-            Celery.send_task(self._celery_app(), req.task_name, args=req.args, kwargs=req.kwargs, task_id=task_id,
-                             countdown=countdown, eta=eta, expires=expires, **message_options(options), **extra)
-        except (OperationalError, ChannelError) as exc:  # kombu's wrapping of a Redis error
-            error = as_broker_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
-        known_as, created = submitted(task_id) or (task_id, True)
+        request = Submit(task_name=task_name, args=args, kwargs=kwargs, resources=resources, priority=priority,
+                         tenant=tenant, estimated_runtime_s=estimated_runtime_s, idempotency_key=idempotency_key,
+                         max_retries=max_retries, preemptible=preemptible, countdown=countdown, eta=eta,
+                         expires=expires, reuse=reuse, replicas=replicas, spread=spread, same_label=same_label)
+        # Celery's envelope and task-sent event, built here and written in one submit.lua call
+        # (send_task's publish and event took two round trips and kombu's producer: issue 14).
+        task_id, req, message = self._admitted(request)
+        if self._events is None:
+            self._events = SentEvents(self._celery_app(), self.redis.connection_pool.connection_kwargs.get("db", 0))
+        known_as, created = self.submitter.submit_one(task_id, req, message.stored, self._events.build(message.headers))
+        after_publish(message)
         return TaskHandle(self, known_as, created=created)
 
     @unavailable_as_error
@@ -211,6 +201,10 @@ class Client:
 
     def _admit(self, request: Submit) -> tuple[str, SubmitRequest, str]:
         """One request of a batch validated, its envelope built, and checked as ``submit`` checks it."""
+        task_id, req, message = self._admitted(request)
+        return task_id, req, message.stored
+
+    def _admitted(self, request: Submit) -> tuple[str, SubmitRequest, Envelope]:
         options = request.options
         reuse = None if request.reuse is None else checked_reuse(request.reuse)
         req = self.submitter.request(request.task_name, cast(list[Any], request.args), request.kwargs, options)
@@ -222,9 +216,8 @@ class Client:
         if message.not_before is not None or message.expires_at is not None:
             req = self.submitter.request(req.task_name, req.args, req.kwargs, options, message.not_before,
                                          message.expires_at)
-        stored = message.stored
-        self.submitter.admit(req, stored)
-        return task_id, req, stored
+        self.submitter.admit(req, message.stored)
+        return task_id, req, message
 
     @unavailable_as_error
     def cancel(self, task_id: str) -> TaskStatus:

@@ -94,6 +94,19 @@ class Submitter:
             code, existing = self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms)
         return self._known_as(task_id, code, existing)
 
+    def submit_one(self, task_id: str, req: SubmitRequest, message: str,
+                   event: tuple[str, str] | None) -> tuple[str, bool]:
+        """``submit`` of a task that passed ``admit``, publishing ``event`` (its task-sent event)
+        once it is created: in submit.lua's call for a single task, right after for a gang."""
+        ttl_ms = int(self.settings.result_expires_s * 1000)
+        if req.replicas == 1:
+            return self._known_as(task_id, *self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms,
+                                                                event=event))
+        known_as, created = self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms))
+        if event is not None and created and known_as == task_id:
+            self.redis.publish(*event)
+        return known_as, created
+
     def admit(self, req: SubmitRequest, message: str) -> None:
         """Every check ``submit`` makes before writing: the encoded size, then ``check``."""
         if len(message) > self.settings.max_payload_bytes:

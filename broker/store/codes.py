@@ -156,7 +156,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
         SubmitCode,
         ("task", "pending", "requests", "idempotency", "seq", "wake", "mix", "delayed", "expiring"),
         ("task_id", "idempotency_key", "priority", "now", "request", "message", "name", "tenant", "max_retries",
-         "gpu_kind", "not_before", "expires_at", "result_ttl"),
+         "gpu_kind", "not_before", "expires_at", "result_ttl", "event_channel", "event"),
     ),
     "reserve": (ReserveCode, ("pending", "requests", "leases", "changes", "tasks", "ratelimit"), ("now",)),
     "start": (StartCode, ("task", "node"), ("node_id", "tag", "now", "pid", "incarnation")),

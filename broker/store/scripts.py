@@ -259,12 +259,14 @@ class Scripts:
     # ---- tasks ----------------------------------------------------------------
 
     def submit(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
-               result_ttl_ms: int = 0) -> tuple[SubmitCode, str]:
+               result_ttl_ms: int = 0, event: tuple[str, str] | None = None) -> tuple[SubmitCode, str]:
         """Store a validated request (``stored``, when the caller encoded it already) and its
         Celery message under ``task_id``; returns the code and the task id it is known by.
-        ``result_ttl_ms``: how long the record is kept once final (0: kept). A request submit.lua
+        ``result_ttl_ms``: how long the record is kept once final (0: kept); ``event``: (channel,
+        payload) published once the task is created (its task-sent event). A request submit.lua
         refuses (a producer's own encoding that the dispatcher could not read) raises InvalidRequest."""
-        code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
+        code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms,
+                                                                      event))
         if code == SubmitCode.BAD_REQUEST:
             key = _text(existing)
             if key == "message":
@@ -274,14 +276,15 @@ class Scripts:
         return SubmitCode(code), _text(existing)
 
     def submit_call(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
-                    result_ttl_ms: int = 0) -> tuple[list[str], list[Any]]:
+                    result_ttl_ms: int = 0, event: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
         """submit.lua's KEYS and ARGV (for ``call`` on a pipeline)."""
         k, stored = self.keys, stored or StoredRequest.of(req)
         key = req.idempotency_key
         return ([k.task(task_id), k.pending, k.requests, k.idempotency(key) if key else k.task(task_id), k.seq,
                  k.wake, k.mix, k.delayed, k.expiring],
                 [task_id, key or "", req.priority, self.clock(), stored.text, message, req.task_name, req.tenant,
-                 req.max_retries, stored.gpu_kind, _ms(req.not_before), _ms(req.expires_at), result_ttl_ms])
+                 req.max_retries, stored.gpu_kind, _ms(req.not_before), _ms(req.expires_at), result_ttl_ms,
+                 *(event or ("", ""))])
 
     def reserve(self, placements: Sequence[Placement]) -> list[ReserveCode]:
         """Commit a batch; returns one code per placement, in order. The plain path, for tests and

@@ -154,7 +154,8 @@ class Client:
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
                max_retries: int = 3, preemptible: bool | None = None, countdown: float | None = None,
                eta: datetime | None = None, expires: float | datetime | None = None, replicas: int | None = None,
-               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None) -> TaskHandle:
+               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None,
+               min_replicas: int | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
         The same path as Celery's ``send_task``/``apply_async``: options not given are the task's
@@ -164,14 +165,16 @@ class Client:
         ``eta``: not placed before then; ``expires``: cancelled if not started by then.
         ``replicas`` > 1: a gang of that many members, each with ``resources``, reserved all or
         none, one job id (``status(id).members``); ``spread``: one member per node;
-        ``same_label``: all members on nodes sharing one value of that node label key.
+        ``same_label``: all members on nodes sharing one value of that node label key;
+        ``min_replicas``: an elastic gang, granted from that many to ``replicas`` members (and
+        ``Resources(min_gpus=...)`` an elastic task: docs/scheduling.md "Elastic requests").
         ``reuse``: a GPU task may run in a warm process (``workers.warm``); None: as declared.
         """
         extra = {"reuse": checked_reuse(reuse)} if reuse is not None else {}
         values = {"resources": resources, "priority": priority, "tenant": tenant,
                   "estimated_runtime_s": estimated_runtime_s, "preemptible": preemptible,
                   "idempotency_key": idempotency_key, "max_retries": max_retries, "replicas": replicas,
-                  "spread": spread, "same_label": same_label}
+                  "spread": spread, "same_label": same_label, "min_replicas": min_replicas}
         options = {k: v for k, v in values.items() if v is not None}
         # Refused here, before Celery builds anything, with the errors the transport would raise.
         # SubmitRequest takes a list or tuple for args and refuses anything else.

@@ -31,7 +31,7 @@ Fits = dict[str, list[list[int]]]  # node id -> the GPU indices of each member t
 
 def member_of(gang: TaskRequest) -> TaskRequest:
     """One member of ``gang``: a single task with the gang's id and per-member resources."""
-    return replace(gang, replicas=1, spread=False, same_label=None)
+    return replace(gang, replicas=1, spread=False, same_label=None, min_replicas=0)
 
 
 def members_on(state: NodeFree, member: TaskRequest, limit: int) -> list[list[int]]:

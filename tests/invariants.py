@@ -261,7 +261,7 @@ def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str
         elif state in LIVE_STATES and "replicas" in t:  # a gang's record: its members hold what it has
             assert task_id not in held_on and "alloc" not in t, f"gang {task_id} holds capacity itself"
             assert task_id not in pending and task_id not in requests, f"gang {task_id} is {state} but still pending"
-            members = [tasks.get(f"{task_id}:m{r}") for r in range(int(t["replicas"]))]
+            members = [tasks.get(f"{task_id}:m{r}") for r in range(int(t.get("granted") or t["replicas"]))]
             assert all(m is not None and m.get("gang") == task_id for m in members), f"gang {task_id} lacks members"
         elif state in LIVE_STATES:
             assert held_on.get(task_id) == [t.get("node")], (

@@ -5,7 +5,6 @@ is refused with nothing changed, and racing callers with stale grants never over
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import redis
@@ -22,6 +21,7 @@ from tests.invariants import (
     free_of,
     pending_ids,
     queued_envelopes,
+    race,
     register_node,
     reserve_one,
     submit_task,
@@ -75,24 +75,13 @@ def test_racing_stale_grants_never_over_commit(redis_client: redis.Redis, keys: 
     Every GPU is held at most once, and every commit is a grant the script re-checked."""
     first = Scripts(redis_client, keys, clock)  # type: ignore[arg-type]
     ids = [submit_task(first, resources=ELASTIC) for _ in range(6)]
-    results: list[tuple[str, ReserveCode]] = []
-    lock = threading.Lock()
 
-    def dispatcher(offset: int) -> None:
-        mine = Scripts(redis.Redis(connection_pool=redis_client.connection_pool), keys, clock)  # type: ignore[arg-type]
-        for i, task in enumerate(ids[offset:] + ids[:offset]):
-            grant = (5, 3, 2)[(i + offset) % 3]
-            start = (0, 3, 6)[(i + offset) % 3]
-            gpus = tuple(range(start, min(8, start + grant)))
-            (code,) = mine.reserve([Placement(task, ("n1", "n2")[i % 2], gpus)])
-            with lock:
-                results.append((task, code))
+    def reserve(mine: Scripts, task: str, i: int) -> ReserveCode:
+        grant, start = (5, 3, 2)[i % 3], (0, 3, 6)[i % 3]
+        (code,) = mine.reserve([Placement(task, ("n1", "n2")[i % 2], tuple(range(start, min(8, start + grant))))])
+        return code
 
-    threads = [threading.Thread(target=dispatcher, args=(k,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = race(redis_client, keys, clock, ids, 4, reserve)
     placed = [t for t, code in results if code is ReserveCode.OK]
     assert placed and len(placed) == len(set(placed))
     assert all(code in (ReserveCode.OK, ReserveCode.NO_CAPACITY, ReserveCode.NOT_PENDING, ReserveCode.BAD_PLACEMENT)

@@ -9,7 +9,10 @@ reserve_gang.lua commits a whole placement in one call: the gang goes RESERVED a
 becomes a task record of its own (``<id>:m<r>``, RESERVED on its node, with ``gang``, ``rank``,
 ``world``, ``local_rank``, ``local_world``, ``node_rank``, ``master_node`` and ``master_port``)
 whose message is on its node's queue. From there a member is fenced, started and finished
-as any task (start.lua, finish.lua), and releases its own capacity.
+as any task (start.lua, finish.lua), and releases its own capacity. An elastic gang (``mk`` in
+its request: ``min_replicas``) is reserved with as many members as the planner granted, from
+``mk`` to ``replicas``; the gang's record keeps that count as ``granted`` while it is reserved
+(``attempt_members``), and each member's ``world`` is it.
 
 **One fate** (settle_gang.lua, each dispatcher cycle, for each gang in ``P gangs``): once a
 member ends other than SUCCEEDED (a member is never requeued alone: _release.lua ends it

@@ -106,7 +106,7 @@ def singles(tasks: Iterator[TaskRequest], gangs_seen: list[str]) -> Iterator[Tas
     planner with everything behind it: a lazy pass that went on past it would hand its capacity
     to later, lower-priority tasks."""
     for task in tasks:
-        if task.is_gang or task.is_elastic:
+        if task.replicas > 1 or task.min_gpus or task.min_replicas:  # attributes only: this runs per task
             gangs_seen.append(task.id)
             return
         yield task

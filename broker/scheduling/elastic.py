@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from broker.scheduling.model import TaskRequest, demand
+from broker.scheduling import gang
+from broker.scheduling.model import NodeFree, TaskRequest, demand
 
 if TYPE_CHECKING:
     from broker.scheduling.fairshare import Ledger
@@ -83,9 +84,21 @@ def target(rule: Elastic, task: TaskRequest, ledger: Ledger, active: Iterable[st
     return max(low, min(high, fair_amount(task, ledger, active)))
 
 
-def grants(rule: Elastic, task: TaskRequest, ledger: Ledger, active: Iterable[str]) -> Iterator[TaskRequest]:
-    """The sized requests to try placing now, largest first: the target, then each smaller
-    amount down to just above the minimum (the minimum itself is tried as ``least``)."""
+def most_now(task: TaskRequest, nodes: Mapping[str, NodeFree]) -> int:
+    """An upper bound on what could be placed on ``nodes`` now (their free capacity, before any
+    backfill hold): the most wholly free GPUs of one node that has room for the task, or the
+    members that fit on all of them. It keeps a request of up to 1024 from trying every amount."""
+    if task.min_replicas:
+        return gang.room(task, nodes)
+    return max((len(n.whole_indices()) for n in nodes.values()
+                if n.gpu_memory_mb >= task.gpu_memory_mb and n.host_fits(task)), default=0)
+
+
+def grants(rule: Elastic, task: TaskRequest, ledger: Ledger, active: Iterable[str],
+           nodes: Mapping[str, NodeFree]) -> Iterator[TaskRequest]:
+    """The sized requests to try placing now, largest first: the target (at most what could fit
+    now), then each smaller amount down to just above the minimum (the minimum itself is tried
+    as ``least``)."""
     low = bounds(task)[0]
-    for amount in range(target(rule, task, ledger, active), low, -1):
+    for amount in range(min(target(rule, task, ledger, active), most_now(task, nodes)), low, -1):
         yield sized(task, amount)

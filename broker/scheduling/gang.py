@@ -111,6 +111,13 @@ def choose(gang: TaskRequest, states: Mapping[str, NodeFree], order: Mapping[str
     return arrange(gang, fits, states, order)
 
 
+def room(gang: TaskRequest, nodes: Mapping[str, NodeFree]) -> int:
+    """How many members fit on ``nodes`` now, all together (an upper bound: ``same_label`` may
+    allow only one group of them)."""
+    member, limit = member_of(gang), 1 if gang.spread else gang.replicas
+    return sum(len(members_on(n, member, limit)) for n in nodes.values() if _eligible(gang, n))
+
+
 def nodes_with_room(gang: TaskRequest, nodes: Mapping[str, NodeFree]) -> int:
     """How many nodes could take at least one member now."""
     member = member_of(gang)

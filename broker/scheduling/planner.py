@@ -163,7 +163,7 @@ class _Pass:
         """Grant the largest amount from the rule's target down that places now; else admit the
         minimum as any task (placed, or waiting, preempting and holding as the minimum)."""
         if self.tokens.get(task.name, 1) >= 1:
-            for sized in elastic.grants(self.config.elastic, task, self.ledger, self.active):
+            for sized in elastic.grants(self.config.elastic, task, self.ledger, self.active, self.placer.nodes):
                 if self.fair and self.ledger.refusal(task.tenant, demand(sized)) is not None:
                     continue
                 placed = self._place_gang(sized, duration) if sized.is_gang else self._place(sized, duration)

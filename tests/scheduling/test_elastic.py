@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from broker.scheduling.config import SchedulingConfig
-from broker.scheduling.elastic import Elastic, bounds, fair_amount, least, sized
+from broker.scheduling.elastic import Elastic, bounds, fair_amount, grants, least, sized
 from broker.scheduling.fairshare import Ledger
 from broker.scheduling.model import Plan, TaskRequest
 from tests.scheduling.helpers import MIN, node, planner, running, snapshot, task
@@ -155,3 +155,16 @@ def test_helpers_bound_size_and_least() -> None:
     plain = task("p", 4)
     assert least(plain) is plain and not plain.is_elastic
     assert Elastic("fair") is Elastic.FAIR
+
+
+def test_the_amounts_tried_start_at_what_could_fit_now() -> None:
+    """A request of up to 1024 GPUs tries 5 first on a node with 5 free, not 1024 down to 6; a
+    gang's most is the members that fit on all nodes together."""
+    nodes = [node("n0", 8), node("n1", 8)]
+    snap = snapshot(nodes, [], [running("r", "n0", (0, 1, 2)), running("s", "n1", tuple(range(6)))])
+    by_id = {n.id: n for n in snap.nodes}
+    ledger = Ledger(SchedulingConfig(), snap.nodes, snap.running)
+    amounts = [t.whole_gpus for t in grants(Elastic.MAX, elastic_task("e", 1024, 1), ledger, set(), by_id)]
+    assert amounts == [5, 4, 3, 2]
+    members = [t.replicas for t in grants(Elastic.MAX, elastic_gang("g", 64, 1, 2), ledger, set(), by_id)]
+    assert members == [3, 2]  # 2 members of 2 GPUs on n0, 1 on n1

@@ -82,13 +82,15 @@ class Submit:
     replicas: int | None = None
     spread: bool | None = None
     same_label: str | None = None
+    min_replicas: int | None = None
     options: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         values = {"resources": self.resources, "priority": self.priority, "tenant": self.tenant,
                   "estimated_runtime_s": self.estimated_runtime_s, "preemptible": self.preemptible,
                   "idempotency_key": self.idempotency_key, "max_retries": self.max_retries,
-                  "replicas": self.replicas, "spread": self.spread, "same_label": self.same_label}
+                  "replicas": self.replicas, "spread": self.spread, "same_label": self.same_label,
+                  "min_replicas": self.min_replicas}
         object.__setattr__(self, "options", {k: v for k, v in values.items() if v is not None})
 
 

@@ -80,13 +80,15 @@ class Submit:
     replicas: int | None = None
     spread: bool | None = None
     same_label: str | None = None
+    min_replicas: int | None = None
     options: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         values = {"resources": self.resources, "priority": self.priority, "tenant": self.tenant,
                   "estimated_runtime_s": self.estimated_runtime_s, "preemptible": self.preemptible,
                   "idempotency_key": self.idempotency_key, "max_retries": self.max_retries,
-                  "replicas": self.replicas, "spread": self.spread, "same_label": self.same_label}
+                  "replicas": self.replicas, "spread": self.spread, "same_label": self.same_label,
+                  "min_replicas": self.min_replicas}
         object.__setattr__(self, "options", {k: v for k, v in values.items() if v is not None})
 
 
@@ -153,7 +155,8 @@ class Client:
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
                max_retries: int = 3, preemptible: bool | None = None, countdown: float | None = None,
                eta: datetime | None = None, expires: float | datetime | None = None, replicas: int | None = None,
-               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None) -> TaskHandle:
+               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None,
+               min_replicas: int | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
         The same path as Celery's ``send_task``/``apply_async``: options not given are the task's
@@ -163,13 +166,16 @@ class Client:
         ``eta``: not placed before then; ``expires``: cancelled if not started by then.
         ``replicas`` > 1: a gang of that many members, each with ``resources``, reserved all or
         none, one job id (``status(id).members``); ``spread``: one member per node;
-        ``same_label``: all members on nodes sharing one value of that node label key.
+        ``same_label``: all members on nodes sharing one value of that node label key;
+        ``min_replicas``: an elastic gang, granted from that many to ``replicas`` members (and
+        ``Resources(min_gpus=...)`` an elastic task: docs/scheduling.md "Elastic requests").
         ``reuse``: a GPU task may run in a warm process (``workers.warm``); None: as declared.
         """
         request = Submit(task_name=task_name, args=args, kwargs=kwargs, resources=resources, priority=priority,
                          tenant=tenant, estimated_runtime_s=estimated_runtime_s, idempotency_key=idempotency_key,
                          max_retries=max_retries, preemptible=preemptible, countdown=countdown, eta=eta,
-                         expires=expires, reuse=reuse, replicas=replicas, spread=spread, same_label=same_label)
+                         expires=expires, reuse=reuse, replicas=replicas, spread=spread, same_label=same_label,
+                         min_replicas=min_replicas)
         # Celery's envelope and task-sent event, built here and written in one submit.lua call
         # (send_task's publish and event took two round trips and kombu's producer: issue 14).
         task_id, req, message = self._admitted(request)

@@ -345,7 +345,7 @@ def chatty(self: Any, lines: int = 0, pause: float = 0.0, filler: int = 0, retry
 
 
 GANG_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "CUDA_VISIBLE_DEVICES")
+            "CUDA_VISIBLE_DEVICES", "GPUBROKER_GPUS")
 
 
 @app.task(name="tests.gang_member")

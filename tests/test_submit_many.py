@@ -101,6 +101,13 @@ def test_a_gang_in_a_batch_is_stored_as_submit_stores_it_in_its_place(client: Cl
     assert status.members is not None and len(status.members) == 3
 
 
+def test_an_elastic_gang_in_a_batch_keeps_its_minimum(client: Client, redis_client: redis.Redis,
+                                                     two_nodes: None) -> None:
+    (gang,) = client.submit_many([Submit(task_name="workers.tasks.probe", resources=Resources(gpus=4), replicas=8,
+                                         min_replicas=2)])
+    assert json.loads(redis_client.hget(client.keys.task(gang.id), "req") or b"")["mk"] == 2
+
+
 @pytest.mark.parametrize(
     ("bad", "field", "error"),
     [
@@ -119,6 +126,10 @@ def test_a_gang_in_a_batch_is_stored_as_submit_stores_it_in_its_place(client: Cl
         ({"task_name": "workers.tasks.probe", "countdown": "soon"}, "requests[2].countdown", InvalidRequest),
         ({"task_name": "workers.tasks.probe", "resources": Resources(gpus=4), "replicas": 4},
          "requests[2].replicas", Unsatisfiable),
+        ({"task_name": "workers.tasks.probe", "resources": Resources(gpus=4), "replicas": 8, "min_replicas": 5},
+         "requests[2].min_replicas", Unsatisfiable),
+        ({"task_name": "workers.tasks.probe", "replicas": 2, "min_replicas": 3}, "requests[2].min_replicas",
+         InvalidRequest),
     ],
 )
 def test_one_bad_request_refuses_the_batch_naming_it_and_nothing_is_written(

@@ -15,7 +15,8 @@ from broker.models import MILLI, NodeView, QueueEntry, Resources, TaskState, Tas
 def describe(resources: Resources) -> str:
     parts = []
     if resources.whole_gpus:
-        parts.append(f"{resources.whole_gpus} GPU")
+        least = f"{resources.min_gpus}-" if resources.min_gpus else ""  # elastic: from min_gpus to gpus
+        parts.append(f"{least}{resources.whole_gpus} GPU")
     elif resources.gpu_milli:
         parts.append(f"{resources.gpus:g} GPU")
     if resources.gpu_memory_mb:

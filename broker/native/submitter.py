@@ -15,8 +15,9 @@ from typing import Any, cast
 import redis
 
 from broker.errors import InvalidRequest, NotRegistered, Unsatisfiable
-from broker.models import NodeView, Resources, SubmitRequest, shortfall
+from broker.models import NodeView, Resources, SubmitRequest
 from broker.native.messages import TaskMessage
+from broker.scheduling.shortfall import shortfall
 from broker.settings import Settings
 from broker.store import gangs, reads
 from broker.store.connection import encode_command, raw_pipeline, replicas_ack, wait_command, wait_replicas
@@ -78,7 +79,8 @@ class Submitter:
                  "estimated_runtime_s": values["estimated_runtime_s"], "preemptible": values["preemptible"],
                  "idempotency_key": options.get("idempotency_key"), "max_retries": options.get("max_retries"),
                  "not_before": not_before, "expires_at": expires_at, "replicas": options.get("replicas"),
-                 "spread": options.get("spread"), "same_label": options.get("same_label")}
+                 "spread": options.get("spread"), "same_label": options.get("same_label"),
+                 "min_replicas": options.get("min_replicas")}
         return SubmitRequest(task_name=name, args=args if args is not None else [],
                              kwargs=kwargs if kwargs is not None else {},
                              **{k: v for k, v in given.items() if v is not None})

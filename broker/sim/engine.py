@@ -32,9 +32,10 @@ from broker.cycle import CycleReport
 from broker.dispatcher import Dispatcher
 from broker.errors import InvalidRequest
 from broker.message import build_message, new_task_id
-from broker.models import MILLI, SubmitRequest, shortfall
+from broker.models import MILLI, SubmitRequest
 from broker.scheduling.config import SchedulingConfig
 from broker.scheduling.model import Placement
+from broker.scheduling.shortfall import shortfall
 from broker.settings import Settings
 from broker.sim.gangs import GangBook, GangPlanner, gang_shape
 from broker.sim.localcluster import private_redis
@@ -265,8 +266,7 @@ class Simulator:
                  ) -> tuple[SubmitRequest, StoredRequest] | str:
         """The validated request and what is stored of it; or why no node could ever run it."""
         resources = job.resources()
-        short = shortfall(resources, self._views)
-        if short:
+        if short := shortfall(resources, self._views):
             return "; ".join(f"{k}: {v}" for k, v in short.items())
         preemptible = False if member else job.preemptible  # a gang's member may not be stopped alone
         req = SubmitRequest(task_name=job.name, resources=resources, priority=job.priority, tenant=job.tenant,

@@ -111,10 +111,13 @@ class SchedulingConfig(_Config):
 
     @property
     def orders_by_time(self) -> bool:
-        """The order of waiting tasks changes with time alone (aging, hrrn): a live dispatcher
-        re-plans it on its idle wake-ups, with no event."""
-        return (self.aging_per_minute > 0 or self.ordering is Ordering.HRRN
-                or (self.ordering is Ordering.FAIR and self.within_tenant is WithinTenant.HRRN))
+        """The order of waiting tasks changes with time alone (aging, hrrn) and the order decides
+        more than who gets capacity that just came free (strict and backfill: the head blocks or
+        holds): a live dispatcher's idle wake-up may then start a task with no event. Under
+        best effort a new order places nothing until capacity or tasks change."""
+        return self.mode is not Mode.BEST_EFFORT and (
+            self.aging_per_minute > 0 or self.ordering is Ordering.HRRN
+            or (self.ordering is Ordering.FAIR and self.within_tenant is WithinTenant.HRRN))
 
     @property
     def in_queue_order(self) -> bool:

@@ -8,9 +8,9 @@ moment it is reserved and finishes it ``duration_s`` later; nothing else is mode
 
 The event loop: take the next instant with events, end the tasks due then (capacity first),
 submit the arrivals, then run dispatcher cycles while anything is pending, as wake-ups
-would: again at once when a cycle filled its window or stopped victims of preemption. An
-order that changes with time alone (aging, hrrn: ``orders_by_time``) is re-planned every
-``reap_interval_s`` while tasks wait, as the live dispatcher's idle wake-ups do.
+would: again at once when a cycle filled its window or stopped victims of preemption. An order
+that moves with time alone where the head blocks or holds (``orders_by_time``) is re-planned
+every ``reap_interval_s`` while tasks wait, as the live dispatcher's idle wake-ups do.
 Stopped victims end at once (finish.lua requeues them uncharged) and resume from their last
 checkpoint (``TraceJob.checkpoint_interval_s``; none: from scratch). No cycle runs when idle.
 """

@@ -354,3 +354,6 @@ def test_an_order_that_moves_with_time_is_replanned_between_events(redis_server:
     # sjf (X, the shorter, is the head from its arrival) starts X at once.
     sjf = run(redis_server, jobs, node, SchedulingConfig(ordering="sjf", mode="backfill"), estimates="true")
     assert timeline(sjf)["X"][:2] == (2, 152) and sjf.cycles < result.cycles
+    # Under best effort a new order alone places nothing (X starts at once anyway): no wake-ups.
+    best = run(redis_server, jobs, node, SchedulingConfig(ordering="hrrn"), estimates="true")
+    assert timeline(best)["X"][:2] == (2, 152) and best.cycles == sjf.cycles

@@ -1,0 +1,175 @@
+"""Gang preemption (issue 13): a pending gang that cannot be placed stops running tasks on
+several nodes, the fewest that let every one of its members fit at once.
+
+The rules are a single task's (``preemption``: preemptible victims only, after
+``min_runtime_s``, fewer than ``max_preemptions`` stops, by priority, fair-share reclaim or
+srtf), judged for the gang as one request (its priority, its tenant, all members' demand).
+
+How the victim set is found, per group of nodes the members may share (all nodes, or one per
+value of ``same_label``):
+
+    1 what each node holds for members now, judged over [now, now + grace + run) as a single
+      preemptor's hold is: what is free, less holds, plus what is already stopping
+    2 a ladder per node: for 1, 2, ... members (one at most with ``spread``), the victims that
+      make room for that many there: taken greedily (borrowers, then lowest priority, then
+      least work lost) until they fit, then every victim they fit without dropped again
+    3 across nodes, the cheapest ladder steps adding up to every member (a knapsack over
+      members): fewest victims, then fewest GPUs stopped, then least work lost, then fewest
+      nodes; the cheapest group wins
+    4 the chosen victims together are checked with the gang's own placement rule
+      (``gang.choose``: pack, spread, same_label) and each dropped if the gang fits without it
+
+Nothing is stopped when even every eligible victim stopped would not make room. What stopping
+the victims frees is held for the gang's members from now (as a single preemptor's node is),
+and on later passes, while they stop, the gang holds what is coming back instead of stopping
+more; reserve_gang.lua then commits all members at once when the capacity is free. A running
+gang is a victim unit of ``Preemptor`` (all its members, on every node).
+"""
+
+from __future__ import annotations
+
+from broker.scheduling import gang
+from broker.scheduling.explain import Cause
+from broker.scheduling.model import NodeFree, Placement, RunningTask, TaskRequest, demand
+from broker.scheduling.preemption import Preemptor
+from broker.scheduling.timeline import Hold, Usage
+
+_Victims = list[tuple[RunningTask, str]]
+_Cost = tuple[float, float, float, int]  # victims, GPUs stopped, GPU-seconds lost, nodes
+_Pick = list[tuple[str, _Victims]]  # (node, victims stopped there) per node used
+
+
+def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: bool) -> Cause | None:
+    """Hold what is already stopping if every member fits with it; else (``may_stop``) stop the
+    cheapest victims across nodes that make room for all members, and hold it; None if nothing does."""
+    end = p.now + p.config.preempt_grace_s + duration
+    member, limit = gang.member_of(task), 1 if task.spread else task.replicas
+    base = {n: _state(p, n, end) for n, node in p.placer.nodes.items() if _may_host(task, member, node)}
+    if p.stopping_nodes:
+        placements = gang.choose(task, base, p.node_order)
+        if placements is not None:
+            _hold(p, member, placements, end)
+            return Cause("stopping", _where(placements))
+    if not may_stop or not p.victims:
+        return None
+    reclaim = p.fair and p.ledger.within_guarantee(task.tenant, demand(task))
+    key = ("gang", task.shape, task.priority, task.tenant if p.fair else "", duration, reclaim, p.ledger.epoch)
+    if key in p.no_victims:
+        return None
+    eligible = {n: stop for n in base if (stop := p.eligible(task, p.victims.get(n, []), reclaim))}
+    if not eligible or gang.choose(task, _without(p, base, eligible, end), p.node_order) is None:
+        p.no_victims.add(key)  # not even with every eligible victim stopped
+        return None
+    ladders = {n: _ladder(p, n, member, limit, base[n], eligible.get(n, []), end) for n in base}
+    best: tuple[_Cost, _Pick] | None = None
+    for group in _groups(task, base):
+        found = _cheapest(p, group, ladders, task.replicas)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found
+    if best is None:
+        p.no_victims.add(key)
+        return None
+    victims = list({r.id: (r, why) for _, chosen in best[1] for r, why in chosen}.values())
+    placements = gang.choose(task, _without(p, base, {"": victims}, end), p.node_order)
+    if placements is None:
+        return None  # victims of one gang counted on two nodes: the ladders were optimistic
+    for entry in reversed(list(victims)):  # drop each victim the gang fits without
+        rest = [v for v in victims if v is not entry]
+        fits = gang.choose(task, _without(p, base, {"": rest}, end), p.node_order)
+        if fits is not None:
+            victims, placements = rest, fits
+    p.stop(task.id, victims, placements[0].node_id)
+    p.ledger.add(task.tenant, demand(task))
+    _hold(p, member, placements, end)
+    return Cause("preempting", _where(placements), victims=int(p.cost(victims)[0]))
+
+
+def _may_host(task: TaskRequest, member: TaskRequest, node: NodeFree) -> bool:
+    return ((not task.same_label or task.same_label in node.labels) and node.matches(member)
+            and len(node.free_milli) >= member.whole_gpus)
+
+
+def _state(p: Preemptor, node_id: str, end: float) -> NodeFree:
+    """Free on ``node_id`` over [now, end): less holds, plus what is stopping (it comes back now)."""
+    if node_id in p.timeline.holds or node_id in p.stopping_nodes:
+        return p.timeline.window(node_id, p.now, end)
+    return p.placer.nodes[node_id]
+
+
+def _without(p: Preemptor, base: dict[str, NodeFree], victims: dict[str, _Victims], end: float
+             ) -> dict[str, NodeFree]:
+    """``base`` with every task of ``victims`` (lists by any key) stopped, on every node they hold."""
+    moved = {t.id: t.node_id for chosen in victims.values() for r, _ in chosen for t in p.tasks_of(r)}
+    out = dict(base)
+    for node_id in set(moved.values()) & base.keys():
+        out[node_id] = p.timeline.window(node_id, p.now, end, moved)
+    return out
+
+
+def _ladder(p: Preemptor, node_id: str, member: TaskRequest, limit: int, base: NodeFree, eligible: _Victims,
+            end: float) -> dict[int, _Victims]:
+    """For each count of members ``node_id`` can take (up to ``limit``), the fewest victims there
+    that make room for that many: greedy in ``eligible``'s order, then each dropped if not needed."""
+    def room(chosen: _Victims) -> int:
+        state = p.timeline.window(node_id, p.now, end, p.ids_of(chosen)) if chosen else base
+        return len(gang.members_on(state, member, limit))
+
+    free = room([])
+    out: dict[int, _Victims] = {k: [] for k in range(1, free + 1)}
+    chosen: _Victims = []
+    for entry in eligible:
+        if free >= limit:
+            break
+        chosen.append(entry)
+        now_fits = room(chosen)
+        for k in range(free + 1, now_fits + 1):
+            needed = list(chosen)
+            for drop in reversed(list(needed)):
+                rest = [c for c in needed if c is not drop]
+                if room(rest) >= k:
+                    needed = rest
+            out[k] = needed
+        free = max(free, now_fits)
+    return out
+
+
+def _groups(task: TaskRequest, base: dict[str, NodeFree]) -> list[list[str]]:
+    if not task.same_label:
+        return [list(base)]
+    groups: dict[str, list[str]] = {}
+    for node_id, node in base.items():
+        groups.setdefault(node.labels[task.same_label], []).append(node_id)
+    return list(groups.values())
+
+
+def _cheapest(p: Preemptor, group: list[str], ladders: dict[str, dict[int, _Victims]], replicas: int
+              ) -> tuple[_Cost, _Pick] | None:
+    """The cheapest steps of the nodes' ladders that add up to ``replicas`` members (a knapsack
+    over members; members beyond ``replicas`` count as ``replicas``)."""
+    best: dict[int, tuple[_Cost, _Pick]] = {0: ((0, 0, 0, 0), [])}
+    for node_id in sorted(group, key=p.node_order.__getitem__):
+        steps = [(k, chosen, p.cost(chosen)) for k, chosen in ladders[node_id].items()]
+        if not steps:
+            continue
+        after = dict(best)
+        for have, (cost, pick) in best.items():
+            if have >= replicas:
+                continue
+            for k, chosen, (n, gpus, lost) in steps:
+                total = min(replicas, have + k)
+                step: _Cost = (cost[0] + n, cost[1] + gpus, cost[2] + lost, cost[3] + 1)
+                if total not in after or step < after[total][0]:
+                    after[total] = (step, [*pick, (node_id, chosen)])
+        best = after
+    return best.get(replicas)
+
+
+def _hold(p: Preemptor, member: TaskRequest, placements: list[Placement], end: float) -> None:
+    """Keep each member's place from now until the gang's run would end."""
+    for placement in placements:
+        usage = Usage.of(member, p.placer.nodes[placement.node_id], placement.gpu_indices)
+        p.timeline.hold(Hold(placement.node_id, p.now, end, usage))
+
+
+def _where(placements: list[Placement]) -> str:
+    return ", ".join(dict.fromkeys(pl.node_id for pl in placements))

@@ -28,6 +28,8 @@ gang is a victim unit of ``Preemptor`` (all its members, on every node).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from broker.scheduling import gang
 from broker.scheduling.explain import Cause
 from broker.scheduling.model import NodeFree, Placement, RunningTask, TaskRequest, demand
@@ -39,8 +41,13 @@ _Cost = tuple[float, float, float, int]  # victims, GPUs stopped, GPU-seconds lo
 _Pick = list[tuple[str, _Victims]]  # (node, victims stopped there) per node used
 
 
-def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: bool) -> Cause | None:
-    """Hold what is already stopping if every member fits with it; else (``may_stop``) stop the
+WAITS = ","  # between the nodes of a preemptor that waits on several (the `preempting` hash's value)
+
+
+def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: bool, waits_on: str | None = None
+                 ) -> Cause | None:
+    """Hold what is already stopping if every member fits with it; else, while its victims stop
+    (``waits_on``: their nodes), hold what members fit there; else (``may_stop``) stop the
     cheapest victims across nodes that make room for all members, and hold it; None if nothing does."""
     end = p.now + p.config.preempt_grace_s + duration
     member, limit = gang.member_of(task), 1 if task.spread else task.replicas
@@ -50,6 +57,14 @@ def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: boo
         if placements is not None:
             _hold(p, member, placements, end)
             return Cause("stopping", _where(placements))
+    if waits_on:
+        # Its victims stopped, or not yet seen so (the free view is read before the running
+        # tasks: one that ended in between is in neither): keep what is free on their nodes
+        # from lower-ranked tasks until every member fits.
+        nodes = [n for n in waits_on.split(WAITS) if n in base]
+        for node_id in nodes:
+            _hold_free(p, member, limit, node_id, base[node_id], end)
+        return Cause("stopping", ", ".join(nodes)) if nodes else None
     if not may_stop or not p.victims:
         return None
     reclaim = p.fair and p.ledger.within_guarantee(task.tenant, demand(task))
@@ -169,6 +184,21 @@ def _hold(p: Preemptor, member: TaskRequest, placements: list[Placement], end: f
     for placement in placements:
         usage = Usage.of(member, p.placer.nodes[placement.node_id], placement.gpu_indices)
         p.timeline.hold(Hold(placement.node_id, p.now, end, usage))
+
+
+def _hold_free(p: Preemptor, member: TaskRequest, limit: int, node_id: str, state: NodeFree, end: float) -> None:
+    """Hold the members that fit on ``node_id``, and for whole-GPU members every whole GPU free
+    there besides (up to what ``limit`` members take): a member may need them with a GPU the
+    free view still counts busy."""
+    room = gang.members_on(state, member, limit)
+    node = p.placer.nodes[node_id]
+    for gpus in room:
+        p.timeline.hold(Hold(node_id, p.now, end, Usage.of(member, node, gpus)))
+    if member.whole_gpus:
+        taken = {i for gpus in room for i in gpus}
+        rest = [i for i in state.whole_indices() if i not in taken][: member.whole_gpus * (limit - len(room))]
+        if rest:
+            p.timeline.hold(Hold(node_id, p.now, end, Usage.of(replace(member, cpu_milli=0, memory_mb=0), node, rest)))
 
 
 def _where(placements: list[Placement]) -> str:

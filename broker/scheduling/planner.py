@@ -25,7 +25,7 @@ from broker.scheduling import gang
 from broker.scheduling.config import Mode, Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause, explain
 from broker.scheduling.fairshare import Ledger
-from broker.scheduling.gang_preemption import preempt_gang
+from broker.scheduling.gang_preemption import WAITS, preempt_gang
 from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement, Plan, Snapshot, TaskRequest, demand
 from broker.scheduling.ordering import ORDERINGS, Ranking
 from broker.scheduling.placement import make_placer
@@ -138,7 +138,9 @@ class _Pass:
         cause = self._place(task, duration)
         if cause is None:
             return None
-        node_id = self.snap.preempting_for.get(task.id)
+        node_id = self.snap.preempting_for.get(task.id, "")
+        if node_id not in self.placer.nodes:  # victims on several nodes (a gang's): its own node is the last
+            node_id = node_id.rsplit(WAITS, 1)[-1]
         if node_id in self.placer.nodes:  # its victims are stopping there: keep that node's capacity for it
             self.preemptor.hold(task, str(node_id), duration)
             return Cause("stopping", str(node_id))
@@ -163,8 +165,9 @@ class _Pass:
         if cause is None:
             return None
         may_stop = self.config.preemption and len(self.preemptor.preemptions) < self.config.preemptions_per_pass
-        if may_stop or task.id in self.snap.preempting_for:
-            preempting = preempt_gang(self.preemptor, task, duration, may_stop)
+        waits_on = self.snap.preempting_for.get(task.id)
+        if may_stop or waits_on:
+            preempting = preempt_gang(self.preemptor, task, duration, may_stop, waits_on)
             if preempting is not None:
                 return preempting
         if self.config.mode is not Mode.BACKFILL or self.holds >= self.max_holds:

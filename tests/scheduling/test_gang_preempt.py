@@ -167,3 +167,28 @@ def test_a_gang_preempts_a_lower_gang_whole() -> None:
     plan = plan_of(nodes, [gang("g", 2, 8, priority=5)], running_gang())
     assert victims(plan) == {"a": ("rg:m0",), "b": ("rg:m1",)}
     assert plan.waiting["g"].reason == "preempting 2 tasks on node a, b"
+
+
+def test_waiting_on_its_nodes_the_gang_keeps_even_what_it_cannot_use_yet() -> None:
+    """The free view is read before the running tasks: a victim that ended in between is in
+    neither, so n2 shows a GPU busy that nobody holds and no member fits there. The gang still
+    keeps n2's three free GPUs from its requeued victims (they would be preempted again)."""
+    stale = node("n2", 4)
+    stale.free_milli[0], stale.free_mem[0] = 0, 0
+    run = [low("v", "n1", (3,), preempting=True)]
+    pending = [gang("g", 2, 4, priority=10), *(task(f"s{i}", 1) for i in range(6))]
+    snap = snapshot([node("n1", 4), stale], pending, run, now=NOW, preempting_for={"g": "n2,n1"})
+    plan = planner(preemption=True).plan(snap)
+    assert plan.placements == [] and plan.preemptions == []
+    assert plan.waiting["g"].reason == "waiting for preempted tasks to stop on node n2, n1"
+
+
+def test_a_task_that_stopped_a_gang_waits_on_its_own_node_the_last_recorded() -> None:
+    nodes = [node("a", 8), node("b", 8)]
+    run = [member("rg", 0, "a", tuple(range(8)), preempting=True), member("rg", 1, "b", tuple(range(8)),
+                                                                          preempting=True)]
+    snap = snapshot(nodes, [task("t", 8, priority=5), task("t2", 8, priority=1)], run, now=NOW,
+                    preempting_for={"t": "b,a"})
+    plan = planner(preemption=True).plan(snap)
+    assert plan.waiting["t"].reason == "waiting for preempted tasks to stop on node a"
+    assert plan.waiting["t2"].reason == "waiting for preempted tasks to stop on node b"

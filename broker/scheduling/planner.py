@@ -14,14 +14,16 @@ phases (as kueue's cycle):
                 that waits. A gang (``gang``) is one unit throughout: all its members
                 placed now or none, its members' sum against its tenant, else preempt
                 (``gang_preemption``: the cheapest victims across nodes), else one hold per
-                member at the gang's earliest start; a running gang is one victim (all members)
+                member at the gang's earliest start; a running gang is one victim (all members).
+                An elastic request (``elastic``) is granted the largest amount from the
+                rule's target down that places now, else waits as its minimum
     4 explain   position, reason and estimated start of the first ``explain_limit`` waiting
                 (``explain``)
 """
 
 from __future__ import annotations
 
-from broker.scheduling import gang
+from broker.scheduling import elastic, gang
 from broker.scheduling.config import Mode, Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause, explain
 from broker.scheduling.fairshare import Ledger
@@ -95,6 +97,7 @@ class _Pass:
         self.held: dict[object, tuple[float, Cause]] = {}  # shape -> shortest run held from starting now
         self.holds = 0
         self.tokens = {name: tokens for name, (_rate, tokens) in snap.rate_limits.items()}
+        self.active = {t.tenant for t in snap.pending} | {r.tenant for r in snap.running}  # elastic "fair"
 
     def _estimate(self, name: str, kind: GpuKind, own: float | None) -> float:
         if own is not None:
@@ -113,7 +116,7 @@ class _Pass:
         for rank, task in enumerate(ORDERINGS[self.config.ordering](self.snap.pending, self.ranking), 1):
             cause = Cause("strict", blocker) if blocker else self._admit(task)
             if cause is not None:
-                self.waiting.append((rank, task, cause))
+                self.waiting.append((rank, elastic.least(task), cause))
                 if strict and not blocker:
                     blocker = task.id
         self.plan.preemptions = self.preemptor.preemptions
@@ -127,13 +130,15 @@ class _Pass:
 
     def _admit(self, task: TaskRequest) -> Cause | None:
         duration = self.duration[task.id]
+        if task.is_elastic:
+            return self._admit_elastic(task, duration)
         if self.fair and not self.ledger.within_guarantee(task.tenant, demand(task)):
             refusal = self.ledger.refusal(task.tenant, demand(task))
             if refusal is not None:
                 return Cause("quota", refusal)
         if self.tokens.get(task.name, 1) < 1:
             return Cause("rate", task.name)
-        if task.replicas > 1:
+        if task.is_gang:
             return self._admit_gang(task, duration)
         cause = self._place(task, duration)
         if cause is None:
@@ -157,6 +162,18 @@ class _Pass:
                 self.timeline.hold(Hold(node_id, start, start + duration, Usage.of(task, node, gpus)))
                 return Cause(cause.kind, cause.detail, start=start)
         return cause
+
+    def _admit_elastic(self, task: TaskRequest, duration: float) -> Cause | None:
+        """Grant the largest amount from the rule's target down that places now; else admit the
+        minimum as any task (placed, or waiting, preempting and holding as the minimum)."""
+        if self.tokens.get(task.name, 1) >= 1:
+            for sized in elastic.grants(self.config.elastic, task, self.ledger, self.active, self.placer.nodes):
+                if self.fair and self.ledger.refusal(task.tenant, demand(sized)) is not None:
+                    continue
+                placed = self._place_gang(sized, duration) if sized.is_gang else self._place(sized, duration)
+                if placed is None:
+                    return None
+        return self._admit(elastic.least(task))
 
     def _admit_gang(self, task: TaskRequest, duration: float) -> Cause | None:
         """Place every member now, else hold what its victims free as they stop, else preempt

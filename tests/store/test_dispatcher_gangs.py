@@ -1,5 +1,6 @@
-"""The dispatcher's lazy pass and gangs, against a real Redis: a waiting gang's capacity is not
-handed to the tasks queued behind it."""
+"""The dispatcher's lazy pass with gangs and elastic requests, against a real Redis: a waiting
+gang's capacity is not handed to the tasks queued behind it, and an elastic request is granted
+by the planner's rule."""
 
 from __future__ import annotations
 
@@ -66,4 +67,21 @@ def test_a_gang_preempts_on_two_nodes_waits_on_both_then_is_reserved_whole(
     dispatcher.run_cycle()
     assert task_hash(redis_client, keys, "g")["state"] == "RESERVED"
     assert {task_hash(redis_client, keys, t)["preemptions"] for t in small} == {"1"}
+    assert_pool_invariants(redis_client, keys, set())
+
+
+def test_the_lazy_pass_leaves_an_elastic_task_to_the_planner_that_grants_it(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
+    """The default (spine) dispatcher on an idle 8-GPU node under elastic = "min": the elastic
+    task gets its minimum, 2 GPUs, and the 6-GPU task behind it the rest (the lazy best fit would
+    have placed the elastic request as its 8 GPUs and left the other waiting)."""
+    register_node(scripts, "n1", gpus=8, gpu_mem=40_000, cpus=8, mem=16_384, slots=8)
+    elastic = submit_task(scripts, resources=Resources(gpus=8, min_gpus=2), priority=5)
+    clock.advance(1)
+    behind = submit_task(scripts, resources=Resources(gpus=6))
+    settings = Settings(pool=keys.pool, dispatch_window=50, scheduling={"elastic": "min"})
+    assert settings.scheduling.is_spine
+    Dispatcher(settings, clock, redis_client).run_cycle()
+    assert [task_hash(redis_client, keys, t)["state"] for t in (elastic, behind)] == ["RESERVED", "RESERVED"]
+    assert len(task_hash(redis_client, keys, elastic)["gpus"].split(",")) == 2
     assert_pool_invariants(redis_client, keys, set())

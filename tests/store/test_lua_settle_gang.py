@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import redis
 
+from broker.models import TaskState
 from broker.scheduling.model import GangPlacement, Placement
 from broker.store import gangs
 from broker.store.keys import PoolKeys
@@ -63,6 +64,12 @@ def test_a_failed_member_stops_the_others_then_the_gang_goes_back_whole(
     assert pending_ids(redis_client, keys) == ["g"] and all_free(redis_client, keys)
     assert not redis_client.sismember(keys.gangs, "g")
     assert_pool_invariants(redis_client, keys)
+    # While it waits, status shows this attempt's members waiting, not the last attempt's fates.
+    waiting = gangs.gang_status(redis_client, keys, "g", redis_client.hgetall(keys.task("g")), None)
+    assert waiting.state is TaskState.PENDING and waiting.members is not None
+    assert [(m.rank, m.state, m.node, m.gpus, m.error) for m in waiting.members] == [
+        (0, TaskState.PENDING, None, [], None), (1, TaskState.PENDING, None, [], None)]
+    assert "member 0 FAILED" in (waiting.retry_reason or "")
     # The next attempt starts afresh: new member records, attempt 2.
     placed = GangPlacement("g", (Placement("g", "n2", (4, 5, 6, 7)), Placement("g", "n1", (4, 5, 6, 7))))
     assert gangs.reserve_gang(scripts, placed)[0] is GangReserveCode.OK

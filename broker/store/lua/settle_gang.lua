@@ -20,7 +20,7 @@
 -- KEYS[4] requests  hash task id -> request of pending tasks
 -- KEYS[5] wake      channel dispatchers listen on
 -- KEYS[6] prefix    the pool prefix (carries the hash tag): expiring, outcomes, finished
--- KEYS[7+r]         member r's task hash
+-- KEYS[7+r]         member r's task hash, for each member of this attempt (its `granted`)
 -- ARGV[1] gang_id
 -- ARGV[2] now       ms since epoch
 -- ARGV[3] grace_ms  a running member's time between SIGTERM and SIGKILL
@@ -33,13 +33,14 @@
 --   5 NOT_LIVE   the gang is not reserved (cancelled, ended): it leaves `gangs`
 
 local gang, id, now, prefix = KEYS[1], ARGV[1], ARGV[2], KEYS[6]
-local g = redis.call('HMGET', gang, 'state', 'replicas', 'retries', 'max_retries', 'score', 'req')
+local g = redis.call('HMGET', gang, 'state', 'replicas', 'retries', 'max_retries', 'score', 'req', 'granted')
+local members = tonumber(g[7] or g[2]) -- an elastic gang's attempt has the members it was granted
 if g[1] ~= 'RESERVED' then
   redis.call('SREM', KEYS[2], id)
   return {5}
 end
 local states, ended, live, preempted = {}, nil, 0, false
-for r = 0, tonumber(g[2]) - 1 do
+for r = 0, members - 1 do
   local m = redis.call('HMGET', KEYS[7 + r], 'state', 'preempt_by')
   states[r] = m[1] or 'FAILED' -- a record gone (expired) counts as lost
   if states[r] == 'RESERVED' or states[r] == 'RUNNING' then
@@ -58,7 +59,7 @@ if ended == nil and not preempted then
   return {4}
 end
 if live > 0 then
-  for r = 0, tonumber(g[2]) - 1 do
+  for r = 0, members - 1 do
     local member = KEYS[7 + r]
     if states[r] == 'RUNNING' and redis.call('HSETNX', member, 'cancel_at', now) == 1 then
       redis.call('HSET', member, 'cancel_grace', ARGV[3])
@@ -70,8 +71,7 @@ if live > 0 then
   redis.call('PUBLISH', KEYS[5], 'cancel')
   return {1}
 end
-redis.call('SREM', KEYS[2], id)
-local why, outcome = 'preempted', 'preempted'
+local why, outcome = 'preempted', 'preempted'; redis.call('SREM', KEYS[2], id)
 if ended == nil then -- preempted: back in line uncharged
   redis.call('HINCRBY', gang, 'preemptions', 1)
 else
@@ -84,7 +84,7 @@ else
 end
 tally(prefix .. 'outcomes', gang, outcome, tonumber(now))
 redis.call('HSET', gang, 'state', 'PENDING', 'requeued_at', now, 'last_error', why)
-redis.call('HDEL', gang, 'node', 'reserved_at')
+redis.call('HDEL', gang, 'node', 'reserved_at', 'granted') -- granted afresh
 redis.call('ZADD', KEYS[3], g[5], id); redis.call('HSET', KEYS[4], id, g[6])
 redis.call('PUBLISH', KEYS[5], 'requeue')
 return {2}

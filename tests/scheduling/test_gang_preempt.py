@@ -192,3 +192,13 @@ def test_a_task_that_stopped_a_gang_waits_on_its_own_node_the_last_recorded() ->
     plan = planner(preemption=True).plan(snap)
     assert plan.waiting["t"].reason == "waiting for preempted tasks to stop on node a"
     assert plan.waiting["t2"].reason == "waiting for preempted tasks to stop on node b"
+
+
+def test_a_gang_stopped_max_preemptions_times_runs_on() -> None:
+    """Its members carry the gang's count (reserve_gang.lua copies it): the budget is the gang's."""
+    nodes = [node("a", 8), node("b", 8)]
+    run = running_gang()
+    for m in run:
+        m.preemptions = 3
+    assert plan_of(nodes, [task("t", 8, priority=5)], run).preemptions == []
+    assert plan_of([node("a", 8), node("b", 8)], [task("t", 8, priority=5)], run, max_preemptions=4).preemptions

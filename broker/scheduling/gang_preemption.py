@@ -30,17 +30,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from broker.models import MILLI
 from broker.scheduling import gang
 from broker.scheduling.explain import Cause
 from broker.scheduling.model import NodeFree, Placement, RunningTask, TaskRequest, demand
 from broker.scheduling.preemption import Preemptor
-from broker.scheduling.timeline import Hold, Usage
+from broker.scheduling.timeline import INF, Hold, Usage
 
 _Victims = list[tuple[RunningTask, str]]
 _Cost = tuple[float, float, float, int]  # victims, GPUs stopped, GPU-seconds lost, nodes
 _Pick = list[tuple[str, _Victims]]  # (node, victims stopped there) per node used
 
 
+SHORTLIST = 32  # at least this many nodes with victims get a ladder (4 per member beyond)
 WAITS = ","  # between the nodes of a preemptor that waits on several (the `preempting` hash's value)
 
 
@@ -75,7 +77,8 @@ def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: boo
     if not eligible or gang.choose(task, _without(p, base, eligible, end), p.node_order) is None:
         p.no_victims.add(key)  # not even with every eligible victim stopped
         return None
-    ladders = {n: _ladder(p, n, member, limit, base[n], eligible.get(n, []), end) for n in base}
+    shortlist = _shortlist(p, member, base, eligible, max(SHORTLIST, 4 * task.replicas))
+    ladders = {n: _ladder(p, n, member, limit, base[n], shortlist.get(n, []), end) for n in base}
     best: tuple[_Cost, _Pick] | None = None
     for group in _groups(task, base):
         found = _cheapest(p, group, ladders, task.replicas)
@@ -85,12 +88,13 @@ def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: boo
         p.no_victims.add(key)
         return None
     victims = list({r.id: (r, why) for _, chosen in best[1] for r, why in chosen}.values())
-    placements = gang.choose(task, _without(p, base, {"": victims}, end), p.node_order)
+    scope = {n: base[n] for n, _ in best[1]}  # the nodes chosen: enough for every member
+    placements = gang.choose(task, _without(p, scope, {"": victims}, end), p.node_order)
     if placements is None:
         return None  # victims of one gang counted on two nodes: the ladders were optimistic
     for entry in reversed(list(victims)):  # drop each victim the gang fits without
         rest = [v for v in victims if v is not entry]
-        fits = gang.choose(task, _without(p, base, {"": rest}, end), p.node_order)
+        fits = gang.choose(task, _without(p, scope, {"": rest}, end), p.node_order)
         if fits is not None:
             victims, placements = rest, fits
     p.stop(task.id, victims, placements[0].node_id)
@@ -119,6 +123,27 @@ def _without(p: Preemptor, base: dict[str, NodeFree], victims: dict[str, _Victim
     for node_id in set(moved.values()) & base.keys():
         out[node_id] = p.timeline.window(node_id, p.now, end, moved)
     return out
+
+
+def _shortlist(p: Preemptor, member: TaskRequest, base: dict[str, NodeFree], eligible: dict[str, _Victims],
+               size: int) -> dict[str, _Victims]:
+    """The ``size`` nodes whose victims look cheapest for one member, by a count without the
+    timeline: for whole-GPU members, victims (largest first) until enough whole GPUs are free;
+    else the fewest victims. Ladders are built only there (each costs a timeline read per
+    victim: 1 ms a node, 2 s for a gang on 2,000 busy nodes before this cut)."""
+    if len(eligible) <= size:
+        return eligible
+    def estimate(node_id: str) -> tuple[float, ...]:
+        if not member.whole_gpus:
+            return (len(eligible[node_id]), p.node_order[node_id])
+        free, count, gpus = len(base[node_id].whole_indices()), 0, 0.0
+        for run in sorted((sum(len(t.gpu_indices) for t in p.tasks_of(r) if t.node_id == node_id and t.gpu_milli
+                               >= MILLI) for r, _ in eligible[node_id]), reverse=True):
+            if free >= member.whole_gpus:
+                break
+            free, count, gpus = free + run, count + 1, gpus + run
+        return (count if free >= member.whole_gpus else INF, gpus, p.node_order[node_id])
+    return {n: eligible[n] for n in sorted(eligible, key=estimate)[:size]}
 
 
 def _ladder(p: Preemptor, node_id: str, member: TaskRequest, limit: int, base: NodeFree, eligible: _Victims,

@@ -383,6 +383,16 @@ def gang_fail_once(self: Any, seconds: float) -> dict[str, Any]:
     return {"attempt": attempt, "rank": rank, "pid": os.getpid()}
 
 
+@app.task(name="tests.gang_long_first", bind=True)
+def gang_long_first(self: Any, seconds: float) -> dict[str, Any]:
+    """A gang member that works ``seconds`` on its gang's first attempt (long enough to be
+    preempted) and returns at once on later ones."""
+    attempt = _attempt(self)
+    if attempt == 1:
+        time.sleep(seconds)
+    return {"attempt": attempt, "rank": int(os.environ["RANK"]), "node": context.node_id()}
+
+
 _runs_here = 0  # module state: how many tasks this pool process has run (workers.warm keeps it)
 
 

@@ -115,6 +115,7 @@ class RunningTask:
     submitted_at: float = 0.0
     preemptions: int = 0  # times it was stopped for a more urgent task (SchedulingConfig.max_preemptions)
     checkpoint_at: float | None = None  # seconds; its last checkpoint in this attempt, if it reported one
+    gang: str | None = None  # the gang it is a member of: preempting it stops every member (gang_preemption)
 
     def work_at_risk(self, now: float) -> float:
         """Seconds of work stopping it now would lose: since its last checkpoint, else since it started."""

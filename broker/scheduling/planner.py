@@ -12,9 +12,10 @@ phases (as kueue's cycle):
                 higher-ranked task is delayed; else preempt (``preemption``: fewest victims on
                 one node); else (backfill) hold its earliest start; strict stops at the first
                 that waits. A gang (``gang``) is one unit throughout: all its members
-                placed now or none, its members' sum against its tenant, one hold per member
-                at the gang's earliest start; it does not preempt (not yet: victims on several
-                nodes). An elastic request (``elastic``) is granted the largest amount from the
+                placed now or none, its members' sum against its tenant, else preempt
+                (``gang_preemption``: the cheapest victims across nodes), else one hold per
+                member at the gang's earliest start; a running gang is one victim (all members).
+                An elastic request (``elastic``) is granted the largest amount from the
                 rule's target down that places now, else waits as its minimum
     4 explain   position, reason and estimated start of the first ``explain_limit`` waiting
                 (``explain``)
@@ -26,6 +27,7 @@ from broker.scheduling import elastic, gang
 from broker.scheduling.config import Mode, Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause, explain
 from broker.scheduling.fairshare import Ledger
+from broker.scheduling.gang_preemption import WAITS, preempt_gang
 from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement, Plan, Snapshot, TaskRequest, demand
 from broker.scheduling.ordering import ORDERINGS, Ranking
 from broker.scheduling.placement import make_placer
@@ -141,7 +143,9 @@ class _Pass:
         cause = self._place(task, duration)
         if cause is None:
             return None
-        node_id = self.snap.preempting_for.get(task.id)
+        node_id = self.snap.preempting_for.get(task.id, "")
+        if node_id not in self.placer.nodes:  # victims on several nodes (a gang's): its own node is the last
+            node_id = node_id.rsplit(WAITS, 1)[-1]
         if node_id in self.placer.nodes:  # its victims are stopping there: keep that node's capacity for it
             self.preemptor.hold(task, str(node_id), duration)
             return Cause("stopping", str(node_id))
@@ -172,10 +176,18 @@ class _Pass:
         return self._admit(elastic.least(task))
 
     def _admit_gang(self, task: TaskRequest, duration: float) -> Cause | None:
-        """Place every member now, else (backfill) hold each member's node at the gang's
-        earliest start. No preemption for a gang yet: its victims may sit on several nodes."""
+        """Place every member now, else hold what its victims free as they stop, else preempt
+        (victims on several nodes), else (backfill) hold each member's node at the gang's earliest start."""
         cause = self._place_gang(task, duration)
-        if cause is None or self.config.mode is not Mode.BACKFILL or self.holds >= self.max_holds:
+        if cause is None:
+            return None
+        may_stop = self.config.preemption and len(self.preemptor.preemptions) < self.config.preemptions_per_pass
+        waits_on = self.snap.preempting_for.get(task.id)
+        if may_stop or waits_on:
+            preempting = preempt_gang(self.preemptor, task, duration, may_stop, waits_on)
+            if preempting is not None:
+                return preempting
+        if self.config.mode is not Mode.BACKFILL or self.holds >= self.max_holds:
             return cause
         self.holds += 1
         found = gang.earliest(task, duration, self.timeline, self.node_order)

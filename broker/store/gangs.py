@@ -24,14 +24,15 @@ retry) or FAILED; all SUCCEEDED: the gang SUCCEEDED with rank 0's result. Cancel
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
 import redis
 
 from broker.errors import InvalidRequest, Unsatisfiable
 from broker.models import MemberView, NodeView, SubmitRequest, TaskState, TaskStatus
-from broker.scheduling.model import GangPlacement, TaskRequest
+from broker.scheduling.gang_preemption import WAITS
+from broker.scheduling.model import GangPlacement, Preemption, TaskRequest
 from broker.store.codes import GangReserveCode, SettleCode, SubmitCode
 from broker.store.keys import PoolKeys
 from broker.store.records import encode_request, gpu_kind_of, gpus_arg, parse_gpus, task_status
@@ -110,6 +111,18 @@ def singles(tasks: Iterator[TaskRequest], gangs_seen: list[str]) -> Iterator[Tas
             gangs_seen.append(task.id)
             return
         yield task
+
+
+def note_waits(client: redis.Redis, keys: PoolKeys, preemptions: Iterable[Preemption]) -> None:
+    """Record every node a preemptor with victims on several nodes (a gang, or a task that stopped
+    a gang) waits on, its own last (``gang_preemption.WAITS``): preempt.lua notes one node per
+    call, the last, and a gang's members must be held on all of them while the victims stop."""
+    nodes: dict[str, list[str]] = {}
+    for p in preemptions:
+        nodes.setdefault(p.task_id, []).append(p.node_id)
+    waits = {task_id: WAITS.join(dict.fromkeys(where)) for task_id, where in nodes.items() if len(set(where)) > 1}
+    if waits:
+        client.hset(keys.preempting, mapping=waits)  # type: ignore[arg-type]
 
 
 def reserve_gang(scripts: Scripts, gang: GangPlacement) -> tuple[GangReserveCode, int]:

@@ -208,7 +208,7 @@ def forget_gone(shapes: Shapes | None, live: list[str]) -> None:
 # ---- what the full planner sees (scheduling.planner) ---------------------------------------
 
 _RUNNING_FIELDS = (b"state", b"node", b"alloc", b"req", b"started_at", b"reserved_at", b"preempt_at", b"seq",
-                   b"submitted_at", b"preemptions", b"checkpoint_at")
+                   b"submitted_at", b"preemptions", b"checkpoint_at", b"gang")
 
 
 def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
@@ -225,7 +225,7 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
     wires: dict[bytes, records.Wire] = {}
     out = []
     for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted, preemptions,
-                  checkpoint) in zip(ids, replies, strict=True):
+                  checkpoint, gang) in zip(ids, replies, strict=True):
         if state not in (b"RESERVED", b"RUNNING") or alloc is None or node is None or req is None:
             continue  # finished or moved between the two reads
         wire = wires.get(req)
@@ -239,6 +239,7 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
                                    preemptible_default)
         run.preemptions = int(preemptions or 0)
         run.checkpoint_at = int(checkpoint) / 1000 if checkpoint else None  # an earlier attempt's: before started_at
+        run.gang = gang.decode() if gang else None
         out.append(run)
     return out
 

@@ -8,11 +8,12 @@ import redis
 
 from broker.dispatcher import Dispatcher
 from broker.models import Resources
+from broker.scheduling.config import SchedulingConfig
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
-from broker.store.scripts import Scripts
+from broker.store.scripts import Scripts, StartCode
 from tests.conftest import Clock
-from tests.invariants import assert_pool_invariants, register_node, submit_task, task_hash
+from tests.invariants import assert_pool_invariants, register_node, submit_task, task_hash, text
 from tests.store.test_lua_gang import submit_gang
 
 
@@ -29,6 +30,43 @@ def test_tasks_behind_a_gang_do_not_take_its_capacity(scripts: Scripts, redis_cl
     assert task_hash(redis_client, keys, "g0")["state"] == "RESERVED", report
     assert {task_hash(redis_client, keys, t)["state"] for t in later} == {"PENDING"}
     assert report.placed == 2
+    assert_pool_invariants(redis_client, keys, set())
+
+
+def test_a_gang_preempts_on_two_nodes_waits_on_both_then_is_reserved_whole(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
+    """Eight running preemptible 1-GPU tasks fill two 4-GPU nodes; a priority-10 gang of 2 x 4
+    GPUs marks all eight, is recorded as waiting on both nodes, keeps the capacity of those
+    that stop from them (they go back in line), and is reserved once all have stopped."""
+    for node_id in ("n1", "n2"):
+        register_node(scripts, node_id, gpus=4, gpu_mem=40_000, cpus=8, mem=16_384, slots=8)
+    small = [submit_task(scripts, resources=Resources(gpus=1)) for _ in range(8)]
+    settings = Settings(pool=keys.pool, dispatch_window=50,
+                        scheduling=SchedulingConfig.parse({"ordering": "priority", "preemptible_default": True}))
+    dispatcher = Dispatcher(settings, clock, redis_client)
+    dispatcher.run_cycle()
+    tags = {}
+    for task_id in small:
+        h = task_hash(redis_client, keys, task_id)
+        assert scripts.start(task_id, h["node"], h["tag"])[0] is StartCode.OK
+        tags[task_id] = (h["node"], h["tag"])
+    clock.advance(1)
+    submit_gang(scripts, "g", 2, gpus=4, priority=10)
+    report = dispatcher.run_cycle()
+    assert sorted(report.preempted) == sorted(small)
+    assert set(text(redis_client.hget(keys.preempting, "g")).split(",")) == {"n1", "n2"}
+    for task_id in small[:5]:  # five stop; three are still stopping
+        node_id, tag = tags[task_id]
+        assert scripts.finish(task_id, node_id, tag, "failed", "Preempted")[1] == "PENDING"
+    dispatcher.run_cycle()
+    assert task_hash(redis_client, keys, "g")["state"] == "PENDING"
+    assert {task_hash(redis_client, keys, t)["state"] for t in small[:5]} == {"PENDING"}, "the gang's room kept"
+    for task_id in small[5:]:
+        node_id, tag = tags[task_id]
+        scripts.finish(task_id, node_id, tag, "failed", "Preempted")
+    dispatcher.run_cycle()
+    assert task_hash(redis_client, keys, "g")["state"] == "RESERVED"
+    assert {task_hash(redis_client, keys, t)["preemptions"] for t in small} == {"1"}
     assert_pool_invariants(redis_client, keys, set())
 
 

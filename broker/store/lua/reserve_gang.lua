@@ -34,7 +34,7 @@
 batch_begin(KEYS[5])
 local now, id, nodes = tonumber(ARGV[1]), ARGV[2], {}
 local g = redis.call('HMGET', KEYS[6], 'state', 'member_req', 'replicas', 'attempts', 'name', 'tenant', 'priority',
-  'score', 'submitted_at', 'result_ttl')
+  'score', 'submitted_at', 'result_ttl', 'preemptions')
 local k, req, m = tonumber(g[3]) or 0, redis.call('HGET', KEYS[2], id), (#ARGV - 2) / 2 -- m: members granted
 if g[1] ~= 'PENDING' or not g[2] or not req or m % 1 ~= 0 or m > k or m < (batch_request[req].mk or k) then
   return {1, -1}
@@ -76,8 +76,8 @@ for rank = 0, m - 1 do
   redis.call('HSET', KEYS[8 + 4 * rank], 'id', member, 'gang', id, 'rank', rank, 'world', m, 'local_rank', p.local_rank,
     'local_world', p.n.count, 'node_rank', order[p.node], 'master_node', master.node, 'master_port', port,
     'name', g[5], 'tenant', g[6], 'priority', g[7], 'score', g[8], 'submitted_at', g[9], 'result_ttl', g[10],
-    'req', g[2], 'max_retries', 0, 'retries', 0, 'state', 'RESERVED', 'node', p.node, 'gpus', p.indices,
-    'tag', tag, 'attempts', attempts, 'reserved_at', ARGV[1], 'alloc', p.alloc, 'message', message)
+    'req', g[2], 'max_retries', 0, 'retries', 0, 'preemptions', g[11] or 0, 'state', 'RESERVED', 'node', p.node,
+    'gpus', p.indices, 'tag', tag, 'attempts', attempts, 'reserved_at', ARGV[1], 'alloc', p.alloc, 'message', message)
   p.n.tasks[#p.n.tasks + 1], p.n.messages[#p.n.messages + 1] = member, batch_message(p.n, message, tag, p.indices, r)
 end
 for node_id, n in pairs(nodes) do if n and n.count > 0 then batch_flush(n); touch(KEYS[4], node_id) end end

@@ -99,15 +99,14 @@ class Submitter:
     def submit_one(self, task_id: str, req: SubmitRequest, message: str,
                    event: tuple[str, str] | None) -> tuple[str, bool]:
         """``submit`` of a task that passed ``admit``, publishing ``event`` (its task-sent event)
-        once it is created: in submit.lua's call for a single task, right after for a gang."""
+        in submit.lua's call once it is created. A gang sends none: the job id never runs as a
+        Celery task, its members do (``<id>:m<rank>``, ``root_id`` the job's), and Flower lists
+        them from the workers' events; a sent event would leave the job id SENT there for ever."""
         ttl_ms = int(self.settings.result_expires_s * 1000)
         if req.replicas == 1:
             return self._known_as(task_id, *self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms,
                                                                 event=event))
-        known_as, created = self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms))
-        if event is not None and created and known_as == task_id:
-            self.redis.publish(*event)
-        return known_as, created
+        return self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms))
 
     def admit(self, req: SubmitRequest, message: str) -> None:
         """Every check ``submit`` makes before writing: the encoded size, then ``check``."""

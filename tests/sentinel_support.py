@@ -108,9 +108,10 @@ class SentinelCluster:
             ports.add(int(port))
         return ports.pop() if len(ports) == 1 else None
 
-    def master(self) -> RedisServer:
-        """The server the sentinels name master now (the proxied one by its own port)."""
-        port = self.sentinels_agree()
+    def master(self, timeout: float = 30) -> RedisServer:
+        """The server the sentinels name master now (the proxied one by its own port); waits while
+        they differ (a sentinel that has not yet heard of a promotion, or a restarted server)."""
+        port = wait_until(self.sentinels_agree, timeout, what="the sentinels to agree on the master")
         if port == self.master_address:
             return self.servers[0]
         return next(s for s in self.servers if s.port == port)

@@ -62,3 +62,21 @@ def build_message(task_id: str, task_name: str, args: Any, kwargs: dict[str, Any
 
 def new_task_id() -> str:
     return str(uuid.uuid4())
+
+
+class MessageTemplates:
+    """Celery-built messages, one build per task name, for the simulator (broker.sim.engine): a
+    simulated task's message is carried by reserve.lua to the node queue and dropped there, never
+    run, so a copy of Celery's message with the task's own id stands in for building each (which
+    would cost ~0.5 ms)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: dict[str, list[str]] = {}
+
+    def __call__(self, task_id: str, name: str) -> str:
+        parts = self._parts.get(name)
+        if parts is None:
+            placeholder = new_task_id()
+            parts = self._parts[name] = build_message(placeholder, name, [], {}, self.max_bytes).split(placeholder)
+        return task_id.join(parts)

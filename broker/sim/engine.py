@@ -10,7 +10,8 @@ The event loop: take the next instant with events, end the tasks due then (capac
 submit the arrivals, then run dispatcher cycles while anything is pending, as wake-ups
 would: again at once when a cycle filled its window or stopped victims of preemption. An order
 that moves with time alone where the head blocks or holds (``orders_by_time``) is re-planned
-every ``reap_interval_s`` while tasks wait, as the live dispatcher's idle wake-ups do.
+``reap_interval_s`` after each change, as the live dispatcher's idle wake-ups do, then at
+doubling intervals while nothing changes (a month-long trace would be millions of cycles).
 Stopped victims end at once (finish.lua requeues them uncharged) and resume from their last
 checkpoint (``TraceJob.checkpoint_interval_s``; none: from scratch). No cycle runs when idle.
 """
@@ -31,7 +32,7 @@ import redis
 from broker.cycle import CycleReport
 from broker.dispatcher import Dispatcher
 from broker.errors import InvalidRequest
-from broker.message import build_message, new_task_id
+from broker.message import MessageTemplates
 from broker.models import MILLI, SubmitRequest
 from broker.scheduling.config import SchedulingConfig
 from broker.scheduling.model import Placement
@@ -61,23 +62,6 @@ class _Running:
     started_s: float = 0.0
 
 
-class _Messages:
-    """Celery-built messages, one build per task name: a simulated task's message is carried
-    by reserve.lua to the node queue and dropped there, never run, so a copy of Celery's
-    message with the task's own id stands in for building each (which would cost ~0.5 ms)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._parts: dict[str, list[str]] = {}
-
-    def __call__(self, task_id: str, name: str) -> str:
-        parts = self._parts.get(name)
-        if parts is None:
-            placeholder = new_task_id()
-            parts = self._parts[name] = build_message(placeholder, name, [], {}, self.max_bytes).split(placeholder)
-        return task_id.join(parts)
-
-
 class Simulator:
     """One run of one trace on one cluster under one scheduling configuration."""
 
@@ -101,7 +85,7 @@ class Simulator:
         self.keys = PoolKeys(self.settings.pool)
         self.redis = redis.Redis.from_url(redis_url)
         self.scripts = Scripts(self.redis, self.keys, self.clock)
-        self.messages = _Messages(self.settings.max_payload_bytes)
+        self.messages = MessageTemplates(self.settings.max_payload_bytes)
         self._stops: list[tuple[str, str]] = []
         # No queue view (nobody reads reasons here); the lazy planner's full passes stay as live.
         self.dispatcher = Dispatcher(self.settings, clock=self.clock, client=self.redis, explain=False,
@@ -208,12 +192,13 @@ class Simulator:
         expected = len(arrivals) + sum(1 for j in arrivals if j.duration_s is not None)
         arrival_ms = [EPOCH_MS + round(j.submit_s * 1000) for j in arrivals]
         shown, replan_ms = 0.0, round(self.settings.reap_interval_s * 1000)
+        wait_ms = replan_ms
         while next_arrival < len(arrivals) or heap:
             due = [arrival_ms[next_arrival]] if next_arrival < len(arrivals) else []
             if self._pending and self.settings.scheduling.orders_by_time:
-                due.append(self.clock.now_ms + replan_ms)  # a wake-up with no event: the order moved
+                due.append(self.clock.now_ms + wait_ms)  # a wake-up with no event: the order moved
             now = min([*due, heap[0][0]]) if heap else min(due)
-            self.clock.now_ms = now
+            self.clock.now_ms, mark = now, (self._events, len(self.placements))
             while heap and heap[0][0] == now:
                 _due, _seq, task_id, tag = heapq.heappop(heap)
                 self._finish(task_id, tag)
@@ -222,6 +207,8 @@ class Simulator:
                 next_arrival += 1
             if self._pending:
                 self._dispatch()
+            # Wake-ups that change nothing come twice as far apart each time (at most an hour).
+            wait_ms = replan_ms if (self._events, len(self.placements)) != mark else min(2 * wait_ms, 3_600_000)
             self._sample()
             if progress is not None and time.perf_counter() - shown > 0.2:
                 shown = time.perf_counter()

@@ -219,7 +219,7 @@ class GpuTask(BrokerTask):
         gpus = self._start(task_id, tag)
         if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
             os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
-        ThisProcess.starting(tag or task_id, gpus, reuse)
+        ThisProcess.starting(tag or task_id, gpus, reuse, self.name)
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
         capture = logs.Capture(task_id, tag or task_id)

@@ -8,13 +8,15 @@ predicates every placer, the timeline and preemption share: ``matches`` and ``gp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.models import MILLI, Exact, Prefer, labels_fit
 
 GpuKind = tuple[int, int]  # the GPU part of a request: (whole GPUs, 0) or (0, milli of one GPU); (0, 0) for none
+#: task name -> node id -> GPU sets (indices as reserved) whose warm pool process last ran it (placement.warm)
+WarmSets = Mapping[str, Mapping[str, list[tuple[int, ...]]]]
 Vector = tuple[float, float, float]  # an amount of GPUs (a share as its fraction), CPUs and memory (MiB)
 
 
@@ -141,6 +143,8 @@ class Snapshot:
     rate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Nodes that are up but draining: nothing is placed there; only a waiting task's reason names them.
     draining: list[NodeFree] = field(default_factory=list)
+    # Warm GPU sets by the task name they last ran: the placers try them first (placement.warm).
+    warm: WarmSets = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from broker.models import MILLI
 from broker.scheduling.model import NodeFree, Placement, TaskRequest
 from broker.scheduling.placement.base import ChooseThenTake, LabelGroups
 from broker.scheduling.placement.free_index import FreeIndex
+from broker.scheduling.placement.warm import WarmSets, warm_choice
 
 # Weights of free GPU, GPU memory, CPU and memory in a node's fullness (each as a share of the
 # largest node's capacity in that dimension). The paper's best fit weighs CPU and GPU half and half.
@@ -260,10 +261,11 @@ def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:
 
 
 def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree] | FreeIndex,
-            tokens: dict[str, float] | None = None) -> Iterator[Placement]:
+            tokens: dict[str, float] | None = None, warm: WarmSets | None = None) -> Iterator[Placement]:
     """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes`` (or the nodes
     a FreeIndex keeps: the same placements), one at a time.
     ``tokens``: starts each rate-limited task name may take now (taken from as tasks are placed).
+    ``warm``: GPU sets warm for task names; a task takes its warm set when it fits (``placement.warm``).
 
     Lazy on both sides: the dispatcher commits each batch while the next is planned, and
     ``tasks`` is not read past the point where every free slot is taken."""
@@ -280,7 +282,11 @@ def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree] | FreeIndex,
             if tokens[task.name] < 1:
                 continue
             tokens[task.name] -= 1
-        placement = fit.place(task)
+        placement = warm_choice(task, warm, fit.nodes) if warm and task.name in warm else None
+        if placement is not None:
+            fit._take(placement.node_id, task, placement.gpu_indices)
+        else:
+            placement = fit.place(task)
         if placement is None:
             failed.add(task.shape)
             if tokens and task.name in tokens:

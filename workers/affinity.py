@@ -1,0 +1,40 @@
+"""Publishing this node's warm processes for the dispatcher's warm affinity (issue 14).
+
+The node agent calls ``publish`` every ``agent.STOP_CHECK_S`` (its heartbeat thread's look): it
+reads the warm board (``workers.warm.Board``: shared memory, no Redis) and writes ``P warm`` /
+``P warmstarts`` (``broker.store.warm_map``) only when what it would write changed. A process
+that exited, or was told to exit because its GPUs were reserved for another task, leaves the map
+at the next look. Half a second late is harmless: the map is advice, never a reservation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from broker.store import warm_map
+from broker.store.keys import PoolKeys
+from workers import warm
+
+log = logging.getLogger(__name__)
+
+
+class WarmPublisher:
+    def __init__(self, client: redis.Redis, keys: PoolKeys, node_id: str) -> None:
+        self.client, self.keys, self.node_id = client, keys, node_id
+        self._sets: list[tuple[str, str]] | None = None  # as last published; None: publish them
+        self._starts: tuple[int, int] | None = None
+
+    def publish(self, force: bool = False) -> bool:
+        """Write what changed since the last call (``force``: write it all, as after registering);
+        whether anything was written."""
+        board = warm.board()
+        sets, starts = board.warm_sets(), board.starts()
+        new_sets = sets if force or sets != self._sets else None
+        new_starts = starts if force or starts != self._starts else None
+        if new_sets is None and new_starts is None:
+            return False
+        warm_map.publish(self.client, self.keys, self.node_id, new_sets, new_starts)
+        self._sets, self._starts = sets, starts
+        return True

@@ -1,0 +1,75 @@
+"""Warm affinity (issue 14): the dispatcher sends a ``reuse=True`` task to the node and GPU set
+whose warm process last ran its name, and workers count warm hits and misses.
+
+Real dispatcher, workers and Redis; GPUs are simulated (``--gpus 2``). ``tests.warm_gpu`` is
+declared ``reuse=True`` and returns its pid and how many tasks its process has run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import Client, Resources, TaskState
+from broker.scheduling.model import Placement
+from broker.settings import Settings
+from broker.store import warm_map
+from broker.store.scripts import ReserveCode, Scripts
+from tests.e2e.test_containment import final
+from tests.e2e.test_faults import wait_nodes_up, wait_state
+from tests.e2e.test_warm import TASKS, run
+from tests.support import Processes, wait_until
+
+pytestmark = pytest.mark.e2e
+
+A = "tests.warm_gpu"
+NODE = ("--gpus", "2", "--slots", "1", *TASKS)
+
+
+def starts(client: Client) -> dict[str, tuple[int, int]]:
+    return {n.id: n.warm_starts for n in client.nodes()}
+
+
+def test_a_reuse_task_goes_where_its_name_is_warm_though_another_node_comes_first(
+        procs: Processes, settings: Settings) -> None:
+    with Client(settings=settings) as client:
+        procs.worker("node-b", *NODE)
+        wait_nodes_up(client, ["node-b"])
+        # No dispatcher yet: the first A is reserved node-b's GPU 1 by reserve.lua, as a dispatcher would.
+        first_id = client.submit(A, resources=Resources(gpus=1)).id
+        assert Scripts(client.redis, client.keys).reserve([Placement(first_id, "node-b", (1,))]) == [ReserveCode.OK]
+        first = final(client, first_id)
+        assert (first.state, first.node, first.gpus) == (TaskState.SUCCEEDED, "node-b", [1]), first.error
+        wait_until(lambda: warm_map.read_warm(client.redis, client.keys)[1] == {A: {"node-b": [(1,)]}}, 10,
+                   what="node-b to publish its process warm for GPU 1")
+        procs.worker("node-a", *NODE)  # node-a, GPU 0 comes first in the default order (best fit ties by id)
+        procs.dispatcher()
+        wait_nodes_up(client, ["node-a", "node-b"])
+        second = final(client, client.submit(A, resources=Resources(gpus=1)).id)
+        assert (second.state, second.node, second.gpus) == (TaskState.SUCCEEDED, "node-b", [1]), second.error
+        assert second.result["pid"] == first.result["pid"] and second.result["runs"] == 2, second.result
+        # The first started in a fresh process (a miss), the second in the warm one (a hit).
+        wait_until(lambda: starts(client) == {"node-a": (0, 0), "node-b": (1, 1)}, 10,
+                   what=f"warm starts counted ({starts(client)})")
+        other = run(client, "tests.warm_state", gpus=1, reuse=True)  # another name: placed as before
+        assert other["cuda"] == "0" and other["pid"] != second.result["pid"]
+
+
+def test_without_a_free_warm_set_a_task_is_placed_as_before_and_counts_a_miss(
+        procs: Processes, settings: Settings) -> None:
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.worker("node-a", *NODE)
+        procs.worker("node-b", *NODE)
+        wait_nodes_up(client, ["node-a", "node-b"])
+        first = final(client, client.submit(A, resources=Resources(gpus=1)).id)
+        assert (first.node, first.gpus) == ("node-a", [0])  # nothing warm yet: the default order
+        wait_until(lambda: warm_map.read_warm(client.redis, client.keys)[1] == {A: {"node-a": [(0,)]}}, 10,
+                   what="node-a to publish its process warm for GPU 0")
+        busy = client.submit(A, resources=Resources(gpus=1), kwargs={"seconds": 3}).id  # takes the warm set: a hit
+        assert wait_state(client, busy, TaskState.RUNNING).node == "node-a"
+        # node-a's one slot is busy: the next A does not wait for it, and starts cold on node-b.
+        cold = final(client, client.submit(A, resources=Resources(gpus=1)).id)
+        assert (cold.state, cold.node) == (TaskState.SUCCEEDED, "node-b"), cold.error
+        assert final(client, busy).state is TaskState.SUCCEEDED
+        wait_until(lambda: starts(client) == {"node-a": (1, 1), "node-b": (0, 1)}, 10,
+                   what=f"warm starts counted ({starts(client)})")

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class WarmPublisher:
-    def __init__(self, client: redis.Redis, keys: PoolKeys, node_id: str) -> None:
-        self.client, self.keys, self.node_id = client, keys, node_id
+    def __init__(self, client: redis.Redis, keys: PoolKeys, node_id: str, sets: bool = True) -> None:
+        """``sets=False`` (setting ``warm_affinity``): publish the counts only, no warm set."""
+        self.client, self.keys, self.node_id, self.sets = client, keys, node_id, sets
         self._sets: list[tuple[str, str]] | None = None  # as last published; None: publish them
         self._starts: tuple[int, int] | None = None
 
@@ -30,7 +31,7 @@ class WarmPublisher:
         """Write what changed since the last call (``force``: write it all, as after registering);
         whether anything was written."""
         board = warm.board()
-        sets, starts = board.warm_sets(), board.starts()
+        sets, starts = board.warm_sets() if self.sets else [], board.starts()
         new_sets = sets if force or sets != self._sets else None
         new_starts = starts if force or starts != self._starts else None
         if new_sets is None and new_starts is None:

@@ -62,7 +62,7 @@ class NodeAgent:
         self.keys = PoolKeys(settings.pool)
         self.incarnation = uuid.uuid4().hex
         self.scripts = Scripts(connect(settings), self.keys)
-        self.warm = WarmPublisher(self.scripts.redis, self.keys, spec.node_id)  # for the dispatcher's warm affinity
+        self.warm = WarmPublisher(self.scripts.redis, self.keys, spec.node_id, settings.warm_affinity)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
         # An attempt (task id, delivery tag) asked to stop -> when it was sent SIGTERM (monotonic).

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import redis
 
-from broker.scheduling.model import NodeFree, WarmSets
+from broker.scheduling.model import NodeFree, WarmMap
 from broker.scheduling.placement.free_index import FreeIndex
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
@@ -49,7 +49,7 @@ class FreeView:
         self._dirty: set[str] = set()  # nodes to read again whatever the markers say
         # Task name -> node -> GPU sets warm for it (store.warm_map), read again when its version moves:
         # the version rides on the refresh's round trip, so an unchanged map costs no extra one.
-        self.warm: WarmSets = {}
+        self.warm = WarmMap()
         self._warm_version: bytes | None = b"never read"
         self._synced = False
 

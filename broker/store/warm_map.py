@@ -21,7 +21,7 @@ from typing import cast
 
 import redis
 
-from broker.scheduling.placement.warm import WarmSets
+from broker.scheduling.model import WarmMap
 from broker.store.keys import PoolKeys
 
 VERSION = "#v"
@@ -53,24 +53,24 @@ def remove(client: redis.Redis, keys: PoolKeys, node_id: str) -> None:
     pipe.execute()
 
 
-def decode(raw: Mapping[bytes, bytes]) -> WarmSets:
-    """``P warm`` as task name -> node id -> GPU sets; an entry this version cannot read is left
-    out (it is advice: a task is then placed as if nothing were warm)."""
-    out: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+def decode(raw: Mapping[bytes, bytes]) -> WarmMap:
+    """``P warm`` as a WarmMap; an entry this version cannot read is left out (it is advice: a
+    task is then placed as if nothing were warm there)."""
+    out = WarmMap()
     for field, text in raw.items():
         node_id = field.decode()
         if node_id == VERSION:
             continue
         try:
-            for gpus, name in json.loads(text):
-                indices = tuple(int(i) for i in str(gpus).split(","))
-                out.setdefault(str(name), {}).setdefault(node_id, []).append(indices)
+            entries = [(tuple(int(i) for i in str(gpus).split(",")), str(name)) for gpus, name in json.loads(text)]
         except (ValueError, TypeError):
             continue
+        for gpus, name in entries:
+            out.add(node_id, gpus, name)
     return out
 
 
-def read_warm(client: redis.Redis, keys: PoolKeys) -> tuple[bytes | None, WarmSets]:
+def read_warm(client: redis.Redis, keys: PoolKeys) -> tuple[bytes | None, WarmMap]:
     """The version and the whole map, in one round trip."""
     pipe = client.pipeline(transaction=True)
     pipe.hget(keys.warm, VERSION)

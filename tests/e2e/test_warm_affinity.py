@@ -39,7 +39,7 @@ def test_a_reuse_task_goes_where_its_name_is_warm_though_another_node_comes_firs
         assert Scripts(client.redis, client.keys).reserve([Placement(first_id, "node-b", (1,))]) == [ReserveCode.OK]
         first = final(client, first_id)
         assert (first.state, first.node, first.gpus) == (TaskState.SUCCEEDED, "node-b", [1]), first.error
-        wait_until(lambda: warm_map.read_warm(client.redis, client.keys)[1] == {A: {"node-b": [(1,)]}}, 10,
+        wait_until(lambda: warm_map.read_warm(client.redis, client.keys)[1].by_name == {A: {"node-b": [(1,)]}}, 10,
                    what="node-b to publish its process warm for GPU 1")
         procs.worker("node-a", *NODE)  # node-a, GPU 0 comes first in the default order (best fit ties by id)
         procs.dispatcher()
@@ -63,7 +63,7 @@ def test_without_a_free_warm_set_a_task_is_placed_as_before_and_counts_a_miss(
         wait_nodes_up(client, ["node-a", "node-b"])
         first = final(client, client.submit(A, resources=Resources(gpus=1)).id)
         assert (first.node, first.gpus) == ("node-a", [0])  # nothing warm yet: the default order
-        wait_until(lambda: warm_map.read_warm(client.redis, client.keys)[1] == {A: {"node-a": [(0,)]}}, 10,
+        wait_until(lambda: warm_map.read_warm(client.redis, client.keys)[1].by_name == {A: {"node-a": [(0,)]}}, 10,
                    what="node-a to publish its process warm for GPU 0")
         busy = client.submit(A, resources=Resources(gpus=1), kwargs={"seconds": 3}).id  # takes the warm set: a hit
         assert wait_state(client, busy, TaskState.RUNNING).node == "node-a"

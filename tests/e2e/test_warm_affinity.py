@@ -16,8 +16,9 @@ from broker.store import warm_map
 from broker.store.scripts import ReserveCode, Scripts
 from tests.e2e.test_containment import final
 from tests.e2e.test_faults import wait_nodes_up, wait_state
+from tests.e2e.test_metrics import scrape, value
 from tests.e2e.test_warm import TASKS, run
-from tests.support import Processes, wait_until
+from tests.support import Processes, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -73,3 +74,22 @@ def test_without_a_free_warm_set_a_task_is_placed_as_before_and_counts_a_miss(
         assert final(client, busy).state is TaskState.SUCCEEDED
         wait_until(lambda: starts(client) == {"node-a": (1, 1), "node-b": (0, 1)}, 10,
                    what=f"warm starts counted ({starts(client)})")
+
+
+def test_warm_hits_and_misses_in_the_worker_and_dispatcher_metrics(procs: Processes, settings: Settings) -> None:
+    pool_port, worker_port = free_port(), free_port()
+    with Client(settings=settings) as client:
+        procs.spawn("dispatcher", "dispatcher", "--metrics-port", str(pool_port))
+        procs.worker("node-a", *NODE, "--metrics-port", str(worker_port))
+        wait_nodes_up(client, ["node-a"])
+        for _ in range(2):  # cold (a miss), then warm (a hit)
+            run(client, A, gpus=1)
+
+        def counted(port: int, name: str) -> bool:
+            samples = scrape(port)
+            return (value(samples, name, node="node-a", result="hit"),
+                    value(samples, name, node="node-a", result="miss")) == (1, 1)
+
+        wait_until(lambda: counted(worker_port, "gpubroker_worker_warm_starts_total"), 15,
+                   what="the worker's warm starts")
+        wait_until(lambda: counted(pool_port, "gpubroker_warm_starts_total"), 30, what="the pool's warm starts")

@@ -57,7 +57,7 @@ def decode(raw: Mapping[bytes, bytes]) -> WarmMap:
     """``P warm`` as a WarmMap; an entry this version cannot read is left out (it is advice: a
     task is then placed as if nothing were warm there)."""
     out = WarmMap()
-    for field, text in raw.items():
+    for field, text in sorted(raw.items()):  # node id order: the placers try warm sets in it
         node_id = field.decode()
         if node_id == VERSION:
             continue

@@ -11,6 +11,7 @@ import pytest
 from broker.scheduling.model import WarmMap
 from broker.scheduling.placement import PlacementKind
 from broker.scheduling.placement.best_fit import propose
+from broker.scheduling.placement.warm import WARM_SCAN
 from tests.scheduling.helpers import node, placed, planner, running, snapshot, task
 
 WARM_A = WarmMap.of({"A": {"b": [(1,)]}})  # a process on node b, warm for GPU 1, last ran A
@@ -101,3 +102,13 @@ def test_a_node_whose_every_slot_is_warm_has_no_cold_set() -> None:
     nodes = [node("a", gpus=2, slots=1), node("b", gpus=2, slots=1)]  # one pool process each
     warm = WarmMap.of({"A": {"a": [(0,)]}})
     assert lazy([task("t", 1, name="B")], nodes, warm) == {"t": ("b", (0,))}  # a's GPU 1 would evict A too
+
+
+def test_a_task_looks_at_a_bounded_number_of_warm_sets() -> None:
+    nodes = [node(f"n{i:02}", gpus=2) for i in range(WARM_SCAN + 6)]
+    for n in nodes[:-1]:  # A's warm set is busy everywhere but on the last node
+        n.free_milli[0] = n.free_mem[0] = 0
+    warm = WarmMap.of({"A": {n.id: [(0,)] for n in nodes}})
+    assert lazy([task("t", 1, name="A")], nodes, warm)["t"][0] != nodes[-1].id
+    fewer = WarmMap.of({"A": {n.id: [(0,)] for n in nodes[WARM_SCAN - 1:]}})  # within the bound: found
+    assert lazy([task("t", 1, name="A")], nodes, fewer)["t"] == (nodes[-1].id, (0,))

@@ -37,6 +37,7 @@ from broker.scheduling.model import NodeFree, Placement, TaskRequest, WarmMap
 from broker.scheduling.placement.base import ChooseThenTake, Placer
 
 COLD_TRIES = 3  # further nodes the lazy planner asks for a set no warm process holds (step 2)
+WARM_SCAN = 64  # warm sets of a name looked at per task (step 1)
 
 
 def fits_exactly(node: NodeFree, task: TaskRequest, gpus: tuple[int, ...]) -> bool:
@@ -60,14 +61,20 @@ def steered(task: TaskRequest) -> bool:
 
 def warm_choice(task: TaskRequest, warm: WarmMap, nodes: Mapping[str, NodeFree],
                 views: Mapping[str, NodeFree] | None = None) -> Placement | None:
-    """Step 1: the first node (by id) and GPU set warm for ``task``'s name that it fits on now,
-    judged by ``views`` where they have the node, else by ``nodes`` (schedulable nodes only)."""
+    """Step 1: the first node (in the map's order: by id as read) and GPU set warm for ``task``'s
+    name that it fits on now, judged by ``views`` where they have the node, else by ``nodes``
+    (schedulable nodes only); at most ``WARM_SCAN`` sets are looked at, so that a name warm on
+    thousands of busy nodes costs each of its tasks a bounded look."""
     by_node = warm.by_name.get(task.name, {}) if steered(task) else {}
-    for node_id in sorted(by_node):
+    looked = 0
+    for node_id, sets in by_node.items():
         node = _judged(node_id, nodes, views)
-        for gpus in by_node[node_id]:
-            if node is not None and fits_exactly(node, task, gpus):
-                return Placement(task.id, node_id, tuple(gpus))
+        fitting = [gpus for gpus in sets if fits_exactly(node, task, gpus)] if node is not None else []
+        if fitting:
+            return Placement(task.id, node_id, tuple(fitting[0]))
+        looked += len(sets)
+        if looked >= WARM_SCAN:
+            break
     return None
 
 

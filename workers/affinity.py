@@ -4,7 +4,10 @@ The node agent calls ``publish`` every ``agent.STOP_CHECK_S`` (its heartbeat thr
 reads the warm board (``workers.warm.Board``: shared memory, no Redis) and writes ``P warm`` /
 ``P warmstarts`` (``broker.store.warm_map``) only when what it would write changed. A process
 that exited, or was told to exit because its GPUs were reserved for another task, leaves the map
-at the next look. Half a second late is harmless: the map is advice, never a reservation.
+at the next look. A pool process that becomes warm for a set or name it was not warm for
+publishes at once (``publish_now``, before its task's body runs), so that a request sent right
+after this one finds it: one transaction per miss, none per hit. The map is advice, never a
+reservation: late or lost, it costs a cold start, never correctness.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import redis
 
 from broker.store import warm_map
 from broker.store.keys import PoolKeys
-from workers import warm
+from workers import context, warm
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +42,12 @@ class WarmPublisher:
         warm_map.publish(self.client, self.keys, self.node_id, new_sets, new_starts)
         self._sets, self._starts = sets, starts
         return True
+
+
+def publish_now() -> None:
+    """From a pool process whose warm entry just changed: the node's whole map, as the board has it."""
+    scripts = context.scripts()
+    try:
+        WarmPublisher(scripts.redis, scripts.keys, context.node_id(), context.settings().warm_affinity).publish(True)
+    except redis.RedisError as exc:  # the agent publishes it at its next look
+        log.debug("warm map not published now: %s", exc)

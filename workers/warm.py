@@ -36,6 +36,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from workers.unit import alive
@@ -183,16 +184,19 @@ class ThisProcess:
         return reuse and cls.held == gpus
 
     @classmethod
-    def starting(cls, tag: str, gpus: str, reuse: bool, name: str = "") -> None:
+    def starting(cls, tag: str, gpus: str, reuse: bool, name: str = "") -> bool:
         """An attempt of task ``name`` starts here (start.lua said so): this process is now warm
         for its GPUs, or runs it and exits (a GPU task that does not reuse). A ``reuse=True`` GPU
-        task counts a warm hit when this process last ran its name on these GPUs, else a miss."""
+        task counts a warm hit when this process last ran its name on these GPUs, else a miss;
+        returns True on a miss (what this process is warm for changed: worth publishing now)."""
+        hit = cls.held == gpus and cls.name == name
         if gpus and reuse:
-            board().count(cls.index(), cls.held == gpus and cls.name == name)
+            board().count(cls.index(), hit)
         cls.held, cls.name = gpus or CPU, name
         if gpus and not reuse:
             cls.retiring = True
         board().write(cls.index(), os.getpid(), tag, cls.held, name, bool(gpus and reuse))
+        return bool(gpus and reuse and not hit)
 
     @classmethod
     def ended(cls) -> None:
@@ -208,3 +212,30 @@ class ThisProcess:
             return True
         pid, retire, _, _ = board().read(cls.index()) if 0 <= cls.index() < board().slots else (0, False, "", "")
         return retire and pid == os.getpid()
+
+
+def process_order(task_id: str | None, ready: list[int], processes: Mapping[int, Any]) -> list[int]:
+    """The worker's main process: ``ready`` (inqueue fds of idle pool processes; ``processes``
+    maps them to the processes) ordered for the job of ``task_id``, a ``reuse=True`` GPU task:
+    first a process warm for exactly its GPUs, then a fresh one, then the rest, which would hand
+    it back and exit (``workers.pool``). Other tasks: as Celery has them."""
+    from celery.worker import state  # the requests this worker holds (main process only)
+
+    request = next((r for requests in (state.reserved_requests, state.active_requests) for r in list(requests)
+                    if r.id == task_id), None) if task_id else None
+    if request is None:
+        return ready
+    gpus, reuse = reservation(request.request_dict.get("properties"), request.task)
+    if not (gpus and reuse):  # any idle process can run it (a CPU-warm or fresh one): Celery's order
+        return ready
+
+    def rank(fd: int) -> int:
+        proc = processes.get(fd)
+        index = getattr(proc, "index", -1)
+        if proc is None or not 0 <= index < board().slots:
+            return 1
+        pid, retire, _tag, held, _name, warm, _, _ = _SLOT.unpack_from(board()._shared, index * _SLOT.size)
+        if pid != proc.pid or not held.rstrip(b"\0"):
+            return 1  # it has run nothing yet
+        return 0 if held.rstrip(b"\0").decode() == gpus and warm and not retire else 2
+    return sorted(ready, key=rank)

@@ -93,3 +93,22 @@ def test_warm_hits_and_misses_in_the_worker_and_dispatcher_metrics(procs: Proces
         wait_until(lambda: counted(worker_port, "gpubroker_worker_warm_starts_total"), 15,
                    what="the worker's warm starts")
         wait_until(lambda: counted(pool_port, "gpubroker_warm_starts_total"), 30, what="the pool's warm starts")
+
+
+def test_each_task_reaches_the_pool_process_warm_for_it(procs: Processes, settings: Settings) -> None:
+    """Two names warm on two GPUs of one node, two pool processes: the dispatcher keeps B off A's
+    GPU, and the worker hands each message to the process warm for its GPUs (Celery would give
+    it to the first idle process, which would hand it back and exit)."""
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.worker("node-a", "--gpus", "2", "--slots", "2", *TASKS)
+        wait_nodes_up(client, ["node-a"])
+        by_name: dict[str, list[dict[str, object]]] = {A: [], "tests.warm_state": []}
+        for _ in range(3):
+            by_name[A].append(run(client, A, gpus=1))
+            by_name["tests.warm_state"].append(run(client, "tests.warm_state", gpus=1, reuse=True))
+        for name, runs in by_name.items():
+            assert len({r["cuda"] for r in runs}) == 1 and len({r["pid"] for r in runs}) == 1, (name, runs)
+            assert [r["runs"] for r in runs] == [1, 2, 3], (name, runs)
+        assert by_name[A][0]["cuda"] != by_name["tests.warm_state"][0]["cuda"]
+        wait_until(lambda: starts(client) == {"node-a": (4, 2)}, 10, what=f"warm starts counted ({starts(client)})")

@@ -26,7 +26,9 @@ whether it must exit, the task name it ran last and whether it stays warm for it
 ``reuse=True`` task's), and the slot's warm hits and misses (``reuse=True`` GPU tasks that
 started in a process warm for their name and GPUs, or not; kept across the slot's owners). The
 node agent publishes the warm GPU sets and the counts (``workers.affinity``) for the dispatcher's
-warm affinity.
+warm affinity, and the worker's main process hands a ``reuse=True`` GPU task's message to the
+idle process warm for its GPUs when there is one (``process_order``, used by ``workers.pool``):
+Celery's pool would give it to the first idle process, whatever that one is warm for.
 """
 
 from __future__ import annotations

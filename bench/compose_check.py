@@ -7,7 +7,13 @@ starts there), scales 3 -> 1, and at the end checks that nothing was lost: every
 reached a final state exactly once (one task per submit, one attempt each, once in the finished
 index) and every node's capacity is whole again. Then it tears the stack down (volumes too).
 
-    python -m bench.compose_check [--tasks 1000] [--rate 1] [--acl] [--monitoring] [--keep] [--output FILE]
+With ``--ha`` (docker-compose.ha.yml: a replica, three sentinels, every service on the Sentinel
+URL with ``min_replicas_ack`` 1) the Redis restart is a failover instead: the master is
+SIGKILLed, the sentinels must promote the replica, the old master is started again and must come
+back as the new master's replica; the figures are how long submits were refused and how long
+until the sentinels named the new master, and the ledger at the end must still be exact.
+
+    python -m bench.compose_check [--tasks 1000] [--rate 1] [--acl] [--ha] [--monitoring] [--keep] [--output FILE]
 
 Needs Docker with Compose v2 and the images docker-compose.yml starts from (scripts/base_images.sh
 makes local ones where no registry is reachable). It runs as its own compose project
@@ -18,6 +24,7 @@ Exits 0 only if every check passed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import secrets
@@ -37,8 +44,9 @@ FLOWER_PORT, PROMETHEUS_PORT = 15555, 19090
 
 
 class Check:
-    def __init__(self, out: TextIO, env_file: Path, acl: bool, monitoring: bool) -> None:
-        self.out, self.env_file, self.acl, self.monitoring = out, env_file, acl, monitoring
+    def __init__(self, out: TextIO, env_file: Path, acl: bool, monitoring: bool, ha: bool = False) -> None:
+        self.out, self.env_file, self.acl, self.monitoring, self.ha = out, env_file, acl, monitoring, ha
+        self.extra = 4 if ha else 0  # containers besides those of docker-compose.yml: a replica, 3 sentinels
         self.t0 = time.time()
         self.failures: list[str] = []
 
@@ -55,7 +63,8 @@ class Check:
             self.failures.append(what)
 
     def compose_argv(self, *args: str) -> list[str]:
-        files = ["-f", "docker-compose.yml"] + (["-f", "docker-compose.acl.yml"] if self.acl else [])
+        files = (["-f", "docker-compose.yml"] + (["-f", "docker-compose.acl.yml"] if self.acl else [])
+                 + (["-f", "docker-compose.ha.yml"] if self.ha else []))
         profiles = ["--profile", "monitoring"] if self.monitoring else []
         return ["docker", "compose", "-p", PROJECT, "--env-file", str(self.env_file), *files, *profiles, *args]
 
@@ -196,6 +205,42 @@ def wait_healthy(check: Check, containers: int, timeout: float) -> bool:
     return done
 
 
+def master_name(check: Check) -> str:
+    """Who sentinel-1 says the master is (its host name; '' when it cannot say)."""
+    done = check.compose("exec", "-T", "sentinel-1", "redis-cli", "-p", "26379", "sentinel",
+                         "get-master-addr-by-name", "gpubroker", check=False, quiet=True)
+    return done.stdout.split()[0] if done.returncode == 0 and done.stdout.split() else ""
+
+
+def role(check: Check, service: str) -> str:
+    done = check.compose("exec", "-T", service, "redis-cli", "role", check=False, quiet=True)
+    return done.stdout.split()[0] if done.returncode == 0 and done.stdout.split() else ""
+
+
+def failover(check: Check, load: Load) -> None:
+    """SIGKILL the master under load; the replica must take over and the old master rejoin as its
+    replica. With min_replicas_ack 1, submits are refused from the kill until a replica confirms
+    writes again (the new master has none until the old one is back): that window is measured."""
+    check.expect(master_name(check) == "redis", f"before: the sentinels name redis the master ({master_name(check)})")
+    before = len(load.submitted)
+    killed = time.time()
+    check.compose("kill", "-s", "SIGKILL", "redis")
+    promoted = wait_for(check, "the sentinels to promote redis-replica", lambda: master_name(check) == "redis-replica",
+                        120)
+    check.expect(promoted, f"failover: redis-replica is the master {time.time() - killed:.1f}s after the kill")
+    check.compose("start", "redis")
+    back = wait_for(check, "the old master back as a replica", lambda: role(check, "redis") == "slave", 120)
+    check.expect(back, f"the old master came back as a replica {time.time() - killed:.1f}s after the kill")
+    check.expect(wait_healthy(check, 6 + check.extra, 300), "every container healthy again after the failover")
+    check.expect(wait_for(check, "a submit after the failover", lambda: len(load.submitted) > before + 2, 120),
+                 "submits go on after the failover")
+    acked = sorted(item["at"] for item in load.submitted)
+    gaps = [b - a for a, b in itertools.pairwise(acked) if b > killed - 5]
+    check.log(f"failover figures: submits refused for {max(gaps, default=0):.1f}s at most (acknowledged submits "
+              f"apart, load {load.rate}/s), {load.retries} submit retries so far; master named "
+              f"redis-replica {'in time' if promoted else 'never'}")
+
+
 def node_ids(check: Check) -> set[str]:
     return {n["id"] for n in check.nodes() if n["state"] == "up"}
 
@@ -212,7 +257,7 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     check.expect(ours == ["gpubroker:local"], f"one image tag built: {ours}")
 
     check.compose("up", "-d", "--scale", "worker=1", timeout=300)
-    check.expect(wait_healthy(check, 4, 400), "every container healthy (1 worker)")
+    check.expect(wait_healthy(check, 4 + check.extra, 400), "every container healthy (1 worker)")
     check.expect(node_ids(check) == {"worker-1"}, f"node names: {sorted(node_ids(check))}")
 
     # Redis refuses a client without the password.
@@ -225,7 +270,7 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     time.sleep(10)
 
     check.compose("up", "-d", "--scale", "worker=3", "--no-recreate", timeout=300)
-    check.expect(wait_healthy(check, 6, 400), "every container healthy (3 workers)")
+    check.expect(wait_healthy(check, 6 + check.extra, 400), "every container healthy (3 workers)")
     check.expect(wait_for(check, "3 nodes up", lambda: node_ids(check) == {"worker-1", "worker-2", "worker-3"}, 300),
                  "scaled 1 -> 3: nodes worker-1, worker-2, worker-3 up")
     if check.monitoring:
@@ -242,11 +287,14 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     check.expect(wait_for(check, "dispatcher healthy", lambda: check.compose(
         "exec", "-T", "worker", "gpubroker", "health", "dispatcher", check=False, quiet=True).returncode == 0, 60),
         "gpubroker health dispatcher passes again once it is thawed")
-    check.expect(wait_healthy(check, 6, 180), "the engine sees every container healthy again")
+    check.expect(wait_healthy(check, 6 + check.extra, 180), "the engine sees every container healthy again")
 
-    check.compose("restart", "redis")
-    check.expect(wait_healthy(check, 6, 300), "every container healthy again after the Redis restart")
-    check.log(f"after the Redis restart: tasks per node {running_on(check.nodes())}; "
+    if check.ha:
+        failover(check, load)
+    else:
+        check.compose("restart", "redis")
+        check.expect(wait_healthy(check, 6, 300), "every container healthy again after the Redis restart")
+    check.log(f"after the Redis {'failover' if check.ha else 'restart'}: tasks per node {running_on(check.nodes())}; "
               f"submitted so far: {len(load.submitted)}, submit retries {load.retries}")
 
     check.gpubroker("drain", "worker-2")
@@ -256,7 +304,7 @@ def run(check: Check, tasks: int, rate: float, keep: bool) -> None:  # noqa: PLR
     check.expect(nodes["worker-2"]["draining"], "worker-2 shows as draining")
 
     check.compose("up", "-d", "--scale", "worker=1", "--no-recreate", timeout=300)
-    check.expect(wait_healthy(check, 4, 400), "every container healthy (back at 1 worker)")
+    check.expect(wait_healthy(check, 4 + check.extra, 400), "every container healthy (back at 1 worker)")
     check.expect(wait_for(check, "only worker-1 up", lambda: node_ids(check) == {"worker-1"}, 300),
                  "scaled 3 -> 1: only worker-1 is up")
 
@@ -304,6 +352,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="at most this many submits")
     parser.add_argument("--rate", type=float, default=1.0, help="submits a second")
     parser.add_argument("--acl", action="store_true", help="with docker-compose.acl.yml (one Redis user per role)")
+    parser.add_argument("--ha", action="store_true",
+                        help="with docker-compose.ha.yml: the Redis restart becomes a failover (master SIGKILLed)")
     parser.add_argument("--monitoring", action="store_true",
                         help="with the monitoring profile: Prometheus must scrape every target")
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
@@ -313,7 +363,7 @@ def main() -> None:
         env_file = Path(tmp) / "check.env"
         write_env(env_file)
         out = args.output.open("w") if args.output else sys.stdout
-        check = Check(out, env_file, args.acl, args.monitoring)
+        check = Check(out, env_file, args.acl, args.monitoring, args.ha)
         try:
             run(check, args.tasks, args.rate, args.keep)
         except BaseException as exc:

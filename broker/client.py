@@ -11,20 +11,18 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from celery import Celery
-from kombu.exceptions import ChannelError, OperationalError
 from redis.exceptions import NoPermissionError
 
 from broker.celery_conf import monitor_app
 from broker.errors import AccessDenied, InvalidRequest, NodeNotFound, NodeRejected, TaskNotFound, WaitTimeout
 from broker.message import new_task_id
 from broker.models import NodeView, QueueEntry, Resources, SubmitRequest, TaskStatus
-from broker.native.app import message_options
-from broker.native.envelope import Envelopes
+from broker.native.envelope import Envelope, Envelopes, after_publish
+from broker.native.events import SentEvents
 from broker.native.submitter import Submitter
-from broker.native.transport import submitted
 from broker.settings import Settings
 from broker.store import gangs, history, reads, records
-from broker.store.connection import as_broker_error, connect, unavailable_as_error
+from broker.store.connection import connect, unavailable_as_error
 from broker.store.history import TaskRow, UsageRow
 from broker.store.keys import PoolKeys
 from broker.store.scripts import CancelCode, Clock, DrainCode, ForgetCode, Scripts, wall_clock_ms
@@ -79,12 +77,18 @@ class Submit:
     eta: datetime | None = None
     expires: float | datetime | None = None
     reuse: bool | None = None
+    replicas: int | None = None
+    spread: bool | None = None
+    same_label: str | None = None
+    min_replicas: int | None = None
     options: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         values = {"resources": self.resources, "priority": self.priority, "tenant": self.tenant,
                   "estimated_runtime_s": self.estimated_runtime_s, "preemptible": self.preemptible,
-                  "idempotency_key": self.idempotency_key, "max_retries": self.max_retries}
+                  "idempotency_key": self.idempotency_key, "max_retries": self.max_retries,
+                  "replicas": self.replicas, "spread": self.spread, "same_label": self.same_label,
+                  "min_replicas": self.min_replicas}
         object.__setattr__(self, "options", {k: v for k, v in values.items() if v is not None})
 
 
@@ -136,6 +140,7 @@ class Client:
         self.clock = clock
         self._celery: Celery | None = None
         self._envelopes: Envelopes | None = None
+        self._events: SentEvents | None = None
 
     def for_pool(self, pool: str) -> Client:
         """A client of another pool with these settings: on its own Redis deployment when
@@ -150,7 +155,8 @@ class Client:
                estimated_runtime_s: float | None = None, idempotency_key: str | None = None,
                max_retries: int = 3, preemptible: bool | None = None, countdown: float | None = None,
                eta: datetime | None = None, expires: float | datetime | None = None, replicas: int | None = None,
-               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None) -> TaskHandle:
+               spread: bool | None = None, same_label: str | None = None, reuse: bool | None = None,
+               min_replicas: int | None = None) -> TaskHandle:
         """Queue ``task_name(*args, **kwargs)`` to run where ``resources`` are free.
 
         The same path as Celery's ``send_task``/``apply_async``: options not given are the task's
@@ -160,29 +166,23 @@ class Client:
         ``eta``: not placed before then; ``expires``: cancelled if not started by then.
         ``replicas`` > 1: a gang of that many members, each with ``resources``, reserved all or
         none, one job id (``status(id).members``); ``spread``: one member per node;
-        ``same_label``: all members on nodes sharing one value of that node label key.
+        ``same_label``: all members on nodes sharing one value of that node label key;
+        ``min_replicas``: an elastic gang, granted from that many to ``replicas`` members (and
+        ``Resources(min_gpus=...)`` an elastic task: docs/scheduling.md "Elastic requests").
         ``reuse``: a GPU task may run in a warm process (``workers.warm``); None: as declared.
         """
-        extra = {"reuse": checked_reuse(reuse)} if reuse is not None else {}
-        values = {"resources": resources, "priority": priority, "tenant": tenant,
-                  "estimated_runtime_s": estimated_runtime_s, "preemptible": preemptible,
-                  "idempotency_key": idempotency_key, "max_retries": max_retries, "replicas": replicas,
-                  "spread": spread, "same_label": same_label}
-        options = {k: v for k, v in values.items() if v is not None}
-        # Refused here, before Celery builds anything, with the errors the transport would raise.
-        # SubmitRequest takes a list or tuple for args and refuses anything else.
-        req = self.submitter.request(task_name, cast(list[Any], args), kwargs, options)
-        self.submitter.check(req)
-        task_id = new_task_id()
-        try:
-            Celery.send_task(self._celery_app(), req.task_name, args=req.args, kwargs=req.kwargs, task_id=task_id,
-                             countdown=countdown, eta=eta, expires=expires, **message_options(options), **extra)
-        except (OperationalError, ChannelError) as exc:  # kombu's wrapping of a Redis error
-            error = as_broker_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
-        known_as, created = submitted(task_id) or (task_id, True)
+        request = Submit(task_name=task_name, args=args, kwargs=kwargs, resources=resources, priority=priority,
+                         tenant=tenant, estimated_runtime_s=estimated_runtime_s, idempotency_key=idempotency_key,
+                         max_retries=max_retries, preemptible=preemptible, countdown=countdown, eta=eta,
+                         expires=expires, reuse=reuse, replicas=replicas, spread=spread, same_label=same_label,
+                         min_replicas=min_replicas)
+        # Celery's envelope and task-sent event, built here and written in one submit.lua call
+        # (send_task's publish and event took two round trips and kombu's producer: issue 14).
+        task_id, req, message = self._admitted(request)
+        if self._events is None:
+            self._events = SentEvents(self._celery_app(), self.redis.connection_pool.connection_kwargs.get("db", 0))
+        known_as, created = self.submitter.submit_one(task_id, req, message.stored, self._events.build(message.headers))
+        after_publish(message)
         return TaskHandle(self, known_as, created=created)
 
     @unavailable_as_error
@@ -194,7 +194,8 @@ class Client:
         refusal names the request's index and field (``requests[3].resources.gpus``), and then
         nothing was written. The tasks are written in order, one round trip per 500; an
         idempotency key already taken, here or earlier in the same batch, returns that task
-        (``handle.created`` is False). No task-sent event is sent for them (Flower sees each
+        (``handle.created`` is False). A gang (``replicas`` > 1) is written in its place in the
+        order, as ``submit`` writes one. No task-sent event is sent for them (Flower sees each
         task once a worker receives it)."""
         admitted = []
         for index, item in enumerate(requests):
@@ -206,6 +207,10 @@ class Client:
 
     def _admit(self, request: Submit) -> tuple[str, SubmitRequest, str]:
         """One request of a batch validated, its envelope built, and checked as ``submit`` checks it."""
+        task_id, req, message = self._admitted(request)
+        return task_id, req, message.stored
+
+    def _admitted(self, request: Submit) -> tuple[str, SubmitRequest, Envelope]:
         options = request.options
         reuse = None if request.reuse is None else checked_reuse(request.reuse)
         req = self.submitter.request(request.task_name, cast(list[Any], request.args), request.kwargs, options)
@@ -217,9 +222,8 @@ class Client:
         if message.not_before is not None or message.expires_at is not None:
             req = self.submitter.request(req.task_name, req.args, req.kwargs, options, message.not_before,
                                          message.expires_at)
-        stored = message.stored
-        self.submitter.admit(req, stored)
-        return task_id, req, stored
+        self.submitter.admit(req, message.stored)
+        return task_id, req, message
 
     @unavailable_as_error
     def cancel(self, task_id: str) -> TaskStatus:

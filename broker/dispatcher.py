@@ -277,6 +277,7 @@ class Dispatcher:
                     PREEMPTED.labels(self.settings.pool, code.name.lower()).inc()
                 if code is PreemptCode.STOPPING and self.stopper is not None:
                     self.stopper(victim, p.node_id)
+        gangs.note_waits(self.redis, self.keys, plan.preemptions)
 
     def _quarantine(self, report: CycleReport, poisoned: records.Poisoned) -> None:
         """End FAILED (quarantine.lua) the pending tasks whose stored request could not be read:

@@ -1,8 +1,8 @@
 """What users submit and what they read back, validated before anything touches Redis.
 
 Also the rules every layer shares: names (pools, tenants, labels), priorities, the unit of a
-GPU share (``MILLI``), the one label matcher, and the check that some node could ever run a
-request (``shortfall``)."""
+GPU share (``MILLI``) and the one label matcher. Whether some node could ever run a request
+is ``broker.scheduling.shortfall``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pydantic
@@ -143,6 +143,9 @@ class Resources(_Strict):
     # A value that is a list accepts any of its values, preferring earlier ones:
     # {"gpu": ["H100", "A100"]} runs on an H100 node if one fits, else on an A100 node.
     labels: dict[str, str | list[str]] = Field(default_factory=dict)
+    # Elastic (issue 13): any whole number of GPUs from min_gpus to gpus on one node, as the pool's
+    # scheduling.elastic rule grants; None: exactly gpus.
+    min_gpus: int | None = Field(None, ge=1, le=1024)
 
     @field_validator("gpus")
     @classmethod
@@ -182,6 +185,14 @@ class Resources(_Strict):
             raise ValueError("needs gpus > 0 (a CPU task sees no GPU)")
         return value
 
+    @field_validator("min_gpus")
+    @classmethod
+    def _min_gpus(cls, value: int | None, info: ValidationInfo) -> int | None:
+        gpus = info.data.get("gpus")
+        if value is not None and gpus is not None and not 1 <= value <= gpus:
+            raise ValueError(f"must be from 1 to gpus ({gpus:g}) (got {value})")
+        return value
+
     @property
     def whole_gpus(self) -> int:
         return int(self.gpus) if self.gpus >= 1 else 0
@@ -219,6 +230,24 @@ class SubmitRequest(_Strict):
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     spread: bool = False
     same_label: str | None = None
+    min_replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)  # elastic gang: from this many to replicas
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _min_replicas(cls, value: int | None, info: ValidationInfo) -> int | None:
+        replicas = info.data.get("replicas")
+        if value is not None and replicas is not None and value > replicas:
+            raise ValueError(f"must be from 1 to replicas ({replicas}) (got {value})")
+        return value
+
+    @field_validator("replicas")
+    @classmethod
+    def _fixed_members(cls, value: int, info: ValidationInfo) -> int:
+        resources = info.data.get("resources")
+        if value > 1 and resources is not None and resources.min_gpus is not None:
+            raise ValueError("a gang's members take fixed GPUs: resources.min_gpus goes with replicas=1; "
+                             "use min_replicas for an elastic gang")
+        return value
 
     @field_validator("same_label")
     @classmethod
@@ -385,36 +414,3 @@ class QueueEntry(BaseModel):
     estimated_runtime_s: float | None = None
     reason: str | None = None  # why it is not running yet, as of the dispatcher's last pass
     estimated_start_at: float | None = None  # from running tasks' estimated ends; None if unknown
-
-
-def shortfall(resources: Resources, nodes: Sequence[NodeView]) -> dict[str, str]:
-    """Why no registered node could ever run ``resources``; empty if one could."""
-    matching = [n for n in nodes if selector_matches(resources.labels, n.labels)]
-    if not matching:
-        return {"resources.labels": f"no registered node has labels {resources.labels}"}
-
-    def gpus_ok(n: NodeView) -> bool:
-        if resources.gpus == 0:
-            return True
-        if resources.whole_gpus:
-            return len(n.gpus) >= resources.whole_gpus and n.gpu_memory_mb >= (resources.gpu_memory_mb or 0)
-        return len(n.gpus) >= 1
-
-    def gpu_memory_ok(n: NodeView) -> bool:
-        return resources.gpu_memory_mb is None or n.gpu_memory_mb >= resources.gpu_memory_mb
-
-    checks: dict[str, tuple[Callable[[NodeView], bool], str]] = {
-        "resources.gpus": (gpus_ok, f"asks {resources.gpus:g} GPUs on one node; the largest node has "
-                           f"{max(len(n.gpus) for n in matching)}"),
-        "resources.gpu_memory_mb": (gpu_memory_ok, f"asks {resources.gpu_memory_mb} MiB per GPU; the largest "
-                                    f"GPU has {max(n.gpu_memory_mb for n in matching)} MiB"),
-        "resources.cpus": (lambda n: n.cpus >= resources.cpus,
-                           f"asks {resources.cpus:g} CPUs; the largest node has {max(n.cpus for n in matching):g}"),
-        "resources.memory_mb": (lambda n: n.memory_mb >= resources.memory_mb,
-                                f"asks {resources.memory_mb} MiB RAM; the largest node has "
-                                f"{max(n.memory_mb for n in matching)} MiB"),
-    }
-    if any(all(ok(n) for ok, _ in checks.values()) for n in matching):
-        return {}
-    short = {field: why for field, (ok, why) in checks.items() if not any(ok(n) for n in matching)}
-    return short or {"resources": "no single registered node has all of these resources together"}

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+import threading
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import redis
@@ -137,6 +138,29 @@ def submit_task(scripts: Scripts, *, task_id: str | None = None, **options: Any)
 def reserve_one(scripts: Scripts, task_id: str, node_id: str, *gpus: int) -> ReserveCode:
     (code,) = scripts.reserve([Placement(task_id, node_id, tuple(gpus))])
     return code
+
+
+def race(client: redis.Redis, keys: PoolKeys, clock: Any, ids: list[str], callers: int,
+         call: Callable[[Scripts, str, int], Any]) -> list[tuple[str, Any]]:
+    """``callers`` racing dispatchers, each on its own connection, each calling ``call(scripts,
+    task_id, i)`` for every one of ``ids`` (caller k starting at the k-th, i its step); what
+    every call returned, with its task id."""
+    results: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+
+    def dispatcher(offset: int) -> None:
+        mine = Scripts(redis.Redis(connection_pool=client.connection_pool), keys, clock)
+        for i, task_id in enumerate(ids[offset:] + ids[:offset]):
+            result = call(mine, task_id, i)
+            with lock:
+                results.append((task_id, result))
+
+    threads = [threading.Thread(target=dispatcher, args=(k,)) for k in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 def tag_of(client: redis.Redis, keys: PoolKeys, task_id: str) -> str:
@@ -261,7 +285,7 @@ def assert_membership_invariant(client: redis.Redis, keys: PoolKeys) -> dict[str
         elif state in LIVE_STATES and "replicas" in t:  # a gang's record: its members hold what it has
             assert task_id not in held_on and "alloc" not in t, f"gang {task_id} holds capacity itself"
             assert task_id not in pending and task_id not in requests, f"gang {task_id} is {state} but still pending"
-            members = [tasks.get(f"{task_id}:m{r}") for r in range(int(t["replicas"]))]
+            members = [tasks.get(f"{task_id}:m{r}") for r in range(int(t.get("granted") or t["replicas"]))]
             assert all(m is not None and m.get("gang") == task_id for m in members), f"gang {task_id} lacks members"
         elif state in LIVE_STATES:
             assert held_on.get(task_id) == [t.get("node")], (

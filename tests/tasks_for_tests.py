@@ -72,6 +72,24 @@ def checkpointed(self: Any, seconds: float, path: str) -> dict[str, Any]:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "finished_at": time.time()}
 
 
+@app.task(name="tests.checkpointing", bind=True)
+def checkpointing(self: Any, seconds: float, every: float | None = None) -> dict[str, Any]:
+    """Work ``seconds`` in 0.05 s steps, reporting a checkpoint (``workers.checkpoint``) every
+    ``every`` seconds (None: never); an attempt resumes from the last checkpoint reported."""
+    from workers.checkpoint import checkpoint, last_checkpoint
+
+    last = last_checkpoint()
+    done = resumed_from = float(last["done"]) if last else 0.0
+    since = 0.0
+    while done < seconds:
+        time.sleep(0.05)
+        done, since = done + 0.05, since + 0.05
+        if every is not None and since >= every:
+            checkpoint(done=done)
+            since = 0.0
+    return {"attempt": _attempt(self), "resumed_from": resumed_from}
+
+
 # ---- Celery-native: declared defaults, retries, progress, canvas ----------------------------
 
 @app.task(name="tests.add")
@@ -327,7 +345,7 @@ def chatty(self: Any, lines: int = 0, pause: float = 0.0, filler: int = 0, retry
 
 
 GANG_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "CUDA_VISIBLE_DEVICES")
+            "CUDA_VISIBLE_DEVICES", "GPUBROKER_GPUS")
 
 
 @app.task(name="tests.gang_member")
@@ -363,6 +381,16 @@ def gang_fail_once(self: Any, seconds: float) -> dict[str, Any]:
     if attempt == 1:
         time.sleep(seconds)
     return {"attempt": attempt, "rank": rank, "pid": os.getpid()}
+
+
+@app.task(name="tests.gang_long_first", bind=True)
+def gang_long_first(self: Any, seconds: float) -> dict[str, Any]:
+    """A gang member that works ``seconds`` on its gang's first attempt (long enough to be
+    preempted) and returns at once on later ones."""
+    attempt = _attempt(self)
+    if attempt == 1:
+        time.sleep(seconds)
+    return {"attempt": attempt, "rank": int(os.environ["RANK"]), "node": context.node_id()}
 
 
 _runs_here = 0  # module state: how many tasks this pool process has run (workers.warm keeps it)

@@ -107,6 +107,18 @@ def test_submit_with_a_label_preference_list_and_preemptible(env: dict[str, str]
     assert status["preemptible"] is True
 
 
+def test_submit_an_elastic_request_and_a_bad_minimum(env: dict[str, str]) -> None:
+    submitted = runner.invoke(app, ["submit", "workers.tasks.probe", "--gpus", "8", "--min-gpus", "2", "--json"],
+                              env=env)
+    assert submitted.exit_code == 0, submitted.output
+    task_id = json.loads(submitted.output)["id"]
+    status = json.loads(runner.invoke(app, ["status", task_id, "--json"], env=env).output)
+    assert (status["resources"]["gpus"], status["resources"]["min_gpus"]) == (8, 2)
+    assert "2-8 GPU" in runner.invoke(app, ["status", task_id], env=env).output
+    refused = runner.invoke(app, ["submit", "workers.tasks.probe", "--gpus", "2", "--min-gpus", "3"], env=env)
+    assert refused.exit_code != 0 and "min_gpus" in refused.output
+
+
 def test_host_node_id_is_the_hostname_made_a_valid_node_id() -> None:
     assert host_node_id("gpu-a.example.com") == "gpu-a.example.com"
     assert host_node_id("Rack 4/GPU #2") == "Rack-4-GPU--2"

@@ -17,7 +17,7 @@ import redis
 from broker.redis_urls import parse_sentinel
 from broker.settings import Settings
 from tests.support import RedisServer, free_port, wait_until
-from tests.test_deploy_files import GPUBROKER_SERVICES, ROOT, compose_document
+from tests.test_deploy_files import GPUBROKER_SERVICES, ROOT, compose_document, interpolate
 
 HA_FILE = ROOT / "docker-compose.ha.yml"
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
@@ -37,11 +37,16 @@ def sentinel_lines(service: dict[str, Any]) -> list[str]:
 def test_master_replica_and_three_sentinels(ha: dict[str, Any]) -> None:
     services = ha["services"]
     assert {"redis", "redis-replica", *SENTINELS} <= set(services)
-    replica = services["redis-replica"]["command"]
+    replica = services["redis-replica"]["environment"]["REDIS_REPLICATION"].split()
     assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    for name in ("redis", "redis-replica"):  # the base file's password, and masterauth for either role
+        script = services[name]["command"][-1]
+        assert "requirepass %s" in script and "masterauth %s" in script, name
+    assert services["redis-replica"]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     for name in SENTINELS:
         lines = sentinel_lines(services[name])
         assert "sentinel monitor gpubroker redis 6379 2" in lines, name  # quorum 2 of 3
+        assert '"sentinel auth-pass gpubroker $${REDIS_PASSWORD}"' in services[name]["command"][-1], name
         assert f"{name}-data:/data" in services[name]["volumes"], "its learned state survives a restart"
         assert services[name]["healthcheck"]["test"][-2:] == ["get-master-addr-by-name", "gpubroker"]
 
@@ -50,11 +55,13 @@ def test_every_gpubroker_service_is_on_the_sentinel_url(ha: dict[str, Any]) -> N
     services = ha["services"]
     for name in GPUBROKER_SERVICES:
         env = services[name]["environment"]
-        target = parse_sentinel(env["GPUBROKER_REDIS_URL"])
+        url = interpolate(env["GPUBROKER_REDIS_URL"], {"REDIS_PASSWORD": "s3cret"})
+        target = parse_sentinel(url)
         assert target.service == "gpubroker", name
         assert {host for host, _ in target.sentinels} == set(SENTINELS), name
         assert {port for _, port in target.sentinels} == {26379}, name
-        assert Settings(redis_url=env["GPUBROKER_REDIS_URL"]).url == env["GPUBROKER_REDIS_URL"]
+        assert target.password == "s3cret", name  # the master's: Redis refuses a client without it
+        assert Settings(redis_url=url).url == url
         assert env["GPUBROKER_MIN_REPLICAS_ACK"] == "${GPUBROKER_MIN_REPLICAS_ACK:-1}", name
         assert set(services[name]["depends_on"]) == set(SENTINELS), name
     assert set(ha["volumes"]) == {"redis-replica-data", *(f"{s}-data" for s in SENTINELS)}

@@ -81,6 +81,33 @@ def test_handles_come_back_in_order_and_the_queue_keeps_it(client: Client, two_n
     assert [e.id for e in client.queue()] == [h.id for h in handles]
 
 
+def gang_record(redis_client: redis.Redis, client: Client, gang_id: str) -> dict[bytes, Any]:
+    """``record`` of a gang: each member's message with the gang's id blanked too."""
+    h = redis_client.hgetall(client.keys.task(gang_id))
+    messages = {k: json.loads(v.decode().replace(gang_id, "ID")) for k, v in h.items() if k.startswith(b"message:")}
+    return {k: v for k, v in h.items() if k not in VOLATILE and k not in messages} | messages
+
+
+def test_a_gang_in_a_batch_is_stored_as_submit_stores_it_in_its_place(client: Client, redis_client: redis.Redis,
+                                                                      two_nodes: None) -> None:
+    gang = {"task_name": "workers.tasks.probe", "resources": Resources(gpus=4), "replicas": 3, "tenant": "team-a"}
+    one = client.submit(**gang)
+    single = Submit(task_name="workers.tasks.probe")
+    first, many, last = client.submit_many([single, Submit(**gang, spread=False), single])
+    assert gang_record(redis_client, client, many.id) == gang_record(redis_client, client, one.id)
+    assert redis_client.hget(client.keys.task(many.id), "replicas") == b"3"
+    assert [e.id for e in client.queue()] == [one.id, first.id, many.id, last.id]
+    status = client.status(many.id)
+    assert status.members is not None and len(status.members) == 3
+
+
+def test_an_elastic_gang_in_a_batch_keeps_its_minimum(client: Client, redis_client: redis.Redis,
+                                                     two_nodes: None) -> None:
+    (gang,) = client.submit_many([Submit(task_name="workers.tasks.probe", resources=Resources(gpus=4), replicas=8,
+                                         min_replicas=2)])
+    assert json.loads(redis_client.hget(client.keys.task(gang.id), "req") or b"")["mk"] == 2
+
+
 @pytest.mark.parametrize(
     ("bad", "field", "error"),
     [
@@ -97,6 +124,12 @@ def test_handles_come_back_in_order_and_the_queue_keeps_it(client: Client, two_n
         ({"task_name": "workers.tasks.probe", "kwargs": {"blob": "x" * (2 << 20)}}, "requests[2].kwargs",
          InvalidRequest),
         ({"task_name": "workers.tasks.probe", "countdown": "soon"}, "requests[2].countdown", InvalidRequest),
+        ({"task_name": "workers.tasks.probe", "resources": Resources(gpus=4), "replicas": 4},
+         "requests[2].replicas", Unsatisfiable),
+        ({"task_name": "workers.tasks.probe", "resources": Resources(gpus=4), "replicas": 8, "min_replicas": 5},
+         "requests[2].min_replicas", Unsatisfiable),
+        ({"task_name": "workers.tasks.probe", "replicas": 2, "min_replicas": 3}, "requests[2].min_replicas",
+         InvalidRequest),
     ],
 )
 def test_one_bad_request_refuses_the_batch_naming_it_and_nothing_is_written(

@@ -219,6 +219,7 @@ class GpuTask(BrokerTask):
         gpus = self._start(task_id, tag)
         if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
             os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
+        os.environ["GPUBROKER_GPUS"] = str(len(gpus.split(",")) if gpus else 0)  # what an elastic task was granted
         if ThisProcess.starting(tag or task_id, gpus, reuse, self.name):
             affinity.publish_now()  # the dispatcher may send the next task of this name here
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)

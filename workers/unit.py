@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import signal
@@ -43,8 +44,20 @@ KILL_WAIT_S = 30.0  # how long to wait for a killed process to be gone (one in D
 CHILDREN_LISTED = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()  # CONFIG_PROC_CHILDREN
 
 
+def scoped(node: str) -> str:
+    """``node`` within its Redis deployment and pool (``GPUBROKER_REDIS_URL`` less its password,
+    ``GPUBROKER_POOL``, which the worker exports for its pool processes): workers of the same node
+    name in other pools, or on another Redis, on one machine never sweep each other's attempts."""
+    url, pool = os.environ.get("GPUBROKER_REDIS_URL"), os.environ.get("GPUBROKER_POOL")
+    if not url and not pool:
+        return node
+    scheme, _, rest = (url or "").partition("://")
+    where = f"{scheme}://{rest.rpartition('@')[2]}|{pool or ''}"
+    return f"{node}.{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
 def marker(node: str, tag: str) -> str:
-    return f"{node}:{tag}"
+    return f"{scoped(node)}:{tag}"
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -153,14 +166,14 @@ class Unit:
         self.node, self.tag = node, tag
         self.marker = marker(node, tag)
         root = cgroup_root()
-        name = f"gpubroker-{node}-w{os.getpid()}" if warm else f"gpubroker-{node}-{tag}"
+        name = f"gpubroker-{scoped(node)}-w{os.getpid()}" if warm else f"gpubroker-{scoped(node)}-{tag}"
         self.cgroup = root / name.replace("/", "_") if root else None
         self.warm = warm
 
     def _process_cgroup(self, leader: int | None) -> Path | None:
         """The cgroup of warm pool process ``leader``, where its attempts run (see ``__init__``)."""
         root = cgroup_root()
-        return root / f"gpubroker-{self.node}-w{leader}".replace("/", "_") if root and leader else None
+        return root / f"gpubroker-{scoped(self.node)}-w{leader}".replace("/", "_") if root and leader else None
 
     # ---- in the pool child, as the attempt starts and ends ----------------------------------
 
@@ -291,7 +304,7 @@ def sweep_node(node: str) -> int:
     """Kill what a previous worker process of ``node`` left on this machine: any process carrying
     one of its attempts' markers, and its attempts' cgroups. Run before registering: the tasks
     they ran are requeued by the registration, and must not run beside their next attempts."""
-    prefix = f"{ATTEMPT_ENV}={node}:".encode()
+    prefix = f"{ATTEMPT_ENV}={scoped(node)}:".encode()
     killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -305,7 +318,7 @@ def sweep_node(node: str) -> int:
             killed += 1
     root = cgroup_root()
     if root is not None:
-        for group in root.glob(f"gpubroker-{node}-*"):
+        for group in root.glob(f"gpubroker-{scoped(node)}-*"):
             try:
                 (group / "cgroup.kill").write_text("1")
                 deadline = time.monotonic() + KILL_WAIT_S
@@ -323,7 +336,7 @@ def remove_empty_cgroups(node: str) -> None:
     root = cgroup_root()
     if root is None:
         return
-    for group in root.glob(f"gpubroker-{node}-*"):
+    for group in root.glob(f"gpubroker-{scoped(node)}-*"):
         try:
             group.rmdir()
         except OSError:

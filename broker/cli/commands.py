@@ -74,6 +74,8 @@ def submit(
     kwargs: Annotated[str | None, typer.Option(help="JSON object of keyword arguments")] = None,
     gpus: Annotated[float | None, typer.Option(help="Whole GPUs (>= 1) or a share of one (0 < g < 1)")] = None,
     gpu_memory_mb: Annotated[int | None, typer.Option(help="MiB of GPU memory per GPU")] = None,
+    min_gpus: Annotated[int | None, typer.Option(
+        help="Elastic: run with any whole number of GPUs from this to --gpus (the pool's rule grants)")] = None,
     cpus: Annotated[float | None, typer.Option()] = None,
     memory_mb: Annotated[int | None, typer.Option()] = None,
     label: Annotated[list[str] | None, typer.Option(
@@ -94,10 +96,10 @@ def submit(
 
     def go() -> None:
         # Any resource option given: the request is these (unset ones none); none given: the task's.
-        asked = (gpus, gpu_memory_mb, cpus, memory_mb, label)
+        asked = (gpus, gpu_memory_mb, cpus, memory_mb, label, min_gpus)
         resources = None if all(v is None for v in asked) else Resources(
             gpus=gpus or 0, gpu_memory_mb=gpu_memory_mb, cpus=cpus or 0, memory_mb=memory_mb or 0,
-            labels=parse_selector(label or []))
+            labels=parse_selector(label or []), min_gpus=min_gpus)
         with client_for(redis_url, pool) as client:
             handle = client.submit(task_name, args=parse_json(args, "args", list),
                                    kwargs=parse_json(kwargs, "kwargs", dict), resources=resources,

@@ -16,7 +16,8 @@ from broker.store.warm_map import hit_rate
 def describe(resources: Resources) -> str:
     parts = []
     if resources.whole_gpus:
-        parts.append(f"{resources.whole_gpus} GPU")
+        least = f"{resources.min_gpus}-" if resources.min_gpus else ""  # elastic: from min_gpus to gpus
+        parts.append(f"{least}{resources.whole_gpus} GPU")
     elif resources.gpu_milli:
         parts.append(f"{resources.gpus:g} GPU")
     if resources.gpu_memory_mb:
@@ -94,7 +95,7 @@ def status_table(status: TaskStatus) -> Table:
     if status.reason:
         rows["waiting for"] = status.reason
     now = time.time()
-    if status.retried:
+    if status.retried or status.retry_reason:  # a Celery retry, or a gang's attempt requeued whole
         rows["retrying"] = status.retry_reason or "the task asked Celery to retry"
     if status.replaced_by:
         rows["replaced by"] = status.replaced_by

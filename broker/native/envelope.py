@@ -7,8 +7,10 @@ submit. The envelope itself is Celery's ``amqp.as_task_v2`` (headers, ``[args, k
 serialised by kombu's JSON serialiser and wrapped as kombu's ``prepare_message`` and virtual
 ``basic_publish`` do; building only that makes a batch of thousands cheap, and
 ``tests/test_submit_many.py`` checks that the stored records equal ``Client.submit``'s.
-What is skipped is the publish itself: the ``before/after_task_publish`` signals, and the
-task-sent event (a batch of 10,000 would be 10,000 events; ``Client.submit`` still sends one).
+What is skipped is kombu's publish itself. Celery's ``before_task_publish`` signal is sent here
+(its receivers may add headers, as tracing does) and ``after_task_publish`` by the caller once
+the task is written; ``Client.submit`` adds the task-sent event (``broker.native.events``), a
+batch sends none (10,000 submits would be 10,000 events).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from celery import Celery
+from celery import Celery, signals
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import EncodeError
@@ -27,15 +29,26 @@ from kombu.serialization import dumps
 from broker.errors import InvalidRequest
 from broker.native.messages import epoch_seconds
 
+ROUTING_KEY = "celery"  # the default queue's, as send_task routes a task with no route
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # as_task_v2's, with no canvas
 
 
 class Envelope(NamedTuple):
-    """What the transport would make of the publish: the stored envelope and its timers (seconds)."""
+    """What the transport would make of the publish: the stored envelope and its timers (seconds),
+    and the Celery headers it carries."""
 
     stored: str
     not_before: float | None
     expires_at: float | None
+    headers: dict[str, Any]
+
+
+def after_publish(envelope: Envelope) -> None:
+    """Celery's ``after_task_publish`` for a task written (only when something listens)."""
+    if signals.after_task_publish.receivers:
+        body = json.loads(envelope.stored)
+        signals.after_task_publish.send(sender=envelope.headers["task"], body=body, exchange="",
+                                        routing_key=ROUTING_KEY, headers=envelope.headers)
 
 
 class Envelopes:
@@ -60,6 +73,18 @@ class Envelopes:
         eta_iso, expires_iso = (None, None) if countdown is None and eta is None and expires is None else \
             self._times(task_id, name, countdown, eta, expires)
         args = args or ()  # type: ignore[assignment]  # as_task_v2: no args are "()" in argsrepr
+        headers: dict[str, Any] = {
+            "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": eta_iso, "expires": expires_iso,
+            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+            "parent_id": None, "argsrepr": saferepr(args, self.args_max, maxlevels=self.levels),
+            "kwargsrepr": saferepr(kwargs, self.kwargs_max, maxlevels=self.levels), "origin": self.origin,
+            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        }
+        properties = {"correlation_id": task_id, "reply_to": self.reply_to}
+        if signals.before_task_publish.receivers:  # as send_task_message: before the body is encoded
+            signals.before_task_publish.send(sender=name, body=(args, kwargs, _EMBED), exchange="",
+                                             routing_key=ROUTING_KEY, headers=headers, properties=properties,
+                                             declare=[], retry_policy=None)
         try:
             content_type, encoding, body = dumps((args, kwargs, _EMBED), serializer="json")
         except EncodeError as exc:
@@ -67,25 +92,18 @@ class Envelopes:
         except RecursionError:  # as broker.message: Celery's encoder nests deeper than SubmitRequest's check
             raise InvalidRequest({"args": "nested too deeply to encode"}) from None
         data = body.encode(encoding) if isinstance(body, str) else body
-        headers = {
-            "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": eta_iso, "expires": expires_iso,
-            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-            "parent_id": None, "argsrepr": saferepr(args, self.args_max, maxlevels=self.levels),
-            "kwargsrepr": saferepr(kwargs, self.kwargs_max, maxlevels=self.levels), "origin": self.origin,
-            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
-        }
         envelope = {
             "body": base64.b64encode(data).decode(), "content-encoding": encoding, "content-type": content_type,
             "headers": headers,
             # kombu's prepare_message: delivery_mode 2 (persistent), priority 0 when none was given;
             # as TaskMessage.stored, the properties close the document (reserve.lua appends there).
-            "properties": {"correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2,
+            "properties": {**properties, "delivery_mode": 2,
                            "priority": priority or 0, "body_encoding": "base64",
                            # apply_async(reuse=...) travels as a property too (workers.warm reads it)
                            **({"reuse": reuse} if reuse is not None else {})},
         }
         stored = json.dumps(envelope, separators=(",", ":"), allow_nan=False)
-        return Envelope(stored, epoch_seconds(eta_iso, "eta"), epoch_seconds(expires_iso, "expires"))
+        return Envelope(stored, epoch_seconds(eta_iso, "eta"), epoch_seconds(expires_iso, "expires"), headers)
 
     def _times(self, task_id: str, name: str, countdown: float | None, eta: datetime | None,
                expires: float | datetime | None) -> tuple[str | None, str | None]:

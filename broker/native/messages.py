@@ -22,7 +22,7 @@ from typing import Any
 #: is the priority when given explicitly (``native.app`` copies it there): kombu writes the
 #: ``priority`` property as 0 when none was given, so 0 there cannot override a declared default.
 OPTIONS = ("resources", "tenant", "estimated_runtime_s", "idempotency_key", "preemptible", "max_retries",
-           "broker_priority", "replicas", "spread", "same_label")
+           "broker_priority", "replicas", "spread", "same_label", "min_replicas")
 # Properties that are kombu's routing of this one publish, or Celery's expiry for brokers with TTLs.
 _DROPPED = ("delivery_info", "delivery_tag", "expiration", *OPTIONS)
 

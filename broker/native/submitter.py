@@ -9,14 +9,15 @@ node runs its task name or could ever hold it, then written by submit.lua.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
 from broker.errors import InvalidRequest, NotRegistered, Unsatisfiable
-from broker.models import NodeView, Resources, SubmitRequest, shortfall
+from broker.models import NodeView, Resources, SubmitRequest
 from broker.native.messages import TaskMessage
+from broker.scheduling.shortfall import shortfall
 from broker.settings import Settings
 from broker.store import gangs, reads
 from broker.store.connection import encode_command, raw_pipeline, replicas_ack, wait_command, wait_replicas
@@ -78,7 +79,8 @@ class Submitter:
                  "estimated_runtime_s": values["estimated_runtime_s"], "preemptible": values["preemptible"],
                  "idempotency_key": options.get("idempotency_key"), "max_retries": options.get("max_retries"),
                  "not_before": not_before, "expires_at": expires_at, "replicas": options.get("replicas"),
-                 "spread": options.get("spread"), "same_label": options.get("same_label")}
+                 "spread": options.get("spread"), "same_label": options.get("same_label"),
+                 "min_replicas": options.get("min_replicas")}
         return SubmitRequest(task_name=name, args=args if args is not None else [],
                              kwargs=kwargs if kwargs is not None else {},
                              **{k: v for k, v in given.items() if v is not None})
@@ -93,6 +95,18 @@ class Submitter:
         else:
             code, existing = self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms)
         return self._known_as(task_id, code, existing)
+
+    def submit_one(self, task_id: str, req: SubmitRequest, message: str,
+                   event: tuple[str, str] | None) -> tuple[str, bool]:
+        """``submit`` of a task that passed ``admit``, publishing ``event`` (its task-sent event)
+        in submit.lua's call once it is created. A gang sends none: the job id never runs as a
+        Celery task, its members do (``<id>:m<rank>``, ``root_id`` the job's), and Flower lists
+        them from the workers' events; a sent event would leave the job id SENT there for ever."""
+        ttl_ms = int(self.settings.result_expires_s * 1000)
+        if req.replicas == 1:
+            return self._known_as(task_id, *self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms,
+                                                                event=event))
+        return self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms))
 
     def admit(self, req: SubmitRequest, message: str) -> None:
         """Every check ``submit`` makes before writing: the encoded size, then ``check``."""
@@ -110,8 +124,11 @@ class Submitter:
         ttl_ms = int(self.settings.result_expires_s * 1000)
         sha, n_keys = self.scripts.sha("submit").encode(), b"%d" % len(SIGNATURES["submit"][1])
         known: list[tuple[str, bool]] = []
-        for start in range(0, len(tasks), chunk):
-            part = tasks[start:start + chunk]
+        for start, part in _runs(tasks, chunk):
+            if part[0][1].replicas > 1:  # a gang: its own submit_gang.lua call, in its place
+                task_id, req, message = part[0]
+                known.append(self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms)))
+                continue
             # Encoded here, not through redis-py's Pipeline: its per-command bookkeeping cost a
             # batch about as much as submit.lua's own run (bench/submit.py).
             commands = [encode_command(b"EVALSHA", sha, n_keys, *(_arg(a) for a in (*keys, *args)))
@@ -224,3 +241,15 @@ class Submitter:
         for task_id in task_ids:
             self.cancel(task_id, "cancel" if terminate else "revoke")
 
+
+def _runs(tasks: Sequence[tuple[str, SubmitRequest, str]],
+          chunk: int) -> Iterator[tuple[int, Sequence[tuple[str, SubmitRequest, str]]]]:
+    """``tasks`` in order as (offset, part): each gang alone, single tasks in runs of up to ``chunk``."""
+    start = 0
+    while start < len(tasks):
+        end = start + 1
+        if tasks[start][1].replicas == 1:
+            while end < len(tasks) and end - start < chunk and tasks[end][1].replicas == 1:
+                end += 1
+        yield start, tasks[start:end]
+        start = end

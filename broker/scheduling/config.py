@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker.errors import InvalidRequest
 from broker.models import NAME_PATTERN, NAME_RULE
+from broker.scheduling.elastic import Elastic
 from broker.scheduling.ordering import Ordering, WithinTenant
 from broker.scheduling.placement import PlacementKind
 
-__all__ = ["RESOURCES", "Amounts", "Mode", "Ordering", "PlacementKind", "SchedulingConfig", "TenantPolicy",
+__all__ = ["RESOURCES", "Amounts", "Elastic", "Mode", "Ordering", "PlacementKind", "SchedulingConfig", "TenantPolicy",
            "WithinTenant"]
 
 
@@ -92,6 +93,8 @@ class SchedulingConfig(_Config):
     preemptions_per_pass: int = Field(64, ge=0, le=100_000)
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
     within_tenant: WithinTenant = WithinTenant.PRIORITY  # fair: the order of one tenant's tasks
+    # How much an elastic request (min_gpus, min_replicas) is granted: max | min | fair (scheduling.elastic).
+    elastic: Elastic = Elastic.MAX
     # How many pending tasks get a reason and an estimated start published for queue views.
     explain_limit: int = Field(1000, ge=0, le=100_000)
 
@@ -105,6 +108,16 @@ class SchedulingConfig(_Config):
 
     def tenant(self, name: str) -> TenantPolicy:
         return self.tenants.get(name) or _DEFAULT_TENANT
+
+    @property
+    def orders_by_time(self) -> bool:
+        """The order of waiting tasks changes with time alone (aging, hrrn) and the order decides
+        more than who gets capacity that just came free (strict and backfill: the head blocks or
+        holds): a live dispatcher's idle wake-up may then start a task with no event. Under
+        best effort a new order places nothing until capacity or tasks change."""
+        return self.mode is not Mode.BEST_EFFORT and (
+            self.aging_per_minute > 0 or self.ordering is Ordering.HRRN
+            or (self.ordering is Ordering.FAIR and self.within_tenant is WithinTenant.HRRN))
 
     @property
     def in_queue_order(self) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from broker.models import MILLI
-from broker.scheduling import gang
+from broker.scheduling import elastic, gang
 from broker.scheduling.config import PlacementKind, SchedulingConfig
 from broker.scheduling.model import NodeFree, Snapshot
 from broker.scheduling.planner import Planner
@@ -63,7 +63,9 @@ def wanted_nodes(config: SchedulingConfig, snap: Snapshot, shapes: dict[NodeShap
     wanted: dict[NodeShape, int] = {}
     for shape, template in shapes.items():
         empty = fresh(template, "")
-        upper = min(MAX_NODES, sum(t.replicas for t in snap.pending if empty.could_hold(gang.member_of(t))))
+        # An elastic request counts where its minimum fits (gang.member_of: one member's resources).
+        upper = min(MAX_NODES, sum(t.replicas for t in snap.pending
+                                   if empty.could_hold(gang.member_of(elastic.least(t)))))
         extra = {f"(wanted {i})": i for i in range(upper)}  # no real node id has a space
         if not upper:
             wanted[shape] = 0

@@ -46,7 +46,7 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
         start: float | None = None
         if kind == "fit":
             if task.shape not in reasons:
-                words = why_gang if task.replicas > 1 else why
+                words = why_gang if task.is_gang else why
                 reasons[task.shape] = words(task, nodes, draining)
             reason = reasons[task.shape]
         elif kind == "held":
@@ -67,7 +67,7 @@ def explain(waiting: list[tuple[int, TaskRequest, Cause]], timeline: Timeline, n
         if cause.start is not None:
             start = cause.start
         elif kind in ("fit", "held", "strict"):
-            if task.replicas > 1:
+            if task.is_gang:
                 gang_found = gang.earliest(task, duration[task.id], timeline, node_order)
                 start = None if gang_found is None else gang_found[0]
             else:

@@ -31,7 +31,7 @@ Fits = dict[str, list[list[int]]]  # node id -> the GPU indices of each member t
 
 def member_of(gang: TaskRequest) -> TaskRequest:
     """One member of ``gang``: a single task with the gang's id and per-member resources."""
-    return replace(gang, replicas=1, spread=False, same_label=None)
+    return replace(gang, replicas=1, spread=False, same_label=None, min_replicas=0)
 
 
 def members_on(state: NodeFree, member: TaskRequest, limit: int) -> list[list[int]]:
@@ -109,6 +109,13 @@ def choose(gang: TaskRequest, states: Mapping[str, NodeFree], order: Mapping[str
     if sum(len(f) for f in fits.values()) < gang.replicas:
         return None
     return arrange(gang, fits, states, order)
+
+
+def room(gang: TaskRequest, nodes: Mapping[str, NodeFree]) -> int:
+    """How many members fit on ``nodes`` now, all together (an upper bound: ``same_label`` may
+    allow only one group of them)."""
+    member, limit = member_of(gang), 1 if gang.spread else gang.replicas
+    return sum(len(members_on(n, member, limit)) for n in nodes.values() if _eligible(gang, n))
 
 
 def nodes_with_room(gang: TaskRequest, nodes: Mapping[str, NodeFree]) -> int:

@@ -61,18 +61,27 @@ class TaskRequest:
     replicas: int = 1  # members of a gang, each with the resources above
     spread: bool = False  # gang: one member per node
     same_label: str | None = None  # gang: all members on nodes with one value of this label key
+    min_gpus: int = 0  # elastic (issue 13): it runs with any whole number from this to whole_gpus; 0: exactly
+    min_replicas: int = 0  # elastic gang: it runs with any number of members from this to replicas; 0: all
 
     @property
     def shape(self) -> tuple[Any, ...]:
         """Everything that decides where it fits: two tasks of one shape fit on the same nodes
         (the name counts since a node may run only some task names)."""
         single = (self.whole_gpus, self.gpu_milli, self.gpu_memory_mb, self.cpu_milli,
-                  self.memory_mb, self.labels, self.prefer, self.name)
-        return single if self.replicas == 1 else (*single, self.replicas, self.spread, self.same_label)
+                  self.memory_mb, self.labels, self.prefer, self.name, self.min_gpus)
+        return single if self.replicas == 1 else (*single, self.replicas, self.spread, self.same_label,
+                                                  self.min_replicas)
+
+    @property
+    def is_elastic(self) -> bool:
+        """It may run with less than it asks for (``broker.scheduling.elastic`` grants how much)."""
+        return 0 < self.min_gpus < self.whole_gpus or 0 < self.min_replicas < self.replicas
 
     @property
     def is_gang(self) -> bool:
-        return self.replicas > 1
+        """Placed all or nothing by reserve_gang.lua (an elastic gang granted one member is one too)."""
+        return self.replicas > 1 or self.min_replicas > 0
 
     @property
     def gpus(self) -> float:
@@ -106,6 +115,7 @@ class RunningTask:
     submitted_at: float = 0.0
     preemptions: int = 0  # times it was stopped for a more urgent task (SchedulingConfig.max_preemptions)
     checkpoint_at: float | None = None  # seconds; its last checkpoint in this attempt, if it reported one
+    gang: str | None = None  # the gang it is a member of: preempting it stops every member (gang_preemption)
 
     def work_at_risk(self, now: float) -> float:
         """Seconds of work stopping it now would lose: since its last checkpoint, else since it started."""

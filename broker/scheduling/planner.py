@@ -12,19 +12,22 @@ phases (as kueue's cycle):
                 higher-ranked task is delayed; else preempt (``preemption``: fewest victims on
                 one node); else (backfill) hold its earliest start; strict stops at the first
                 that waits. A gang (``gang``) is one unit throughout: all its members
-                placed now or none, its members' sum against its tenant, one hold per member
-                at the gang's earliest start; it does not preempt (not yet: victims on several
-                nodes)
+                placed now or none, its members' sum against its tenant, else preempt
+                (``gang_preemption``: the cheapest victims across nodes), else one hold per
+                member at the gang's earliest start; a running gang is one victim (all members).
+                An elastic request (``elastic``) is granted the largest amount from the
+                rule's target down that places now, else waits as its minimum
     4 explain   position, reason and estimated start of the first ``explain_limit`` waiting
                 (``explain``)
 """
 
 from __future__ import annotations
 
-from broker.scheduling import gang
+from broker.scheduling import elastic, gang
 from broker.scheduling.config import Mode, Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause, explain
 from broker.scheduling.fairshare import Ledger
+from broker.scheduling.gang_preemption import WAITS, preempt_gang
 from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement, Plan, Snapshot, TaskRequest, demand
 from broker.scheduling.ordering import ORDERINGS, Ranking
 from broker.scheduling.placement import make_placer
@@ -95,6 +98,7 @@ class _Pass:
         self.held: dict[object, tuple[float, Cause]] = {}  # shape -> shortest run held from starting now
         self.holds = 0
         self.tokens = {name: tokens for name, (_rate, tokens) in snap.rate_limits.items()}
+        self.active = {t.tenant for t in snap.pending} | {r.tenant for r in snap.running}  # elastic "fair"
 
     def _estimate(self, name: str, kind: GpuKind, own: float | None) -> float:
         if own is not None:
@@ -113,7 +117,7 @@ class _Pass:
         for rank, task in enumerate(ORDERINGS[self.config.ordering](self.snap.pending, self.ranking), 1):
             cause = Cause("strict", blocker) if blocker else self._admit(task)
             if cause is not None:
-                self.waiting.append((rank, task, cause))
+                self.waiting.append((rank, elastic.least(task), cause))
                 if strict and not blocker:
                     blocker = task.id
         self.plan.preemptions = self.preemptor.preemptions
@@ -127,18 +131,22 @@ class _Pass:
 
     def _admit(self, task: TaskRequest) -> Cause | None:
         duration = self.duration[task.id]
+        if task.is_elastic:
+            return self._admit_elastic(task, duration)
         if self.fair and not self.ledger.within_guarantee(task.tenant, demand(task)):
             refusal = self.ledger.refusal(task.tenant, demand(task))
             if refusal is not None:
                 return Cause("quota", refusal)
         if self.tokens.get(task.name, 1) < 1:
             return Cause("rate", task.name)
-        if task.replicas > 1:
+        if task.is_gang:
             return self._admit_gang(task, duration)
         cause = self._place(task, duration)
         if cause is None:
             return None
-        node_id = self.snap.preempting_for.get(task.id)
+        node_id = self.snap.preempting_for.get(task.id, "")
+        if node_id not in self.placer.nodes:  # victims on several nodes (a gang's): its own node is the last
+            node_id = node_id.rsplit(WAITS, 1)[-1]
         if node_id in self.placer.nodes:  # its victims are stopping there: keep that node's capacity for it
             self.preemptor.hold(task, str(node_id), duration)
             return Cause("stopping", str(node_id))
@@ -156,11 +164,31 @@ class _Pass:
                 return Cause(cause.kind, cause.detail, start=start)
         return cause
 
+    def _admit_elastic(self, task: TaskRequest, duration: float) -> Cause | None:
+        """Grant the largest amount from the rule's target down that places now; else admit the
+        minimum as any task (placed, or waiting, preempting and holding as the minimum)."""
+        if self.tokens.get(task.name, 1) >= 1:
+            for sized in elastic.grants(self.config.elastic, task, self.ledger, self.active, self.placer.nodes):
+                if self.fair and self.ledger.refusal(task.tenant, demand(sized)) is not None:
+                    continue
+                placed = self._place_gang(sized, duration) if sized.is_gang else self._place(sized, duration)
+                if placed is None:
+                    return None
+        return self._admit(elastic.least(task))
+
     def _admit_gang(self, task: TaskRequest, duration: float) -> Cause | None:
-        """Place every member now, else (backfill) hold each member's node at the gang's
-        earliest start. No preemption for a gang yet: its victims may sit on several nodes."""
+        """Place every member now, else hold what its victims free as they stop, else preempt
+        (victims on several nodes), else (backfill) hold each member's node at the gang's earliest start."""
         cause = self._place_gang(task, duration)
-        if cause is None or self.config.mode is not Mode.BACKFILL or self.holds >= self.max_holds:
+        if cause is None:
+            return None
+        may_stop = self.config.preemption and len(self.preemptor.preemptions) < self.config.preemptions_per_pass
+        waits_on = self.snap.preempting_for.get(task.id)
+        if may_stop or waits_on:
+            preempting = preempt_gang(self.preemptor, task, duration, may_stop, waits_on)
+            if preempting is not None:
+                return preempting
+        if self.config.mode is not Mode.BACKFILL or self.holds >= self.max_holds:
             return cause
         self.holds += 1
         found = gang.earliest(task, duration, self.timeline, self.node_order)

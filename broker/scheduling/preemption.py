@@ -9,11 +9,16 @@ since it started) until the task fits, then every victim it fits without is drop
 Among nodes: fewest victims, then fewest GPUs stopped, then least work lost, then node order.
 A task already stopped ``max_preemptions`` times is not stopped again. What stopping victims
 free is held for the preemptor from now.
+
+A running gang (issue 13) is one victim unit: its members may be stopped only together (one
+fate), so each node lists the gang once, standing for all its members; choosing it stops every
+member on every node, and its cost counts them all (victims, GPUs, work lost). A pending gang
+preempts through ``gang_preemption``, over several nodes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker.scheduling.config import Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause
@@ -46,6 +51,8 @@ class Preemptor:
     no_victims: set[object] = field(default_factory=set)
     victims_memo: dict[tuple[str, object, int], tuple[int, _Victims | None]] = field(default_factory=dict)
     stopping_memo: dict[tuple[str, object, float], tuple[int, bool]] = field(default_factory=dict)
+    members: dict[str, list[RunningTask]] = field(default_factory=dict)  # running gang -> its members
+    units: dict[str, RunningTask] = field(default_factory=dict)  # running gang -> it as one victim (all members)
 
     @property
     def fair(self) -> bool:
@@ -56,8 +63,65 @@ class Preemptor:
         if run.preempting:
             self.stopping.add(run.id)
             self.stopping_nodes.add(run.node_id)
+            if run.gang is not None:
+                self.stopping.add(run.gang)  # its gang is being stopped: not a victim again
+        elif run.preemptible and run.gang is not None:
+            self._add_member(run, end)
         elif run.preemptible:
             self.victims.setdefault(run.node_id, []).append(run)
+
+    def _add_member(self, run: RunningTask, end: float | None) -> None:
+        """Fold a gang member into its gang's unit: held amounts add up, the earliest start
+        (the most work lost) and the latest end stand for all."""
+        gang_id = str(run.gang)
+        unit = self.units.get(gang_id)
+        nodes = {m.node_id for m in self.members.get(gang_id, ())}
+        self.members.setdefault(gang_id, []).append(run)
+        if unit is None:
+            unit = self.units[gang_id] = replace(run, id=gang_id)
+            self.ends[gang_id] = end
+        else:
+            unit.gpu_indices += run.gpu_indices
+            unit.cpu_milli += run.cpu_milli
+            unit.memory_mb += run.memory_mb
+            unit.started_at = min(unit.started_at, run.started_at)
+            unit.checkpoint_at = (None if unit.checkpoint_at is None or run.checkpoint_at is None
+                                  else min(unit.checkpoint_at, run.checkpoint_at))
+            last = self.ends[gang_id]
+            self.ends[gang_id] = None if last is None or end is None else max(last, end)
+        if run.node_id not in nodes:
+            self.victims.setdefault(run.node_id, []).append(unit)
+
+    def tasks_of(self, run: RunningTask) -> list[RunningTask]:
+        """The running tasks stopping ``run`` stops: a gang's members, else itself."""
+        return self.members.get(run.id, [run]) if run.gang is not None else [run]
+
+    def ids_of(self, victims: list[tuple[RunningTask, str]]) -> set[str]:
+        return {t.id for r, _ in victims for t in self.tasks_of(r)}
+
+    def cost(self, victims: list[tuple[RunningTask, str]]) -> tuple[float, float, float]:
+        """Tasks stopped, GPUs stopped, GPU-seconds of work lost (a gang: all its members)."""
+        tasks = [t for r, _ in victims for t in self.tasks_of(r)]
+        return (len(tasks), sum(t.gpus for t in tasks), sum(t.gpus * t.work_at_risk(self.now) for t in tasks))
+
+    def stop(self, task_id: str, victims: list[tuple[RunningTask, str]], last: str) -> list[str]:
+        """Count ``victims`` as stopping now (capacity back now, out of their tenants' usage) and
+        record them as ``task_id``'s preemptions, one per node (``last``'s node last: preempt.lua
+        notes the node of its last call as the one the preemptor waits for). Returns those nodes."""
+        per_node: dict[str, list[str]] = {}
+        for run, _ in victims:
+            self.stopping.add(run.id)
+            self.ledger.remove(run.tenant, held(run))
+            for t in self.tasks_of(run):
+                self.stopping.add(t.id)
+                self.timeline.release_now(t.node_id, t.id, self.usage[t.id])
+                per_node.setdefault(t.node_id, []).append(t.id)
+        self.stopping_nodes.update(per_node)
+        self.ranking.reorder = True
+        why = "; ".join(dict.fromkeys(reason for _, reason in victims))
+        for node_id in sorted(per_node, key=lambda n: (n == last, self.node_order[n])):
+            self.preemptions.append(Preemption(task_id, node_id, tuple(per_node[node_id]), why))
+        return list(per_node)
 
     def hold(self, task: TaskRequest, node_id: str, duration: float) -> None:
         """Keep what ``task`` needs on ``node_id`` from now, counting capacity that is stopping."""
@@ -111,39 +175,27 @@ class Preemptor:
             found = answer[1]
             if found is not None:
                 chosen, gpus = found
-                rank = (len(chosen), sum(r.gpus for r, _ in chosen),
-                        sum(r.gpus * r.work_at_risk(self.now) for r, _ in chosen), self.node_order[node_id])
+                rank = (*self.cost(chosen), self.node_order[node_id])
                 if best is None or rank < best[0]:
                     best = (rank, node_id, chosen, gpus)
         if best is None:
             self.no_victims.add(key)
             return None
         _, node_id, chosen, gpus = best
-        for run, _ in chosen:
-            self.stopping.add(run.id)
-            self.timeline.release_now(node_id, run.id, self.usage[run.id])
-            self.ledger.remove(run.tenant, held(run))
-        self.stopping_nodes.add(node_id)
+        self.stop(task.id, chosen, node_id)
         self.ledger.add(task.tenant, demand(task))
-        self.ranking.reorder = True
         state = self.timeline.window(node_id, self.now, end)
         gpus = self._spare_free(node_id, task, state) or gpus
         self.timeline.hold(Hold(node_id, self.now, end, Usage.of(task, self.placer.nodes[node_id], gpus)))
-        why = "; ".join(dict.fromkeys(reason for _, reason in chosen))
-        self.preemptions.append(Preemption(task.id, node_id, tuple(r.id for r, _ in chosen), why))
-        return Cause("preempting", node_id, victims=len(chosen))
+        return Cause("preempting", node_id, victims=int(self.cost(chosen)[0]))
 
     def _victims_on(self, node_id: str, task: TaskRequest, end: float, running: list[RunningTask],
                     reclaim: bool) -> _Victims | None:
         """Greedy (borrowers, then lowest priority, then least work lost) until ``task`` fits,
         then drop every victim it fits without."""
-        eligible = [(r, why) for r in running
-                    if r.id not in self.stopping and (why := self._may_preempt(task, r, reclaim))]
+        eligible = self.eligible(task, running, reclaim)
         if not eligible or self._fits_with(node_id, task, end, eligible) is None:
             return None  # not even with all of them
-        now = self.now
-        eligible.sort(key=lambda e: (not self.ledger.is_borrower(e[0].tenant), e[0].priority,
-                                     e[0].work_at_risk(now), -e[0].started_at))
         chosen: list[tuple[RunningTask, str]] = []
         taken: dict[str, Vector] = {}
         gpus = None
@@ -165,11 +217,20 @@ class Preemptor:
                 chosen, gpus = rest, fits
         return chosen, gpus
 
+    def eligible(self, task: TaskRequest, running: list[RunningTask], reclaim: bool) -> list[tuple[RunningTask, str]]:
+        """The victims ``task`` may stop among ``running``, with why, in greedy order: borrowers,
+        then lowest priority, then least work lost."""
+        now = self.now
+        found = [(r, why) for r in running if r.id not in self.stopping and (why := self.may_preempt(task, r, reclaim))]
+        found.sort(key=lambda e: (not self.ledger.is_borrower(e[0].tenant), e[0].priority,
+                                  e[0].work_at_risk(now), -e[0].started_at))
+        return found
+
     def _fits_with(self, node_id: str, task: TaskRequest, end: float,
                    victims: list[tuple[RunningTask, str]]) -> list[int] | None:
-        return self.timeline.window(node_id, self.now, end, {r.id for r, _ in victims}).gpus_for(task)
+        return self.timeline.window(node_id, self.now, end, self.ids_of(victims)).gpus_for(task)
 
-    def _may_preempt(self, task: TaskRequest, run: RunningTask, reclaim: bool) -> str:
+    def may_preempt(self, task: TaskRequest, run: RunningTask, reclaim: bool) -> str:
         """Why ``run`` may be stopped for ``task`` ("" if it may not)."""
         config = self.config
         if not run.preemptible or self.now - run.started_at < config.min_runtime_s:

@@ -8,7 +8,9 @@ moment it is reserved and finishes it ``duration_s`` later; nothing else is mode
 
 The event loop: take the next instant with events, end the tasks due then (capacity first),
 submit the arrivals, then run dispatcher cycles while anything is pending, as wake-ups
-would: again at once when a cycle filled its window or stopped victims of preemption.
+would: again at once when a cycle filled its window or stopped victims of preemption. An order
+that moves with time alone where the head blocks or holds (``orders_by_time``) is re-planned
+every ``reap_interval_s`` while tasks wait, as the live dispatcher's idle wake-ups do.
 Stopped victims end at once (finish.lua requeues them uncharged) and resume from their last
 checkpoint (``TraceJob.checkpoint_interval_s``; none: from scratch). No cycle runs when idle.
 """
@@ -30,9 +32,10 @@ from broker.cycle import CycleReport
 from broker.dispatcher import Dispatcher
 from broker.errors import InvalidRequest
 from broker.message import build_message, new_task_id
-from broker.models import MILLI, SubmitRequest, shortfall
+from broker.models import MILLI, SubmitRequest
 from broker.scheduling.config import SchedulingConfig
 from broker.scheduling.model import Placement
+from broker.scheduling.shortfall import shortfall
 from broker.settings import Settings
 from broker.sim.gangs import GangBook, GangPlanner, gang_shape
 from broker.sim.localcluster import private_redis
@@ -81,8 +84,7 @@ class Simulator:
     def __init__(self, jobs: Sequence[TraceJob], nodes: Sequence[ClusterNode], redis_url: str,
                  scheduling: SchedulingConfig | None = None, estimates: str = "learned", label: str = "",
                  settings: Settings | None = None, gangs: bool = True) -> None:
-        """``gangs=False``: refuse jobs larger than any node, as before gangs (capacity planning
-        leaves them out)."""
+        """``gangs=False``: refuse jobs larger than any node (capacity planning leaves them out)."""
         if estimates not in ("true", "learned"):
             raise InvalidRequest({"estimates": f"{estimates!r} is not 'true' or 'learned'"})
         if not nodes:
@@ -101,9 +103,7 @@ class Simulator:
         self.scripts = Scripts(self.redis, self.keys, self.clock)
         self.messages = _Messages(self.settings.max_payload_bytes)
         self._stops: list[tuple[str, str]] = []
-        # Without the queue view: each waiting task's reason and estimated start decides nothing
-        # and nobody reads it here. (The lazy planner's occasional full pass may also place
-        # tasks, so the dispatcher leaves it as it runs in production.)
+        # No queue view (nobody reads reasons here); the lazy planner's full passes stay as live.
         self.dispatcher = Dispatcher(self.settings, clock=self.clock, client=self.redis, explain=False,
                                      stopper=lambda task_id, node_id: self._stops.append((task_id, node_id)))
         self.outcomes = [JobOutcome(job) for job in self.jobs]
@@ -193,10 +193,9 @@ class Simulator:
             raise SimulationError(f"{queued} tasks are pending in Redis; the simulation counted {self._pending}")
 
     def _result(self, started: float) -> SimResult:
-        gpus = sum(n.gpus for n in self.nodes)
-        return SimResult(self.label, self.settings.scheduling.model_dump(mode="json"), len(self.nodes), gpus,
-                         self.outcomes, self.series, self.placements, self._cycles, self._events,
-                         time.perf_counter() - started, self._dispatcher_s, self._phase_s)
+        return SimResult(self.label, self.settings.scheduling.model_dump(mode="json"), len(self.nodes),
+                         sum(n.gpus for n in self.nodes), self.outcomes, self.series, self.placements, self._cycles,
+                         self._events, time.perf_counter() - started, self._dispatcher_s, self._phase_s)
 
     def _register_nodes(self) -> None:
         for n in self.nodes:
@@ -208,10 +207,12 @@ class Simulator:
         arrivals, next_arrival, heap = self.jobs, 0, self._finishes
         expected = len(arrivals) + sum(1 for j in arrivals if j.duration_s is not None)
         arrival_ms = [EPOCH_MS + round(j.submit_s * 1000) for j in arrivals]
-        shown = 0.0
+        shown, replan_ms = 0.0, round(self.settings.reap_interval_s * 1000)
         while next_arrival < len(arrivals) or heap:
             due = [arrival_ms[next_arrival]] if next_arrival < len(arrivals) else []
-            now = min([*due, heap[0][0]]) if heap else due[0]
+            if self._pending and self.settings.scheduling.orders_by_time:
+                due.append(self.clock.now_ms + replan_ms)  # a wake-up with no event: the order moved
+            now = min([*due, heap[0][0]]) if heap else min(due)
             self.clock.now_ms = now
             while heap and heap[0][0] == now:
                 _due, _seq, task_id, tag = heapq.heappop(heap)
@@ -265,8 +266,7 @@ class Simulator:
                  ) -> tuple[SubmitRequest, StoredRequest] | str:
         """The validated request and what is stored of it; or why no node could ever run it."""
         resources = job.resources()
-        short = shortfall(resources, self._views)
-        if short:
+        if short := shortfall(resources, self._views):
             return "; ".join(f"{k}: {v}" for k, v in short.items())
         preemptible = False if member else job.preemptible  # a gang's member may not be stopped alone
         req = SubmitRequest(task_name=job.name, resources=resources, priority=job.priority, tenant=job.tenant,

@@ -11,8 +11,8 @@ every member), the simulator stands in for it: each member is submitted as its o
 real planner runs, and turns the gang's placement into one placement per member, all
 committed in the same cycle (the simulator checks that every member was reserved in it: one
 dispatcher and no racing client, so reserve.lua's re-check never refuses a member here).
-Members are not preemptible: stopping one would need every other member stopped too (one
-fate, also the Redis part), and gangs do not preempt.
+Members are not preemptible here: stopping one would need every other member stopped too
+(one fate), which the stand-in does not do; a folded gang does preempt (gang_preemption).
 """
 
 from __future__ import annotations

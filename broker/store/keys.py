@@ -75,7 +75,8 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | its last change of free capacity, state or |                       |
 |                              |        | registration (dispatchers' node cache)     |                       |
 | ``P preempting``             | hash   | preemptor task id -> node whose victims it | none                  |
-|                              |        | waits for                                  |                       |
+|                              |        | waits for (victims on several: "n1,n2",    |                       |
+|                              |        | its own node last)                         |                       |
 | ``P gangs``                  | set    | ids of reserved gangs (issue 13), for      | none                  |
 |                              |        | settle_gang.lua's one fate each cycle      |                       |
 | ``P warm``                   | hash   | node id -> JSON ``[[gpus, task name],..]``:| none; forget removes  |

@@ -210,7 +210,7 @@ def forget_gone(shapes: Shapes | None, live: list[str]) -> None:
 # ---- what the full planner sees (scheduling.planner) ---------------------------------------
 
 _RUNNING_FIELDS = (b"state", b"node", b"alloc", b"req", b"started_at", b"reserved_at", b"preempt_at", b"seq",
-                   b"submitted_at", b"preemptions")
+                   b"submitted_at", b"preemptions", b"checkpoint_at", b"gang")
 
 
 def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
@@ -226,8 +226,8 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
                                     for t in ids])
     wires: dict[bytes, records.Wire] = {}
     out = []
-    for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted, preemptions) in zip(
-            ids, replies, strict=True):
+    for task_id, (state, node, alloc, req, started, reserved, preempt_at, seq, submitted, preemptions,
+                  checkpoint, gang) in zip(ids, replies, strict=True):
         if state not in (b"RESERVED", b"RUNNING") or alloc is None or node is None or req is None:
             continue  # finished or moved between the two reads
         wire = wires.get(req)
@@ -240,6 +240,8 @@ def read_running(client: redis.Redis, keys: PoolKeys, node_ids: list[str],
                                    int(seq or 0), int(submitted or 0) / 1000, preempt_at is not None,
                                    preemptible_default)
         run.preemptions = int(preemptions or 0)
+        run.checkpoint_at = int(checkpoint) / 1000 if checkpoint else None  # an earlier attempt's: before started_at
+        run.gang = gang.decode() if gang else None
         out.append(run)
     return out
 

@@ -22,6 +22,8 @@ once per cycle or batch; the keys are short for the same reason.
 | k   | a gang's members (only when more than 1)             | count, 2 to 1024               |
 | sp  | a gang: one member per node (only in a gang's)       | true or false                  |
 | sl  | a gang: members on nodes sharing this label key      | label key, or absent           |
+| mg  | elastic: the fewest whole GPUs it runs with (g: most) | count, 1 to g, or absent       |
+| mk  | an elastic gang: the fewest members (k: most)        | count, 1 to k, or absent       |
  The checks are the ones ``lua/_request.lua`` makes before submit.lua
 stores a request; the dispatcher makes them again for records written by hand or by an older
 version.
@@ -60,10 +62,14 @@ def encode_request(req: SubmitRequest, member: bool = False) -> str:
     wire = {"g": r.whole_gpus, "m": r.gpu_milli, "gm": r.gpu_memory_mb or 0, "c": r.cpu_milli,
             "r": r.memory_mb, "l": dict(sorted(r.labels.items())), "p": req.priority,
             "n": req.task_name, "t": req.tenant, "e": req.estimated_runtime_s, "x": req.preemptible}
+    if r.min_gpus is not None:
+        wire["mg"] = r.min_gpus
     if req.replicas > 1 and not member:
         wire.update({"k": req.replicas, "sp": req.spread})
         if req.same_label:
             wire["sl"] = req.same_label
+        if req.min_replicas is not None:
+            wire["mk"] = req.min_replicas
     return json.dumps(wire, separators=(",", ":"))
 
 
@@ -71,7 +77,8 @@ def encode_request(req: SubmitRequest, member: bool = False) -> str:
 REQUEST_FIELDS = {"g": "resources.gpus", "m": "resources.gpus", "gm": "resources.gpu_memory_mb",
                   "c": "resources.cpus", "r": "resources.memory_mb", "l": "resources.labels", "p": "priority",
                   "n": "task_name", "t": "tenant", "e": "estimated_runtime_s", "x": "preemptible", "req": "request",
-                  "k": "replicas", "sp": "spread", "sl": "same_label"}
+                  "k": "replicas", "sp": "spread", "sl": "same_label", "mg": "resources.min_gpus",
+                  "mk": "min_replicas"}
 #: The counts of a request and their largest values (Resources' limits); lua/_request.lua has the same.
 REQUEST_COUNTS = {"g": 1024, "m": MILLI, "gm": 16 * 1024 * 1024, "c": 100_000 * MILLI, "r": 1 << 40}
 
@@ -125,7 +132,18 @@ def decode_request(text: bytes | str) -> Wire:
         raise UnreadableRecord("x", f"must be true, false or null (got {_json_what(wire['x'])})")
     if "k" in wire:
         _check_gang(wire)
+    _check_least(wire, "mg", "g")
+    _check_least(wire, "mk", "k")
     return wire
+
+
+def _check_least(wire: Wire, key: str, most: str) -> None:
+    """An elastic request's fewest (``mg`` GPUs, ``mk`` members): absent, or 1 to its most."""
+    if key not in wire:
+        return
+    value, top = wire[key], wire.get(most, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise UnreadableRecord(key, f"must be an integer from 1 to {most} ({top}) (got {_json_what(value)})")
 
 
 def _check_gang(wire: Wire) -> None:
@@ -141,7 +159,7 @@ def _check_gang(wire: Wire) -> None:
 def resources_of(wire: Wire) -> Resources:
     gpus = wire["g"] if wire["g"] else wire["m"] / MILLI
     return Resources(gpus=float(gpus), gpu_memory_mb=wire["gm"] or None, cpus=wire["c"] / MILLI,
-                     memory_mb=wire["r"], labels=wire["l"])
+                     memory_mb=wire["r"], labels=wire["l"], min_gpus=wire.get("mg"))
 
 
 def task_request(task_id: str, wire: Wire, seq: int = 0, preemptible_default: bool = False) -> TaskRequest:
@@ -150,7 +168,7 @@ def task_request(task_id: str, wire: Wire, seq: int = 0, preemptible_default: bo
     return TaskRequest(task_id, wire["g"], wire["m"], wire["gm"], wire["c"], wire["r"], exact, wire["p"], seq,
                        wire.get("t", "default"), wire.get("n", ""), wire.get("e"), 0.0,
                        preemptible_default if x is None else bool(x), prefer, wire.get("k", 1),
-                       bool(wire.get("sp", False)), wire.get("sl"))
+                       bool(wire.get("sp", False)), wire.get("sl"), wire.get("mg", 0), wire.get("mk", 0))
 
 
 Pending = list[tuple[str, int, Wire]]  # (task id, rank in the pending queue, its decoded request)

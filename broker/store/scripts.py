@@ -59,8 +59,11 @@ LUA = resources.files("broker.store") / "lua"
 
 
 
+#: The custom state (Celery's update_state) by which a running task reports a checkpoint.
+CHECKPOINT_STATE = "CHECKPOINT"
+
 #: Transitions whose loss in a failover would lose or duplicate work: WAIT for ``min_replicas_ack``.
-DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel"})
+DURABLE = frozenset({"submit", "reserve", "start", "finish", "cancel", "submit_gang", "reserve_gang", "settle_gang"})
 
 _FIXED_RESERVE_KEYS = SIGNATURES["reserve"][1]  # PoolKeys attributes, in order
 _RESERVE_CODES = list(ReserveCode)  # code -> member, by index: cheaper than ReserveCode(code) per placement
@@ -195,7 +198,10 @@ class Scripts:
 
     def call(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
         """Run script ``name`` as is; with ``client=`` a pipeline, queue it there (its reply comes
-        from the pipeline's ``execute``). The typed methods below are the usual way in."""
+        from the pipeline's ``execute``; a durable transition's WAIT is then the caller's). The typed
+        methods below are the usual way in."""
+        if client is None:
+            return self._run(name, keys, args)
         return self._scripts[name](keys=list(keys), args=list(args), client=client)
 
     # ---- nodes ----------------------------------------------------------------
@@ -256,12 +262,14 @@ class Scripts:
     # ---- tasks ----------------------------------------------------------------
 
     def submit(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
-               result_ttl_ms: int = 0) -> tuple[SubmitCode, str]:
+               result_ttl_ms: int = 0, event: tuple[str, str] | None = None) -> tuple[SubmitCode, str]:
         """Store a validated request (``stored``, when the caller encoded it already) and its
         Celery message under ``task_id``; returns the code and the task id it is known by.
-        ``result_ttl_ms``: how long the record is kept once final (0: kept). A request submit.lua
+        ``result_ttl_ms``: how long the record is kept once final (0: kept); ``event``: (channel,
+        payload) published once the task is created (its task-sent event). A request submit.lua
         refuses (a producer's own encoding that the dispatcher could not read) raises InvalidRequest."""
-        code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms))
+        code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms,
+                                                                      event))
         if code == SubmitCode.BAD_REQUEST:
             key = _text(existing)
             if key == "message":
@@ -271,14 +279,15 @@ class Scripts:
         return SubmitCode(code), _text(existing)
 
     def submit_call(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
-                    result_ttl_ms: int = 0) -> tuple[list[str], list[Any]]:
+                    result_ttl_ms: int = 0, event: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
         """submit.lua's KEYS and ARGV (for ``call`` on a pipeline)."""
         k, stored = self.keys, stored or StoredRequest.of(req)
         key = req.idempotency_key
         return ([k.task(task_id), k.pending, k.requests, k.idempotency(key) if key else k.task(task_id), k.seq,
                  k.wake, k.mix, k.delayed, k.expiring],
                 [task_id, key or "", req.priority, self.clock(), stored.text, message, req.task_name, req.tenant,
-                 req.max_retries, stored.gpu_kind, _ms(req.not_before), _ms(req.expires_at), result_ttl_ms])
+                 req.max_retries, stored.gpu_kind, _ms(req.not_before), _ms(req.expires_at), result_ttl_ms,
+                 *(event or ("", ""))])
 
     def reserve(self, placements: Sequence[Placement]) -> list[ReserveCode]:
         """Commit a batch; returns one code per placement, in order. The plain path, for tests and
@@ -380,8 +389,10 @@ class Scripts:
         return QuarantineCode(code)
 
     def progress(self, task_id: str, tag: str, state: str, meta: str) -> ProgressCode:
-        """Record a running attempt's custom state and its meta (JSON)."""
-        (code,) = self._run("progress", (self.keys.task(task_id),), (tag, state, meta, self.clock()))
+        """Record a running attempt's custom state and its meta (JSON); state ``CHECKPOINT``
+        (``workers.checkpoint``) also as the task's last checkpoint."""
+        (code,) = self._run("progress", (self.keys.task(task_id),),
+                            (tag, state, meta, self.clock(), "1" if state == CHECKPOINT_STATE else ""))
         return ProgressCode(code)
 
     def log(self, task_id: str, tag: str, tail: bytes, size: int, file: str = "") -> LogCode:

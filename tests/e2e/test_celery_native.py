@@ -56,6 +56,17 @@ def test_delay_runs_with_the_decorators_resources_and_get_returns_the_result(clu
     assert app.AsyncResult(result.id).get(timeout=5) == value
 
 
+def test_apply_async_and_send_task_take_elastic_requests(cluster: Cluster) -> None:
+    """min_gpus rides in resources, min_replicas beside replicas: the 2-GPU node grants what fits."""
+    wide = t.gpu_where.apply_async(resources=Resources(gpus=8, min_gpus=1))
+    assert sorted(wide.get(timeout=30)["cuda_visible_devices"].split(",")) == ["0", "1"]
+    assert cluster.status(wide.id).resources.min_gpus == 1 and len(cluster.status(wide.id).gpus) == 2
+    gang = app.send_task("tests.gpu_where", resources=Resources(gpus=1), replicas=4, min_replicas=1)
+    assert gang.get(timeout=30)["node"] == GPU_NODE
+    members = cluster.status(gang.id).members
+    assert members is not None and len(members) == 2  # one per GPU of the one GPU node
+
+
 def test_a_failure_raises_the_tasks_exception_with_its_traceback(cluster: Cluster) -> None:
     result = t.boom.delay("bad input")
     with pytest.raises(RuntimeError, match="bad input"):

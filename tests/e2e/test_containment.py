@@ -238,3 +238,23 @@ def test_every_attempt_of_a_preempted_task_gets_its_sigterm_and_grace(procs: Pro
         assert done.result["resumed_from"] == saved[1]
         sigterms = [line for line in procs.log("worker-n1").splitlines() if f"task {victim} preempted: SIGTERM" in line]
         assert len(sigterms) == 2, sigterms
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_worker_of_the_same_node_name_in_another_pool_leaves_this_ones_tasks_alone(
+        procs: Processes, settings: Settings, mode: dict[str, str]) -> None:
+    """A starting worker kills what an earlier worker of its node left running on the machine.
+    A node of the same name in another pool (or on another Redis) is another node: its start must
+    not touch this one's attempts."""
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        procs.spawn("worker-n1", "worker", "--node", "n1", *ONE_GPU, *TASKS, env=mode)
+        wait_nodes_up(client, {"n1"})
+        handle = client.submit("tests.sleeper", kwargs={"seconds": 6}, resources=Resources(gpus=1))
+        wait_state(client, handle.id, TaskState.RUNNING)
+        procs.spawn("worker-n1-other", "worker", "--node", "n1", *ONE_GPU, *TASKS,
+                    env={**mode, "GPUBROKER_POOL": "other"})
+        with Client(settings=settings.model_copy(update={"pool": "other"})) as other:
+            wait_nodes_up(other, {"n1"})
+        done = client.wait(handle.id, timeout=60)
+        assert done.state is TaskState.SUCCEEDED and done.attempts == 1, done

@@ -141,5 +141,19 @@ def test_flower_shows_nodes_and_tasks_through_its_api(settings: Settings, procs:
         listed = wait_until(all_succeeded_in_flower, 20, 0.2, what="Flower to report every task SUCCESS")
         for task_id, status in finals.items():
             assert node_of(listed[task_id]["worker"]) == status.node, (task_id, listed[task_id], status)
+
+        # A gang: Flower shows each member's attempt under the job's id (ids <job>:m<rank>,
+        # root_id the job), on the node its record names; the job id itself is no Celery task.
+        gang = client.submit(probe, resources=Resources(gpus=1), replicas=2, spread=True)
+        done = client.wait(gang.id, 30)
+        assert done.state is TaskState.SUCCEEDED and done.members is not None
+        members = [f"{gang.id}:m{m.rank}" for m in done.members]
+        listed = wait_until(lambda: (t := flower.json("/api/tasks") or {}) and all(
+            t.get(m, {}).get("state") == "SUCCESS" for m in members) and t, 20, 0.2,
+            what="Flower to report both members SUCCESS")
+        for member in done.members:
+            shown = listed[f"{gang.id}:m{member.rank}"]
+            assert shown["root_id"] == gang.id and node_of(shown["worker"]) == member.node, shown
+        assert gang.id not in listed
     finally:
         client.close()

@@ -187,3 +187,43 @@ def test_a_member_node_lost_fails_the_gang_and_stops_the_others(procs: Processes
         assert done.state is TaskState.FAILED and "member 1" in (done.error or ""), done
         assert member_status(client, handle.id, 0).state is TaskState.CANCELLED
         wait_until(lambda: free_gpus(client).get(kept) == 8, 30, what="the surviving member's GPUs back")
+
+
+def test_members_share_one_label_value_when_asked(procs: Processes, settings: Settings) -> None:
+    """``same_label="rack"``: rack a has one node, rack b two; two whole-node members can only
+    share rack b, though packing in node order alone would take n1 (rack a) and n2."""
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        for node, rack in (("n1", "a"), ("n2", "b"), ("n3", "b")):
+            procs.worker(node, *NODE, "--address", "127.0.0.1", "--label", f"rack={rack}")
+        wait_until(lambda: {n.id for n in client.nodes() if n.state == "up"} == {"n1", "n2", "n3"}, 30, what="nodes")
+        done = client.wait(client.submit(MEMBER, resources=Resources(gpus=8), replicas=2, same_label="rack").id,
+                           timeout=60)
+        assert done.state is TaskState.SUCCEEDED and done.members is not None
+        assert sorted(m.node or "" for m in done.members) == ["n2", "n3"]
+        with pytest.raises(Unsatisfiable) as caught:  # no rack holds three whole-node members
+            client.submit(MEMBER, resources=Resources(gpus=8), replicas=3, same_label="rack")
+        assert "replicas" in caught.value.problems and "'rack'" in caught.value.problems["replicas"]
+
+
+def test_a_member_left_alone_at_the_barrier_fails_the_attempt_and_the_gang_runs_again(
+        procs: Processes, settings: Settings) -> None:
+    """Member 1's worker is frozen after its reservation: member 0 waits at the barrier for
+    ``gang_barrier_timeout_s`` (1 s here), not forever, never runs its code alone, and the attempt
+    is requeued whole; once the node answers again the gang runs and succeeds."""
+    with Client(settings=settings) as client:
+        procs.dispatcher()
+        workers = {node: procs.spawn(f"worker-{node}", "worker", "--node", node, *NODE, "--address", "127.0.0.1",
+                                     env={"GPUBROKER_GANG_BARRIER_TIMEOUT_S": "1"}) for node in ("n1", "n2")}
+        wait_until(lambda: {n.id for n in client.nodes() if n.state == "up"} == {"n1", "n2"}, 30, what="nodes")
+        with procs.paused(workers["n2"]):
+            handle = client.submit(MEMBER, kwargs={"seconds": 0}, resources=Resources(gpus=8), replicas=2,
+                                   max_retries=5)
+            wait_until(lambda: "had not started after 1s" in (client.status(handle.id).retry_reason or ""), 20,
+                       what="the lone member's barrier to time out and the gang to wait again, saying why")
+        assert "members [1] had not started" in (client.status(handle.id).retry_reason or "")
+        done = client.wait(handle.id, timeout=90)
+        assert done.state is TaskState.SUCCEEDED and done.attempts >= 2, done
+        assert {m.node for m in done.members or []} == {"n1", "n2"}
+        assert done.result["env"]["RANK"] == "0"
+        wait_until(lambda: free_gpus(client) == {"n1": 8, "n2": 8}, 30, what="capacity back")

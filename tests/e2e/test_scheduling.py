@@ -190,3 +190,28 @@ def test_preemption_stops_the_minimal_set_and_the_victim_resumes(procs: Processe
         assert all(s.state is TaskState.SUCCEEDED for s in done.values())
         assert done["v2"].result["resumed_from"] > 0 and done["v2"].result["attempt"] == 2
         assert "Preempted" in procs.log("worker-n1") or "preempted" in procs.log("worker-n1")
+
+
+def test_the_victim_is_the_task_that_checkpointed_last_and_it_resumes_from_its_checkpoint(
+        procs: Processes, settings: Settings) -> None:
+    # Two equal preemptible tasks fill a 2-GPU node: A started first but reports a checkpoint
+    # every 0.2 s (workers.checkpoint); B started later and never does. Stopping A loses at most
+    # 0.2 s of work, stopping B all it has done: the urgent task takes A's GPU, and A's next
+    # attempt reads its last checkpoint back (last_checkpoint) and goes on from there.
+    with Client(settings=settings) as client:
+        start(procs, client, {"ordering": "priority", "preempt_grace_s": 5}, {"ckpt": gpu_node(2, 2)})
+        a = client.submit("tests.checkpointing", kwargs={"seconds": 8, "every": 0.2}, resources=Resources(gpus=1),
+                          preemptible=True).id
+        running(client, a)
+        time.sleep(1.5)
+        b = client.submit("tests.checkpointing", kwargs={"seconds": 8}, resources=Resources(gpus=1),
+                          preemptible=True).id
+        running(client, b)
+        time.sleep(1.0)
+        urgent = client.submit(PROBE, resources=Resources(gpus=1), priority=10).id
+        assert client.wait(urgent, timeout=30).state is TaskState.SUCCEEDED
+        a_done, b_done = client.wait(a, timeout=60), client.wait(b, timeout=60)
+        assert (a_done.preemptions, b_done.preemptions) == (1, 0)
+        assert a_done.state is b_done.state is TaskState.SUCCEEDED
+        assert a_done.result["attempt"] == 2 and a_done.result["resumed_from"] >= 2.0, a_done.result
+        assert b_done.result == {"attempt": 1, "resumed_from": 0.0}

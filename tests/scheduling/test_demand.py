@@ -68,3 +68,11 @@ def test_a_gang_wants_a_node_per_member_when_spread() -> None:
     nodes, _, run = full_cluster(0)
     together = replace(task("h", 4), replicas=4)
     assert wanted_nodes(CONFIG, snapshot(nodes, [together], run), templates(nodes)) == {BIG: 2}
+
+
+def test_an_elastic_task_wants_a_node_its_minimum_fits_on() -> None:
+    """16 GPUs at most, 1 at least: a 1-GPU node would run it, so one is wanted."""
+    nodes, _pending, run = full_cluster(0)
+    small = node("c", 1)
+    snap = snapshot([*nodes, small], [replace(task("e", 16), min_gpus=1)], [*run, running("r3", "c", (0,))])
+    assert wanted_nodes(CONFIG, snap, templates(snap.nodes)) == {BIG: 1, SMALL: 1}

@@ -20,6 +20,7 @@ def test_the_example_file_loads() -> None:
     assert config.tenant("vision").weight == 2 and config.tenant("vision").guarantee.gpus == 16
     assert config.tenant("nlp").lending_limit.gpus == 4
     assert config.tenant("nobody").weight == 1  # unnamed tenants get the defaults
+    assert config.elastic == "fair" and SchedulingConfig().elastic == "max"
 
 
 def test_settings_read_it_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,6 +31,7 @@ def test_settings_read_it_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize(("data", "field", "reason"), [
     ({"ordering": "lottery"}, "ordering", "Input should be"),
     ({"mode": "eager"}, "mode", "Input should be"),
+    ({"elastic": "most"}, "elastic", "Input should be 'max', 'min' or 'fair'"),
     ({"within_tenant": "lifo"}, "within_tenant", "Input should be"),
     ({"aging_per_minute": -1}, "aging_per_minute", "greater than or equal to 0"),
     ({"tenants": {"a": {"weight": 0}}}, "tenants.a.weight", "greater than 0"),

@@ -338,3 +338,22 @@ def test_a_simulation_killed_with_sigkill_leaves_no_redis_server_behind(tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_order_that_moves_with_time_is_replanned_between_events(redis_server: RedisServer) -> None:
+    """hrrn + backfill on one 4-GPU node: R holds 3 GPUs until 100; H (4 GPUs, 1000 s) is the
+    head at 2 s and holds the node from 100; X (1 GPU, 150 s) would end past that hold, so it
+    waits. X's response ratio passes H's a second later, with no event: the live dispatcher's
+    next idle wake-up (reap_interval_s, 2 s) makes X the head and starts it on the free GPU.
+    Re-planned only at events, X would wait for R's end at 100."""
+    node = [ClusterNode("n1", gpus=4, gpu_memory_mb=1000, cpus=8, memory_mb=1000, slots=4)]
+    jobs = [TraceJob("R", 0, 100, gpus=3), TraceJob("H", 1, 1000, gpus=4), TraceJob("X", 2, 150, gpus=1)]
+    result = run(redis_server, jobs, node, SchedulingConfig(ordering="hrrn", mode="backfill"), estimates="true")
+    assert {k: v[:2] for k, v in timeline(result).items()} == {"R": (0, 100), "X": (4, 154), "H": (154, 1154)}
+    # An order that does not move with time runs no cycle between events: the same trace under
+    # sjf (X, the shorter, is the head from its arrival) starts X at once.
+    sjf = run(redis_server, jobs, node, SchedulingConfig(ordering="sjf", mode="backfill"), estimates="true")
+    assert timeline(sjf)["X"][:2] == (2, 152) and sjf.cycles < result.cycles
+    # Under best effort a new order alone places nothing (X starts at once anyway): no wake-ups.
+    best = run(redis_server, jobs, node, SchedulingConfig(ordering="hrrn"), estimates="true")
+    assert timeline(best)["X"][:2] == (2, 152) and best.cycles == sjf.cycles

@@ -4,7 +4,6 @@ entry and reserved all members or none, in one call, never over-committing with 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import redis
@@ -24,6 +23,7 @@ from tests.invariants import (
     node_task_ids,
     pending_ids,
     queued_envelopes,
+    race,
     register_node,
     reserve_one,
     submit_task,
@@ -163,22 +163,12 @@ def test_racing_dispatchers_never_over_commit(redis_client: redis.Redis, keys: P
     first = Scripts(redis_client, keys, clock)  # type: ignore[arg-type]
     for gang_id in ids:
         submit_gang(first, gang_id, 2)
-    results: list[tuple[str, GangReserveCode]] = []
-    lock = threading.Lock()
 
-    def dispatcher(offset: int) -> None:
-        mine = Scripts(redis.Redis(connection_pool=redis_client.connection_pool), keys, clock)  # type: ignore[arg-type]
-        for i, gang_id in enumerate(ids[offset:] + ids[:offset]):
-            half = (0, 1, 2, 3) if i % 2 == 0 else (4, 5, 6, 7)
-            code, _ = gangs.reserve_gang(mine, members(gang_id, ("n1", half), ("n2", half)))
-            with lock:
-                results.append((gang_id, code))
+    def reserve(mine: Scripts, gang_id: str, i: int) -> GangReserveCode:
+        half = (0, 1, 2, 3) if i % 2 == 0 else (4, 5, 6, 7)
+        return gangs.reserve_gang(mine, members(gang_id, ("n1", half), ("n2", half)))[0]
 
-    threads = [threading.Thread(target=dispatcher, args=(k,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = race(redis_client, keys, clock, ids, 4, reserve)
     placed = [g for g, code in results if code is GangReserveCode.OK]
     assert len(placed) == len(set(placed)) == 2
     assert all(code in (GangReserveCode.OK, GangReserveCode.NO_CAPACITY, GangReserveCode.NOT_PENDING)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import redis
 
+from broker.models import TaskState
 from broker.scheduling.model import GangPlacement, Placement
 from broker.store import gangs
 from broker.store.keys import PoolKeys
-from broker.store.scripts import FinishCode, GangReserveCode, Scripts, SettleCode, StartCode
+from broker.store.scripts import FinishCode, GangReserveCode, PreemptCode, Scripts, SettleCode, StartCode
 from tests.invariants import (
     LEASE_MS,
     ControlledClock,
@@ -63,6 +64,12 @@ def test_a_failed_member_stops_the_others_then_the_gang_goes_back_whole(
     assert pending_ids(redis_client, keys) == ["g"] and all_free(redis_client, keys)
     assert not redis_client.sismember(keys.gangs, "g")
     assert_pool_invariants(redis_client, keys)
+    # While it waits, status shows this attempt's members waiting, not the last attempt's fates.
+    waiting = gangs.gang_status(redis_client, keys, "g", redis_client.hgetall(keys.task("g")), None)
+    assert waiting.state is TaskState.PENDING and waiting.members is not None
+    assert [(m.rank, m.state, m.node, m.gpus, m.error) for m in waiting.members] == [
+        (0, TaskState.PENDING, None, [], None), (1, TaskState.PENDING, None, [], None)]
+    assert "member 0 FAILED" in (waiting.retry_reason or "")
     # The next attempt starts afresh: new member records, attempt 2.
     placed = GangPlacement("g", (Placement("g", "n2", (4, 5, 6, 7)), Placement("g", "n1", (4, 5, 6, 7))))
     assert gangs.reserve_gang(scripts, placed)[0] is GangReserveCode.OK
@@ -131,3 +138,36 @@ def test_a_cancelled_gang_leaves_the_set(scripts: Scripts, redis_client: redis.R
     assert settle(scripts) is SettleCode.NOT_LIVE
     assert all_free(redis_client, keys) and not redis_client.smembers(keys.gangs)
     assert_pool_invariants(redis_client, keys)
+
+
+def test_a_preempted_gang_goes_back_whole_uncharged_and_its_next_members_know_the_count(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    """As a preempted task: requeued at its place, no retry charged (even at max_retries 0),
+    `preemptions` counted; one member running, one only reserved, both stopped for "t"."""
+    reserved_gang(scripts, max_retries=0)
+    tag0 = start(scripts, "g:m0", "n1")
+    assert scripts.preempt("g:m0", "n1", "t", GRACE_MS) is PreemptCode.STOPPING
+    assert scripts.preempt("g:m1", "n2", "t", GRACE_MS) is PreemptCode.REQUEUED  # reserved: released, ended
+    m1 = task_hash(redis_client, keys, "g:m1")
+    assert m1["state"] == "CANCELLED" and m1["preempt_by"] == "t" and pending_ids(redis_client, keys) == []
+    assert settle(scripts) is SettleCode.STOPPING  # m0 still running: told to stop (already is)
+    assert scripts.finish("g:m0", "n1", tag0, "failed", "Preempted")[1] == "CANCELLED"
+    assert settle(scripts) is SettleCode.REQUEUED
+    g = task_hash(redis_client, keys, "g")
+    assert (g["state"], g.get("retries", "0"), g["preemptions"], g["last_error"]) == ("PENDING", "0", "1", "preempted")
+    assert pending_ids(redis_client, keys) == ["g"] and all_free(redis_client, keys)
+    assert_pool_invariants(redis_client, keys)
+    placed = GangPlacement("g", (Placement("g", "n1", (0, 1, 2, 3)), Placement("g", "n2", (0, 1, 2, 3))))
+    assert gangs.reserve_gang(scripts, placed)[0] is GangReserveCode.OK
+    assert task_hash(redis_client, keys, "g:m0")["preemptions"] == "1"  # max_preemptions counts the gang's
+
+
+def test_a_member_that_failed_while_its_gang_was_preempted_charges_a_retry(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    reserved_gang(scripts, max_retries=1)
+    tag0, tag1 = start(scripts, "g:m0", "n1"), start(scripts, "g:m1", "n2")
+    assert scripts.preempt("g:m0", "n1", "t", GRACE_MS) is PreemptCode.STOPPING
+    scripts.finish("g:m1", "n2", tag1, "failed", "RuntimeError: rank 1")  # its own failure, before any stop
+    scripts.finish("g:m0", "n1", tag0, "failed", "Preempted")
+    assert settle(scripts) is SettleCode.REQUEUED
+    assert task_hash(redis_client, keys, "g")["retries"] == "1"

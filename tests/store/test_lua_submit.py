@@ -156,6 +156,8 @@ MALFORMED = {
     "tenant as an object": (wire_with(t={}), "tenant", "'t' must be a string"),
     "negative estimate": (wire_with(e=-5), "estimated_runtime_s", "'e' must be null or a number of seconds >= 0"),
     "preemptible as a string": (wire_with(x="yes"), "preemptible", "'x' must be true, false or null"),
+    "min_gpus above gpus": (wire_with(g=4, mg=5), "resources.min_gpus", "'mg' must be an integer from 1 to g"),
+    "min_gpus on a CPU task": (wire_with(mg=1), "resources.min_gpus", "'mg' must be an integer from 1 to g"),
 }
 
 
@@ -177,7 +179,7 @@ def test_every_request_submit_lua_stores_is_one_the_dispatcher_reads(scripts: Sc
                                                                      keys: PoolKeys) -> None:
     """The Lua checks and records.decode_request agree on what they accept, in both directions."""
     accepted = [wire_with(), wire_with(l=[]), wire_with(g=8, gm=80_000, l={"gpu": ["H100", "A100"]}, p=-1_000_000),
-                wire_with(m=250, e=12.5, x=True, t="<missing>")]
+                wire_with(m=250, e=12.5, x=True, t="<missing>"), wire_with(g=8, mg=2)]
     for i, text in enumerate(accepted):
         req, _stored, message = submission(f"t{i}")
         assert scripts.submit(f"t{i}", req, message, StoredRequest(text, "0,0"))[0] is SubmitCode.CREATED

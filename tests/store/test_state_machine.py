@@ -90,7 +90,7 @@ def task_resources() -> st.SearchStrategy[Resources]:
     memory = st.sampled_from([0, 512, 4096])
     whole = st.builds(Resources, gpus=st.sampled_from([1.0, 2.0, 3.0]),
                       gpu_memory_mb=st.sampled_from([None, 16_384, 30_000]), cpus=cpus, memory_mb=memory,
-                      labels=labels)
+                      labels=labels, min_gpus=st.sampled_from([None, None, 1]))  # 1: elastic (issue 13)
     share = st.builds(Resources, gpus=st.sampled_from([0.1, 0.25, 0.5, 0.75]),
                       gpu_memory_mb=st.sampled_from([None, 4096, 20_000]), cpus=cpus, memory_mb=memory,
                       labels=labels)
@@ -149,8 +149,10 @@ def reserve_gate(t: dict[str, str], node: dict[str, str], lease: float | None, n
         return ReserveCode.NODE_DOWN
     request = json.loads(t["req"])
     wanted = 1 if request["m"] else request["g"]
+    least = request.get("mg", wanted)  # an elastic request: any grant from min_gpus to gpus
     gpus = int(node["cap_gpus"])
-    if len(indices) != wanted or len(set(indices)) != len(indices) or not all(0 <= i < gpus for i in indices):
+    if not least <= len(indices) <= wanted or len(set(indices)) != len(indices) or not all(0 <= i < gpus
+                                                                                          for i in indices):
         return ReserveCode.BAD_PLACEMENT
     return None
 
@@ -433,11 +435,13 @@ class BrokerMachine(RuleBasedStateMachine):
     # ---- gangs (issue 13): members are tasks of their own once placed --------------------
 
     @rule(replicas=st.integers(2, 3), resources=st.one_of(st.sampled_from(GANG_MEMBERS), task_resources()),
-          spread=st.booleans(), max_retries=st.integers(0, 1))
-    def submit_gang(self, replicas: int, resources: Resources, spread: bool, max_retries: int) -> None:
+          spread=st.booleans(), max_retries=st.integers(0, 1), min_replicas=st.sampled_from([None, None, 1, 2]))
+    def submit_gang(self, replicas: int, resources: Resources, spread: bool, max_retries: int,
+                    min_replicas: int | None) -> None:
         gang_id = f"g{len(self.gang_ids)}"
+        resources = resources.model_copy(update={"min_gpus": None})  # a gang's members take fixed GPUs
         req = SubmitRequest(task_name=PROBE, resources=resources, replicas=replicas, spread=spread,
-                            max_retries=max_retries)
+                            max_retries=max_retries, min_replicas=min_replicas)
         message = build_message(gang_id, PROBE, [], {}, MAX_PAYLOAD)
         assert gangs.submit_gang(self.scripts, gang_id, req, message) == (SubmitCode.CREATED, gang_id)
         self.gang_ids.append(gang_id)
@@ -457,7 +461,8 @@ class BrokerMachine(RuleBasedStateMachine):
         code, _rank = gangs.reserve_gang(self.scripts, GangPlacement(gang_id, members))
         if code is GangReserveCode.OK:
             self.seen["gang reserved"] += 1
-            assert {self._task(f"{gang_id}:m{r}")["state"] for r in range(replicas)} == {"RESERVED"}
+            assert int(self._task(gang_id)["granted"]) == count  # an elastic gang: fewer than replicas
+            assert {self._task(f"{gang_id}:m{r}")["state"] for r in range(count)} == {"RESERVED"}
         else:
             assert all_tasks(self.redis, self.keys) == before, f"refused gang placement ({code.name}) changed tasks"
             assert {n: node_hash(self.redis, self.keys, n) for n in NODE_IDS} == free

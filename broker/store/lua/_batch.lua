@@ -57,7 +57,9 @@ local function batch_begin(catalogue_key)
   batch_request = memo(function(text)
     local r = cjson.decode(text)
     -- A gang's (k) names no count of indices: reserve.lua places it nowhere (reserve_gang.lua's job).
+    -- An elastic request (mg) names from `least` to `count` whole GPUs: the dispatcher's grant.
     r.count, r.labelled, r.allocs = r.k and -1 or (r.m > 0) and 1 or r.g, next(r.l) ~= nil, {}
+    r.least = r.mg or r.count
     return r
   end)
   -- A task name's rate limit in starts per second from the pool's task catalogue (0: none).

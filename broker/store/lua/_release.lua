@@ -97,12 +97,13 @@ local function conclude(prefix, task_key, task_id, final, now, ...)
   return final
 end
 
--- A gang member never goes back in line alone (issue 13): it ends FAILED instead, and
--- settle_gang.lua puts its whole gang back in line. True when `task_key` was a member.
+-- A gang member never goes back in line alone (issue 13): it ends FAILED instead (CANCELLED
+-- when preempted: its record keeps preempt_by), and settle_gang.lua puts its whole gang back
+-- in line. True when `task_key` was a member.
 local function member_ended(prefix, task_key, task_id, now, why)
   if not redis.call('HGET', task_key, 'gang') then return false end
-  conclude(prefix, task_key, task_id, 'FAILED', now, 'error', 'gang member ' .. (why or 'requeued') ..
-    ': its gang goes back in line whole')
+  conclude(prefix, task_key, task_id, why == 'preempted' and 'CANCELLED' or 'FAILED', now, 'error',
+    'gang member ' .. (why or 'requeued') .. ': its gang goes back in line whole')
   return true
 end
 

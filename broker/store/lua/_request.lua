@@ -67,6 +67,8 @@ local function request_problem(text, gang)
   if gang and not is_int(r.k, 2, 1024) then return 'k', 'must be an integer from 2 to 1024 (got ' .. json_what(r.k) .. ')' end
   if r.sp ~= nil and type(r.sp) ~= 'boolean' then return 'sp', 'must be true or false' end
   if r.sl ~= nil and type(r.sl) ~= 'string' then return 'sl', 'must be a label key' end
+  if r.mg ~= nil and not is_int(r.mg, 1, r.g) then return 'mg', 'must be an integer from 1 to g' end
+  if r.mk ~= nil and not is_int(r.mk, 1, r.k or 1) then return 'mk', 'must be an integer from 1 to k' end
   return nil
 end
 

@@ -5,7 +5,8 @@
 -- drops it). A RUNNING victim is marked: its worker is told to stop it, and
 -- finish.lua releases it and requeues it uncharged when it ends. Either way the
 -- preemptor is recorded as waiting for this node, so that the dispatcher keeps the
--- node for it. The victim keeps its original place in line (its score).
+-- node for it. The victim keeps its original place in line (its score). A gang member
+-- is not requeued alone: it ends, and settle_gang.lua requeues its gang, uncharged.
 --
 -- Transitions: RESERVED -> PENDING (a RUNNING victim is marked; finish.lua requeues it)
 -- Includes: _lib.lua _release.lua
@@ -40,6 +41,7 @@ if t[1] == 'RESERVED' then
   unhold(task_key, KEYS[2], KEYS[3], id)
   touch(KEYS[8], ARGV[2])
   redis.call('HINCRBY', task_key, 'preemptions', 1)
+  redis.call('HSET', task_key, 'preempt_by', ARGV[3]) -- a gang member keeps it: settle_gang.lua reads it
   requeue(task_key, KEYS[4], KEYS[5], id, now, 'preempted')
   redis.call('PUBLISH', KEYS[7], 'preempt')
   return {0}

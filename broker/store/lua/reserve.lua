@@ -24,7 +24,8 @@
 --   2 NODE_DOWN      the node is not up, is draining, or its lease expired
 --   3 LABEL_MISMATCH the node lacks a label the task selects
 --   4 NO_CAPACITY    not enough free CPU, RAM, slots or GPU share/memory now
---   5 BAD_PLACEMENT  wrong number of GPU indices, unknown or repeated index
+--   5 BAD_PLACEMENT  wrong number of GPU indices (an elastic task's: from min_gpus to gpus),
+--                    unknown or repeated index
 --   6 NOT_SERVED     the node does not run this task name
 --   7 RATE_LIMITED   the task name's rate limit allows no start now
 
@@ -39,7 +40,7 @@ local function reserve(task_key, node_key, tasks_key, queue_key, id, node_id, in
   if n == nil then n = batch_node(nodes, KEYS[3], now, node_key, node_id, tasks_key, queue_key) end
   if not n then return 2 end
   local r, listed = batch_request[req], batch_indices[indices]
-  if not listed or #listed ~= r.count then return 5 end
+  if not listed or #listed > r.count or #listed < r.least then return 5 end -- elastic: the grant
   for k = 1, #listed do if listed[k] < 0 or listed[k] >= n.gpus then return 5 end end
   if r.labelled then
     for key, value in pairs(r.l) do

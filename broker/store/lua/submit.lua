@@ -33,6 +33,8 @@
 -- ARGV[11] not_before  ms; not placed before then (0: at once)
 -- ARGV[12] expires_at  ms; cancelled if not started by then (0: never)
 -- ARGV[13] result_ttl  ms the record is kept once final (0: kept)
+-- ARGV[14] event_channel  '' for none: once created, ARGV[15] is published there
+-- ARGV[15] event       Celery's task-sent event for the task (Flower lists it at once)
 -- Returns {code, task_id}:
 --   0 CREATED
 --   1 DUPLICATE   the idempotency key is known: task_id is the existing task
@@ -82,4 +84,5 @@ if key ~= '' then
 end
 redis.call('HINCRBY', KEYS[7], ARGV[10], 1)
 redis.call('PUBLISH', KEYS[6], 'submit')
+if ARGV[14] ~= '' then redis.call('PUBLISH', ARGV[14], ARGV[15]) end
 return {0, id}

@@ -50,6 +50,8 @@ bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.submit
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.affinity --nodes 4 --gpus 1 --slots 1
+	$(BIN)/python -m bench.affinity --nodes 2 --gpus 2 --slots 2
 
 # docker-compose.yml in a real Docker engine (Compose v2): scale, Redis restart, drain, nothing
 # lost. Not part of `make test`; its last run's output is docs/compose-check.txt.

@@ -154,7 +154,7 @@ class Dispatcher:
             gangs_seen: list[str] = []  # gangs go to the full planner, which places them whole
             tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)
             tokens = {name: left for name, (_rate, left) in limits.items()}
-            self._plan_and_commit(report, propose(tasks, self._view.index, tokens))
+            self._plan_and_commit(report, propose(tasks, self._view.index, tokens, self._view.warm))
             self._gangs_wait = bool(gangs_seen)  # read once the lazy planner has taken its tasks
             with Timer(report, "4_commit"):
                 self._quarantine(report, head.poisoned)
@@ -239,7 +239,7 @@ class Dispatcher:
             done = [task_id for task_id in preempting if task_id not in waiting]
             if done:
                 self.redis.hdel(self.keys.preempting, *done)
-            snap.preempting_for = {k: v for k, v in preempting.items() if k in waiting}
+            snap.preempting_for, snap.warm = {k: v for k, v in preempting.items() if k in waiting}, self._view.warm
         report.nodes_seen = max(report.nodes_seen, len(snap.nodes))
         report.pending_seen = max(report.pending_seen, len(snap.pending))
         self._waiting = snap if snap.pending else None

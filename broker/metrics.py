@@ -1,5 +1,5 @@
 """The dispatcher's Prometheus metrics of the pool's state: queue depth and age, capacity per node,
-nodes by state, task outcomes and durations, rejected messages.
+nodes by state, task outcomes and durations, rejected messages, warm hits and misses per node.
 
 Outcomes are counted in Redis by the scripts that decide them (_release.lua ``tally``, in
 finish, cancel, expire, reap, preempt, quarantine), not by workers: a task cancelled while
@@ -85,6 +85,9 @@ class PoolCollector(Collector):
                                     "that ran and ended", labels=["pool", "tenant"])
         rejected = CounterMetricFamily("gpubroker_rejected_messages", "Queue messages a node's worker dropped "
                                        "unread (not JSON, malformed)", labels=["pool", "node"])
+        warm = CounterMetricFamily("gpubroker_warm_starts", "reuse=True GPU tasks a node's worker started in a "
+                                   "pool process warm for their task name and GPUs (hit) or not (miss), since it "
+                                   "started (warm affinity)", labels=["pool", "node", "result"])
         wanted = GaugeMetricFamily("gpubroker_wanted_nodes", "More nodes of this shape (as registered nodes: "
                                    "GPUs, GPU memory, CPUs, RAM) that would let the pending tasks that nodes can "
                                    "place start now (the planner's answer; each shape alone)", labels=["pool", "shape"])
@@ -111,9 +114,12 @@ class PoolCollector(Collector):
                 nodes.add_metric([pool, state], count)
             for node_id in sorted(s.registered | set(s.rejected)):
                 rejected.add_metric([pool, node_id], s.rejected.get(node_id, 0))
+            for node_id in sorted(s.registered | set(s.warm_starts)):
+                for result, count in zip(("hit", "miss"), s.warm_starts.get(node_id, (0, 0)), strict=True):
+                    warm.add_metric([pool, node_id, result], count)
             for shape, count in sorted(view.wanted.items()):
                 wanted.add_metric([pool, shape], count)
-        yield from (pending, oldest, nodes, *resources.values(), outcomes, wait, run, rejected, wanted)
+        yield from (pending, oldest, nodes, *resources.values(), outcomes, wait, run, rejected, wanted, warm)
 
 
 def _cumulative(h: Histogram) -> list[tuple[str, float]]:

@@ -353,10 +353,10 @@ class NodeView(BaseModel):
     serves: list[str] | None = None  # the task names its worker runs; None: any
     draining: bool = False  # no new tasks are placed on it (gpubroker drain, or its worker is stopping)
     down_since: float | None = None  # when its lease expired (seconds since the epoch), while down
+    warm_starts: tuple[int, int] = (0, 0)  # reuse=True GPU tasks started warm for their name and GPUs, or not
 
     @property
-    def free_gpus(self) -> int:
-        """GPUs nobody holds any share of."""
+    def free_gpus(self) -> int:  # GPUs nobody holds any share of
         return sum(1 for g in self.gpus if g.free_milli == MILLI)
 
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # or once it uses more than this much memory (MiB, resident) after a task; None (or empty): no limit.
     max_tasks_per_process: int | None = Field(None, gt=0)
     max_memory_per_process_mb: int | None = Field(None, gt=0)
+    # Workers publish which GPU sets their warm processes hold and the task name each ran last, and the
+    # dispatcher sends a task of that name there when the set is free (warm affinity); false: they do not.
+    warm_affinity: bool = True
     # Lists where Celery producers that do not use these settings publish (task_default_queue):
     # the dispatcher moves what lands there into the pool, so a task sent past the broker still runs.
     ingest_queues: list[str] = Field(default_factory=lambda: ["celery"])

@@ -240,6 +240,9 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "outcomes":      dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
     # ... and enters the history index (conclude); the dispatcher trims it.
     "finished":      dict(zip(ROLES, ["rw", "rw", "rw", "r", "r"], strict=True)),
+    # Workers publish their warm processes and warm hits; forget (dispatcher, worker) removes a node's.
+    "warm":          dict(zip(ROLES, ["r", "rw", "rw", "r", "r"], strict=True)),
+    "warmstarts":    dict(zip(ROLES, ["r", "rw", "rw", "r", "r"], strict=True)),
     # The dispatcher's last cycle, for `gpubroker health dispatcher` (run with its credentials).
     "cycle":         dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
 }

@@ -33,6 +33,7 @@ from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
 from workers import context, fence, gang, metrics, warm
+from workers.affinity import WarmPublisher
 from workers.outcome import through_outages
 from workers.recovery import RedeliverUnacked
 from workers.redeliver import RedeliverReserved
@@ -61,6 +62,7 @@ class NodeAgent:
         self.keys = PoolKeys(settings.pool)
         self.incarnation = uuid.uuid4().hex
         self.scripts = Scripts(connect(settings), self.keys)
+        self.warm = WarmPublisher(self.scripts.redis, self.keys, spec.node_id, settings.warm_affinity)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
         # An attempt (task id, delivery tag) asked to stop -> when it was sent SIGTERM (monotonic).
@@ -82,6 +84,7 @@ class NodeAgent:
         if code is RegisterCode.SHAPE_CHANGED:
             raise NodeRejected(f"node {s.node_id} is registered with another shape by this process")
         gang.publish_address(self.scripts.redis, self.keys, s.node_id, self.address)
+        self.warm.publish(force=True)  # what a previous incarnation published is not this one's
         if reclaimed:
             log.warning("node %s: reclaimed %d tasks of its previous incarnation", s.node_id, reclaimed)
         log.info("node %s registered (%s): %d GPUs x %d MiB, %g CPUs, %d MiB, %d slots, labels %s",
@@ -204,6 +207,7 @@ class NodeAgent:
                     self.heartbeat_once()
                     remove_empty_cgroups(self.spec.node_id)
                 self.stop_marked()
+                self.warm.publish()
             except Exception as exc:
                 # Redis unreachable or full, refused credentials: one line that says so. Anything
                 # else is a bug: its traceback.

@@ -9,7 +9,8 @@ read), ``gpubroker_worker_lease_seconds`` (time left on its lease; negative once
 ``gpubroker_worker_tasks`` (attempts its node holds), ``gpubroker_worker_gpus{state}`` and
 ``gpubroker_worker_slots{state}`` (allocated, free), ``gpubroker_worker_draining``, and
 ``gpubroker_worker_processes{state}`` (busy, warm_cpu, warm_gpu, idle: pool processes by what
-they run or are warm for)."""
+they run or are warm for), and ``gpubroker_worker_warm_starts_total{result}`` (hit, miss:
+``reuse=True`` GPU tasks started in a process warm for their name and GPUs, or not)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from broker.metrics import serve
@@ -40,7 +41,7 @@ class WorkerCollector(Collector):
     def _gauge(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
         return GaugeMetricFamily(name, doc, labels=["pool", "node", *extra])
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         up = self._gauge("gpubroker_worker_redis_up", "1 when this worker's node record could be read from Redis")
         processes = self._gauge("gpubroker_worker_processes", "Pool processes by what they run or are warm for",
                                 ("state",))
@@ -53,6 +54,12 @@ class WorkerCollector(Collector):
         for state, count in counts.items():
             processes.add_metric([*self.labels, state], count)
         yield processes
+        starts = CounterMetricFamily("gpubroker_worker_warm_starts", "reuse=True GPU tasks started in a pool process "
+                                     "warm for their task name and GPUs (hit) or not (miss)",
+                                     labels=["pool", "node", "result"])
+        for result, count in zip(("hit", "miss"), warm.board().starts(), strict=True):
+            starts.add_metric([*self.labels, result], count)
+        yield starts
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(self.keys.node(self.node_id))

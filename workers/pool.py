@@ -41,7 +41,7 @@ from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.asynpool import Worker as AsynWorker
 from celery.concurrency.prefork import TaskPool
 
-from workers.warm import ThisProcess
+from workers.warm import ThisProcess, process_order
 
 MAINTAIN_EVERY_S = 0.1
 
@@ -68,6 +68,21 @@ class FreshProcessAsynPool(AsynPool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         gc.freeze()  # see the module docstring
+
+    def _create_write_handlers(self, hub: Any, *args: Any, **kwargs: Any) -> None:
+        """Celery writes the next job to the first idle process the event loop reports, whatever
+        it is warm for; hand it the processes in the order ``warm.process_order`` prefers (warm
+        for the job's GPUs, then fresh, then the rest), so that a task warm affinity placed on
+        a warm set reaches the process warm for it instead of one that would hand it back and exit."""
+        super()._create_write_handlers(hub, *args, **kwargs)
+        schedule_writes = hub.consolidate_callback
+        outbound, processes = self.outbound_buffer, self._fileno_to_inq
+
+        def warm_first(ready_fds: list[int], *rest: Any) -> Any:
+            if len(ready_fds) > 1 and outbound:
+                ready_fds = process_order(getattr(outbound[0], "correlation_id", None), ready_fds, processes)
+            return schedule_writes(ready_fds, *rest)
+        hub.consolidate_callback = warm_first
 
     @property
     def timers(self) -> dict[Callable[..., Any], float]:

@@ -34,7 +34,7 @@ from broker.native.app import BrokerTask
 from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
 from broker.store.scripts import StartCode
-from workers import context, gang, logs, rejects, warm
+from workers import affinity, context, gang, logs, rejects, warm
 from workers.fence import Watchdog, watch
 from workers.outcome import as_text, encode_result, report, through_outages
 from workers.unit import Unit, alive
@@ -220,7 +220,8 @@ class GpuTask(BrokerTask):
         if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
             os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
         os.environ["GPUBROKER_GPUS"] = str(len(gpus.split(",")) if gpus else 0)  # what an elastic task was granted
-        ThisProcess.starting(tag or task_id, gpus, reuse)
+        if ThisProcess.starting(tag or task_id, gpus, reuse, self.name):
+            affinity.publish_now()  # the dispatcher may send the next task of this name here
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
         capture = logs.Capture(task_id, tag or task_id)

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.models import MILLI, NodeView, QueueEntry, Resources, TaskState, TaskStatus
+from broker.store.warm_map import hit_rate
 
 
 def describe(resources: Resources) -> str:
@@ -37,7 +38,8 @@ def _bar(used_fraction: float, width: int = 10) -> Text:
 
 def nodes_table(nodes: Sequence[NodeView]) -> Table:
     table = Table(title="Nodes", expand=False)
-    for column in ("node", "state", "GPUs in use (per index)", "CPU free", "RAM free MiB", "slots free", "labels"):
+    for column in ("node", "state", "GPUs in use (per index)", "CPU free", "RAM free MiB", "slots free", "warm hits",
+                   "labels"):
         table.add_column(column)
     for node in nodes:
         gpus = Text(" ").join(
@@ -46,7 +48,8 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
         table.add_row(
             node.id, Text(state, style={"up": "green", "draining": "yellow"}.get(state, "red")), gpus,
             f"{node.free_cpus:g}/{node.cpus:g}", f"{node.free_memory_mb}/{node.memory_mb}",
-            f"{node.free_slots}/{node.slots}", ",".join(f"{k}={v}" for k, v in node.labels.items()))
+            f"{node.free_slots}/{node.slots}", hit_rate(*node.warm_starts),
+            ",".join(f"{k}={v}" for k, v in node.labels.items()))
     return table
 
 

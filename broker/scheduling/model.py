@@ -8,7 +8,7 @@ predicates every placer, the timeline and preemption share: ``matches`` and ``gp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,40 @@ class RunningTask:
 
 
 @dataclass(slots=True)
+class WarmMap:
+    """Warm pool processes as workers publish them (store.warm_map; placement.warm): ``by_name``
+    task name -> node id -> GPU sets (indices as reserved) whose warm process last ran it;
+    ``held`` node id -> every GPU index some warm process holds; ``processes`` node id -> its warm
+    processes (a node whose every slot has one has no fresh process: any other set evicts one)."""
+
+    by_name: dict[str, dict[str, list[tuple[int, ...]]]] = field(default_factory=dict)
+    held: dict[str, set[int]] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, node_id: str, gpus: tuple[int, ...], name: str) -> None:
+        self.by_name.setdefault(name, {}).setdefault(node_id, []).append(gpus)
+        self.held.setdefault(node_id, set()).update(gpus)
+        self.processes[node_id] = self.processes.get(node_id, 0) + 1
+
+    def evicts(self, node_id: str, gpus: Iterable[int]) -> bool:
+        """Would a task on these GPUs make a warm process holding one of them exit?"""
+        held = self.held.get(node_id)
+        return held is not None and any(i in held for i in gpus)
+
+    @classmethod
+    def of(cls, by_name: Mapping[str, Mapping[str, Iterable[tuple[int, ...]]]]) -> WarmMap:
+        warm = cls()
+        for name, nodes in by_name.items():
+            for node_id, sets in nodes.items():
+                for gpus in sets:
+                    warm.add(node_id, tuple(gpus), name)
+        return warm
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+
+@dataclass(slots=True)
 class Snapshot:
     """Everything one planning pass sees; built by the dispatcher (or the simulator) from Redis."""
 
@@ -151,6 +185,8 @@ class Snapshot:
     rate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Nodes that are up but draining: nothing is placed there; only a waiting task's reason names them.
     draining: list[NodeFree] = field(default_factory=list)
+    # Warm GPU sets by the task name they last ran: the placers try them first (placement.warm).
+    warm: WarmMap = field(default_factory=WarmMap)
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from broker.scheduling.gang_preemption import WAITS, preempt_gang
 from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement, Plan, Snapshot, TaskRequest, demand
 from broker.scheduling.ordering import ORDERINGS, Ranking
 from broker.scheduling.placement import make_placer
+from broker.scheduling.placement.warm import warm_first
 from broker.scheduling.preemption import Preemptor
 from broker.scheduling.timeline import INF, Hold, Timeline, Usage, expected_end
 
@@ -75,7 +76,7 @@ class _Pass:
         self.fair = config.ordering is Ordering.FAIR
         # 1 estimate
         self.duration = {t.id: self._estimate(t.name, t.gpu_kind, t.estimate_s) for t in snap.pending}
-        self.placer = make_placer(config.placement, snap.nodes, snap.mix)
+        self.placer = warm_first(make_placer(config.placement, snap.nodes, snap.mix), snap.warm)
         self.timeline = Timeline(self.now, self.placer.nodes)
         self.node_order = {n: i for i, n in enumerate(self.placer.nodes)}
         self.ledger = Ledger(config, snap.nodes, snap.running)

@@ -22,11 +22,12 @@ from typing import Any, cast
 
 import redis
 
-from broker.scheduling.model import NodeFree
+from broker.scheduling.model import NodeFree, WarmMap
 from broker.scheduling.placement.free_index import FreeIndex
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
 from broker.store.reads import Shapes, forget_gone, read_nodes_free
+from broker.store.warm_map import VERSION, read_warm
 
 
 class FreeView:
@@ -46,6 +47,10 @@ class FreeView:
         self.node_reads = 0  # node hashes read so far (tests count them)
         self.index = FreeIndex()  # the schedulable nodes by free shape, updated on each refresh
         self._dirty: set[str] = set()  # nodes to read again whatever the markers say
+        # Task name -> node -> GPU sets warm for it (store.warm_map), read again when its version moves:
+        # the version rides on the refresh's round trip, so an unchanged map costs no extra one.
+        self.warm = WarmMap()
+        self._warm_version: bytes | None = b"never read"
         self._synced = False
 
     def forget(self, node_id: str) -> None:
@@ -66,11 +71,14 @@ class FreeView:
     def refresh(self, client: redis.Redis, keys: PoolKeys, now_ms: int) -> dict[str, NodeFree | None]:
         """Read what changed; returns each node that may be other than at the last refresh: what is
         free on it now, None when it is not up or its lease ran out (draining ones as they are)."""
-        changes, last, expired, count = raw_pipeline(client, [
+        changes, last, expired, count, warm_version = raw_pipeline(client, [
             encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % self.seen, b"+inf", b"BYSCORE"),
             encode_command(b"ZRANGE", keys.changes.encode(), b"-1", b"-1", b"WITHSCORES"),
             encode_command(b"ZRANGE", keys.leases.encode(), b"-inf", b"(%d" % now_ms, b"BYSCORE"),
-            encode_command(b"ZCARD", keys.leases.encode())])
+            encode_command(b"ZCARD", keys.leases.encode()),
+            encode_command(b"HGET", keys.warm.encode(), VERSION.encode())])
+        if warm_version != self._warm_version:
+            self._warm_version, self.warm = read_warm(client, keys)
         newest = _newest(last)
         if newest < self.seen:  # the sequence went back: Redis lost its data
             self._synced = False

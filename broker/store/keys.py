@@ -79,6 +79,15 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | its own node last)                         |                       |
 | ``P gangs``                  | set    | ids of reserved gangs (issue 13), for      | none                  |
 |                              |        | settle_gang.lua's one fate each cycle      |                       |
+| ``P warm``                   | hash   | node id -> JSON ``[[gpus, task name],..]``:| none; forget removes  |
+|                              |        | its pool processes warm for GPU sets       | a node's field        |
+|                              |        | (reuse=True) and the name each ran last;   |                       |
+|                              |        | ``#v`` -> version, bumped on each change   |                       |
+|                              |        | (store/warm_map.py; the dispatcher re-reads|                       |
+|                              |        | the hash when it moves)                    |                       |
+| ``P warmstarts``             | hash   | node id -> ``hits,misses``: reuse=True GPU | none; forget removes  |
+|                              |        | tasks its worker started in a process warm | a node's field        |
+|                              |        | for their name and GPUs, or not            |                       |
 | ``P queueinfo``              | hash   | pending task id -> {position, reason, eta} | none                  |
 |                              |        | from the last pass                         |                       |
 | ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher   | none                  |
@@ -265,6 +274,15 @@ class PoolKeys:
     @property
     def preempting(self) -> str:
         return self.prefix + "preempting"
+
+    @property
+    def warm(self) -> str:
+        """Node id -> its warm GPU sets and the task name each last ran (store/warm_map.py)."""
+        return self.prefix + "warm"
+
+    @property
+    def warmstarts(self) -> str:
+        return self.prefix + "warmstarts"
 
     @property
     def queueinfo(self) -> str:

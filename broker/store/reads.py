@@ -14,7 +14,7 @@ import redis
 
 from broker.models import NodeView, QueueEntry
 from broker.scheduling.model import GpuKind, NodeFree, RunningTask, Snapshot, TaskRequest
-from broker.store import records
+from broker.store import records, warm_map
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
 from broker.store.records import NodeShape, Pending, Poisoned
@@ -27,9 +27,11 @@ def read_nodes(client: redis.Redis, keys: PoolKeys) -> list[NodeView]:
         pipe.hgetall(keys.node(node_id))
         pipe.zscore(keys.leases, node_id)
         pipe.scard(keys.node_tasks(node_id))
-    replies = pipe.execute()
-    return [records.node_view(node_id, replies[3 * i], replies[3 * i + 1], replies[3 * i + 2])
-            for i, node_id in enumerate(ids) if replies[3 * i]]
+    pipe.hgetall(keys.warmstarts)
+    *replies, warm = pipe.execute()
+    starts = warm_map.decode_starts(warm)
+    return [records.node_view(node_id, replies[3 * i], replies[3 * i + 1], replies[3 * i + 2]).model_copy(
+            update={"warm_starts": starts.get(node_id, (0, 0))}) for i, node_id in enumerate(ids) if replies[3 * i]]
 
 
 def down_nodes(client: redis.Redis, keys: PoolKeys) -> dict[str, int]:

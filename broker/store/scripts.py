@@ -20,6 +20,7 @@ import redis
 from broker.errors import InvalidRequest
 from broker.models import SubmitRequest
 from broker.scheduling.model import Placement
+from broker.store import warm_map
 from broker.store.codes import (  # every script's return codes (SIGNATURES), re-exported from here
     SIGNATURES,
     CancelCode,
@@ -254,6 +255,8 @@ class Scripts:
         k = self.keys
         code, reclaimed = self._run("forget", (k.prefix, k.node(node_id), k.nodes, k.leases, k.pending, k.requests,
                                                k.wake, k.changes), (node_id, self.clock(), incarnation))
+        if code == ForgetCode.REMOVED:  # nothing of it stays warm (advice only: a second step is enough)
+            warm_map.remove(self.redis, k, node_id)
         return ForgetCode(code), int(reclaimed)
 
     # ---- tasks ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What the metrics read from Redis besides the dispatcher's own cycle: the pending queue counted
 by tenant and priority class, the outcome counters and histograms the scripts keep
-(``P outcomes``, _release.lua ``tally``), rejected messages per node, the registered nodes.
+(``P outcomes``, _release.lua ``tally``), rejected messages per node, the registered nodes, and
+the warm hits and misses workers publish (``P warmstarts``).
 
 Counting the queue reads all of it, so the dispatcher calls ``read_stats`` at most once per
 ``explain_interval_s`` (broker.metrics), in one round trip.
@@ -16,6 +17,7 @@ from typing import cast
 
 import redis
 
+from broker.store import warm_map
 from broker.store.keys import SEQ_BITS, PoolKeys
 
 #: Upper bounds (s) of the wait and run histogram buckets, as _release.lua's BUCKETS_S; +Inf follows.
@@ -44,6 +46,7 @@ class Stats:
     run: dict[str, Histogram] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)  # node id -> messages rejected unread
     registered: set[str] = field(default_factory=set)  # node ids in ``P nodes``
+    warm_starts: dict[str, tuple[int, int]] = field(default_factory=dict)  # node id -> warm hits, misses
 
     def tenants(self) -> set[str]:
         return ({t for t, _ in self.pending} | {t for t, _ in self.outcomes} | set(self.wait) | set(self.run)
@@ -57,9 +60,11 @@ def read_stats(client: redis.Redis, keys: PoolKeys) -> Stats:
     pipe.hgetall(keys.outcomes)
     pipe.hgetall(keys.rejected)
     pipe.smembers(keys.nodes)
-    pending, requests, outcomes, rejected, nodes = pipe.execute()
+    pipe.hgetall(keys.warmstarts)
+    pending, requests, outcomes, rejected, nodes, warm = pipe.execute()
     stats = Stats(rejected={k.decode(): int(v) for k, v in cast(dict[bytes, bytes], rejected).items()},
-                  registered={n.decode() for n in cast(set[bytes], nodes)})
+                  registered={n.decode() for n in cast(set[bytes], nodes)},
+                  warm_starts=warm_map.decode_starts(cast(dict[bytes, bytes], warm)))
     _count_pending(client, keys, stats, cast(list[tuple[bytes, float]], pending), cast(dict[bytes, bytes], requests))
     _read_outcomes(stats, cast(dict[bytes, bytes], outcomes))
     return stats

@@ -20,9 +20,10 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
 from broker.models import MILLI
-from broker.scheduling.model import NodeFree, Placement, TaskRequest
+from broker.scheduling.model import NodeFree, Placement, TaskRequest, WarmMap
 from broker.scheduling.placement.base import ChooseThenTake, LabelGroups
 from broker.scheduling.placement.free_index import FreeIndex
+from broker.scheduling.placement.warm import COLD_TRIES, cold_gpus, steered, warm_choice
 
 # Weights of free GPU, GPU memory, CPU and memory in a node's fullness (each as a share of the
 # largest node's capacity in that dimension). The paper's best fit weighs CPU and GPU half and half.
@@ -260,10 +261,11 @@ def _preferred(task: TaskRequest) -> list[tuple[tuple[str, str], ...]]:
 
 
 def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree] | FreeIndex,
-            tokens: dict[str, float] | None = None) -> Iterator[Placement]:
+            tokens: dict[str, float] | None = None, warm: WarmMap | None = None) -> Iterator[Placement]:
     """Propose placements for ``tasks`` (already in dispatch order) onto ``nodes`` (or the nodes
     a FreeIndex keeps: the same placements), one at a time.
     ``tokens``: starts each rate-limited task name may take now (taken from as tasks are placed).
+    ``warm``: GPU sets warm for task names; a task takes its warm set when it fits (``placement.warm``).
 
     Lazy on both sides: the dispatcher commits each batch while the next is planned, and
     ``tasks`` is not read past the point where every free slot is taken."""
@@ -280,13 +282,42 @@ def propose(tasks: Iterable[TaskRequest], nodes: Iterable[NodeFree] | FreeIndex,
             if tokens[task.name] < 1:
                 continue
             tokens[task.name] -= 1
-        placement = fit.place(task)
+        placement = _warm_place(fit, task, warm) if warm and steered(task) else fit.place(task)
         if placement is None:
             failed.add(task.shape)
             if tokens and task.name in tokens:
                 tokens[task.name] += 1
         else:
             yield placement
+
+
+def _warm_place(fit: BestFit, task: TaskRequest, warm: WarmMap) -> Placement | None:
+    """``fit.place`` minding warm processes (``placement.warm``): the set warm for the task's name;
+    else best fit's choice unless it takes GPUs a warm process holds: then a set on that node, or
+    on one of the next ``COLD_TRIES`` nodes best fit would take, that none holds."""
+    if fit.free_slots <= 0:
+        return None
+    found = warm_choice(task, warm, fit.nodes)
+    choice = (found.node_id, list(found.gpu_indices)) if found is not None else None
+    first = None
+    if choice is None:
+        best = first = fit._best(task)
+        skip: set[str] = set()
+        while best is not None and warm.evicts(best[0].id, best[1]):
+            cold = cold_gpus(best[0], task, warm)
+            if cold is not None:
+                choice = (best[0].id, list(cold))
+                break
+            skip.add(best[0].id)
+            best = fit._best(task, skip) if len(skip) <= COLD_TRIES else None
+        else:
+            choice = (best[0].id, best[1]) if best is not None else None
+        if choice is None and first is not None:
+            choice = (first[0].id, first[1])
+    if choice is None:
+        return None
+    fit._take(choice[0], task, choice[1])
+    return Placement(task.id, choice[0], tuple(choice[1]))
 
 
 def plan(tasks: Sequence[TaskRequest], nodes: Iterable[NodeFree]) -> list[Placement]:

@@ -168,8 +168,12 @@ def test_static_batches_place_as_the_offline_harness_does(redis_server: RedisSer
     one = frag_sim.simulate(jobs, nodes, placement, marks, redis_server.url, one_cycle=True)
     two = frag_sim.simulate(jobs, nodes, placement, marks, redis_server.url)
     expected = {marks[0]: offline.allocated[1.0], marks[1]: offline.allocated[1.3]}
-    assert one.allocated == pytest.approx(expected, abs=1e-12)
-    assert two.allocated == pytest.approx(expected, abs=1e-12)
+    # frag_aware learns what each GPU shape asks of a host from the tasks it is asked about, and
+    # the planner skips a task whose shape already failed in its pass, so it learns from fewer
+    # there (docs/evaluation.md, Experiment 1): a share may land elsewhere, within one GPU in all.
+    tolerance = 1000 / capacity if placement == "frag_aware" else 1e-12
+    assert one.allocated == pytest.approx(expected, abs=tolerance)
+    assert two.allocated == pytest.approx(expected, abs=tolerance)
     if placement in ("spread", "first_fit"):  # placers that keep nothing but the free capacity
         assert one.assignment == two.assignment == where  # every pod on the same node and GPUs
 

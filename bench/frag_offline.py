@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Protocol
 
 from broker.models import MILLI
-from broker.scheduling.model import NodeFree, Placement, TaskRequest
-from broker.scheduling.placement import PLACERS, Mix, make_placer
+from broker.scheduling.model import GpuKind, NodeFree, Placement, TaskRequest
+from broker.scheduling.placement import PLACERS, Mix, PlacementKind, make_placer
 from broker.sim import traces
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "alibaba-gpu-v2023-openb" / "csv"
@@ -59,6 +59,21 @@ def read_openb(folder: Path = TRACE, pods: str = "default") -> tuple[list[NodeFr
         tasks.append(TaskRequest(job.id, whole, 0 if whole else job.gpu_milli, job.gpu_memory_mb or 0,
                                  round(job.cpus * MILLI), job.memory_mb, labels, prefer=prefer))
     return nodes, tasks
+
+
+def pool_mix(nodes: list[NodeFree], pods: list[TaskRequest]) -> dict[GpuKind, int]:
+    """The GPU kinds of ``pods`` as a pool's request mix counts them: submit refuses a pod that no
+    node could ever hold (too many GPUs for any node of its model, say), so it is not counted."""
+    empty = make_placer(PlacementKind.FIRST_FIT, nodes)
+    fits: dict[tuple[object, ...], bool] = {}
+    mix: Counter[GpuKind] = Counter()
+    for task in pods:
+        ok = fits.get(task.shape)
+        if ok is None:
+            ok = fits[task.shape] = empty.choose(task) is not None
+        if ok:
+            mix[task.gpu_kind] += 1
+    return dict(mix)
 
 
 def gpu_milli(task: TaskRequest) -> int:
@@ -108,7 +123,7 @@ def simulate(make: Callable[[list[NodeFree], Mix], Placing], nodes: list[NodeFre
              pods: list[TaskRequest], marks: list[float]) -> Run:
     """Submit ``pods`` in order; allocation is recorded once ``marks`` (arrived GPU / capacity) are reached."""
     capacity = sum(len(n.free_milli) for n in nodes) * MILLI
-    mix = dict(Counter(t.gpu_kind for t in pods))  # the submitted workload's GPU kinds, as a pool counts them
+    mix = pool_mix(nodes, pods)
     start = time.perf_counter()
     placer = make(nodes, mix)
     arrived = allocated = placed = 0

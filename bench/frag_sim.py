@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections import Counter
 from collections.abc import Callable
 
-from bench.frag_offline import Placing, gpu_milli, inflate, policies, protocol_parser, read_openb
+from bench.frag_offline import Placing, gpu_milli, inflate, policies, pool_mix, protocol_parser, read_openb
 from broker.models import MILLI
 from broker.scheduling.config import Mode, Ordering, PlacementKind, SchedulingConfig
 from broker.scheduling.model import NodeFree, TaskRequest
+from broker.scheduling.placement import Mix
 from broker.sim import traces
 from broker.sim.engine import Simulator
 from broker.sim.localcluster import private_redis
@@ -95,10 +95,9 @@ def place_offline(placer: Placing, workload: list[TaskRequest]) -> Assignment:
     return out
 
 
-def offline(make_placer: Callable[[list[NodeFree], dict[str, int]], Placing], nodes: list[NodeFree],
+def offline(make_placer: Callable[[list[NodeFree], Mix], Placing], nodes: list[NodeFree],
             workload: list[TaskRequest]) -> Assignment:
-    mix = dict(Counter(t.gpu_kind for t in workload))  # as frag_offline.simulate gives it
-    return place_offline(make_placer(nodes, mix), workload)
+    return place_offline(make_placer(nodes, pool_mix(nodes, workload)), workload)  # as frag_offline.simulate
 
 
 def differences(sim: Assignment, off: Assignment) -> list[str]:

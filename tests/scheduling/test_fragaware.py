@@ -201,3 +201,20 @@ def test_a_share_does_not_take_the_cpu_another_share_needs() -> None:
     fgd = FragAware(nodes, {(0, 250): 10})
     fgd.choose(task("seen", 0.25, cpus=8))
     assert fgd.place(task("t", 0.25, cpus=2)) == Placement("t", "big", (0,))
+
+
+def test_shares_weigh_by_count_times_how_many_a_gpu_holds() -> None:
+    """A 0.5 share on "x" (700 free) leaves 200, room for one 0.2 share; on "y" (600 free) it
+    leaves 100, room for nothing. FGD weighs kinds by count (ten 0.5 shares to six 0.2): y strands
+    less of the 0.5 shares' GPU (100 against 200) and wins. A share weighed by count times how
+    many fit on a GPU (20 to 30) makes the 100 that the 0.2 shares lose on y count for more, and
+    x wins: the small shares fill what the large ones leave. Whole-GPU kinds keep their count."""
+    from broker.scheduling.placement.frag_aware import share_weights
+
+    mix = {(0, 500): 10, (0, 200): 6, (1, 0): 10}
+    assert share_weights(mix) == {(0, 500): 20 / 60, (0, 200): 30 / 60, (1, 0): 10 / 60}
+    assert share_weights({(8, 0): 3, (1, 0): 3, (0, 250): 1}) == {(8, 0): 0.3, (1, 0): 0.3, (0, 250): 0.4}
+    nodes = [node("x", 1, used={0: 300}), node("y", 1, used={0: 400})]
+    placer = FragAware(nodes, mix)
+    assert placer.place(task("half", 0.5)) == Placement("half", "x", (0,))
+    assert placer.place(task("fifth", 0.2)) == Placement("fifth", "x", (0,))  # fills x's GPU

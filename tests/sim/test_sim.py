@@ -168,10 +168,26 @@ def test_static_batches_place_as_the_offline_harness_does(redis_server: RedisSer
     one = frag_sim.simulate(jobs, nodes, placement, marks, redis_server.url, one_cycle=True)
     two = frag_sim.simulate(jobs, nodes, placement, marks, redis_server.url)
     expected = {marks[0]: offline.allocated[1.0], marks[1]: offline.allocated[1.3]}
-    assert one.allocated == pytest.approx(expected, abs=1e-12)
-    assert two.allocated == pytest.approx(expected, abs=1e-12)
+    # frag_aware learns what each GPU shape asks of a host from the tasks it is asked about, and
+    # the planner skips a task whose shape already failed in its pass, so it learns from fewer
+    # there (docs/evaluation.md, Experiment 1): a share may land elsewhere, within one GPU in all.
+    tolerance = 1000 / capacity if placement == "frag_aware" else 1e-12
+    assert one.allocated == pytest.approx(expected, abs=tolerance)
+    assert two.allocated == pytest.approx(expected, abs=tolerance)
     if placement in ("spread", "first_fit"):  # placers that keep nothing but the free capacity
         assert one.assignment == two.assignment == where  # every pod on the same node and GPUs
+
+
+def test_offline_mix_counts_only_pods_some_node_could_hold(tmp_path: Path) -> None:
+    """The offline harness gives frag_aware the mix a pool would hold: submit refuses a pod no node
+    of its model could ever hold (8 GPUs on a T4 node of 2), so the mix does not count it."""
+    openb_like(tmp_path)
+    free, tasks = frag_offline.read_openb(tmp_path, "small")
+    refused = [t for t in tasks if t.whole_gpus == 8 and t.labels == (("gpu", "T4"),)]
+    assert refused
+    mix = frag_offline.pool_mix(free, tasks)
+    assert mix[(8, 0)] == sum(1 for t in tasks if t.whole_gpus == 8) - len(refused)
+    assert sum(mix.values()) == len(tasks) - len(refused)  # every other pod counted, CPU-only ones too
 
 
 def test_static_batches_drop_what_does_not_fit_and_refuse_what_they_cannot_run(redis_server: RedisServer) -> None:

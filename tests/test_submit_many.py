@@ -4,6 +4,7 @@ first (a refusal names the index and field and writes nothing), idempotency keys
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -186,3 +187,35 @@ def test_a_batch_after_redis_forgot_its_scripts_is_written_once(client: Client, 
     redis_client.script_flush()  # as after a Redis restart
     handles = client.submit_many([{"task_name": "workers.tasks.probe", "args": [i]} for i in range(3)])
     assert [e.id for e in client.queue()][1:] == [h.id for h in handles]
+
+
+def test_the_fast_task_repr_is_celerys_saferepr() -> None:
+    """argsrepr/kwargsrepr take a fast path (repr) for plain, shallow, short values: on random
+    values, at the nesting and size limits and past them, it must print what saferepr prints."""
+    from celery.utils.saferepr import saferepr
+
+    from broker.native.envelope import task_repr
+
+    rng = random.Random(22)
+
+    def value(depth: int) -> Any:
+        kind = rng.randrange(9 if depth < 6 else 5)
+        if kind < 5:
+            return rng.choice([0, -7, 2**70, 3.5, -0.0, 1e300, True, None, "", "é'\"\\x", "it's", 'q"', "a\nb",
+                               "\u2028", "é", "y" * rng.randrange(600)])
+        size = rng.randrange(4)
+        if kind == 5:
+            return [value(depth + 1) for _ in range(size)]
+        if kind == 6:
+            return tuple(value(depth + 1) for _ in range(size))
+        if kind == 7:
+            return {f"k{i}": value(depth + 1) for i in range(size)}
+        return {i: value(depth + 1) for i in range(size)}  # non-str keys: saferepr's own path
+
+    shared = [1]
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    specials = [[[[1]]], [[[[1]]]], {"a": {"b": {"c": {}}}}, [shared, [[shared]]], cyclic, "x" * 2000, ()]
+    for item in specials + [value(0) for _ in range(3000)]:
+        for maxsize, levels in ((1024, 3), (64, 1), (4096, 5)):
+            assert task_repr(item, maxsize, levels) == saferepr(item, maxsize, maxlevels=levels), (item, maxsize)

@@ -33,6 +33,49 @@ ROUTING_KEY = "celery"  # the default queue's, as send_task routes a task with n
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # as_task_v2's, with no canvas
 
 
+_PLAIN = (int, float, bool, type(None))
+
+
+def _plain_str(text: str) -> bool:
+    """A string saferepr prints as repr does: saferepr quotes with ' and escapes only ' (no
+    backslash, newline or other escape); repr escapes those, and switches to " for a '."""
+    return "'" not in text and "\\" not in text and text.isprintable()
+
+
+def _saferepr(value: Any, maxsize: int, maxlevels: int) -> str:
+    return str(saferepr(value, maxsize, maxlevels=maxlevels))
+
+
+def task_repr(value: Any, maxsize: int, maxlevels: int) -> str:
+    """Celery's ``saferepr(value, maxsize, maxlevels=...)``, the argsrepr/kwargsrepr headers, with
+    the common case fast: plain values (int, float, bool, None, strings without quote, backslash
+    or unprintable characters) in lists, tuples and str-keyed dicts nested less than
+    ``maxlevels`` deep print exactly as ``repr`` prints them while well under ``maxsize``, and
+    ``repr`` costs a fraction of saferepr's walk (which took 15 % of a batch submit's time).
+    Anything else, or anything longer, goes to saferepr. tests/test_submit_many.py checks the
+    two agree on random values."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if type(item) in _PLAIN:
+            continue
+        if type(item) is str:
+            if not _plain_str(item):
+                return _saferepr(value, maxsize, maxlevels)
+            continue
+        if type(item) is dict:
+            if depth >= maxlevels or not all(type(k) is str and _plain_str(k) for k in item):
+                return _saferepr(value, maxsize, maxlevels)
+            children: Any = item.values()
+        elif type(item) in (list, tuple) and depth < maxlevels:
+            children = item
+        else:  # a self-reference ends here too: its depth passes maxlevels
+            return _saferepr(value, maxsize, maxlevels)
+        stack.extend((child, depth + 1) for child in children if type(child) not in _PLAIN)
+    text = repr(value)
+    return text if len(text) < maxsize // 2 else _saferepr(value, maxsize, maxlevels)
+
+
 class Envelope(NamedTuple):
     """What the transport would make of the publish: the stored envelope and its timers (seconds),
     and the Celery headers it carries."""
@@ -76,8 +119,8 @@ class Envelopes:
         headers: dict[str, Any] = {
             "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": eta_iso, "expires": expires_iso,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-            "parent_id": None, "argsrepr": saferepr(args, self.args_max, maxlevels=self.levels),
-            "kwargsrepr": saferepr(kwargs, self.kwargs_max, maxlevels=self.levels), "origin": self.origin,
+            "parent_id": None, "argsrepr": task_repr(args, self.args_max, self.levels),
+            "kwargsrepr": task_repr(kwargs, self.kwargs_max, self.levels), "origin": self.origin,
             "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
         }
         properties = {"correlation_id": task_id, "reply_to": self.reply_to}

@@ -219,3 +219,16 @@ def test_the_fast_task_repr_is_celerys_saferepr() -> None:
     for item in specials + [value(0) for _ in range(3000)]:
         for maxsize, levels in ((1024, 3), (64, 1), (4096, 5)):
             assert task_repr(item, maxsize, levels) == saferepr(item, maxsize, maxlevels=levels), (item, maxsize)
+
+
+def test_batch_encoding_is_the_redis_protocol_of_each_argument() -> None:
+    """A batch encodes each submit.lua call with the arguments it repeats encoded once: every call
+    must still be byte for byte what encoding each argument would give (1, True and 1.0 included)."""
+    from broker.native.submitter import _evalsha
+    from broker.store.connection import bulk, encode_command
+
+    head = b"*6\r\n" + bulk(b"EVALSHA") + bulk(b"abc") + bulk(b"1")
+    encoded: dict[Any, bytes] = {}
+    for arguments in ((1, "1", "key"), (True, 1.0, "key"), ("x" * 300, -1, "")):
+        expected = encode_command(b"EVALSHA", b"abc", b"1", *(str(a).encode() for a in arguments))
+        assert _evalsha(head, encoded, arguments) == expected

@@ -20,7 +20,7 @@ from broker.native.messages import TaskMessage
 from broker.scheduling.shortfall import shortfall
 from broker.settings import Settings
 from broker.store import gangs, reads
-from broker.store.connection import encode_command, raw_pipeline, replicas_ack, wait_command, wait_replicas
+from broker.store.connection import bulk, raw_pipeline, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.scripts import SIGNATURES, CancelCode, Clock, Scripts, SubmitCode, script_source, wall_clock_ms
 
@@ -36,6 +36,22 @@ BATCH_CHUNK = 500  # submit.lua calls per pipelined round trip (``submit_admitte
 
 def _arg(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _evalsha(head: bytes, encoded: dict[Any, bytes], arguments: tuple[Any, ...]) -> bytes:
+    """One submit.lua call in the Redis protocol: ``head`` (EVALSHA, sha, key count) and each
+    argument as a bulk string; the short ones a batch repeats (its keys, tenant, name, codes)
+    are encoded once (``encoded``), which halved a batch's encoding."""
+    parts = [head]
+    for value in arguments:
+        cacheable = type(value) is str or type(value) is int  # exact types: True == 1, 1.0 == 1
+        done = encoded.get(value) if cacheable else None
+        if done is None:
+            done = bulk(_arg(value))
+            if cacheable and len(done) < 200 and len(encoded) < 4096:
+                encoded[value] = done
+        parts.append(done)
+    return b"".join(parts)
 
 
 def _text(value: Any) -> str:
@@ -123,6 +139,9 @@ class Submitter:
         idempotency key taken earlier in the same batch returns that task, as across batches."""
         ttl_ms = int(self.settings.result_expires_s * 1000)
         sha, n_keys = self.scripts.sha("submit").encode(), b"%d" % len(SIGNATURES["submit"][1])
+        n_args = 3 + len(SIGNATURES["submit"][1]) + len(SIGNATURES["submit"][2])
+        head = b"*%d\r\n" % n_args + b"".join(bulk(part) for part in (b"EVALSHA", sha, n_keys))
+        encoded: dict[Any, bytes] = {}  # argument -> its bulk string, for those a batch repeats
         known: list[tuple[str, bool]] = []
         for start, part in _runs(tasks, chunk):
             if part[0][1].replicas > 1:  # a gang: its own submit_gang.lua call, in its place
@@ -131,7 +150,7 @@ class Submitter:
                 continue
             # Encoded here, not through redis-py's Pipeline: its per-command bookkeeping cost a
             # batch about as much as submit.lua's own run (bench/submit.py).
-            commands = [encode_command(b"EVALSHA", sha, n_keys, *(_arg(a) for a in (*keys, *args)))
+            commands = [_evalsha(head, encoded, (*keys, *args))
                         for keys, args in (self.scripts.submit_call(task_id, req, message, result_ttl_ms=ttl_ms)
                                            for task_id, req, message in part)]
             wait = wait_command(self.redis)  # min_replicas_ack: WAIT behind the chunk, on its connection

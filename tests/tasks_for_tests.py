@@ -145,10 +145,12 @@ def limited() -> float:
     return time.time()
 
 
-@app.task(name="tests.stubborn")
-def stubborn(seconds: float) -> str:
-    """Ignores SIGTERM: only SIGKILL stops it."""
+@app.task(name="tests.stubborn", bind=True)
+def stubborn(self: Any, seconds: float) -> str:
+    """Ignores SIGTERM: only SIGKILL stops it. Says so (state IGNORING_SIGTERM) once it does: a
+    SIGTERM before that line still stops it, as it would any task."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    self.update_state(state="IGNORING_SIGTERM")
     time.sleep(seconds)
     return "finished"
 

@@ -191,7 +191,10 @@ def test_a_plain_celery_app_revokes_a_task_that_ignores_sigterm(cluster: Cluster
     # Revoke from an app that knows nothing of gpubroker: the workers' remote control cancels it
     # in the broker; the task ignores SIGTERM, so SIGKILL follows after the grace period.
     running = t.stubborn.apply_async((60,), resources=Resources(gpus=2))
-    cluster.until(running.id, TaskState.RUNNING)
+    # Once it ignores SIGTERM (RUNNING alone is before its first line: one run of the merged
+    # suite revoked it there, and SIGTERM stopped it at once).
+    wait_until(lambda: cluster.status(running.id).progress_state == "IGNORING_SIGTERM", 30,
+               what="the task to ignore SIGTERM")
     plain = Celery("plain", broker=cluster.settings.redis_url)
     try:
         revoked_at = time.time()

@@ -105,15 +105,10 @@ class Submitter:
         """Write the task; returns the id it is known by and whether this call created it (an
         idempotency key already taken returns the task it stands for)."""
         self.admit(req, message)
-        ttl_ms = int(self.settings.result_expires_s * 1000)
-        if req.replicas > 1:
-            code, existing = gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms)
-        else:
-            code, existing = self.scripts.submit(task_id, req, message, result_ttl_ms=ttl_ms)
-        return self._known_as(task_id, code, existing)
+        return self.submit_one(task_id, req, message)
 
     def submit_one(self, task_id: str, req: SubmitRequest, message: str,
-                   event: tuple[str, str] | None) -> tuple[str, bool]:
+                   event: tuple[str, str] | None = None) -> tuple[str, bool]:
         """``submit`` of a task that passed ``admit``, publishing ``event`` (its task-sent event)
         in submit.lua's call once it is created. A gang sends none: the job id never runs as a
         Celery task, its members do (``<id>:m<rank>``, ``root_id`` the job's), and Flower lists
@@ -145,8 +140,7 @@ class Submitter:
         known: list[tuple[str, bool]] = []
         for start, part in _runs(tasks, chunk):
             if part[0][1].replicas > 1:  # a gang: its own submit_gang.lua call, in its place
-                task_id, req, message = part[0]
-                known.append(self._known_as(task_id, *gangs.submit_gang(self.scripts, task_id, req, message, ttl_ms)))
+                known.append(self.submit_one(*part[0]))
                 continue
             # Encoded here, not through redis-py's Pipeline: its per-command bookkeeping cost a
             # batch about as much as submit.lua's own run (bench/submit.py).

@@ -52,14 +52,14 @@ def _eligible(gang: TaskRequest, node: NodeFree) -> bool:
     return not gang.same_label or gang.same_label in node.labels
 
 
-def _groups(gang: TaskRequest, node_ids: Iterable[str], nodes: Mapping[str, NodeFree]) -> list[list[str]]:
+def groups(gang: TaskRequest, node_ids: Iterable[str], nodes: Mapping[str, NodeFree]) -> list[list[str]]:
     """Nodes the members may share: all of them, or one list per value of ``same_label``."""
     if not gang.same_label:
         return [list(node_ids)]
-    groups: dict[str, list[str]] = {}
+    by_value: dict[str, list[str]] = {}
     for node_id in node_ids:
-        groups.setdefault(nodes[node_id].labels[gang.same_label], []).append(node_id)
-    return list(groups.values())
+        by_value.setdefault(nodes[node_id].labels[gang.same_label], []).append(node_id)
+    return list(by_value.values())
 
 
 def _pack(replicas: int, counts: Mapping[str, int], rank: Mapping[str, tuple[int, int]]
@@ -85,7 +85,7 @@ def arrange(gang: TaskRequest, fits: Fits, nodes: Mapping[str, NodeFree], order:
     member = member_of(gang)
     rank = {n: (nodes[n].preference(member), order[n]) for n in fits}
     best: tuple[tuple[int, int], list[tuple[str, int]]] | None = None
-    for group in _groups(gang, fits, nodes):
+    for group in groups(gang, fits, nodes):
         chosen = _pack(gang.replicas, {n: len(fits[n]) for n in group}, rank)
         if chosen is not None:
             key = (len(chosen), min(rank[n][1] for n, _ in chosen))

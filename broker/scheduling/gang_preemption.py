@@ -80,7 +80,7 @@ def preempt_gang(p: Preemptor, task: TaskRequest, duration: float, may_stop: boo
     shortlist = _shortlist(p, member, base, eligible, max(SHORTLIST, 4 * task.replicas))
     ladders = {n: _ladder(p, n, member, limit, base[n], shortlist.get(n, []), end) for n in base}
     best: tuple[_Cost, _Pick] | None = None
-    for group in _groups(task, base):
+    for group in gang.groups(task, base, base):
         found = _cheapest(p, group, ladders, task.replicas)
         if found is not None and (best is None or found[0] < best[0]):
             best = found
@@ -171,15 +171,6 @@ def _ladder(p: Preemptor, node_id: str, member: TaskRequest, limit: int, base: N
             out[k] = needed
         free = max(free, now_fits)
     return out
-
-
-def _groups(task: TaskRequest, base: dict[str, NodeFree]) -> list[list[str]]:
-    if not task.same_label:
-        return [list(base)]
-    groups: dict[str, list[str]] = {}
-    for node_id, node in base.items():
-        groups.setdefault(node.labels[task.same_label], []).append(node_id)
-    return list(groups.values())
 
 
 def _cheapest(p: Preemptor, group: list[str], ladders: dict[str, dict[int, _Victims]], replicas: int

@@ -26,7 +26,7 @@ def kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, str
 
 def test_the_attempts_output_and_its_subprocesses_go_to_the_file_then_the_fds_come_back(
         kept: list[tuple[str, str]], tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    capture = logs.Capture("t/1", "t/1.2")
+    capture = logs.Capture("t/1", "t/1.2").begin()
     print("from python")
     os.write(2, b"from fd 2\n")
     subprocess.run([sys.executable, "-c", "import os; os.write(1, b'from a child\\n')"], check=True)
@@ -36,7 +36,25 @@ def test_the_attempts_output_and_its_subprocesses_go_to_the_file_then_the_fds_co
     path = tmp_path / "logs" / "t_1" / "2.log"
     assert path.read_text() == "from python\nfrom fd 2\nfrom a child\n"
     assert capfd.readouterr().out == "after\n"
-    assert kept == [("t/1.2", str(path)), ("t/1.2", str(path))]  # at the start, at the end
+    assert kept == [("t/1.2", str(path))]  # at the end (start.lua recorded where the file is)
+    assert capture.location == f"n1:{path}"
+
+
+def test_an_attempt_that_writes_nothing_costs_no_copy(kept: list[tuple[str, str]], tmp_path: Path) -> None:
+    capture = logs.Capture("t", "t.1").begin()
+    capture.end()
+    assert kept == [] and (tmp_path / "logs" / "t" / "1.log").read_bytes() == b""
+
+
+def test_a_capture_never_begun_closes_its_file_and_leaves_the_fds(kept: list[tuple[str, str]],
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """Its start was refused (a stale or cancelled message): nothing was redirected."""
+    before = len(os.listdir("/proc/self/fd"))
+    capture = logs.Capture("t", "t.1")
+    capture.end()
+    print("here")
+    assert capfd.readouterr().out == "here\n" and kept == []
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_an_unwritable_log_directory_leaves_the_output_where_it_was(
@@ -46,6 +64,8 @@ def test_an_unwritable_log_directory_leaves_the_output_where_it_was(
     monkeypatch.setenv("GPUBROKER_TASK_LOG_DIR", str(tmp_path / "file"))  # a file, not a directory
     context._settings.cache_clear()
     capture = logs.Capture("t", "t.1")
+    assert capture.location == ""  # start.lua records no file
+    capture.begin()
     print("still here")
     capture.end()
     assert capfd.readouterr().out == "still here\n" and kept == []
@@ -53,15 +73,16 @@ def test_an_unwritable_log_directory_leaves_the_output_where_it_was(
 
 def test_a_last_copy_that_failed_is_tried_once_more_after_the_outcome(
         kept: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
-    answers = iter([True, False, True])  # the start's copy, the end's (Redis down), the one after
+    answers = iter([False, True])  # the end's copy (Redis down), the one after
     monkeypatch.setattr(logs, "keep_tail", lambda task_id, tag, path: kept.append((tag, "")) or next(answers))
-    capture = logs.Capture("t", "t.1")
+    capture = logs.Capture("t", "t.1").begin()
+    print("out")
     capture.end()
-    assert len(kept) == 2 and logs._missed == [capture]
+    assert len(kept) == 1 and logs._missed == [capture]
     logs.task_postrun.send(sender=None)  # Celery sends it once the task returned: its outcome is recorded
-    assert len(kept) == 3 and logs._missed == []
+    assert len(kept) == 2 and logs._missed == []
     logs.task_postrun.send(sender=None)
-    assert len(kept) == 3, "a copy that was kept is not made again"
+    assert len(kept) == 2, "a copy that was kept is not made again"
 
 
 def test_a_copy_is_one_try_that_gives_up_instead_of_waiting_for_redis(

@@ -7,9 +7,10 @@ the fds they inherit lands there too (a ``print`` in a ``subprocess`` as much as
 into its logger would prefix every line. Celery's own logging keeps going to the worker's log:
 handlers that wrote to fd 1 or 2 get a copy of the original fd for the attempt.
 
-While the attempt runs a thread copies the file's last ``task_log_tail_bytes`` to the task
-(log.lua) when it grew, at most every ``task_log_flush_s``, which bounds the Redis write rate;
-the last copy is made just before the outcome is recorded.
+start.lua records where the file is. While the attempt runs a thread copies the file's last
+``task_log_tail_bytes`` to the task (log.lua) when it grew, at most every ``task_log_flush_s``,
+which bounds the Redis write rate; the last copy is made just before the outcome is recorded,
+unless the attempt wrote nothing.
 
 A copy never waits for Redis: every copy is one try on a connection of its own that neither
 retries nor waits longer than ``COPY_TIMEOUT_S``, and a failed one is only logged, so the
@@ -30,6 +31,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,23 +109,33 @@ def _handler_streams() -> list[logging.StreamHandler[Any]]:
 
 
 class Capture:
-    """An attempt's fds 1 and 2 sent to its log file, until ``end``. Where the file cannot be
-    written the attempt runs as before, its output in the worker's log: a full or misconfigured
-    log directory is the operator's to fix (the warning says so), not a reason to fail the task."""
+    """An attempt's fds 1 and 2 sent to its log file, from ``begin`` until ``end``. The file is
+    opened first (``location`` goes to start.lua, which records it), so an attempt that writes
+    nothing costs no copy to Redis. Where the file cannot be written the attempt runs as before,
+    its output in the worker's log: a full or misconfigured log directory is the operator's to fix
+    (the warning says so), not a reason to fail the task."""
 
     def __init__(self, task_id: str, tag: str) -> None:
         self.task_id, self.tag = task_id, tag
         self.path = log_path(tag)
         self.active = False
+        self._fd: int | None = None
+        self.location = ""  # ``<node>:<path>`` of the whole output, "" when there is no file
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self.location = f"{context.node_id()}:{self.path}"
         except OSError as exc:
             log.warning("task %s: no log file (%s); its output goes to the worker's log (GPUBROKER_TASK_LOG_DIR)",
                         tag, exc)
-            return
+
+    def begin(self) -> Capture:
+        """Send fds 1 and 2 (and ``sys.stdout``/``sys.stderr``) to the file."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return self
         self.active = True
-        self._flush_all()
+        _flush_all()
         self.saved = (os.dup(1), os.dup(2))
         # Celery's handlers write to the worker's original stderr/stdout meanwhile.
         self.worker_stream: IO[str] = open(os.dup(self.saved[1]), "w", buffering=1, encoding="utf-8",
@@ -135,47 +147,85 @@ class Capture:
         self.streams = (sys.stdout, sys.stderr)
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-        self._stop = threading.Event()
-        keep_tail(task_id, tag, self.path)
-        self._thread = threading.Thread(target=self._refresh, name=f"log-{tag}", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _flush_all() -> None:
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (OSError, ValueError):
-                pass
-
-    def _refresh(self) -> None:
-        interval = context.settings().task_log_flush_s
-        kept = -1
-        while not self._stop.wait(interval):
-            size = tail_of(self.path, 0)[1]
-            if size != kept and keep_tail(self.task_id, self.tag, self.path):
-                kept = size
+        _refresher().arm(self)
+        return self
 
     def end(self) -> None:
-        """Keep the last part with the task and give the fds back (call once its processes are gone)."""
+        """Keep the last part with the task, if anything was written, and give the fds back (call
+        once its processes are gone)."""
+        if self._fd is not None:  # never begun (its start was refused)
+            os.close(self._fd)
+            self._fd = None
         if not self.active:
             return
         self.active = False
-        self._stop.set()
-        self._thread.join()
-        self._flush_all()
-        if not keep_tail(self.task_id, self.tag, self.path):
+        _refresher().disarm()  # and waits for a copy in flight
+        _flush_all()
+        if tail_of(self.path, 0)[1] and not keep_tail(self.task_id, self.tag, self.path):
             _missed.append(self)  # once more after the outcome (task_postrun)
         sys.stdout, sys.stderr = self.streams
         os.dup2(self.saved[0], 1)
         os.dup2(self.saved[1], 2)
-        for fd in self.saved:
-            os.close(fd)
+        for saved in self.saved:
+            os.close(saved)
         for handler, previous in self.handlers:
             if previous is not None:
                 handler.setStream(previous)
         self.worker_stream.close()
+
+
+def _flush_all() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class _Refresher(threading.Thread):
+    """In a pool process: copies the running attempt's log tail when it grew, at most every
+    ``task_log_flush_s``. One thread per process, armed for each attempt (as ``workers.fence``'s
+    watchdog is): starting and joining a thread per attempt was a third of a short task's cost."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gpubroker-log", daemon=True)
+        self._lock = threading.Lock()  # held while copying: ``disarm`` waits for the copy
+        self._capture: Capture | None = None
+        self._kept = 0  # the size last copied (the file starts empty: nothing to copy yet)
+
+    def run(self) -> None:
+        interval = context.settings().task_log_flush_s
+        while True:
+            time.sleep(interval)
+            with self._lock:
+                capture = self._capture
+                if capture is None:
+                    continue
+                size = tail_of(capture.path, 0)[1]
+                if size != self._kept and keep_tail(capture.task_id, capture.tag, capture.path):
+                    self._kept = size
+
+    def arm(self, capture: Capture) -> None:
+        with self._lock:
+            self._capture, self._kept = capture, tail_of(capture.path, 0)[1]
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._capture = None
+
+
+_refreshers: dict[int, _Refresher] = {}
+
+
+def _refresher() -> _Refresher:
+    """This process's refresher (started at its first attempt: a thread does not survive fork)."""
+    found = _refreshers.get(os.getpid())
+    if found is None:
+        _refreshers.clear()
+        found = _refreshers[os.getpid()] = _Refresher()
+        found.start()
+    return found
 
 
 _missed: list[Capture] = []  # this process's attempts whose last copy failed (a Redis outage)

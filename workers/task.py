@@ -216,7 +216,12 @@ class GpuTask(BrokerTask):
         if reserved:  # no process warm for other tasks on these GPUs may hold them while it runs
             warm.board().retire_holders(reserved, reuse)
             warm.board().wait_released(reserved, reuse, os.getpid())
-        gpus = self._start(task_id, tag)
+        capture = logs.Capture(task_id, tag or task_id)  # its file first: start.lua records where it is
+        try:
+            gpus = self._start(task_id, tag, capture.location)
+        except BaseException:
+            capture.end()
+            raise
         if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
             os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
         os.environ["GPUBROKER_GPUS"] = str(len(gpus.split(",")) if gpus else 0)  # what an elastic task was granted
@@ -224,7 +229,7 @@ class GpuTask(BrokerTask):
             affinity.publish_now()  # the dispatcher may send the next task of this name here
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)
         unit.enter()
-        capture = logs.Capture(task_id, tag or task_id)
+        capture.begin()
         watchdog = watch(unit, context.settings().fence_margin_s)
         previous = signal.signal(signal.SIGTERM, _raise_preempted)
         try:
@@ -246,10 +251,10 @@ class GpuTask(BrokerTask):
             signal.signal(signal.SIGTERM, previous)
         return result
 
-    def _start(self, task_id: str, tag: str | None) -> str:
+    def _start(self, task_id: str, tag: str | None, log_file: str = "") -> str:
         """start.lua's fence; the reserved GPUs. Raises what Celery needs when it may not run."""
         code, gpus = through_outages(lambda: context.scripts().start(task_id, context.node_id(), tag or "",
-                                                                     os.getpid(), context.incarnation()),
+                                                                     os.getpid(), context.incarnation(), log_file),
                                      f"starting task {task_id}", None)
         if code is StartCode.FENCED:
             # This worker process was replaced under its node id (it hung, and came back): the

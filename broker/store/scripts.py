@@ -315,11 +315,12 @@ class Scripts:
         return keys, args
 
     def start(self, task_id: str, node_id: str, tag: str, pid: int | None = None,
-              incarnation: str = "") -> tuple[StartCode, str]:
+              incarnation: str = "", log_file: str = "") -> tuple[StartCode, str]:
         """Pass the fence; ``pid``: the process that will run the attempt; ``incarnation``: the
-        worker process asking (refused if the node has a newer one)."""
+        worker process asking (refused if the node has a newer one); ``log_file``: where the
+        attempt's output goes (``<node>:<path>``, recorded as log.lua records it)."""
         code, gpus = self._run("start", (self.keys.task(task_id), self.keys.node(node_id)),
-                               (node_id, tag, self.clock(), pid or "", incarnation))
+                               (node_id, tag, self.clock(), pid or "", incarnation, log_file))
         return StartCode(code), _text(gpus)
 
     def finish(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",

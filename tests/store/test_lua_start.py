@@ -117,3 +117,13 @@ def test_a_replaced_worker_process_is_fenced_off(scripts: Scripts, redis_client:
     assert task_hash(redis_client, keys, task) == before
     assert scripts.start(task, node, tag, 124, "inc-2") == (StartCode.OK, "0")
     assert task_hash(redis_client, keys, task)["pid"] == "124"
+
+
+def test_the_log_file_is_recorded_for_the_attempt_that_starts_and_for_no_other(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, node: str) -> None:
+    task = submit_task(scripts, resources=Resources(gpus=1))
+    tag = place(scripts, task, node, 0)
+    assert scripts.start(task, node, f"{task}.9", log_file="n1:/logs/9.log")[0] is StartCode.STALE
+    assert scripts.start(task, node, tag, log_file="n1:/logs/1.log")[0] is StartCode.OK
+    t = task_hash(redis_client, keys, task)
+    assert {k: v for k, v in t.items() if k.startswith("log")} == {f"log_file:{tag.rpartition('.')[2]}": "n1:/logs/1.log"}

@@ -15,6 +15,8 @@
 -- ARGV[3] now         ms since epoch
 -- ARGV[4] pid         the process that runs the attempt (its worker stops it there on a cancel or preemption)
 -- ARGV[5] incarnation the worker process asking ('' to skip the check)
+-- ARGV[6] log_file    where the attempt's whole output goes, <node>:<path> ('' records none;
+--                     kept as log_file:<attempt>, as log.lua keeps it, so a quiet attempt needs no copy)
 -- Returns {code, gpus}; gpus is the reserved GPU indices ("0,3") when code is OK:
 --   0 OK
 --   1 NOT_FOUND        no such task
@@ -31,5 +33,8 @@ if t[3] ~= ARGV[2] or t[2] ~= ARGV[1] then return {3, ''} end
 if t[1] == 'RUNNING' then return {4, ''} end
 if t[1] ~= 'RESERVED' then return {3, ''} end
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'started_at', ARGV[3], 'pid', ARGV[4])
+if ARGV[6] and ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'log_file:' .. string.match(ARGV[2], '[^.]*$'), ARGV[6])
+end
 redis.call('HDEL', KEYS[1], 'retried') -- Celery's RETRY state ends when the retry starts
 return {0, t[4] or ''}

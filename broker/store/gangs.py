@@ -219,10 +219,12 @@ def as_record(client: redis.Redis, keys: PoolKeys, gang_id: str, h: dict[bytes, 
     return {**record, b"id": gang_id.encode(), b"state": state.value.encode()} if record else h
 
 
-def settle_all(scripts: Scripts, grace_ms: int) -> dict[str, SettleCode]:
-    """One fate for every reserved gang (settle_gang.lua each): what it did, by gang id."""
+def settle_all(scripts: Scripts, grace_ms: int, ids: list[str] | None = None) -> dict[str, SettleCode]:
+    """One fate for every reserved gang (settle_gang.lua each): what it did, by gang id. ``ids``:
+    the reserved gangs, when the caller has read them (``timers.upkeep``)."""
     k, client = scripts.keys, scripts.redis
-    ids = sorted(g.decode() for g in cast(set[bytes], client.smembers(k.gangs)))
+    if ids is None:
+        ids = sorted(g.decode() for g in cast(set[bytes], client.smembers(k.gangs)))
     if not ids:
         return {}
     pipe = client.pipeline(transaction=False)

@@ -316,7 +316,8 @@ def read_rate_limits(client: redis.Redis, keys: PoolKeys, now_ms: int,
 
 def next_timer_ms(client: redis.Redis, keys: PoolKeys) -> int | None:
     """When the next delayed task is due or the next expiry passes (ms), if any."""
-    first = [cast(list[tuple[bytes, float]], client.zrange(key, 0, 0, withscores=True))
-             for key in (keys.delayed, keys.expiring)]
-    due = [int(found[0][1]) for found in first if found]
+    first = raw_pipeline(client, [encode_command(b"ZRANGE", key.encode(), b"0", b"0", b"WITHSCORES")
+                                  for key in (keys.delayed, keys.expiring)])  # one round trip
+    # Each reply is [[member, score]] (RESP3) or [member, score] (RESP2).
+    due = [int(float((found[0] if isinstance(found[0], list) else found)[1])) for found in first if found]
     return min(due) if due else None

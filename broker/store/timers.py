@@ -1,0 +1,53 @@
+"""The dispatcher's per-cycle upkeep in one round trip: reap.lua (nodes whose lease ran out),
+promote.lua (delayed tasks whose time came), expire.lua (tasks past their expiry) and the ids of
+the reserved gangs (``gangs.settle_all``).
+
+Sent one by one they were four round trips in every cycle, a cycle per task on a busy small
+node; none of them reads what another writes before it runs (each script re-reads its own
+keys), so they go out together, in the same order as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from broker.store.codes import SIGNATURES
+from broker.store.connection import encode_command, raw_pipeline
+from broker.store.scripts import Scripts, script_source
+
+SCRIPTS = (("reap", 100), ("promote", 1000), ("expire", 1000))  # (script, most it handles per cycle)
+
+
+@dataclass
+class Upkeep:
+    reaped: list[str] = field(default_factory=list)  # nodes whose lease ran out
+    promoted: int = 0  # delayed tasks moved to the queue
+    expired: list[str] = field(default_factory=list)  # tasks cancelled past their expiry
+    gangs: list[str] = field(default_factory=list)  # reserved gangs (each settled by settle_gang.lua)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def upkeep(scripts: Scripts) -> Upkeep:
+    """Run the three scripts and read the gang ids, in one round trip."""
+    keys, now = scripts.keys, scripts.clock()
+    commands = [encode_command(b"EVALSHA", scripts.sha(name).encode(), b"%d" % len(SIGNATURES[name][1]),
+                               *(getattr(keys, key).encode() for key in SIGNATURES[name][1]),
+                               b"%d" % now, b"%d" % limit)
+                for name, limit in SCRIPTS]
+    commands.append(encode_command(b"SMEMBERS", keys.gangs.encode()))
+    try:
+        reap, promote, expire, gangs = raw_pipeline(scripts.redis, commands)
+    except redis.exceptions.NoScriptError:
+        # A restarted or failed-over Redis without them: load them and send again. What the
+        # first send ran is done (each is safe to run again: it finds nothing more due).
+        for name, _limit in SCRIPTS:
+            scripts.redis.script_load(script_source(name))
+        reap, promote, expire, gangs = raw_pipeline(scripts.redis, commands)
+    return Upkeep([_text(n) for n in reap[1:]], int(promote[1]), [_text(i) for i in expire[1:]],
+                  sorted(_text(g) for g in gangs))

@@ -68,3 +68,23 @@ def test_without_preemption_the_full_pass_is_not_repeated_while_nothing_changed(
     submit_task(dispatcher.scripts, resources=Resources(gpus=1))
     clock.advance(settings.explain_interval_s + 1)
     assert dispatcher.run_cycle().full_pass
+
+
+def test_a_small_node_working_through_a_queue_keeps_the_queue_view_and_runs_no_extra_full_pass(
+        redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
+    """One slot, six tasks: each cycle reads only the head (one task, the free slot) and places
+    it. That leaves tasks waiting, not none: the queue view stays and the full pass keeps its
+    interval (it used to be dropped and re-run at every other cycle)."""
+    dispatcher = Dispatcher(Settings(pool=keys.pool), clock, redis_client)
+    scripts = dispatcher.scripts
+    register_node(scripts, "n1", gpus=0, gpu_mem=0, slots=1)
+    tasks = [submit_task(scripts) for _ in range(6)]
+    assert dispatcher.run_cycle().full_pass  # the first: due at once
+    for done in tasks[:3]:
+        scripts.finish(done, "n1", tag_of(redis_client, keys, done), "succeeded", "null")
+        cycle = dispatcher.run_cycle()
+        assert cycle.placed == 1 and not cycle.full_pass
+        assert redis_client.hexists(keys.queueinfo, tasks[5]), "the waiting task keeps its reason"
+    clock.advance(dispatcher.settings.explain_interval_s + 1)
+    scripts.finish(tasks[3], "n1", tag_of(redis_client, keys, tasks[3]), "succeeded", "null")
+    assert dispatcher.run_cycle().full_pass  # its interval passed

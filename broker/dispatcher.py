@@ -59,9 +59,11 @@ log = logging.getLogger(__name__)
 
 #: Work that is not placing (the full pass after the lazy one, the pool gauges) runs at most every
 #: explain_interval_s, and no more often than SPARE times its own last duration: at most about a
-#: tenth of the dispatcher's time, however long the queue. (A 1,000-task full pass took ~0.3 s
-#: while tasks of 2 ms each waited for 2 slots: every second, a third of the dispatcher.)
+#: tenth of the dispatcher's time, however long the queue.
 SPARE = 10
+#: Pending ids read with the scan gate's mark, in its round trip: the head, when that covers it.
+EARLY_HEAD = 64
+UNREAD = -1  # the cycle has not read the timers yet
 
 #: How a victim of preemption is told to stop: ``stopper(task_id, node_id)``. Live workers
 #: watch their own tasks (workers.agent), so the dispatcher's default does nothing; the
@@ -88,6 +90,7 @@ class Dispatcher:
         self._last_head = (0, False)  # what the last read of the queue's head found: tasks read, window full
         self._explained: Mark | None = None  # what the last full pass after the lazy one saw
         self._last_full_ms: int | None = None
+        self._timer: int | None = UNREAD  # when the next delayed task or expiry is due, as this cycle read it
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
         self._published = False
         self._catalogue = reads.Catalogue()
@@ -126,8 +129,10 @@ class Dispatcher:
             report.ingested = self._ingest.maybe()
             self._forget_departed(report)
             self._trim_history()
+        self._timer = UNREAD
         full = self._lazy_pass(report) if self.lazy else True
         if full:
+            self._timer = UNREAD  # a full pass may requeue (preemption): read the timers after it
             # After the lazy planner, the full pass is for preemption and the queue view: the
             # head of the queue is enough; but the lazy planner stops at a gang, so then the full
             # pass places the gang and what is behind it, over the whole window.
@@ -137,7 +142,7 @@ class Dispatcher:
             self._full_cost_ms = (time.perf_counter() - started) * 1000 if self.lazy else 0.0
         with Timer(report, "5_record"):
             self._note_unreadable_nodes()
-            timer = reads.next_timer_ms(self.redis, self.keys)
+            timer = reads.next_timer_ms(self.redis, self.keys) if self._timer is UNREAD else self._timer
             if timer is not None:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
             self._record(report)
@@ -150,15 +155,18 @@ class Dispatcher:
         Skipped, window unread, while nothing changed since a pass that placed nothing (scan_gate)."""
         with Timer(report, "2_snapshot"):
             self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
-            mark = read_mark(self.redis, self.keys, self._view.seen)
+            first = min(self._view.index.free_slots, self.settings.dispatch_window)
+            mark, early = read_mark(self.redis, self.keys, self._view.seen, min(first, EARLY_HEAD))
+            self._timer = early.timer
         report.nodes_seen = len(self._view.index.nodes)
         skipped = self._gate.may_skip(mark, report.promoted + report.ingested)
         if skipped:
             report.pending_seen, report.window_full = self._last_head
         else:
             with Timer(report, "2_snapshot"):
+                whole = len(early.scored) >= max(1, first) or len(early.scored) == mark.pending
                 head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
-                                         first=self._view.index.free_slots)
+                                         first=self._view.index.free_slots, head=early.scored if whole else None)
                 limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
             gangs_seen: list[str] = []  # gangs go to the full planner, which places them whole
             tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)

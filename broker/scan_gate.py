@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
+from broker.store import reads
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
 
@@ -30,11 +31,25 @@ class Mark:
     pending: int  # tasks in the pending queue
 
 
-def read_mark(client: redis.Redis, keys: PoolKeys, changes: int) -> Mark:
-    """The mark of a cycle whose node view saw change sequence ``changes``: one round trip."""
-    submitted, pending = raw_pipeline(client, [encode_command(b"GET", keys.seq.encode()),
-                                               encode_command(b"ZCARD", keys.pending.encode())])
-    return Mark(changes, int(submitted or 0), int(pending))
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the dispatcher reads with the mark, in the same round trip (used or not): the first
+    ``first`` pending ids with their scores (``reads.PendingHead``), and when the next timer is
+    due. Read before the cycle places anything, the timer may be one a placement ends: then the
+    dispatcher wakes once for nothing, never late."""
+
+    scored: list[tuple[bytes, float]]
+    timer: int | None
+
+
+def read_mark(client: redis.Redis, keys: PoolKeys, changes: int, first: int = 1) -> tuple[Mark, Head]:
+    """The mark of a cycle whose node view saw change sequence ``changes``, and its ``Head``:
+    one round trip."""
+    submitted, pending, head, *timers = raw_pipeline(client, [
+        encode_command(b"GET", keys.seq.encode()), encode_command(b"ZCARD", keys.pending.encode()),
+        encode_command(b"ZRANGE", keys.pending.encode(), b"0", b"%d" % (max(1, first) - 1), b"WITHSCORES"),
+        *reads.timer_commands(keys)])
+    return Mark(changes, int(submitted or 0), int(pending)), Head(reads.with_scores(head), reads.next_timer(timers))
 
 
 class ScanGate:

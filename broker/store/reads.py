@@ -71,12 +71,15 @@ class PendingHead:
     read, not at a rank: the dispatcher's own commits remove tasks from the head meanwhile.
     Tasks whose request cannot be read are left out, into ``poisoned``."""
 
-    def __init__(self, client: redis.Redis, keys: PoolKeys, limit: int, first: int) -> None:
+    def __init__(self, client: redis.Redis, keys: PoolKeys, limit: int, first: int,
+                 head: list[tuple[bytes, float]] | None = None) -> None:
+        """``head``: the first ``first`` ids with their scores, when the caller read them
+        (``scan_gate.read_mark``, in the same round trip as the mark)."""
         self._client, self._keys, self.limit = client, keys, limit
         self.poisoned: Poisoned = {}
         self._size = max(1, min(first, limit))
         self.read, self._after = 0, cast(float | None, None)  # _after: where the next chunk starts
-        self._head = self._read(self._size, None)
+        self._head = self._read(self._size, None, head[:self._size] if head is not None else None)
 
     @property
     def window_full(self) -> bool:
@@ -97,23 +100,22 @@ class PendingHead:
             size = min(2 * size, self.limit - self.read)
             pending = self._read(size, self._after)
 
-    def _read(self, size: int, after: float | None) -> Pending:
+    def _read(self, size: int, after: float | None, scored: list[tuple[bytes, float]] | None = None) -> Pending:
         """``size`` ids from the head (or scored above ``after``), their requests, and the last one's score."""
-        if after is None:
-            head = cast(list[bytes], self._client.zrange(self._keys.pending, 0, size - 1))
-        else:
-            head = cast(list[bytes], self._client.zrange(self._keys.pending, f"({after!r}", "+inf",
-                                                         byscore=True, offset=0, num=size))
+        if scored is None:
+            pending = self._keys.pending.encode()
+            (reply,) = raw_pipeline(self._client, [
+                encode_command(b"ZRANGE", pending, b"0", b"%d" % (size - 1), b"WITHSCORES") if after is None else
+                encode_command(b"ZRANGE", pending, f"({after!r}".encode(), b"+inf", b"BYSCORE", b"LIMIT", b"0",
+                               b"%d" % size, b"WITHSCORES")])
+            scored = with_scores(reply)
         self._after = None
-        if not head:
+        if not scored:
             return []
-        wires, last_score = raw_pipeline(self._client, [
-            encode_command(b"HMGET", self._keys.requests.encode(), *head),
-            encode_command(b"ZSCORE", self._keys.pending.encode(), head[-1])])
-        # A short read is the end of the queue; a last task gone meanwhile (placed by another
-        # dispatcher) leaves no score to go on from, so the rest waits for the next cycle.
-        if len(head) == size and last_score is not None:
-            self._after = float(last_score)
+        head = [member for member, _score in scored]
+        (wires,) = raw_pipeline(self._client, [encode_command(b"HMGET", self._keys.requests.encode(), *head)])
+        if len(head) == size:  # a short read is the end of the queue
+            self._after = scored[-1][1]
         first_rank, self.read = self.read, self.read + len(head)
         return records.decode_pending(head, wires, first_rank, self.poisoned)
 
@@ -314,10 +316,24 @@ def read_rate_limits(client: redis.Redis, keys: PoolKeys, now_ms: int,
     return records.rate_limits(entries, cast(dict[bytes, bytes], client.hgetall(keys.ratelimit)), now_ms)
 
 
-def next_timer_ms(client: redis.Redis, keys: PoolKeys) -> int | None:
-    """When the next delayed task is due or the next expiry passes (ms), if any."""
-    first = raw_pipeline(client, [encode_command(b"ZRANGE", key.encode(), b"0", b"0", b"WITHSCORES")
-                                  for key in (keys.delayed, keys.expiring)])  # one round trip
-    # Each reply is [[member, score]] (RESP3) or [member, score] (RESP2).
-    due = [int(float((found[0] if isinstance(found[0], list) else found)[1])) for found in first if found]
+def with_scores(reply: list[Any]) -> list[tuple[bytes, float]]:
+    """A raw WITHSCORES reply as (member, score) pairs: RESP3 sends pairs, RESP2 a flat list."""
+    if reply and isinstance(reply[0], list):
+        return [(member, float(score)) for member, score in reply]
+    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
+def timer_commands(keys: PoolKeys) -> list[bytes]:
+    """The first delayed task and the first expiry (``next_timer``)."""
+    return [encode_command(b"ZRANGE", key.encode(), b"0", b"0", b"WITHSCORES") for key in (keys.delayed, keys.expiring)]
+
+
+def next_timer(replies: list[Any]) -> int | None:
+    """When the first of ``timer_commands``' replies is due (ms), if any."""
+    due = [int(pairs[0][1]) for pairs in map(with_scores, replies) if pairs]
     return min(due) if due else None
+
+
+def next_timer_ms(client: redis.Redis, keys: PoolKeys) -> int | None:
+    """When the next delayed task is due or the next expiry passes (ms), if any: one round trip."""
+    return next_timer(raw_pipeline(client, timer_commands(keys)))

@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,26 @@ def marker(node: str, tag: str) -> str:
     return f"{scoped(node)}:{tag}"
 
 
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)  # loading it took as long as a short task's bookkeeping
+
+
 def _prctl(option: int, value: int) -> bool:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(option, value, 0, 0, 0)) == 0
+        return int(_libc().prctl(option, value, 0, 0, 0)) == 0
     except (OSError, AttributeError):  # not Linux
         return False
+
+
+def _childless() -> bool:
+    """This process has no child at all, running or ended (one syscall). For a subreaper that is
+    every descendant: an orphaned one is re-parented to it."""
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
 
 
 CGROUP_ROOT_ENV = "GPUBROKER_TASK_CGROUP_ROOT"  # what the worker found, for its pool processes
@@ -184,7 +199,7 @@ class Unit:
             os.setpgid(0, 0)
         except OSError:
             log.warning("attempt %s: could not start a process group", self.tag, exc_info=True)
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self._subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
         parent = os.getppid()
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the worker died before the line above took effect
@@ -201,6 +216,8 @@ class Unit:
     def end_here(self) -> None:
         """In the pool child, before the outcome is recorded: kill every other process of the unit
         and wait until they are gone (reaping those that became this process's children)."""
+        if getattr(self, "_subreaper", False) and _childless():
+            return  # it started no process that is still there: nothing to look for in /proc
         deadline = time.monotonic() + KILL_WAIT_S
         while True:
             # A subreaper's descendants stay in its tree: no need to look through every process.

@@ -17,8 +17,10 @@ are caught on the way, each then passed on as kombu would:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -92,6 +94,21 @@ def _own(task: TaskMessage) -> bool:
 
 class Channel(kombu_redis.Channel):
     _submitter: Submitter | None = None
+    _shared: tuple[Any, Any] | None = None  # (kombu's connection pool, one Redis client on it)
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's, without building a Redis client for every ack and every delivery (kombu makes
+        one each time; redis-py 8's constructor was 15% of a worker's main process per task): one
+        client per connection pool, made again when kombu replaces the pool (a fork, a reconnect).
+        A client only borrows the pool's connections, so sharing it is what kombu's does anyway."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        if self._shared is None or self._shared[0] is not pool:
+            self._shared = (pool, self._create_client())
+        yield self._shared[1]
 
     @property
     def submitter(self) -> Submitter:

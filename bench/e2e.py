@@ -8,6 +8,10 @@ then ``--samples`` tasks submitted one at a time on the idle node, each waited f
 start latency (the task returns the time its body started). Then it is stopped. Sides run in
 interleaved repeats (A, B, C, A, B, C...) and the medians are printed with their ratios.
 
+Every process logs at WARNING (Celery's default; plain Celery's worker with ``-l WARNING``,
+gpubroker's dispatcher and worker with ``--log-level WARNING``): at INFO each side writes lines per
+task, gpubroker more of them.
+
 Sides: plain Celery with processes reused (Celery's default) and with ``max_tasks_per_child=1``;
 gpubroker with CPU tasks (``gpus=0``) and with GPU-share tasks on a simulated GPU (``--gpus 1``),
 with ``reuse=True`` and without (a fresh process per task). A fresh-process side runs
@@ -132,9 +136,10 @@ class Broker(Side):
         url = f"redis://127.0.0.1:{self.port}/0"
         env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL}
         gpubroker = [sys.executable, "-m", "workers"]
-        self.spawn("dispatcher", [*gpubroker, "dispatcher"], env)
+        quiet = ["--log-level", "WARNING"]  # as plain Celery's worker runs here (and by default): -l WARNING
+        self.spawn("dispatcher", [*gpubroker, "dispatcher", *quiet], env)
         self.spawn("worker", [*gpubroker, "worker", "--node", "bench-1", "--slots", str(CONCURRENCY), "--cpus", "2",
-                              "--tasks", "bench.e2e_tasks", *self.worker_args], env)
+                              "--tasks", "bench.e2e_tasks", *quiet, *self.worker_args], env)
         self.client = Client(settings=Settings(redis_url=url, pool=POOL))
         deadline = time.monotonic() + 60
         while not [n for n in self.client.nodes() if n.state == "up"] and time.monotonic() < deadline:

@@ -124,3 +124,9 @@ def test_host_node_id_is_the_hostname_made_a_valid_node_id() -> None:
     assert host_node_id("Rack 4/GPU #2") == "Rack-4-GPU--2"
     assert host_node_id("-" + "x" * 80) == "x" * 64
     assert host_node_id("") == "node"
+
+
+@pytest.mark.parametrize("command", [["worker", "--node", "n1"], ["dispatcher"]])
+def test_a_log_level_that_is_not_one_is_refused_naming_the_option(env: dict[str, str], command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--log-level", "LOUD"], env=env)
+    assert result.exit_code == 2 and "--log-level" in result.output and "'LOUD' is not a log level" in result.output

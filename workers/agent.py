@@ -218,8 +218,8 @@ class NodeAgent:
         self._thread = threading.Thread(target=self._beat, name="gpubroker-heartbeat", daemon=True)
         self._thread.start()
 
-    def configure(self, app: Celery) -> list[str]:
-        """Point ``app`` at this node and return the worker's argv."""
+    def configure(self, app: Celery, log_level: str = "INFO") -> list[str]:
+        """Point ``app`` at this node and return the worker's argv (Celery logging at ``log_level``)."""
         node = self.spec.node_id
         os.environ[context.NODE_ENV] = node
         os.environ[context.INCARNATION_ENV] = self.incarnation
@@ -251,7 +251,7 @@ class NodeAgent:
         app.steps["consumer"].add(RedeliverReserved)
         return ["worker", "--queues", self.keys.queue(node), "--hostname", f"{node}@{socket.gethostname()}",
                 "--concurrency", str(self.spec.slots), "--pool", "custom",
-                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+                "--without-gossip", "--without-mingle", "--loglevel", log_level.upper()]
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -297,7 +297,7 @@ def served_tasks(app: Celery) -> dict[str, str]:
 
 
 def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] = (), address: str | None = None,
-               metrics_port: int = 0) -> None:
+               metrics_port: int = 0, log_level: str = "INFO") -> None:
     from workers import control  # noqa: F401  (registers the broker's revoke with Celery's remote control)
     from workers.app import app  # configure before the app finalizes
 
@@ -307,7 +307,7 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
     except ImportError as exc:
         raise ConfigError({"tasks": f"cannot import a task module: {exc}"}) from None
     agent = NodeAgent(settings, spec, served_tasks(app), address)
-    argv = agent.configure(app)
+    argv = agent.configure(app, log_level)
     os.environ[CGROUP_ROOT_ENV] = str(cgroup_root() or "")  # found once, for every pool process
     log.info("node %s: task processes are contained by %s", spec.node_id, containment())
     left = sweep_node(spec.node_id)  # what a previous worker of this node left running here

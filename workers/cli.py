@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
 from broker.cli import app
-from broker.cli.common import NODE_HELP, Pool, RedisUrl, host_node_id, parse_labels, run_cli, settings_for
+from broker.cli.common import (
+    NODE_HELP,
+    Pool,
+    RedisUrl,
+    host_node_id,
+    parse_labels,
+    run_cli,
+    settings_for,
+    start_logging,
+)
 from broker.models import NodeSpec
 
 
@@ -27,6 +35,8 @@ def worker(
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="Serve this worker's /metrics on this port "
                                                                      "(0: none)")] = 0,
     redis_url: RedisUrl = None, pool: Pool = None,
+    log_level: Annotated[str, typer.Option(help="Log level, Celery's -l: INFO logs every task received and "
+                                                "done; WARNING (Celery's default) only what goes wrong")] = "INFO",
 ) -> None:
     """Run a Celery worker pinned to one node; it runs only what was reserved for it."""
     from workers.agent import run_worker
@@ -48,8 +58,8 @@ def worker(
             memory = gpu_memory_mb if gpu_memory_mb is not None else (80 * 1024 if count else 0)
         spec = NodeSpec(node_id=node if node is not None else host_node_id(), gpus=count, gpu_memory_mb=memory,
                         cpus=cpus, memory_mb=memory_mb, slots=slots, labels=labels)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run_worker(settings_for(redis_url, pool), spec, tasks or [], address, metrics_port)
+        start_logging(log_level)
+        run_worker(settings_for(redis_url, pool), spec, tasks or [], address, metrics_port, log_level)
 
     run_cli(go)
 

@@ -29,6 +29,7 @@ from broker.cli.common import (
     print_models,
     run_cli,
     settings_for,
+    start_logging,
 )
 from broker.errors import InvalidRequest
 from broker.models import Resources
@@ -48,7 +49,7 @@ def dispatcher(redis_url: RedisUrl = None, pool: Pool = None,
     """Run a dispatcher: order pending tasks and reserve capacity for them."""
     from broker.dispatcher import Dispatcher  # keep other commands light
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging(log_level)
     settings = settings_for(redis_url, pool)
     if scheduling is not None:
         try:

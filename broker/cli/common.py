@@ -4,6 +4,7 @@ and ``run_cli`` (gpubroker errors as a message and an exit code, never a traceba
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import sys
@@ -49,6 +50,14 @@ def print_models(models: Sequence[BaseModel]) -> None:
 
 
 _ANY_LIST = TypeAdapter(list[Any])
+
+
+def start_logging(level: str) -> None:
+    """Log at ``level`` (``--log-level``), refusing a name that is not one."""
+    if level.upper() not in logging.getLevelNamesMapping():
+        raise typer.BadParameter(f"{level!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)",
+                                 param_hint="--log-level")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def settings_for(redis_url: str | None, pool: str | None, **overrides: Any) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -105,3 +106,19 @@ def test_a_copy_is_one_try_that_gives_up_instead_of_waiting_for_redis(
         silent.close()
         context._settings.cache_clear()
         logs._copier.cache_clear()
+
+
+def test_a_stream_handler_added_after_an_attempt_is_found_by_the_next(kept: list[tuple[str, str]]) -> None:
+    """The walk over the loggers is kept between attempts until loggers are added: a handler on a
+    new logger that writes to fd 2 is pointed at the worker's stream during the next attempt."""
+    logs.Capture("t", "t.1").begin().end()
+    handler = logging.StreamHandler(sys.__stderr__)
+    logger = logging.getLogger(f"test-capture-{os.getpid()}")
+    logger.addHandler(handler)
+    try:
+        capture = logs.Capture("t", "t.2").begin()
+        assert handler.stream is capture.worker_stream
+        capture.end()
+        assert handler.stream is sys.__stderr__
+    finally:
+        logger.removeHandler(handler)

@@ -51,7 +51,11 @@ COPY_TIMEOUT_S = 1.0  # the longest one copy to Redis may take, connecting inclu
 
 
 def log_dir() -> Path:
-    configured = context.settings().task_log_dir
+    return _log_dir(context.settings().task_log_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _log_dir(configured: str) -> Path:
     return Path(configured) if configured else Path(tempfile.gettempdir()) / "gpubroker-task-logs"
 
 
@@ -93,7 +97,22 @@ def keep_tail(task_id: str, tag: str, path: Path) -> bool:
         return False
 
 
+_found: tuple[tuple[int, tuple[int, ...]], list[logging.StreamHandler[Any]]] | None = None
+
+
 def _handler_streams() -> list[logging.StreamHandler[Any]]:
+    """The handlers that write to fd 1 or 2 (Celery's own): walking every logger was a sixth of a
+    short task's time in its pool process, so the walk is kept until loggers are added or the
+    root's handlers change. A handler a task adds to a logger that existed writes to its fds,
+    into its log, which is where its own output belongs."""
+    global _found
+    key = (len(logging.Logger.manager.loggerDict), tuple(map(id, logging.getLogger().handlers)))
+    if _found is None or _found[0] != key:
+        _found = (key, _walk_handler_streams())
+    return _found[1]
+
+
+def _walk_handler_streams() -> list[logging.StreamHandler[Any]]:
     loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
                                       if isinstance(v, logging.Logger))]
     found = []

@@ -126,4 +126,5 @@ def test_the_log_file_is_recorded_for_the_attempt_that_starts_and_for_no_other(
     assert scripts.start(task, node, f"{task}.9", log_file="n1:/logs/9.log")[0] is StartCode.STALE
     assert scripts.start(task, node, tag, log_file="n1:/logs/1.log")[0] is StartCode.OK
     t = task_hash(redis_client, keys, task)
-    assert {k: v for k, v in t.items() if k.startswith("log")} == {f"log_file:{tag.rpartition('.')[2]}": "n1:/logs/1.log"}
+    attempt = tag.rpartition(".")[2]
+    assert {k: v for k, v in t.items() if k.startswith("log")} == {f"log_file:{attempt}": "n1:/logs/1.log"}

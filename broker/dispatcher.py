@@ -22,9 +22,8 @@ every ``explain_interval_s`` after the lazy one when tasks are left waiting, run
 ``scheduling.planner.Planner`` over the whole window with the running tasks (for backfill,
 preemption, fair share, and the reasons and estimated starts the queue view shows).
 
-Several dispatchers may run on one pool: correctness comes from reserve.lua,
-which refuses a placement that no longer fits; a losing dispatcher just wastes
-a cycle.
+Several dispatchers may run on one pool: correctness comes from reserve.lua, which refuses a
+placement that no longer fits; a losing dispatcher just wastes a cycle.
 """
 
 from __future__ import annotations
@@ -36,14 +35,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis
 
 from broker.cycle import PHASE, PLACED, PREEMPTED, QUARANTINED, REFUSED, CycleReport, Timer
 from broker.metrics import COLLECTOR, WantedNodes
 from broker.native.ingest import Ingest
-from broker.scan_gate import Mark, ScanGate, read_mark
+from broker.scan_gate import Mark, ScanGate, mark_commands, mark_of, read_mark
 from broker.scheduling.model import Placement, Plan, Snapshot
 from broker.scheduling.ordering import queue_order
 from broker.scheduling.placement.best_fit import propose
@@ -91,6 +90,7 @@ class Dispatcher:
         self._explained: Mark | None = None  # what the last full pass after the lazy one saw
         self._last_full_ms: int | None = None
         self._timer: int | None = UNREAD  # when the next delayed task or expiry is due, as this cycle read it
+        self._early: list[Any] | None = None  # this cycle's mark_commands replies, read with its upkeep
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
         self._published = False
         self._catalogue = reads.Catalogue()
@@ -104,9 +104,8 @@ class Dispatcher:
         self._waiting: Snapshot | None = None  # the last full pass's, while tasks wait (gpubroker_wanted_nodes)
         self._wanted = WantedNodes(s, int(settings.explain_interval_s * 5000))
         COLLECTOR.update(settings.pool, stats.Stats(), clock(), {})  # its series at 0 until the first cycle
-        for code in ReserveCode:
-            if code is not ReserveCode.OK:
-                REFUSED.labels(settings.pool, code.name)
+        for code in (c for c in ReserveCode if c is not ReserveCode.OK):
+            REFUSED.labels(settings.pool, code.name)
         for how in (PreemptCode.REQUEUED, PreemptCode.STOPPING):
             PREEMPTED.labels(settings.pool, how.name.lower())
         for record in ("task", "node"):
@@ -123,10 +122,12 @@ class Dispatcher:
         if not self._published:
             self.publish_config()
         with Timer(report, "1_reap"):
-            done = timers.upkeep(self.scripts)  # reap.lua, promote.lua, expire.lua: one round trip
+            # reap.lua, promote.lua, expire.lua, and the lazy pass's mark and head after them: one round trip
+            done = timers.upkeep(self.scripts, mark_commands(self.keys, EARLY_HEAD) if self.lazy else ())
             report.reaped, report.promoted, report.expired = done.reaped, done.promoted, done.expired
             gangs.settle_all(self.scripts, int(self.settings.gang_stop_grace_s * 1000), done.gangs)  # one fate each
             report.ingested = self._ingest.maybe()
+            self._early = done.after if self.lazy and not (done.gangs or report.ingested) else None  # else stale
             self._forget_departed(report)
             self._trim_history()
         self._timer = UNREAD
@@ -156,7 +157,8 @@ class Dispatcher:
         with Timer(report, "2_snapshot"):
             self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
             first = min(self._view.index.free_slots, self.settings.dispatch_window)
-            mark, early = read_mark(self.redis, self.keys, self._view.seen, min(first, EARLY_HEAD))
+            mark, early = (mark_of(self._early, self._view.seen) if self._early is not None
+                           else read_mark(self.redis, self.keys, self._view.seen, EARLY_HEAD))
             self._timer = early.timer
         report.nodes_seen = len(self._view.index.nodes)
         skipped = self._gate.may_skip(mark, report.promoted + report.ingested)
@@ -181,10 +183,8 @@ class Dispatcher:
             self._last_head = (head.read, head.window_full)
             self._gate.after(mark, not (report.placed or report.refused or head.poisoned)
                              and all(t >= 1 for t in tokens.values()))
-        # Tasks left waiting: now and then, a full pass for preemption and the queue view. The
-        # head read may stop at the free slots, so the queue's length says whether any are left
-        # (not what was read: reading 1 of 1,000 and placing it left 999, and counting it as
-        # "nothing waits" dropped the queue view and ran a full pass again at the next cycle).
+        # Tasks left waiting: now and then, a full pass for preemption and the queue view. The queue's
+        # length says whether any are left: the head read may stop at the free slots.
         left = max(report.pending_seen, mark.pending) > report.placed or report.window_full
         interval_ms = max(self.settings.explain_interval_s * 1000, self._full_cost_ms * SPARE)
         due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms

@@ -16,6 +16,7 @@ held back is not counted as blocked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -42,14 +43,25 @@ class Head:
     timer: int | None
 
 
-def read_mark(client: redis.Redis, keys: PoolKeys, changes: int, first: int = 1) -> tuple[Mark, Head]:
-    """The mark of a cycle whose node view saw change sequence ``changes``, and its ``Head``:
-    one round trip."""
-    submitted, pending, head, *timers = raw_pipeline(client, [
-        encode_command(b"GET", keys.seq.encode()), encode_command(b"ZCARD", keys.pending.encode()),
-        encode_command(b"ZRANGE", keys.pending.encode(), b"0", b"%d" % (max(1, first) - 1), b"WITHSCORES"),
-        *reads.timer_commands(keys)])
+def mark_commands(keys: PoolKeys, first: int) -> list[bytes]:
+    """What ``mark_of`` reads: the submit counter, the pending count, the first ``first`` pending
+    ids with their scores, the first timers. Sent after the cycle's upkeep scripts, in their round
+    trip (``timers.upkeep``), or on their own (``read_mark``). Read before the node view, the mark
+    is older than it: a change in between makes the next mark differ, never the same."""
+    return [encode_command(b"GET", keys.seq.encode()), encode_command(b"ZCARD", keys.pending.encode()),
+            encode_command(b"ZRANGE", keys.pending.encode(), b"0", b"%d" % (max(1, first) - 1), b"WITHSCORES"),
+            *reads.timer_commands(keys)]
+
+
+def mark_of(replies: list[Any], changes: int) -> tuple[Mark, Head]:
+    """The mark of a cycle whose node view saw change sequence ``changes``, and its ``Head``."""
+    submitted, pending, head, *timers = replies
     return Mark(changes, int(submitted or 0), int(pending)), Head(reads.with_scores(head), reads.next_timer(timers))
+
+
+def read_mark(client: redis.Redis, keys: PoolKeys, changes: int, first: int = 1) -> tuple[Mark, Head]:
+    """``mark_of``, in a round trip of its own."""
+    return mark_of(raw_pipeline(client, mark_commands(keys, first)), changes)
 
 
 class ScanGate:

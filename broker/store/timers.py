@@ -9,6 +9,7 @@ keys), so they go out together, in the same order as before.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,27 +28,29 @@ class Upkeep:
     promoted: int = 0  # delayed tasks moved to the queue
     expired: list[str] = field(default_factory=list)  # tasks cancelled past their expiry
     gangs: list[str] = field(default_factory=list)  # reserved gangs (each settled by settle_gang.lua)
+    after: list[Any] = field(default_factory=list)  # the replies to the caller's ``after`` commands
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def upkeep(scripts: Scripts) -> Upkeep:
-    """Run the three scripts and read the gang ids, in one round trip."""
+def upkeep(scripts: Scripts, after: Sequence[bytes] = ()) -> Upkeep:
+    """Run the three scripts and read the gang ids, then the caller's encoded ``after`` commands
+    (which see what the scripts did), in one round trip."""
     keys, now = scripts.keys, scripts.clock()
     commands = [encode_command(b"EVALSHA", scripts.sha(name).encode(), b"%d" % len(SIGNATURES[name][1]),
                                *(getattr(keys, key).encode() for key in SIGNATURES[name][1]),
                                b"%d" % now, b"%d" % limit)
                 for name, limit in SCRIPTS]
-    commands.append(encode_command(b"SMEMBERS", keys.gangs.encode()))
+    commands += [encode_command(b"SMEMBERS", keys.gangs.encode()), *after]
     try:
-        reap, promote, expire, gangs = raw_pipeline(scripts.redis, commands)
+        reap, promote, expire, gangs, *rest = raw_pipeline(scripts.redis, commands)
     except redis.exceptions.NoScriptError:
         # A restarted or failed-over Redis without them: load them and send again. What the
         # first send ran is done (each is safe to run again: it finds nothing more due).
         for name, _limit in SCRIPTS:
             scripts.redis.script_load(script_source(name))
-        reap, promote, expire, gangs = raw_pipeline(scripts.redis, commands)
+        reap, promote, expire, gangs, *rest = raw_pipeline(scripts.redis, commands)
     return Upkeep([_text(n) for n in reap[1:]], int(promote[1]), [_text(i) for i in expire[1:]],
-                  sorted(_text(g) for g in gangs))
+                  sorted(_text(g) for g in gangs), rest)

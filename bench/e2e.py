@@ -3,7 +3,9 @@ the same worker concurrency, in one run.
 
 Each side is started (its worker, and for gpubroker its dispatcher), warmed with one task, then
 measured: ``--tasks`` no-op tasks submitted at once and timed until the last has a result
-(tasks/s, and Redis commands per task from ``INFO commandstats``, less the bench's own polling),
+(tasks/s; Redis commands per task from ``INFO commandstats``, less the bench's own polling; CPU
+per task of redis-server, the dispatcher, the worker's main process, its pool processes and the
+bench itself, from /proc),
 then ``--samples`` tasks submitted one at a time on the idle node, each waited for, for submit ->
 start latency (the task returns the time its body started). Then it is stopped. Sides run in
 interleaved repeats (A, B, C, A, B, C...) and the medians are printed with their ratios.
@@ -52,6 +54,26 @@ CONCURRENCY = 2
 GPU_SHARE = Resources(gpus=0.25)  # a share of the simulated GPU: both slots fit on it
 
 
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+ROLES = ("redis-server", "dispatcher", "worker main", "pool processes", "bench")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a live process has used, from /proc (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
 def commands(server: redis.Redis) -> int:
     """Commands the server has run so far (every database, every client)."""
     return sum(int(stats["calls"]) for name, stats in server.info("commandstats").items()
@@ -85,6 +107,14 @@ class Side:
                 os.killpg(proc.pid, 9)
                 proc.wait()
         self.procs.clear()
+
+    def cpu(self, server_pid: int) -> dict[str, float]:
+        """CPU seconds so far by role. The pool processes are those alive now (they are reused on
+        these sides; a fresh-process side's ended ones are not counted)."""
+        *rest, worker = self.procs
+        return {"redis-server": cpu_s(server_pid), "dispatcher": sum(cpu_s(p.pid) for p in rest),
+                "worker main": cpu_s(worker.pid), "pool processes": sum(map(cpu_s, children(worker.pid))),
+                "bench": time.process_time()}
 
     def start(self) -> None: ...
     def submit(self, n: int) -> list[Any]: ...
@@ -199,19 +229,23 @@ class Figures:
     rates: list[float] = field(default_factory=list)
     calls: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # role -> ms of CPU per task, per repeat
 
 
-def measure(side: Side, server: redis.Redis, n: int, samples: int, figures: Figures) -> None:
+def measure(side: Side, server: redis.Redis, server_pid: int, n: int, samples: int, figures: Figures) -> None:
     side.start()
     try:
         side.polls = 0
-        before = commands(server)
+        before, cpu = commands(server), side.cpu(server_pid)
         t0 = time.perf_counter()
         handles = side.submit(n)
         side.wait_all(handles)
         elapsed = time.perf_counter() - t0
+        after = side.cpu(server_pid)
         figures.rates.append(n / elapsed)
         figures.calls.append((commands(server) - before - side.polls - 1) / n)
+        for role in ROLES:
+            figures.cpu.setdefault(role, []).append((after[role] - cpu[role]) / n * 1000)
         for _ in range(samples):
             figures.latencies.append(side.latency())
     finally:
@@ -237,6 +271,11 @@ def report(figures: dict[str, Figures], opts: argparse.Namespace, version: str) 
         vs = [f"{rate[name] / rate[b]:.2f}x" if b in rate else "-" for b in ("celery", "celery-fresh")]
         print(f"  {LABELS[name]:<38} {n:>6} {rate[name]:>7,.1f} ({min(f.rates):,.0f}-{max(f.rates):,.0f})"
               f" {vs[0]:>9} {vs[1]:>8} {statistics.median(f.calls):>10.1f} {lat:>30}")
+    print("CPU per task during the batch, ms (medians; the bench: submitting and waiting for results):")
+    print(f"  {'side':<38} " + " ".join(f"{role:>15}" for role in (*ROLES, "total")))
+    for name, f in figures.items():
+        ms = [statistics.median(f.cpu[role]) for role in ROLES]
+        print(f"  {LABELS[name]:<38} " + " ".join(f"{v:>15.2f}" for v in (*ms, sum(ms))))
     targets(figures, rate)
 
 
@@ -287,7 +326,7 @@ def main(argv: list[str] | None = None, extra: dict[str, tuple[type[Side], bool]
                 for name in chosen:
                     cls, fresh = SIDES[name]
                     side = cls(name=name, port=port, logdir=Path(tmp), fresh=fresh)
-                    measure(side, server, opts.fresh_tasks if fresh else opts.tasks,
+                    measure(side, server, proc.pid, opts.fresh_tasks if fresh else opts.tasks,
                             0 if fresh else opts.samples, figures[name])
             version = server.info("server")["redis_version"]
         finally:

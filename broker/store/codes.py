@@ -159,7 +159,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
          "gpu_kind", "not_before", "expires_at", "result_ttl", "event_channel", "event"),
     ),
     "reserve": (ReserveCode, ("pending", "requests", "leases", "changes", "tasks", "ratelimit"), ("now",)),
-    "start": (StartCode, ("task", "node"), ("node_id", "tag", "now", "pid", "incarnation")),
+    "start": (StartCode, ("task", "node"), ("node_id", "tag", "now", "pid", "incarnation", "log_file")),
     "finish": (
         FinishCode,
         ("task", "node", "node_tasks", "pending", "requests", "wake", "runtimes", "changes", "prefix"),

@@ -232,3 +232,36 @@ def test_batch_encoding_is_the_redis_protocol_of_each_argument() -> None:
     for arguments in ((1, "1", "key"), (True, 1.0, "key"), ("x" * 300, -1, "")):
         expected = encode_command(b"EVALSHA", b"abc", b"1", *(str(a).encode() for a in arguments))
         assert _evalsha(head, encoded, arguments) == expected
+
+
+def test_the_envelope_template_prints_what_json_prints() -> None:
+    """A batch fills a template of the stored envelope per task name instead of encoding the
+    whole document; with a before_task_publish receiver (which may change anything) the document
+    is encoded. On random tasks the two must be byte for byte equal."""
+    from celery import Celery, signals
+
+    from broker.native.envelope import Envelopes
+
+    rng = random.Random(14)
+    values = [0, -7, 2**70, 3.5, True, None, "", "é'\"\\x", "a\nb", "\u2028", "{x}", "}{", "\x00", [1, {"k": [2]}]]
+    when = datetime(2026, 12, 3, 14, 0, tzinfo=UTC)
+    cases = [(f"t-{i}", rng.choice(["workers.tasks.probe", "a.b_c.D9", "x"]),
+              [rng.choice(values) for _ in range(rng.randrange(4))],
+              {f"k{j}": rng.choice(values) for j in range(rng.randrange(3))},
+              rng.choice([None, 0, 5, -1_000_000]), None, rng.choice([None, when]),
+              rng.choice([None, when + timedelta(hours=1)]), rng.choice([None, True, False])) for i in range(400)]
+    envelopes = Envelopes(Celery("t", set_as_current=False))
+    filled = [envelopes.build(*case).stored for case in cases]
+
+    def receiver(**_: Any) -> None:
+        return None
+
+    signals.before_task_publish.connect(receiver)
+    try:
+        encoded = [envelopes.build(*case).stored for case in cases]
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    assert any(envelopes._templates.values())  # the first pass did take the template
+    for case, fast, slow in zip(cases, filled, encoded, strict=True):
+        assert fast == slow, case
+

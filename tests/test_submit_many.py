@@ -265,3 +265,14 @@ def test_the_envelope_template_prints_what_json_prints() -> None:
     for case, fast, slow in zip(cases, filled, encoded, strict=True):
         assert fast == slow, case
 
+
+def test_a_batch_of_many_round_trips_after_redis_forgot_its_scripts(client: Client, redis_client: redis.Redis,
+                                                                     two_nodes: None) -> None:
+    """Each round trip is sent before the next is encoded: the first answers NOSCRIPT while it is
+    in flight, is sent again once the script is loaded, and the next follow in order."""
+    client.submit_many([{"task_name": "workers.tasks.probe"}])
+    redis_client.script_flush()
+    many = [Submit(task_name="workers.tasks.probe", args=[i]) for i in range(2 * BATCH_CHUNK + 3)]
+    handles = client.submit_many(many)
+    assert all(h.created for h in handles)
+    assert [e.id for e in client.queue()][1:] == [h.id for h in handles]

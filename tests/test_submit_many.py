@@ -276,3 +276,18 @@ def test_a_batch_of_many_round_trips_after_redis_forgot_its_scripts(client: Clie
     handles = client.submit_many(many)
     assert all(h.created for h in handles)
     assert [e.id for e in client.queue()][1:] == [h.id for h in handles]
+
+
+def test_a_batch_stores_requests_of_one_shape_alike() -> None:
+    """A batch encodes the stored request once per shape of request (submitter._SHAPED fields and
+    the resources): every SubmitRequest field is classed as shaping it or not, and those that do
+    not, do not change it."""
+    from broker.models import SubmitRequest
+    from broker.native import submitter
+    from broker.store.records import StoredRequest
+
+    assert set(SubmitRequest.model_fields) == {*submitter._SHAPED, *submitter._UNSHAPED, "resources"}
+    plain = SubmitRequest(task_name="workers.tasks.probe")
+    unshaped = SubmitRequest(task_name="workers.tasks.probe", args=[1], kwargs={"x": [2]}, idempotency_key="k",
+                             max_retries=0, not_before=5.0, expires_at=9.0)
+    assert StoredRequest.of(plain) == StoredRequest.of(unshaped)

@@ -287,6 +287,7 @@ def test_a_batch_stores_requests_of_one_shape_alike() -> None:
     from broker.store.records import StoredRequest
 
     assert set(SubmitRequest.model_fields) == {*submitter._SHAPED, *submitter._UNSHAPED, "resources"}
+    assert set(Resources.model_fields) == {*submitter._RESOURCES_SCALARS, "labels"}  # all in _resources_key
     plain = SubmitRequest(task_name="workers.tasks.probe")
     unshaped = SubmitRequest(task_name="workers.tasks.probe", args=[1], kwargs={"x": [2]}, idempotency_key="k",
                              max_retries=0, not_before=5.0, expires_at=9.0)

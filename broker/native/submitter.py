@@ -77,9 +77,13 @@ _UNSHAPED = ("args", "kwargs", "idempotency_key", "max_retries", "not_before", "
 _shape = operator.attrgetter(*_SHAPED)
 
 
+_RESOURCES_SCALARS = ("gpus", "gpu_memory_mb", "cpus", "memory_mb", "min_gpus")  # with labels: every field (a test)
+_resource_scalars = operator.attrgetter(*_RESOURCES_SCALARS)
+
+
 def _resources_key(r: Resources) -> tuple[Any, ...]:
-    """Every field of ``r``, hashable (the labels as their repr), a field added later included."""
-    return tuple(repr(v) if isinstance(v, dict) else v for v in r.__dict__.values())
+    """Every field of ``r``, hashable (the labels as their repr)."""
+    return _resource_scalars(r), repr(r.labels) if r.labels else ""
 
 
 def _text(value: Any) -> str:

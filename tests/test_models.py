@@ -68,6 +68,8 @@ def test_resources_gpu_shapes(gpus: float, whole: int, milli: int) -> None:
         ({"task_name": "x" * 201}, "task_name", "at most 200"),
         ({"args": ({1, 2},)}, "args", "JSON-serialisable"),
         ({"args": (math.nan,)}, "args", "JSON-serialisable"),
+        ({"args": (1, "a", 10**5000)}, "args", "JSON-serialisable"),  # json cannot print it (4,300 digits)
+        ({"kwargs": {"a": None, "b": -math.inf}}, "kwargs", "JSON-serialisable"),
         ({"args": "abc"}, "args", ""),
         ({"kwargs": {"x": object()}}, "kwargs", "JSON-serialisable"),
         ({"kwargs": {1: 2}}, "kwargs.1.[key]", "valid string"),

@@ -232,3 +232,63 @@ def test_batch_encoding_is_the_redis_protocol_of_each_argument() -> None:
     for arguments in ((1, "1", "key"), (True, 1.0, "key"), ("x" * 300, -1, "")):
         expected = encode_command(b"EVALSHA", b"abc", b"1", *(str(a).encode() for a in arguments))
         assert _evalsha(head, encoded, arguments) == expected
+
+
+def test_the_envelope_template_prints_what_json_prints() -> None:
+    """A batch fills a template of the stored envelope per task name instead of encoding the
+    whole document; with a before_task_publish receiver (which may change anything) the document
+    is encoded. On random tasks the two must be byte for byte equal."""
+    from celery import Celery, signals
+
+    from broker.native.envelope import Envelopes
+
+    rng = random.Random(14)
+    values = [0, -7, 2**70, 3.5, True, None, "", "é'\"\\x", "a\nb", "\u2028", "{x}", "}{", "\x00", [1, {"k": [2]}]]
+    when = datetime(2026, 12, 3, 14, 0, tzinfo=UTC)
+    cases = [(f"t-{i}", rng.choice(["workers.tasks.probe", "a.b_c.D9", "x"]),
+              [rng.choice(values) for _ in range(rng.randrange(4))],
+              {f"k{j}": rng.choice(values) for j in range(rng.randrange(3))},
+              rng.choice([None, 0, 5, -1_000_000]), None, rng.choice([None, when]),
+              rng.choice([None, when + timedelta(hours=1)]), rng.choice([None, True, False])) for i in range(400)]
+    envelopes = Envelopes(Celery("t", set_as_current=False))
+    filled = [envelopes.build(*case).stored for case in cases]
+
+    def receiver(**_: Any) -> None:
+        return None
+
+    signals.before_task_publish.connect(receiver)
+    try:
+        encoded = [envelopes.build(*case).stored for case in cases]
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    assert any(envelopes._templates.values())  # the first pass did take the template
+    for case, fast, slow in zip(cases, filled, encoded, strict=True):
+        assert fast == slow, case
+
+
+def test_a_batch_of_many_round_trips_after_redis_forgot_its_scripts(client: Client, redis_client: redis.Redis,
+                                                                     two_nodes: None) -> None:
+    """Each round trip is sent before the next is encoded: the first answers NOSCRIPT while it is
+    in flight, is sent again once the script is loaded, and the next follow in order."""
+    client.submit_many([{"task_name": "workers.tasks.probe"}])
+    redis_client.script_flush()
+    many = [Submit(task_name="workers.tasks.probe", args=[i]) for i in range(2 * BATCH_CHUNK + 3)]
+    handles = client.submit_many(many)
+    assert all(h.created for h in handles)
+    assert [e.id for e in client.queue()][1:] == [h.id for h in handles]
+
+
+def test_a_batch_stores_requests_of_one_shape_alike() -> None:
+    """A batch encodes the stored request once per shape of request (submitter._SHAPED fields and
+    the resources): every SubmitRequest field is classed as shaping it or not, and those that do
+    not, do not change it."""
+    from broker.models import SubmitRequest
+    from broker.native import submitter
+    from broker.store.records import StoredRequest
+
+    assert set(SubmitRequest.model_fields) == {*submitter._SHAPED, *submitter._UNSHAPED, "resources"}
+    assert set(Resources.model_fields) == {*submitter._RESOURCES_SCALARS, "labels"}  # all in _resources_key
+    plain = SubmitRequest(task_name="workers.tasks.probe")
+    unshaped = SubmitRequest(task_name="workers.tasks.probe", args=[1], kwargs={"x": [2]}, idempotency_key="k",
+                             max_retries=0, not_before=5.0, expires_at=9.0)
+    assert StoredRequest.of(plain) == StoredRequest.of(unshaped)

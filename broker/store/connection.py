@@ -276,14 +276,17 @@ def raw_pipeline(client: redis.Redis, commands: list[bytes]) -> list[Any]:
 
 
 class SentCommand:
-    """An encoded command (and, when given, a ``then`` command right behind it on the same
-    connection: a WAIT) sent now on a pooled connection of its own, its replies read later (once).
+    """An encoded command, or ``count`` of them (and, when given, a ``then`` command right behind
+    on the same connection: a WAIT), sent now on a pooled connection of its own, their replies
+    read later (once).
 
-    The dispatcher sends one reserve.lua batch and plans the next before reading the reply."""
+    The dispatcher sends one reserve.lua batch and plans the next before reading the reply; a
+    batch submit sends one chunk of submit.lua calls and encodes the next."""
 
-    def __init__(self, client: redis.Redis, command: bytes, then: bytes | None = None) -> None:
+    def __init__(self, client: redis.Redis, command: bytes, then: bytes | None = None, count: int = 1) -> None:
         self.pool = client.connection_pool
-        self.count = 2 if then else 1
+        self.count = count + (1 if then else 0)
+        self.done = False  # the connection went back to the pool (replies read, or dropped)
         self.conn: Any = self.pool.get_connection()
         try:
             self.conn.send_packed_command([command + (then or b"")])
@@ -309,12 +312,20 @@ class SentCommand:
         except BaseException:
             self._drop()
             raise
+        self.done = True
         self.pool.release(self.conn)
         for reply in replies:
             if isinstance(reply, redis.ResponseError):
                 raise reply
         return replies
 
+    def discard(self) -> None:
+        """Give the connection up if its replies are still unread (they are lost with it): after a
+        failure elsewhere. Once ``replies`` has run the connection is back in the pool: nothing to do."""
+        if not self.done:
+            self._drop()
+
     def _drop(self) -> None:
+        self.done = True
         self.conn.disconnect()
         self.pool.release(self.conn)

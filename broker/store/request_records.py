@@ -54,6 +54,9 @@ class UnreadableRecord(ValueError):
 Wire = dict[str, Any]  # a decoded request
 
 
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...), less building one
+
+
 def encode_request(req: SubmitRequest, member: bool = False) -> str:
     """The stored request; a gang's carries its shape (k, sp, sl), unless ``member``: what one
     of its members asks for (reserve.lua places a request with ``k`` nowhere: only
@@ -70,7 +73,7 @@ def encode_request(req: SubmitRequest, member: bool = False) -> str:
             wire["sl"] = req.same_label
         if req.min_replicas is not None:
             wire["mk"] = req.min_replicas
-    return json.dumps(wire, separators=(",", ":"))
+    return _compact(wire)
 
 
 #: Request keys -> the submit field each one stores (what InvalidRequest names).

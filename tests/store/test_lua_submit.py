@@ -196,6 +196,10 @@ BAD_MESSAGES = {
     "another task's id": ('{"headers":{"id":"t2"},"properties":{"a":1}}', "another task id"),
     "properties not last": ('{"headers":{"id":"t1"},"properties":{"a":1},"body":"x"}', "close the document"),
     "empty properties": ('{"headers":{"id":"t1"},"properties":{}}', "close the document"),
+    # A good message takes one decode, of its queued ending: these would pass that one alone.
+    "trailing junk": ('{"headers":{"id":"t1"},"properties":{"a":1}}xy', "not a JSON object"),
+    "another id, headers last": ('{"properties":{"a":1},"headers":{"id":"t2"}}', "another task id"),
+    "properties not an object": ('{"properties":1,"headers":{"id":"t1"}}', "headers and properties objects"),
 }
 
 

@@ -61,6 +61,21 @@ def test_without_enough_replicas_the_write_fails_clearly(settings: Settings) -> 
         client.submit("workers.tasks.probe")
 
 
+def test_a_batch_waits_for_its_replicas_behind_each_round_trip(replicated: tuple[RedisServer, RedisServer],
+                                                                 settings: Settings) -> None:
+    """submit_many sends a WAIT behind each chunk it keeps in flight: confirmed on the replica
+    when it returns, and a shortfall is the same clear error as for one submit."""
+    master, replica = replicated
+    acked = Settings(redis_url=master.url, pool="acks", min_replicas_ack=1)
+    with Client(settings=acked) as client:
+        handles = client.submit_many([{"task_name": "workers.tasks.probe", "args": [i]} for i in range(1203)])
+    on_replica = redis.Redis(port=replica.port)
+    assert all(on_replica.hget(PoolKeys("acks").task(h.id), "state") == b"PENDING" for h in handles)
+    lone = Settings(**{**settings.model_dump(), "min_replicas_ack": 1, "replicas_ack_timeout_s": 0.1})
+    with Client(settings=lone) as client, pytest.raises(ReplicasNotConfirmed, match="applied on the Redis master"):
+        client.submit_many([{"task_name": "workers.tasks.probe"}] * 3)
+
+
 def test_a_gangs_transitions_are_confirmed_too(replicated: tuple[RedisServer, RedisServer]) -> None:
     """submit_gang, reserve_gang and settle_gang lose or duplicate a whole job if a failover drops
     them: each waits for the replica like a single task's transitions."""

@@ -73,18 +73,18 @@ local function request_problem(text, gang)
 end
 
 -- Why Celery message `text` of task `id` cannot be stored: (key, reason), or nil when it can.
--- reserve.lua appends the routing and the delivery tag to its properties, which must close
--- the document: the message with such an ending must still be JSON. A worker could not read
--- anything else, and would drop it while its task held its reservation.
+-- reserve.lua appends the routing and the delivery tag to its properties, which must close the
+-- document: the message so ended must still be JSON (a worker would drop anything else while its
+-- task held its reservation). A good message takes one decode, of that ending; a bad one, two.
 local function message_problem(text, id)
-  local ok, m = pcall(cjson.decode, text)
+  local ok, m = pcall(cjson.decode, string.sub(text, 1, -3) .. ',"delivery_tag":"t"}}')
+  if ok and string.sub(text, -2) == '}}' and type(m) == 'table' and type(m.properties) == 'table'
+    and type(m.headers) == 'table' and m.headers.id == id then return nil end
+  ok, m = pcall(cjson.decode, text)  -- not so: what is wrong with it, in this order
   if not ok or type(m) ~= 'table' then return 'message', 'not a JSON object' end
   if type(m.properties) ~= 'table' or type(m.headers) ~= 'table' then
     return 'message', 'a Celery message has headers and properties objects'
   end
   if m.headers.id ~= id then return 'message', 'its headers name another task id' end
-  if not pcall(cjson.decode, string.sub(text, 1, -3) .. ',"delivery_tag":"t"}}') then
-    return 'message', 'its properties must close the document, non-empty'
-  end
-  return nil
+  return 'message', 'its properties must close the document, non-empty'
 end

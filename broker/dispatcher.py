@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
@@ -195,12 +196,16 @@ class Dispatcher:
 
     def _refresh_metrics(self) -> None:
         """The pool gauges and outcome counters (broker.metrics): the queue count reads the whole
-        queue, so at most once per explain_interval_s; nodes come from the cycle's own cache."""
+        queue, so at most once per explain_interval_s, and at most 1/``stats.SHARE`` of the time; nodes
+        come from the cycle's own cache."""
         now = self.clock()
         if now < self._next_stats_ms:
             return
-        self._next_stats_ms = now + int(self.settings.explain_interval_s * 1000)
-        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._view.nodes,
+        t0 = time.perf_counter()
+        read = stats.read_stats(self.redis, self.keys)
+        self._next_stats_ms = now + max(int(self.settings.explain_interval_s * 1000),
+                                        int((time.perf_counter() - t0) * 1000 * stats.SHARE))
+        COLLECTOR.update(self.settings.pool, read, now, self._view.nodes,
                          self._wanted.figures(now, self._waiting, self._view.nodes.values()))
 
     def _forget_departed(self, report: CycleReport) -> None:

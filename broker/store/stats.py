@@ -4,26 +4,31 @@ by tenant and priority class, the outcome counters and histograms the scripts ke
 the warm hits and misses workers publish (``P warmstarts``).
 
 Counting the queue reads all of it, so the dispatcher calls ``read_stats`` at most once per
-``explain_interval_s`` (broker.metrics), in one round trip.
+``explain_interval_s`` (broker.metrics), in one round trip, and waits ``SHARE`` times as long as a
+count took before the next: at 1M pending a count takes about a second, and once a second it was
+most of the dispatcher's time (issue 14); the gauges are then that much older.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from bisect import bisect_left
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any
 
 import redis
 
 from broker.store import warm_map
+from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import SEQ_BITS, PoolKeys
 
 #: Upper bounds (s) of the wait and run histogram buckets, as _release.lua's BUCKETS_S; +Inf follows.
 BUCKETS_S = (1, 5, 15, 60, 300, 900, 3600, 14400, 86400)
 OUTCOMES = ("succeeded", "failed", "cancelled", "preempted", "requeued")
 PRIORITY_CLASSES = ("high", "normal", "low")
+SHARE = 20  # the dispatcher spends at most 1/SHARE of its time counting the queue
 
 
 def priority_class(priority: int) -> str:
@@ -54,38 +59,67 @@ class Stats:
 
 
 def read_stats(client: redis.Redis, keys: PoolKeys) -> Stats:
-    pipe = client.pipeline(transaction=False)
-    pipe.zrange(keys.pending, 0, -1, withscores=True)
-    pipe.hgetall(keys.requests)
-    pipe.hgetall(keys.outcomes)
-    pipe.hgetall(keys.rejected)
-    pipe.smembers(keys.nodes)
-    pipe.hgetall(keys.warmstarts)
-    pending, requests, outcomes, rejected, nodes, warm = pipe.execute()
-    stats = Stats(rejected={k.decode(): int(v) for k, v in cast(dict[bytes, bytes], rejected).items()},
-                  registered={n.decode() for n in cast(set[bytes], nodes)},
-                  warm_starts=warm_map.decode_starts(cast(dict[bytes, bytes], warm)))
-    _count_pending(client, keys, stats, cast(list[tuple[bytes, float]], pending), cast(dict[bytes, bytes], requests))
-    _read_outcomes(stats, cast(dict[bytes, bytes], outcomes))
+    # Raw replies: redis-py's callbacks (a float and a tuple per zset entry, a dict of every
+    # request) cost more than the count itself at 1M pending (issue 14).
+    pending, requests, outcomes, rejected, nodes, warm = raw_pipeline(client, [
+        encode_command(b"ZRANGE", keys.pending.encode(), b"0", b"-1", b"WITHSCORES"),
+        encode_command(b"HGETALL", keys.requests.encode()),
+        encode_command(b"HGETALL", keys.outcomes.encode()),
+        encode_command(b"HGETALL", keys.rejected.encode()),
+        encode_command(b"SMEMBERS", keys.nodes.encode()),
+        encode_command(b"HGETALL", keys.warmstarts.encode())])
+    stats = Stats(rejected={k.decode(): int(v) for k, v in _mapping(rejected).items()},
+                  registered={n.decode() for n in nodes},
+                  warm_starts=warm_map.decode_starts(_mapping(warm)))
+    _count_pending(client, keys, stats, pending, _mapping(requests))
+    _read_outcomes(stats, _mapping(outcomes))
     return stats
 
 
-def _count_pending(client: redis.Redis, keys: PoolKeys, stats: Stats, pending: list[tuple[bytes, float]],
+def _mapping(reply: Any) -> dict[bytes, bytes]:
+    """A hash as read raw: RESP3 sends a map, RESP2 a flat list."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _count_pending(client: redis.Redis, keys: PoolKeys, stats: Stats, pending: list[Any],
                    requests: dict[bytes, bytes]) -> None:
     """Count by tenant and class; the score ``-priority * 2**SEQ_BITS + seq`` gives both priority
-    and submit order, so only each tenant's first-submitted task's hash is read (its submit time)."""
+    and submit order, so only each tenant's first-submitted task's hash is read (its submit time).
+
+    The zset is in score order: one run of entries per priority. Each run is found by bisection
+    and counted by its requests' bytes (tasks alike share them, so each distinct request is
+    decoded once), and walked only until each of its tenants was met once: its first task of
+    each tenant is that tenant's oldest in the run. At 1M pending, decoding every request and
+    walking every entry in Python took seconds a count (issue 14)."""
+    if pending and isinstance(pending[0], list):  # RESP3: [member, score] pairs
+        ids, scores = [p[0] for p in pending], [p[1] for p in pending]
+    else:
+        ids, scores = pending[::2], pending[1::2]
+    band = 2 ** SEQ_BITS
+    tenant_of: dict[bytes | None, str | None] = {}  # request bytes -> its tenant (None: unreadable)
     counts: dict[tuple[str, str], int] = defaultdict(int)
     first: dict[str, tuple[float, bytes]] = {}  # tenant -> (seq, task id)
-    for task_id, score in pending:
-        high = math.floor(score / 2 ** SEQ_BITS)
-        try:
-            tenant = str(json.loads(requests.get(task_id) or b"{}").get("t", "default"))
-        except (ValueError, AttributeError):
-            continue  # unreadable: the dispatcher quarantines it
-        counts[(tenant, priority_class(-high))] += 1
-        seq = score - high * 2 ** SEQ_BITS
-        if tenant not in first or seq < first[tenant][0]:
-            first[tenant] = (seq, task_id)
+    start = 0
+    while start < len(ids):
+        high = math.floor(float(scores[start]) / band)
+        end = bisect_left(scores, (high + 1) * band, lo=start, key=float)
+        run = ids[start:end]
+        tenants: set[str] = set()
+        for request, count in Counter(map(requests.get, run)).items():
+            tenant = _tenant(tenant_of, request)
+            if tenant is not None:
+                counts[(tenant, priority_class(-high))] += count
+                tenants.add(tenant)
+        for i, task_id in enumerate(run, start=start):
+            if not tenants:
+                break
+            tenant = tenant_of[requests.get(task_id)]
+            if tenant in tenants:
+                tenants.discard(tenant)
+                seq = float(scores[i]) - high * band
+                if tenant not in first or seq < first[tenant][0]:
+                    first[tenant] = (seq, task_id)
+        start = end
     stats.pending = dict(counts)
     pipe = client.pipeline(transaction=False)
     for _seq, task_id in first.values():
@@ -93,6 +127,16 @@ def _count_pending(client: redis.Redis, keys: PoolKeys, stats: Stats, pending: l
     for tenant, at in zip(first, pipe.execute(), strict=True):
         if at is not None:
             stats.oldest_submitted_ms[tenant] = int(at)
+
+
+def _tenant(known: dict[bytes | None, str | None], request: bytes | None) -> str | None:
+    """The tenant a stored request names (``default`` when missing), None when it cannot be read."""
+    if request not in known:
+        try:
+            known[request] = str(json.loads(request or b"{}").get("t", "default"))
+        except (ValueError, AttributeError):
+            known[request] = None  # unreadable: the dispatcher quarantines it
+    return known[request]
 
 
 def _read_outcomes(stats: Stats, raw: dict[bytes, bytes]) -> None:

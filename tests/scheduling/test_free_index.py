@@ -40,8 +40,10 @@ def _changed(rng: random.Random, nodes: dict[str, NodeFree], placed: dict[str, N
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_best_fit_from_the_index_places_as_from_every_node(seed: int) -> None:
+def test_best_fit_from_the_index_places_as_from_every_node(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(7000 + seed)
+    if seed % 2:  # every update refiles all at once, as when most nodes changed
+        monkeypatch.setattr(FreeIndex, "BULK", -1)
     nodes = {n.id: n for n in random_cluster(rng)}
     index = FreeIndex()
     index.update(nodes, nodes)
@@ -58,6 +60,9 @@ def test_best_fit_from_the_index_places_as_from_every_node(seed: int) -> None:
             fresh.nodes, fresh.whole, fresh.free_slots, fresh.max_gpus)
         assert [b for b in index.by_whole if b] == [b for b in fresh.by_whole if b]
         assert [n.id for n in index.ranked] == [n.id for n in fresh.ranked]
+        # best fit's whole-GPU buckets, refiled node by node, as built afresh (and untouched by propose)
+        assert (index.factors, index.whole_gpus, index.filed) == (fresh.factors, fresh.whole_gpus, fresh.filed)
+        assert {k: v for k, v in index.buckets.items() if v} == {k: v for k, v in fresh.buckets.items() if v}
         placed: dict[str, NodeFree] = {}
         by_id = {t.id: t for t in tasks}
         for p in expected[: rng.randint(0, len(expected))]:  # what reserve.lua committed

@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
@@ -196,15 +195,13 @@ class Dispatcher:
 
     def _refresh_metrics(self) -> None:
         """The pool gauges and outcome counters (broker.metrics): the queue count reads the whole
-        queue, so at most once per explain_interval_s, and at most 1/``stats.SHARE`` of the time; nodes
-        come from the cycle's own cache."""
+        queue, so at most once per explain_interval_s (a long queue: less often, stats.interval_ms);
+        nodes come from the cycle's own cache."""
         now = self.clock()
         if now < self._next_stats_ms:
             return
-        t0 = time.perf_counter()
         read = stats.read_stats(self.redis, self.keys)
-        self._next_stats_ms = now + max(int(self.settings.explain_interval_s * 1000),
-                                        int((time.perf_counter() - t0) * 1000 * stats.SHARE))
+        self._next_stats_ms = now + stats.interval_ms(int(self.settings.explain_interval_s * 1000), read)
         COLLECTOR.update(self.settings.pool, read, now, self._view.nodes,
                          self._wanted.figures(now, self._waiting, self._view.nodes.values()))
 
@@ -245,6 +242,7 @@ class Dispatcher:
             if done:
                 self.redis.hdel(self.keys.preempting, *done)
             snap.preempting_for, snap.warm = {k: v for k, v in preempting.items() if k in waiting}, self._view.warm
+            snap.index = self._view.index  # best fit starts from it (the same nodes, kept across cycles)
         report.nodes_seen = max(report.nodes_seen, len(snap.nodes))
         report.pending_seen = max(report.pending_seen, len(snap.pending))
         self._waiting = snap if snap.pending else None

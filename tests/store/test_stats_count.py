@@ -61,3 +61,10 @@ def test_the_count_by_runs_equals_counting_task_by_task(redis_client: redis.Redi
 def test_an_empty_queue_counts_nothing(redis_client: redis.Redis, keys: PoolKeys) -> None:
     read = stats.read_stats(redis_client, keys)
     assert (read.pending, read.oldest_submitted_ms) == ({}, {})
+
+
+def test_a_long_queue_is_counted_less_often() -> None:
+    assert stats.interval_ms(1000, stats.Stats(pending={("a", "normal"): 10})) == 1000
+    assert stats.interval_ms(1000, stats.Stats()) == 1000
+    long = stats.Stats(pending={("a", "normal"): 30 * stats.PENDING_EACH, ("b", "high"): 20 * stats.PENDING_EACH})
+    assert stats.interval_ms(1000, long) == 50_000  # 1M pending: every 50 s

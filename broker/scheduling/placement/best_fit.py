@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 from bisect import bisect_left, insort
 from collections.abc import Container, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 from broker.models import MILLI
 from broker.scheduling.model import NodeFree, Placement, TaskRequest, WarmMap
@@ -96,7 +96,7 @@ class BestFit:
             self.buckets[key].sort()
 
     @classmethod
-    def from_index(cls, index: FreeIndex) -> BestFit:
+    def from_index(cls, index: FreeIndex) -> Self:
         """Start from a FreeIndex kept across cycles (its nodes in id order): the same placements
         as ``BestFit(nodes)`` over them. Its whole-GPU buckets are copied (list copies, no visit
         per node); share and CPU buckets are built here, as a task of their kind first asks."""

@@ -30,6 +30,7 @@ BUCKETS_S = (1, 5, 15, 60, 300, 900, 3600, 14400, 86400)
 OUTCOMES = ("succeeded", "failed", "cancelled", "preempted", "requeued")
 PRIORITY_CLASSES = ("high", "normal", "low")
 PENDING_EACH = 20_000  # pending tasks counted per explain_interval_s (about 60 ms of counting)
+PAGE = 50_000  # pending tasks read per round trip when counting
 
 
 def priority_class(priority: int) -> str:
@@ -62,9 +63,7 @@ class Stats:
 def read_stats(client: redis.Redis, keys: PoolKeys) -> Stats:
     # Raw replies: redis-py's callbacks (a float and a tuple per zset entry, a dict of every
     # request) cost more than the count itself at 1M pending (issue 14).
-    pending, requests, outcomes, rejected, nodes, warm = raw_pipeline(client, [
-        encode_command(b"ZRANGE", keys.pending.encode(), b"0", b"-1", b"WITHSCORES"),
-        encode_command(b"HGETALL", keys.requests.encode()),
+    outcomes, rejected, nodes, warm = raw_pipeline(client, [
         encode_command(b"HGETALL", keys.outcomes.encode()),
         encode_command(b"HGETALL", keys.rejected.encode()),
         encode_command(b"SMEMBERS", keys.nodes.encode()),
@@ -72,7 +71,7 @@ def read_stats(client: redis.Redis, keys: PoolKeys) -> Stats:
     stats = Stats(rejected={k.decode(): int(v) for k, v in _mapping(rejected).items()},
                   registered={n.decode() for n in nodes},
                   warm_starts=warm_map.decode_starts(_mapping(warm)))
-    _count_pending(client, keys, stats, pending, _mapping(requests))
+    _count_pending(client, keys, stats)
     _read_outcomes(stats, _mapping(outcomes))
     return stats
 
@@ -87,50 +86,71 @@ def _mapping(reply: Any) -> dict[bytes, bytes]:
     return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
 
 
-def _count_pending(client: redis.Redis, keys: PoolKeys, stats: Stats, pending: list[Any],
-                   requests: dict[bytes, bytes]) -> None:
+class _Count:
+    """Pending tasks by (tenant, priority class), and each tenant's first submitted (seq, task id)."""
+
+    def __init__(self) -> None:
+        self.tenant_of: dict[bytes | None, str | None] = {}  # request bytes -> its tenant (None: unreadable)
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self.first: dict[str, tuple[float, bytes]] = {}
+
+    def add(self, ids: list[bytes], scores: list[Any], requests: dict[bytes, bytes | None]) -> None:
+        """A page of the queue, in score order: one run of entries per priority. Each run is found
+        by bisection and counted by its requests' bytes (tasks alike share them, so each distinct
+        request is decoded once), and walked only until each of its tenants was met once: its
+        first task of each tenant is that tenant's oldest in the run."""
+        band, start = 2 ** SEQ_BITS, 0
+        while start < len(ids):
+            high = math.floor(float(scores[start]) / band)
+            end = bisect_left(scores, (high + 1) * band, lo=start, key=float)
+            run = ids[start:end]
+            tenants: set[str] = set()
+            for request, count in Counter(map(requests.get, run)).items():
+                tenant = _tenant(self.tenant_of, request)
+                if tenant is not None:
+                    self.counts[(tenant, priority_class(-high))] += count
+                    tenants.add(tenant)
+            for i, task_id in enumerate(run, start=start):
+                if not tenants:
+                    break
+                tenant = self.tenant_of[requests.get(task_id)]
+                if tenant in tenants:
+                    tenants.discard(tenant)
+                    seq = float(scores[i]) - high * band
+                    if tenant not in self.first or seq < self.first[tenant][0]:
+                        self.first[tenant] = (seq, task_id)
+            start = end
+
+
+def _count_pending(client: redis.Redis, keys: PoolKeys, stats: Stats) -> None:
     """Count by tenant and class; the score ``-priority * 2**SEQ_BITS + seq`` gives both priority
     and submit order, so only each tenant's first-submitted task's hash is read (its submit time).
 
-    The zset is in score order: one run of entries per priority. Each run is found by bisection
-    and counted by its requests' bytes (tasks alike share them, so each distinct request is
-    decoded once), and walked only until each of its tenants was met once: its first task of
-    each tenant is that tenant's oldest in the run. At 1M pending, decoding every request and
-    walking every entry in Python took seconds a count (issue 14)."""
-    if pending and isinstance(pending[0], list):  # RESP3: [member, score] pairs
-        ids, scores = [p[0] for p in pending], [p[1] for p in pending]
-    else:
-        ids, scores = pending[::2], pending[1::2]
-    band = 2 ** SEQ_BITS
-    tenant_of: dict[bytes | None, str | None] = {}  # request bytes -> its tenant (None: unreadable)
-    counts: dict[tuple[str, str], int] = defaultdict(int)
-    first: dict[str, tuple[float, bytes]] = {}  # tenant -> (seq, task id)
-    start = 0
-    while start < len(ids):
-        high = math.floor(float(scores[start]) / band)
-        end = bisect_left(scores, (high + 1) * band, lo=start, key=float)
-        run = ids[start:end]
-        tenants: set[str] = set()
-        for request, count in Counter(map(requests.get, run)).items():
-            tenant = _tenant(tenant_of, request)
-            if tenant is not None:
-                counts[(tenant, priority_class(-high))] += count
-                tenants.add(tenant)
-        for i, task_id in enumerate(run, start=start):
-            if not tenants:
-                break
-            tenant = tenant_of[requests.get(task_id)]
-            if tenant in tenants:
-                tenants.discard(tenant)
-                seq = float(scores[i]) - high * band
-                if tenant not in first or seq < first[tenant][0]:
-                    first[tenant] = (seq, task_id)
-        start = end
-    stats.pending = dict(counts)
+    Read in pages of ``PAGE`` by score, each with its requests: at 1M pending one reply of the
+    whole queue and one of every request (~100 MB) ran past the socket timeout on a loaded
+    machine, and held Redis for that long; decoding every request and walking every entry in
+    Python took seconds a count (issue 14). A page starts past the last score read, so tasks
+    placed meanwhile shift nothing; a count is of the queue as the pages found it."""
+    count, after = _Count(), b"-inf"
+    while True:
+        (page,) = raw_pipeline(client, [encode_command(
+            b"ZRANGE", keys.pending.encode(), after, b"+inf", b"BYSCORE", b"LIMIT", b"0", b"%d" % PAGE, b"WITHSCORES")])
+        if page and isinstance(page[0], list):  # RESP3: [member, score] pairs
+            ids, scores = [p[0] for p in page], [p[1] for p in page]
+        else:
+            ids, scores = page[::2], page[1::2]
+        if not ids:
+            break
+        (wires,) = raw_pipeline(client, [encode_command(b"HMGET", keys.requests.encode(), *ids)])
+        count.add(ids, scores, dict(zip(ids, wires, strict=True)))
+        if len(ids) < PAGE:
+            break
+        after = b"(" + repr(float(scores[-1])).encode()
+    stats.pending = dict(count.counts)
     pipe = client.pipeline(transaction=False)
-    for _seq, task_id in first.values():
+    for _seq, task_id in count.first.values():
         pipe.hget(keys.task(task_id.decode()), "submitted_at")
-    for tenant, at in zip(first, pipe.execute(), strict=True):
+    for tenant, at in zip(count.first, pipe.execute(), strict=True):
         if at is not None:
             stats.oldest_submitted_ms[tenant] = int(at)
 

@@ -56,9 +56,8 @@ from broker.store.scripts import Clock, ForgetCode, PreemptCode, QuarantineCode,
 
 log = logging.getLogger(__name__)
 
-#: Work that is not placing (the full pass after the lazy one, the pool gauges) runs at most every
-#: explain_interval_s, and no more often than SPARE times its own last duration: at most about a
-#: tenth of the dispatcher's time, however long the queue.
+#: The full pass after the lazy one runs at most every explain_interval_s, and no more often than
+#: SPARE times its own last duration: at most about a tenth of the dispatcher's time.
 SPARE = 10
 #: Pending ids read with the scan gate's mark, in its round trip: the head, when that covers it.
 EARLY_HEAD = 64
@@ -215,15 +214,15 @@ class Dispatcher:
 
     def _refresh_metrics(self) -> None:
         """The pool gauges and outcome counters (broker.metrics): the queue count reads the whole
-        queue, so at most once per explain_interval_s; nodes come from the cycle's own cache."""
+        queue, so at most once per explain_interval_s (a long queue: less often, stats.interval_ms);
+        nodes come from the cycle's own cache."""
         now = self.clock()
         if now < self._next_stats_ms:
             return
-        started = time.perf_counter()
-        COLLECTOR.update(self.settings.pool, stats.read_stats(self.redis, self.keys), now, self._view.nodes,
+        read = stats.read_stats(self.redis, self.keys)
+        self._next_stats_ms = now + stats.interval_ms(int(self.settings.explain_interval_s * 1000), read)
+        COLLECTOR.update(self.settings.pool, read, now, self._view.nodes,
                          self._wanted.figures(now, self._waiting, self._view.nodes.values()))
-        cost_ms = (time.perf_counter() - started) * 1000
-        self._next_stats_ms = now + int(max(self.settings.explain_interval_s * 1000, cost_ms * SPARE))
 
     def _forget_departed(self, report: CycleReport) -> None:
         """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down
@@ -262,6 +261,7 @@ class Dispatcher:
             if done:
                 self.redis.hdel(self.keys.preempting, *done)
             snap.preempting_for, snap.warm = {k: v for k, v in preempting.items() if k in waiting}, self._view.warm
+            snap.index = self._view.index  # best fit starts from it (the same nodes, kept across cycles)
         report.nodes_seen = max(report.nodes_seen, len(snap.nodes))
         report.pending_seen = max(report.pending_seen, len(snap.pending))
         self._waiting = snap if snap.pending else None

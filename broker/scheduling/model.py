@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.models import MILLI, Exact, Prefer, labels_fit
+
+if TYPE_CHECKING:
+    from broker.scheduling.placement.free_index import FreeIndex
 
 GpuKind = tuple[int, int]  # the GPU part of a request: (whole GPUs, 0) or (0, milli of one GPU); (0, 0) for none
 Vector = tuple[float, float, float]  # an amount of GPUs (a share as its fraction), CPUs and memory (MiB)
@@ -187,6 +190,9 @@ class Snapshot:
     draining: list[NodeFree] = field(default_factory=list)
     # Warm GPU sets by the task name they last ran: the placers try them first (placement.warm).
     warm: WarmMap = field(default_factory=WarmMap)
+    # The dispatcher's index of what is free, kept across cycles: best fit starts from it when it
+    # holds exactly ``nodes`` (the same placements, without a visit per node; issue 14).
+    index: FreeIndex | None = None
 
 
 @dataclass(slots=True)

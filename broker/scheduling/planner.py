@@ -23,6 +23,8 @@ phases (as kueue's cycle):
 
 from __future__ import annotations
 
+import operator
+
 from broker.scheduling import elastic, gang
 from broker.scheduling.config import Mode, Ordering, SchedulingConfig
 from broker.scheduling.explain import Cause, explain
@@ -30,7 +32,9 @@ from broker.scheduling.fairshare import Ledger
 from broker.scheduling.gang_preemption import WAITS, preempt_gang
 from broker.scheduling.model import GangPlacement, GpuKind, NodeFree, Placement, Plan, Snapshot, TaskRequest, demand
 from broker.scheduling.ordering import ORDERINGS, Ranking
-from broker.scheduling.placement import make_placer
+from broker.scheduling.placement import PlacementKind, make_placer
+from broker.scheduling.placement.base import Placer
+from broker.scheduling.placement.best_fit import BestFitPlacer
 from broker.scheduling.placement.warm import warm_first
 from broker.scheduling.preemption import Preemptor
 from broker.scheduling.timeline import INF, Hold, Timeline, Usage, expected_end
@@ -69,6 +73,17 @@ def _check(snap: Snapshot) -> None:
                              f"{gpus[run.node_id]} GPUs")
 
 
+def _placer(config: SchedulingConfig, snap: Snapshot) -> Placer:
+    """Best fit from the dispatcher's kept index when it holds exactly ``snap.nodes`` (at 10,000
+    nodes, building best fit's buckets from every node was a fifth of a full pass), else a fresh
+    placer over them."""
+    index = snap.index
+    if (config.placement is PlacementKind.BEST_FIT and index is not None and len(index.ranked) == len(snap.nodes)
+            and all(map(operator.is_, index.ranked, snap.nodes))):
+        return BestFitPlacer.from_index(index)
+    return make_placer(config.placement, snap.nodes, snap.mix)
+
+
 class _Pass:
     def __init__(self, config: SchedulingConfig, max_holds: int, snap: Snapshot) -> None:
         _check(snap)
@@ -76,7 +91,7 @@ class _Pass:
         self.fair = config.ordering is Ordering.FAIR
         # 1 estimate
         self.duration = {t.id: self._estimate(t.name, t.gpu_kind, t.estimate_s) for t in snap.pending}
-        self.placer = warm_first(make_placer(config.placement, snap.nodes, snap.mix), snap.warm)
+        self.placer = warm_first(_placer(config, snap), snap.warm)
         self.timeline = Timeline(self.now, self.placer.nodes)
         self.node_order = {n: i for i, n in enumerate(self.placer.nodes)}
         self.ledger = Ledger(config, snap.nodes, snap.running)

@@ -10,9 +10,11 @@ import random
 
 import pytest
 
-from broker.scheduling.model import NodeFree
+from broker.scheduling.config import SchedulingConfig
+from broker.scheduling.model import NodeFree, Snapshot
 from broker.scheduling.placement.best_fit import propose
 from broker.scheduling.placement.free_index import FreeIndex
+from broker.scheduling.planner import Planner
 from tests.scheduling.helpers import GiB, node
 from tests.scheduling.test_placement_speedups import random_cluster, random_task
 
@@ -40,8 +42,10 @@ def _changed(rng: random.Random, nodes: dict[str, NodeFree], placed: dict[str, N
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_best_fit_from_the_index_places_as_from_every_node(seed: int) -> None:
+def test_best_fit_from_the_index_places_as_from_every_node(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(7000 + seed)
+    if seed % 2:  # every update refiles all at once, as when most nodes changed
+        monkeypatch.setattr(FreeIndex, "BULK", -1)
     nodes = {n.id: n for n in random_cluster(rng)}
     index = FreeIndex()
     index.update(nodes, nodes)
@@ -58,6 +62,9 @@ def test_best_fit_from_the_index_places_as_from_every_node(seed: int) -> None:
             fresh.nodes, fresh.whole, fresh.free_slots, fresh.max_gpus)
         assert [b for b in index.by_whole if b] == [b for b in fresh.by_whole if b]
         assert [n.id for n in index.ranked] == [n.id for n in fresh.ranked]
+        # best fit's whole-GPU buckets, refiled node by node, as built afresh (and untouched by propose)
+        assert (index.factors, index.whole_gpus, index.filed) == (fresh.factors, fresh.whole_gpus, fresh.filed)
+        assert {k: v for k, v in index.buckets.items() if v} == {k: v for k, v in fresh.buckets.items() if v}
         placed: dict[str, NodeFree] = {}
         by_id = {t.id: t for t in tasks}
         for p in expected[: rng.randint(0, len(expected))]:  # what reserve.lua committed
@@ -83,3 +90,21 @@ def test_an_unchanged_node_is_not_visited_and_ranks_are_rebuilt_only_when_nodes_
     assert index.rebuilds == 1 and index.whole["n0007"] == 7 and index.by_whole[7] == ["n0007"]
     index.update(["n0007"], {})  # gone
     assert index.rebuilds == 2 and "n0007" not in index.nodes and index.free_slots == 1999 * 8
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_full_pass_from_the_index_plans_as_from_the_node_list(seed: int) -> None:
+    """The dispatcher's full pass hands the planner its FreeIndex (``Snapshot.index``): best fit
+    starts from it, and plans exactly as over the listed nodes; an index of other nodes is not used."""
+    rng = random.Random(9000 + seed)
+    nodes = [n for n in random_cluster(rng) if not n.draining]
+    index = FreeIndex()
+    index.update({n.id: n for n in nodes}, {n.id: n for n in nodes})
+    listed = list(index.ranked)
+    tasks = [random_task(rng, i) for i in range(rng.randint(1, 80))]
+    config = SchedulingConfig(preemption=False)
+    plain = Planner(config).plan(Snapshot(100.0, listed, copy.deepcopy(tasks)))
+    indexed = Planner(config).plan(Snapshot(100.0, listed, copy.deepcopy(tasks), index=index))
+    assert (indexed.placements, indexed.waiting) == (plain.placements, plain.waiting)
+    other = Planner(config).plan(Snapshot(100.0, listed[1:], copy.deepcopy(tasks), index=index))
+    assert other == Planner(config).plan(Snapshot(100.0, listed[1:], copy.deepcopy(tasks)))

@@ -17,37 +17,16 @@ import dataclasses
 import itertools
 from bisect import bisect_left, insort
 from collections.abc import Container, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 from broker.models import MILLI
 from broker.scheduling.model import NodeFree, Placement, TaskRequest, WarmMap
 from broker.scheduling.placement.base import ChooseThenTake, LabelGroups
-from broker.scheduling.placement.free_index import FreeIndex
+from broker.scheduling.placement.free_index import SCALE, WEIGHTS, Entry, FreeIndex, Key, factors_of, fullness
 from broker.scheduling.placement.warm import COLD_TRIES, cold_gpus, steered, warm_choice
 
-# Weights of free GPU, GPU memory, CPU and memory in a node's fullness (each as a share of the
-# largest node's capacity in that dimension). The paper's best fit weighs CPU and GPU half and half.
-WEIGHTS = (0.35, 0.15, 0.35, 0.15)
-SCALE = 1_000_000  # fullness is an integer, so that equal nodes tie exactly
 SHARE_BUCKETS = 20  # nodes filed by the most share free on one GPU, in steps of MILLI / SHARE_BUCKETS
-
-
-def _extent(nodes: Iterable[NodeFree]) -> tuple[float, float, float, float]:
-    """The largest node's capacity in each dimension (GPU milli, GPU memory, CPU milli, memory MiB)."""
-    top = [1, 1, 1, 1]
-    for n in nodes:
-        gpus = len(n.free_milli)
-        for d, value in enumerate((gpus * MILLI, gpus * n.gpu_memory_mb, max(n.cap_cpu_milli, n.free_cpu_milli),
-                                   max(n.cap_memory_mb, n.free_memory_mb))):
-            top[d] = max(top[d], value)
-    return (WEIGHTS[0] * SCALE / top[0], WEIGHTS[1] * SCALE / top[1], WEIGHTS[2] * SCALE / top[2],
-            WEIGHTS[3] * SCALE / top[3])
-
-
-def fullness(node: NodeFree, factors: tuple[float, float, float, float]) -> int:
-    """What is free on the node, every dimension weighed: lower is fuller."""
-    return round(factors[0] * sum(node.free_milli) + factors[1] * sum(node.free_mem)
-                 + factors[2] * node.free_cpu_milli + factors[3] * node.free_memory_mb)
+__all__ = ["SCALE", "WEIGHTS", "BestFit", "BestFitPlacer", "fullness", "plan", "propose"]  # fullness: free_index's
 
 
 def _share_bucket(node: NodeFree) -> int:
@@ -69,24 +48,38 @@ class BestFit:
         # The caller's nodes, copied only when a placement takes from one (own()): most cycles
         # place a few tasks on a few of thousands of nodes.
         self.nodes = {n.id: n for n in nodes}
-        self.owned: set[str] = set()
         self.ranked = list(self.nodes.values())
         self.rank = {node.id: rank for rank, node in enumerate(self.ranked)}
         self.groups = LabelGroups(self.ranked)
-        self.factors = _extent(self.ranked)
+        self.factors = factors_of(self.ranked)
         self.max_gpus = max((len(n.free_milli) for n in self.ranked), default=0)
-        # Node id -> its wholly free GPU indices, ascending: kept up to date as tasks are placed.
+        # Node id -> its wholly free GPU indices, ascending: kept up to date as tasks are placed
+        # (each list copied when its node is first taken from: own()).
         self.whole_gpus: dict[str, list[int]] = {n.id: n.whole_indices() for n in self.ranked}
         self.free_slots = sum(n.free_slots for n in self.ranked)
-        self.failed: set[tuple[Any, ...]] = set()  # task shapes that fit nowhere
-        self.dead: dict[tuple[Any, ...], set[int]] = {}  # task shape -> ranks of nodes it does not fit
         # (kind, group, bucket) -> sorted [(fullness, rank)]; kind "w": whole, "s": share, "c": CPU.
         # Each kind of bucket is built when the first task that reads it asks: a pass of whole-GPU
         # tasks (most cycles, often with one task) should not pay for the other two.
-        self.buckets: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+        self.buckets: dict[Key, list[Entry]] = {}
         self.built: set[str] = set()
-        self._keys_memo: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}
-        self.filed: dict[str, list[tuple[tuple[str, int, int], tuple[int, int]]]] = {n.id: [] for n in self.ranked}
+        self._filed_w: dict[str, Key] = {}  # from_index: each node's whole-GPU bucket as the index filed it
+        self._start()
+
+    def _start(self) -> None:
+        """What each pass starts empty."""
+        self.owned: set[str] = set()
+        self.failed: set[tuple[Any, ...]] = set()  # task shapes that fit nowhere
+        self.dead: dict[tuple[Any, ...], set[int]] = {}  # task shape -> ranks of nodes it does not fit
+        self._keys_memo: dict[tuple[int, int, int], list[Key]] = {}
+        self.filed: dict[str, list[tuple[Key, Entry]]] = {}  # node id -> its entries in built buckets
+
+    def _filed(self, node: NodeFree) -> list[tuple[Key, Entry]]:
+        found = self.filed.get(node.id)
+        if found is None:
+            key = self._filed_w.get(node.id)
+            found = self.filed[node.id] = [] if key is None else [(key, (fullness(node, self.factors),
+                                                                         self.rank[node.id]))]
+        return found
 
     def _index(self, kind: str) -> None:
         if kind in self.built:
@@ -94,26 +87,37 @@ class BestFit:
         self.built.add(kind)
         touched = set()
         for node in self.ranked:
+            filed = self._filed(node)
             for key, entry in self._entries(node, (kind,)):
                 self.buckets.setdefault(key, []).append(entry)
-                self.filed[node.id].append((key, entry))
+                filed.append((key, entry))
                 touched.add(key)
         for key in touched:
             self.buckets[key].sort()
 
     @classmethod
-    def from_index(cls, index: FreeIndex) -> BestFit:
+    def from_index(cls, index: FreeIndex) -> Self:
         """Start from a FreeIndex kept across cycles (its nodes in id order): the same placements
-        as ``BestFit(nodes)`` over them. The index spares the dispatcher reading every node; the
-        fullness buckets are still built here per cycle, as each kind of task first asks."""
-        return cls(index.ranked)
+        as ``BestFit(nodes)`` over them. Its whole-GPU buckets are copied (list copies, no visit
+        per node); share and CPU buckets are built here, as a task of their kind first asks."""
+        fit = cls.__new__(cls)
+        fit.nodes = dict(zip(index.ids, index.ranked, strict=True))
+        fit.ranked, fit.rank, fit.groups = list(index.ranked), index.rank, index.groups
+        fit.factors, fit.max_gpus = index.factors, index.max_gpus
+        fit.whole_gpus, fit.free_slots = dict(index.whole_gpus), index.free_slots
+        fit.buckets = {key: list(entries) for key, entries in index.buckets.items()}
+        fit.built, fit._filed_w = {"w"}, index.filed
+        fit._start()
+        return fit
 
     def own(self, node_id: str) -> NodeFree:
         """The node, as this placer's own copy (made on first use) that placements may change."""
         node = self.nodes[node_id]
         if node_id not in self.owned:
             self.owned.add(node_id)
+            self._filed(node)  # its entries, as filed before this copy changes
             node = self.nodes[node_id] = self.ranked[self.rank[node_id]] = node.copy()
+            self.whole_gpus[node_id] = list(self.whole_gpus[node_id])
         return node
 
     def _entries(self, node: NodeFree, kinds: Iterable[str]) -> list[tuple[tuple[str, int, int], tuple[int, int]]]:
@@ -129,7 +133,7 @@ class BestFit:
         return out
 
     def _refile(self, node: NodeFree) -> None:
-        for key, entry in self.filed[node.id]:
+        for key, entry in self._filed(node):
             entries = self.buckets[key]
             del entries[bisect_left(entries, entry)]
         self.filed[node.id] = after = self._entries(node, self.built)

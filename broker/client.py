@@ -8,17 +8,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from celery import Celery
 from redis.exceptions import NoPermissionError
 
-from broker.celery_conf import monitor_app
 from broker.errors import AccessDenied, InvalidRequest, NodeNotFound, NodeRejected, TaskNotFound, WaitTimeout
 from broker.message import new_task_id
 from broker.models import NodeView, QueueEntry, Resources, SubmitRequest, TaskStatus
-from broker.native.envelope import Envelope, Envelopes, after_publish
-from broker.native.events import SentEvents
 from broker.native.submitter import Submitter
 from broker.settings import Settings
 from broker.store import gangs, history, reads, records
@@ -26,6 +22,12 @@ from broker.store.connection import connect, unavailable_as_error
 from broker.store.history import TaskRow, UsageRow
 from broker.store.keys import PoolKeys
 from broker.store.scripts import CancelCode, Clock, DrainCode, ForgetCode, Scripts, wall_clock_ms
+
+if TYPE_CHECKING:  # Celery is imported when a task is first submitted: commands that only read start faster
+    from celery import Celery
+
+    from broker.native.envelope import Envelope, Envelopes
+    from broker.native.events import SentEvents
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,12 @@ class Client:
         # (send_task's publish and event took two round trips and kombu's producer: issue 14).
         task_id, req, message = self._admitted(request)
         if self._events is None:
+            from broker.native.events import SentEvents
+
             self._events = SentEvents(self._celery_app(), self.redis.connection_pool.connection_kwargs.get("db", 0))
         known_as, created = self.submitter.submit_one(task_id, req, message.stored, self._events.build(message.headers))
+        from broker.native.envelope import after_publish
+
         after_publish(message)
         return TaskHandle(self, known_as, created=created)
 
@@ -215,6 +221,8 @@ class Client:
         reuse = None if request.reuse is None else checked_reuse(request.reuse)
         req = self.submitter.request(request.task_name, cast(list[Any], request.args), request.kwargs, options)
         if self._envelopes is None:
+            from broker.native.envelope import Envelopes
+
             self._envelopes = Envelopes(self._celery_app())
         task_id = new_task_id()
         message = self._envelopes.build(task_id, req.task_name, req.args, req.kwargs, options.get("priority"),
@@ -373,5 +381,7 @@ class Client:
 
     def _celery_app(self) -> Celery:
         if self._celery is None:
+            from broker.celery_conf import monitor_app
+
             self._celery = monitor_app(self.settings)
         return self._celery

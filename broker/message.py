@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+if TYPE_CHECKING:  # imported where a message is built: the client's read-only commands need no Celery
+    from celery import Celery
 
 from broker.errors import InvalidRequest
 
@@ -26,6 +27,8 @@ _app: Celery | None = None
 def _capture_app() -> Celery:
     global _app
     if _app is None:
+        from celery import Celery
+
         _app = Celery("gpubroker-producer", broker="memory://", set_as_current=False)
         _app.conf.update(
             task_serializer="json",

@@ -17,7 +17,6 @@ from rich.table import Table
 from broker.cli.common import app, run_cli
 from broker.errors import InvalidRequest
 from broker.scheduling.config import Mode, Ordering, PlacementKind, SchedulingConfig
-from broker.sim.engine import simulate
 from broker.sim.localcluster import private_redis
 from broker.sim.results import SimResult
 from broker.sim.traces import ClusterNode, TraceJob, load_cluster, load_trace, openb_pods, parse_shape, uniform_cluster
@@ -106,6 +105,8 @@ def _progress() -> Progress:
 
 def _run_all(jobs: list[TraceJob], nodes: list[ClusterNode], policies: list[Policy], estimates: str,
              redis_url: str | None) -> list[SimResult]:
+    from broker.sim.engine import simulate  # the dispatcher and Celery: only for `sim` (other commands start faster)
+
     results = []
     with _progress() as progress:
         for policy in policies:
@@ -178,6 +179,7 @@ def plan(
 ) -> None:
     """Find the fewest nodes of one shape that meet the targets, by bisection over simulations."""
     from broker.sim.capacity import parse_target, plan_capacity, plan_json, plan_table_rows, plot_plan
+    from broker.sim.engine import simulate
     from broker.sim.report import plot_wait_cdf, summary_table
 
     def go() -> None:

@@ -4,23 +4,24 @@
                 come to the queue (promote.lua) and cancel those past their expiry or that a
                 producer asked to cancel (expire.lua); now and then, take in tasks Celery
                 producers pushed past the broker and forget nodes down for node_forget_after_s
-    2 snapshot  read free capacity per GPU and the head of the pending queue
+    2 snapshot  read free capacity per GPU and the head of the pending queue (on the spine's
+                lazy path most of it rides in phase 1's round trip: an idle cycle is 3 or 4)
     3 plan      pure-Python policy proposes placements (broker.scheduling)
     4 commit    reserve.lua re-checks and commits them in batches; preempt.lua marks
                 victims the plan chose; quarantine.lua ends FAILED the pending tasks whose
                 stored request the snapshot could not read (the others were planned as usual)
     5 record    log and export what the cycle did, publish each waiting task's reason
 
-Phases 3 and 4 interleave batch by batch: while Redis runs one reserve.lua batch,
-the dispatcher plans the next, so Redis and Python each keep a core busy. Each
-phase's time is the sum over its turns.
+Phases 3 and 4 interleave batch by batch: while Redis runs one reserve.lua batch, the
+dispatcher plans the next, so Redis and Python each keep a core busy. Each phase's time is the
+sum over its turns.
 
-Two planners: the spine's lazy best-fit (``placement.best_fit.propose``) runs when the
-pool's scheduling is the spine (priority order, skip-ahead, best fit), since it reads the
-queue only as far as it gets; every other configuration, and a full pass at most
-every ``explain_interval_s`` after the lazy one when tasks are left waiting, runs
-``scheduling.planner.Planner`` over the whole window with the running tasks (for backfill,
-preemption, fair share, and the reasons and estimated starts the queue view shows).
+Two planners: the spine's lazy best-fit (``placement.best_fit.propose``) runs when the pool's
+scheduling is the spine (priority order, skip-ahead, best fit), since it reads the queue only as
+far as it gets; every other configuration, and a full pass at most every ``explain_interval_s``
+after the lazy one when tasks are left waiting, runs ``scheduling.planner.Planner`` over the
+whole window with the running tasks (for backfill, preemption, fair share, and the reasons and
+estimated starts the queue view shows).
 
 Several dispatchers may run on one pool: correctness comes from reserve.lua, which refuses a
 placement that no longer fits; a losing dispatcher just wastes a cycle.
@@ -89,7 +90,7 @@ class Dispatcher:
         self._explained: Mark | None = None  # what the last full pass after the lazy one saw
         self._last_full_ms: int | None = None
         self._timer: int | None = UNREAD  # when the next delayed task or expiry is due, as this cycle read it
-        self._early: list[Any] | None = None  # this cycle's mark_commands replies, read with its upkeep
+        self._early: tuple[int, list[Any], list[Any]] | None = None  # view and mark replies, read with the upkeep
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
         self._published = False
         self._catalogue = reads.Catalogue()
@@ -121,12 +122,15 @@ class Dispatcher:
         if not self._published:
             self.publish_config()
         with Timer(report, "1_reap"):
-            # reap.lua, promote.lua, expire.lua, and the lazy pass's mark and head after them: one round trip
-            done = timers.upkeep(self.scripts, mark_commands(self.keys, EARLY_HEAD) if self.lazy else ())
+            # reap.lua, promote.lua, expire.lua, then the lazy pass's node view, mark and head: one round trip
+            now = self.clock()
+            view = self._view.refresh_commands(self.keys, now) if self.lazy else []
+            done = timers.upkeep(self.scripts, [*view, *mark_commands(self.keys, EARLY_HEAD)] if self.lazy else ())
             report.reaped, report.promoted, report.expired = done.reaped, done.promoted, done.expired
             gangs.settle_all(self.scripts, int(self.settings.gang_stop_grace_s * 1000), done.gangs)  # one fate each
             report.ingested = self._ingest.maybe()
-            self._early = done.after if self.lazy and not (done.gangs or report.ingested) else None  # else stale
+            fresh = self.lazy and not (done.gangs or report.ingested)  # else read again: they changed things
+            self._early = (now, done.after[:len(view)], done.after[len(view):]) if fresh else None
             self._forget_departed(report)
             self._trim_history()
         self._timer = UNREAD
@@ -154,9 +158,10 @@ class Dispatcher:
         """The spine's lazy best-fit over the head of the queue; whether a full pass is due.
         Skipped, window unread, while nothing changed since a pass that placed nothing (scan_gate)."""
         with Timer(report, "2_snapshot"):
-            self._view.refresh(self.redis, self.keys, self.clock())  # and its index, where nodes changed
+            now, view, marked = self._early or (self.clock(), None, None)
+            self._view.refresh(self.redis, self.keys, now, view)  # and its index, where nodes changed
             first = min(self._view.index.free_slots, self.settings.dispatch_window)
-            mark, early = (mark_of(self._early, self._view.seen) if self._early is not None
+            mark, early = (mark_of(marked, self._view.seen) if marked is not None
                            else read_mark(self.redis, self.keys, self._view.seen, EARLY_HEAD))
             self._timer = early.timer
         report.nodes_seen = len(self._view.index.nodes)
@@ -182,8 +187,8 @@ class Dispatcher:
             self._last_head = (head.read, head.window_full)
             self._gate.after(mark, not (report.placed or report.refused or head.poisoned)
                              and all(t >= 1 for t in tokens.values()))
-        # Tasks left waiting: now and then, a full pass for preemption and the queue view. The queue's
-        # length says whether any are left: the head read may stop at the free slots.
+        # Tasks left waiting (the queue's length: the head read stops at the free slots): now and
+        # then, a full pass for preemption and the queue view.
         left = max(report.pending_seen, mark.pending) > report.placed or report.window_full
         interval_ms = max(self.settings.explain_interval_s * 1000, self._full_cost_ms * SPARE)
         due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
@@ -198,24 +203,21 @@ class Dispatcher:
         self._explained = mark if full else self._explained
         return full
 
-    def _beat(self) -> None:
-        """Record that a cycle ran (``gpubroker health dispatcher``), at most once a second."""
+    def _beat(self) -> None:  # that a cycle ran (gpubroker health dispatcher), at most once a second
         now = self.clock()
         if now >= self._next_beat_ms:
             self.redis.set(self.keys.cycle, now)
             self._next_beat_ms = now + 1000
 
-    def _trim_history(self) -> None:
-        """Drop history index entries whose records expired, once a minute (readers skip them meanwhile)."""
+    def _trim_history(self) -> None:  # entries whose records expired, once a minute (readers skip them)
         now = self.clock()
         if now >= self._next_trim_ms:
             history.trim_finished(self.redis, self.keys)
             self._next_trim_ms = now + 60_000
 
     def _refresh_metrics(self) -> None:
-        """The pool gauges and outcome counters (broker.metrics): the queue count reads the whole
-        queue, so at most once per explain_interval_s (a long queue: less often, stats.interval_ms);
-        nodes come from the cycle's own cache."""
+        """The pool gauges and outcome counters (broker.metrics): the queue count at most once per
+        explain_interval_s (a long queue: less often, stats.interval_ms); nodes from the cycle's cache."""
         now = self.clock()
         if now < self._next_stats_ms:
             return
@@ -225,8 +227,7 @@ class Dispatcher:
                          self._wanted.figures(now, self._waiting, self._view.nodes.values()))
 
     def _forget_departed(self, report: CycleReport) -> None:
-        """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then: down
-        nodes change only when the reaper finds one."""
+        """Remove the nodes down for node_forget_after_s (forget.lua), looking now and then."""
         now, after_ms = self.clock(), int(self.settings.node_forget_after_s * 1000)
         if now < self._next_forget_ms:
             return
@@ -325,8 +326,7 @@ class Dispatcher:
     def _publish_waiting(self, plan: Plan) -> None:
         """Each waiting task's position, reason and estimated start, for ``client.queue()``/``status``."""
         info = {task_id: json.dumps({"position": w.position, "reason": w.reason, "eta": w.estimated_start},
-                                    separators=(",", ":"))
-                for task_id, w in plan.waiting.items()}
+                                    separators=(",", ":")) for task_id, w in plan.waiting.items()}
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self.keys.queueinfo)
         if info:

@@ -68,15 +68,21 @@ class FreeView:
                 out.append(node)
         return out
 
-    def refresh(self, client: redis.Redis, keys: PoolKeys, now_ms: int) -> dict[str, NodeFree | None]:
+    def refresh_commands(self, keys: PoolKeys, now_ms: int) -> list[bytes]:
+        """What ``refresh`` reads first, for a caller that sends it with other commands."""
+        return [encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % self.seen, b"+inf", b"BYSCORE"),
+                encode_command(b"ZRANGE", keys.changes.encode(), b"-1", b"-1", b"WITHSCORES"),
+                encode_command(b"ZRANGE", keys.leases.encode(), b"-inf", b"(%d" % now_ms, b"BYSCORE"),
+                encode_command(b"ZCARD", keys.leases.encode()),
+                encode_command(b"HGET", keys.warm.encode(), VERSION.encode())]
+
+    def refresh(self, client: redis.Redis, keys: PoolKeys, now_ms: int,
+                replies: list[Any] | None = None) -> dict[str, NodeFree | None]:
         """Read what changed; returns each node that may be other than at the last refresh: what is
-        free on it now, None when it is not up or its lease ran out (draining ones as they are)."""
-        changes, last, expired, count, warm_version = raw_pipeline(client, [
-            encode_command(b"ZRANGE", keys.changes.encode(), b"(%d" % self.seen, b"+inf", b"BYSCORE"),
-            encode_command(b"ZRANGE", keys.changes.encode(), b"-1", b"-1", b"WITHSCORES"),
-            encode_command(b"ZRANGE", keys.leases.encode(), b"-inf", b"(%d" % now_ms, b"BYSCORE"),
-            encode_command(b"ZCARD", keys.leases.encode()),
-            encode_command(b"HGET", keys.warm.encode(), VERSION.encode())])
+        free on it now, None when it is not up or its lease ran out (draining ones as they are).
+        ``replies``: those to ``refresh_commands(keys, now_ms)``, when the caller sent them."""
+        changes, last, expired, count, warm_version = (
+            replies if replies is not None else raw_pipeline(client, self.refresh_commands(keys, now_ms)))
         if warm_version != self._warm_version:
             self._warm_version, self.warm = read_warm(client, keys)
         newest = _newest(last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -202,14 +203,25 @@ class Client:
         idempotency key already taken, here or earlier in the same batch, returns that task
         (``handle.created`` is False). A gang (``replicas`` > 1) is written in its place in the
         order, as ``submit`` writes one. No task-sent event is sent for them (Flower sees each
-        task once a worker receives it)."""
-        admitted = []
-        for index, item in enumerate(requests):
-            try:
-                admitted.append(self._admit(_as_submit(item)))
-            except InvalidRequest as exc:
-                raise _at(index, exc) from None
-        return [TaskHandle(self, task_id, created) for task_id, created in self.submitter.submit_admitted(admitted)]
+        task once a worker receives it).
+
+        Python's cyclic garbage collector is paused meanwhile: a batch allocates hundreds of
+        thousands of short-lived objects, which reference counting frees, and the collector's
+        passes over them found nothing but took ~15% of a 10,000-task batch."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            admitted = []
+            for index, item in enumerate(requests):
+                try:
+                    admitted.append(self._admit(_as_submit(item)))
+                except InvalidRequest as exc:
+                    raise _at(index, exc) from None
+            written = self.submitter.submit_admitted(admitted)
+        finally:
+            if paused:
+                gc.enable()
+        return [TaskHandle(self, task_id, created) for task_id, created in written]
 
     def _admit(self, request: Submit) -> tuple[str, SubmitRequest, str]:
         """One request of a batch validated, its envelope built, and checked as ``submit`` checks it."""

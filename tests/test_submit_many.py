@@ -3,6 +3,7 @@ first (a refusal names the index and field and writes nothing), idempotency keys
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from collections.abc import Iterator
@@ -292,3 +293,23 @@ def test_a_batch_stores_requests_of_one_shape_alike() -> None:
     unshaped = SubmitRequest(task_name="workers.tasks.probe", args=[1], kwargs={"x": [2]}, idempotency_key="k",
                              max_retries=0, not_before=5.0, expires_at=9.0)
     assert StoredRequest.of(plain) == StoredRequest.of(unshaped)
+
+
+def test_the_garbage_collector_is_paused_for_a_batch_and_back_after_it_even_on_a_refusal(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    admit = client._admit
+    monkeypatch.setattr(client, "_admit", lambda request: seen.append(gc.isenabled()) or admit(request))
+    assert gc.isenabled()
+    client.submit_many([Submit(task_name="workers.tasks.probe")])
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(InvalidRequest):
+        client.submit_many([Submit(task_name="workers.tasks.probe"),
+                            {"task_name": "workers.tasks.probe", "priority": "high"}])
+    assert gc.isenabled()
+    gc.disable()  # a caller that runs without it keeps it off
+    try:
+        client.submit_many([Submit(task_name="workers.tasks.probe")])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import pytest
 from kombu.asynchronous import Hub
 
+from workers import pool as pool_module
 from workers.pool import FreshProcessAsynPool
 
 
@@ -48,3 +50,23 @@ def test_stock_celery_fails_on_it() -> None:
             AsynPool._track_child_process(pool, _Exited(), hub)
     finally:
         hub.close()
+
+
+class _Counter:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_an_exiting_process_waits_until_the_main_process_read_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """billiard's wait before a pool process exits, kept (it must not exit with a result unread)
+    but looked at every CONSUMED_POLL_S: the counter the main process bumps decides."""
+    worker = object.__new__(pool_module.WarmWorker)
+    worker.on_ready_counter = _Counter(0)
+    timer = threading.Timer(0.05, lambda: setattr(worker.on_ready_counter, "value", 3))
+    timer.start()
+    assert worker._ensure_messages_consumed(completed=3) is True
+    assert worker.on_ready_counter.value == 3
+    monkeypatch.setattr(pool_module, "CONSUMED_WAIT_S", 0.05)
+    assert worker._ensure_messages_consumed(completed=4) is False  # never read: gives up, as billiard's does
+    worker.on_ready_counter = None
+    assert worker._ensure_messages_consumed(completed=1) is False

@@ -46,6 +46,7 @@ from broker import Client
 from broker.client import Submit
 from broker.models import Resources
 from broker.settings import Settings
+from workers.unit import children
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "bench.e2e.noop"
@@ -65,13 +66,6 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    except OSError:
-        return []
 
 
 def commands(server: redis.Redis) -> int:

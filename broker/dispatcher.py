@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 SPARE = 10
 #: Pending ids read with the scan gate's mark, in its round trip: the head, when that covers it.
 EARLY_HEAD = 64
-UNREAD = -1  # the cycle has not read the timers yet
 
 #: How a victim of preemption is told to stop: ``stopper(task_id, node_id)``. Live workers
 #: watch their own tasks (workers.agent), so the dispatcher's default does nothing; the
@@ -89,7 +88,7 @@ class Dispatcher:
         self._last_head = (0, False)  # what the last read of the queue's head found: tasks read, window full
         self._explained: Mark | None = None  # what the last full pass after the lazy one saw
         self._last_full_ms: int | None = None
-        self._timer: int | None = UNREAD  # when the next delayed task or expiry is due, as this cycle read it
+        self._timer: int | None = None  # when the next delayed task or expiry is due, as the lazy pass read it
         self._early: tuple[int, list[Any], list[Any]] | None = None  # view and mark replies, read with the upkeep
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
         self._published = False
@@ -133,10 +132,8 @@ class Dispatcher:
             self._early = (now, done.after[:len(view)], done.after[len(view):]) if fresh else None
             self._forget_departed(report)
             self._trim_history()
-        self._timer = UNREAD
         full = self._lazy_pass(report) if self.lazy else True
         if full:
-            self._timer = UNREAD  # a full pass may requeue (preemption): read the timers after it
             # After the lazy planner, the full pass is for preemption and the queue view: the
             # head of the queue is enough; but the lazy planner stops at a gang, so then the full
             # pass places the gang and what is behind it, over the whole window.
@@ -146,7 +143,8 @@ class Dispatcher:
             self._full_cost_ms = (time.perf_counter() - started) * 1000 if self.lazy else 0.0
         with Timer(report, "5_record"):
             self._note_unreadable_nodes()
-            timer = reads.next_timer_ms(self.redis, self.keys) if self._timer is UNREAD else self._timer
+            # The lazy pass read the timers; a full pass may requeue (preemption): read them after it.
+            timer = reads.next_timer_ms(self.redis, self.keys) if full else self._timer
             if timer is not None:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
             self._record(report)

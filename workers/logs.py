@@ -234,17 +234,17 @@ class _Refresher(threading.Thread):
             self._capture = None
 
 
-_refreshers: dict[int, _Refresher] = {}
+_running: tuple[int, _Refresher] | None = None
 
 
 def _refresher() -> _Refresher:
-    """This process's refresher (started at its first attempt: a thread does not survive fork)."""
-    found = _refreshers.get(os.getpid())
-    if found is None:
-        _refreshers.clear()
-        found = _refreshers[os.getpid()] = _Refresher()
-        found.start()
-    return found
+    """This process's refresher (started at its first attempt: a thread does not survive fork),
+    kept as ``workers.fence.watch`` keeps its watchdog."""
+    global _running
+    if _running is None or _running[0] != os.getpid():
+        _running = (os.getpid(), _Refresher())
+        _running[1].start()
+    return _running[1]
 
 
 _missed: list[Capture] = []  # this process's attempts whose last copy failed (a Redis outage)

@@ -70,7 +70,6 @@ class WarmWorker(AsynWorker):
             return receive()
         self.wait_for_job = wait_for_job
 
-
     def _ensure_messages_consumed(self, completed: int) -> bool:
         """billiard's wait, before a process exits, until the main process has read its results;
         looking every ``CONSUMED_POLL_S`` instead of every 0.1 s, within the same 30 s. A process

@@ -122,7 +122,8 @@ def _environ_has(pid: int, needle: bytes) -> bool:
         return False
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of each of its threads), from /proc, as far as they could be read."""
     found: list[int] = []
     try:
         for thread in Path(f"/proc/{pid}/task").iterdir():
@@ -184,6 +185,7 @@ class Unit:
         name = f"gpubroker-{scoped(node)}-w{os.getpid()}" if warm else f"gpubroker-{scoped(node)}-{tag}"
         self.cgroup = root / name.replace("/", "_") if root else None
         self.warm = warm
+        self._subreaper = False  # enter() made this process the subreaper of what the attempt starts
 
     def _process_cgroup(self, leader: int | None) -> Path | None:
         """The cgroup of warm pool process ``leader``, where its attempts run (see ``__init__``)."""
@@ -216,7 +218,7 @@ class Unit:
     def end_here(self) -> None:
         """In the pool child, before the outcome is recorded: kill every other process of the unit
         and wait until they are gone (reaping those that became this process's children)."""
-        if getattr(self, "_subreaper", False) and _childless():
+        if self._subreaper and _childless():
             return  # it started no process that is still there: nothing to look for in /proc
         deadline = time.monotonic() + KILL_WAIT_S
         while True:
@@ -267,7 +269,7 @@ class Unit:
             while stack:
                 pid = stack.pop()
                 found.add(pid)
-                stack.extend(_children(pid))
+                stack.extend(children(pid))
         if scan or not CHILDREN_LISTED:
             needle = f"{ATTEMPT_ENV}={self.marker}".encode()
             for entry in Path("/proc").iterdir():

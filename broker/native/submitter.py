@@ -24,7 +24,16 @@ from broker.store import gangs, reads
 from broker.store.connection import SentCommand, bulk, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.records import StoredRequest
-from broker.store.scripts import SIGNATURES, CancelCode, Clock, Scripts, SubmitCode, script_source, wall_clock_ms
+from broker.store.scripts import (
+    SIGNATURES,
+    CancelCode,
+    Clock,
+    Scripts,
+    SubmitCode,
+    as_text,
+    script_source,
+    wall_clock_ms,
+)
 
 
 def declared(defaults: Mapping[str, Any], name: str) -> Any:
@@ -84,10 +93,6 @@ _resource_scalars = operator.attrgetter(*_RESOURCES_SCALARS)
 def _resources_key(r: Resources) -> tuple[Any, ...]:
     """Every field of ``r``, hashable (the labels as their repr)."""
     return _resource_scalars(r), repr(r.labels) if r.labels else ""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Submitter:
@@ -226,9 +231,9 @@ class Submitter:
         for offset, ((task_id, _, _), (code, existing, *why)) in enumerate(zip(flight.part, replies, strict=True)):
             if code == SubmitCode.BAD_REQUEST:  # admit mirrors submit.lua's checks: not expected
                 index = flight.start + offset
-                raise InvalidRequest({f"[{index}]": f"refused by submit.lua ({_text(existing)}: "
-                                      f"{_text(why[0])}); the {index} tasks before it were written"})
-            known.append(self._known_as(task_id, SubmitCode(code), _text(existing)))
+                raise InvalidRequest({f"[{index}]": f"refused by submit.lua ({as_text(existing)}: "
+                                      f"{as_text(why[0])}); the {index} tasks before it were written"})
+            known.append(self._known_as(task_id, SubmitCode(code), as_text(existing)))
         return known
 
     @staticmethod

@@ -26,7 +26,7 @@ from broker.scheduling.model import NodeFree, WarmMap
 from broker.scheduling.placement.free_index import FreeIndex
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
-from broker.store.reads import Shapes, forget_gone, read_nodes_free
+from broker.store.reads import Shapes, forget_gone, read_nodes_free, with_scores
 from broker.store.warm_map import VERSION, read_warm
 
 
@@ -135,8 +135,6 @@ class FreeView:
 
 
 def _newest(reply: list[Any]) -> int:
-    """The score of a one-member WITHSCORES reply (RESP2 flat, RESP3 pairs); 0 when empty."""
-    if not reply:
-        return 0
-    score = reply[0][1] if isinstance(reply[0], list) else reply[1]
-    return int(float(score))
+    """The score of a one-member WITHSCORES reply; 0 when empty."""
+    pairs = with_scores(reply)
+    return int(pairs[0][1]) if pairs else 0

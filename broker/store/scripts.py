@@ -173,7 +173,8 @@ def _ms(seconds: float | None) -> int:
 Clock = Callable[[], int]
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A script's reply item as text (bytes decoded)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -230,7 +231,7 @@ class Scripts:
         k = self.keys
         _ok, *nodes = self._run("reap", (k.prefix, k.leases, k.pending, k.requests, k.wake, k.changes),
                                  (self.clock(), limit))
-        return [_text(n) for n in nodes]
+        return [as_text(n) for n in nodes]
 
     def redeliver(self, node_id: str, confirm: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
         """Queue again each RESERVED task's message lost in a failover (redeliver.lua): all those
@@ -240,7 +241,7 @@ class Scripts:
         pairs = "*" if confirm is None else " ".join(confirm)
         _ok, n, *rest = self._run("redeliver", (k.prefix, k.node_tasks(node_id), k.queue(node_id),
                                                 k.unacked(node_id)), (node_id, pairs))
-        return [_text(i) for i in rest[:n]], [_text(i) for i in rest[n:]]
+        return [as_text(i) for i in rest[:n]], [as_text(i) for i in rest[n:]]
 
     def drain(self, node_id: str, by: str, incarnation: str = "") -> tuple[DrainCode, int]:
         """Drain ``node_id`` (``by``: "operator", or "shutdown", which also hands back what was
@@ -271,12 +272,12 @@ class Scripts:
         code, existing, *why = self._run("submit", *self.submit_call(task_id, req, message, stored, result_ttl_ms,
                                                                       event))
         if code == SubmitCode.BAD_REQUEST:
-            key = _text(existing)
+            key = as_text(existing)
             if key == "message":
-                raise InvalidRequest({key: f"refused by submit.lua, nothing was written: {_text(why[0])}"})
+                raise InvalidRequest({key: f"refused by submit.lua, nothing was written: {as_text(why[0])}"})
             raise InvalidRequest({REQUEST_FIELDS.get(key, key): f"refused by submit.lua, nothing was written: stored "
-                                                                f"request key {key!r} {_text(why[0])}"})
-        return SubmitCode(code), _text(existing)
+                                                                f"request key {key!r} {as_text(why[0])}"})
+        return SubmitCode(code), as_text(existing)
 
     def submit_call(self, task_id: str, req: SubmitRequest, message: str, stored: StoredRequest | None = None,
                     result_ttl_ms: int = 0, event: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
@@ -321,7 +322,7 @@ class Scripts:
         attempt's output goes (``<node>:<path>``, recorded as log.lua records it)."""
         code, gpus = self._run("start", (self.keys.task(task_id), self.keys.node(node_id)),
                                (node_id, tag, self.clock(), pid or "", incarnation, log_file))
-        return StartCode(code), _text(gpus)
+        return StartCode(code), as_text(gpus)
 
     def finish(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",
                not_before: float | None = None, incarnation: str = "") -> tuple[FinishCode, str]:
@@ -331,7 +332,7 @@ class Scripts:
         reporting (refused if the node has a newer one)."""
         code, state = self._run("finish", *self.finish_call(task_id, node_id, tag, outcome, payload, detail,
                                                             not_before, incarnation))
-        return FinishCode(code), _text(state)
+        return FinishCode(code), as_text(state)
 
     def finish_call(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",
                     not_before: float | None = None, incarnation: str = "") -> tuple[list[str], list[Any]]:
@@ -367,7 +368,7 @@ class Scripts:
             (k.task(task_id), node_key, tasks_key, k.pending, k.requests, k.wake, changes, k.prefix),
             (task_id, node, self.clock(), mode, grace_ms, "1" if ask else ""),
         )
-        return CancelCode(code), _text(detail)
+        return CancelCode(code), as_text(detail)
 
     def promote(self, limit: int = 1000) -> int:
         """Move delayed tasks whose start time has come to the pending queue; how many moved."""
@@ -380,7 +381,7 @@ class Scripts:
         k = self.keys
         _ok, *ids = self._run("expire", (k.prefix, k.expiring, k.pending, k.requests, k.wake, k.changes),
                               (self.clock(), limit))
-        return [_text(i) for i in ids]
+        return [as_text(i) for i in ids]
 
     def quarantine(self, task_id: str, request: bytes | str, reason: str) -> QuarantineCode:
         """End a pending task whose stored ``request`` cannot be read: FAILED with ``reason``."""

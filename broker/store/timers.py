@@ -17,7 +17,7 @@ import redis
 
 from broker.store.codes import SIGNATURES
 from broker.store.connection import encode_command, raw_pipeline
-from broker.store.scripts import Scripts, script_source
+from broker.store.scripts import Scripts, as_text, script_source
 
 SCRIPTS = (("reap", 100), ("promote", 1000), ("expire", 1000))  # (script, most it handles per cycle)
 
@@ -29,10 +29,6 @@ class Upkeep:
     expired: list[str] = field(default_factory=list)  # tasks cancelled past their expiry
     gangs: list[str] = field(default_factory=list)  # reserved gangs (each settled by settle_gang.lua)
     after: list[Any] = field(default_factory=list)  # the replies to the caller's ``after`` commands
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def upkeep(scripts: Scripts, after: Sequence[bytes] = ()) -> Upkeep:
@@ -52,5 +48,5 @@ def upkeep(scripts: Scripts, after: Sequence[bytes] = ()) -> Upkeep:
         for name, _limit in SCRIPTS:
             scripts.redis.script_load(script_source(name))
         reap, promote, expire, gangs, *rest = raw_pipeline(scripts.redis, commands)
-    return Upkeep([_text(n) for n in reap[1:]], int(promote[1]), [_text(i) for i in expire[1:]],
-                  sorted(_text(g) for g in gangs), rest)
+    return Upkeep([as_text(n) for n in reap[1:]], int(promote[1]), [as_text(i) for i in expire[1:]],
+                  sorted(as_text(g) for g in gangs), rest)

@@ -91,3 +91,31 @@ def test_publish_signals_fire_and_a_header_added_before_publish_is_stored(client
     assert seen == [("before", "workers.tasks.probe"), ("after", handle.id)]
     message = client.redis.hget(client.keys.task(handle.id), "message")
     assert message is not None and b'"traceparent":"00-abc-def-01"' in message
+
+
+def test_a_batch_fires_before_publish_for_each_task_and_stores_its_header_but_no_after_publish(
+        client: Client, two_nodes: None) -> None:  # noqa: F811
+    """As the README says of submit_many: the header a ``before_task_publish`` receiver adds is
+    stored with every task of a batch; nothing is published, so ``after_task_publish`` never fires."""
+    from broker.client import Submit
+
+    seen: list[str] = []
+
+    def before(sender: str, headers: dict[str, Any], **_: Any) -> None:
+        headers["traceparent"] = f"00-{headers['id']}-01"
+        seen.append("before")
+
+    def after(**_: Any) -> None:
+        seen.append("after")
+
+    signals.before_task_publish.connect(before)
+    signals.after_task_publish.connect(after)
+    try:
+        handles = client.submit_many([Submit(task_name="workers.tasks.probe") for _ in range(3)])
+    finally:
+        signals.before_task_publish.disconnect(before)
+        signals.after_task_publish.disconnect(after)
+    assert seen == ["before"] * 3
+    for handle in handles:
+        message = client.redis.hget(client.keys.task(handle.id), "message")
+        assert message is not None and f'"traceparent":"00-{handle.id}-01"'.encode() in message

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,10 +115,16 @@ def test_demo_runs_the_mixed_workload_and_leaves_nothing_running(tmp_path: Path)
 
 
 @pytest.mark.e2e
-def test_demo_keep_leaves_the_cluster_up_until_ctrl_c_then_stops_everything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["ctrl-c", "started-with-sigint-ignored"])
+def test_demo_keep_leaves_the_cluster_up_until_ctrl_c_then_stops_everything(tmp_path: Path,
+                                                                            sigint_ignored: bool) -> None:
+    """Also when started as a shell's background job, which inherits SIGINT ignored (CI's make test)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUBROKER_", "FLOWER_"))}
     env.update(PYTHONPATH=str(ROOT), COLUMNS="200", PYTHONUNBUFFERED="1")
     command = [*GPUBROKER, "demo", "--no-live", "--tasks", "3", "--timeout", "240", "--keep"]
+    if sigint_ignored:  # exec keeps an ignored signal ignored, as a shell's background job starts
+        command = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.argv[1], sys.argv[1:])", *command]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:

@@ -310,7 +310,9 @@ class DemoRun:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C, so the cleanup in ``run_demo`` runs for both."""
+    """Let SIGTERM unwind like Ctrl-C, so the cleanup in ``run_demo`` runs for both; and Ctrl-C
+    itself, also when the demo was started with SIGINT ignored (a shell's background job inherits
+    it so, and Python then leaves it ignored: the kept cluster never stopped)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -319,10 +321,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous: Callable[..., Any] | int | None = signal.signal(signal.SIGTERM, interrupt)
+    previous_int: Callable[..., Any] | int | None = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def run_demo(redis_url: str | None, n_tasks: int, with_flower: bool, live: bool, timeout: float,

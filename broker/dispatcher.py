@@ -124,7 +124,7 @@ class Dispatcher:
             # reap.lua, promote.lua, expire.lua, then the lazy pass's node view, mark and head: one round trip
             now = self.clock()
             view = self._view.refresh_commands(self.keys, now) if self.lazy else []
-            done = timers.upkeep(self.scripts, [*view, *mark_commands(self.keys, EARLY_HEAD)] if self.lazy else ())
+            done = timers.upkeep(self.scripts, [*view, *mark_commands(self.scripts, EARLY_HEAD)] if self.lazy else ())
             report.reaped, report.promoted, report.expired = done.reaped, done.promoted, done.expired
             gangs.settle_all(self.scripts, int(self.settings.gang_stop_grace_s * 1000), done.gangs)  # one fate each
             report.ingested = self._ingest.maybe()
@@ -160,7 +160,7 @@ class Dispatcher:
             self._view.refresh(self.redis, self.keys, now, view)  # and its index, where nodes changed
             first = min(self._view.index.free_slots, self.settings.dispatch_window)
             mark, early = (mark_of(marked, self._view.seen) if marked is not None
-                           else read_mark(self.redis, self.keys, self._view.seen, EARLY_HEAD))
+                           else read_mark(self.scripts, self._view.seen, EARLY_HEAD))
             self._timer = early.timer
         report.nodes_seen = len(self._view.index.nodes)
         skipped = self._gate.may_skip(mark, report.promoted + report.ingested)
@@ -169,8 +169,8 @@ class Dispatcher:
         else:
             with Timer(report, "2_snapshot"):
                 whole = len(early.scored) >= max(1, first) or len(early.scored) == mark.pending
-                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window,
-                                         first=self._view.index.free_slots, head=early.scored if whole else None)
+                head = reads.PendingHead(self.redis, self.keys, self.settings.dispatch_window, first=first or 1,
+                                         head=(early.scored, early.wires) if whole else None)
                 limits = reads.read_rate_limits(self.redis, self.keys, self.clock(), self._catalogue)
             gangs_seen: list[str] = []  # gangs go to the full planner, which places them whole
             tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)

@@ -22,7 +22,7 @@ import redis
 
 from broker.store import reads
 from broker.store.connection import encode_command, raw_pipeline
-from broker.store.keys import PoolKeys
+from broker.store.scripts import Scripts, script_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,33 +35,42 @@ class Mark:
 @dataclass(frozen=True, slots=True)
 class Head:
     """What the dispatcher reads with the mark, in the same round trip (used or not): the first
-    ``first`` pending ids with their scores (``reads.PendingHead``), and when the next timer is
-    due. Read before the cycle places anything, the timer may be one a placement ends: then the
-    dispatcher wakes once for nothing, never late."""
+    ``first`` pending ids with their scores and stored requests (head.lua, for
+    ``reads.PendingHead``), and when the next timer is due. Read before the cycle places
+    anything, the timer may be one a placement ends: then the dispatcher wakes once for nothing,
+    never late."""
 
     scored: list[tuple[bytes, float]]
+    wires: list[bytes | None]
     timer: int | None
 
 
-def mark_commands(keys: PoolKeys, first: int) -> list[bytes]:
+def mark_commands(scripts: Scripts, first: int) -> list[bytes]:
     """What ``mark_of`` reads: the submit counter, the pending count, the first ``first`` pending
-    ids with their scores, the first timers. Sent after the cycle's upkeep scripts, in their round
+    tasks (head.lua), the first timers. Sent after the cycle's upkeep scripts, in their round
     trip (``timers.upkeep``), or on their own (``read_mark``). Read before the node view, the mark
     is older than it: a change in between makes the next mark differ, never the same."""
+    keys = scripts.keys
     return [encode_command(b"GET", keys.seq.encode()), encode_command(b"ZCARD", keys.pending.encode()),
-            encode_command(b"ZRANGE", keys.pending.encode(), b"0", b"%d" % (max(1, first) - 1), b"WITHSCORES"),
+            encode_command(b"EVALSHA", scripts.sha("head").encode(), b"2", keys.pending.encode(),
+                           keys.requests.encode(), b"%d" % max(1, first)),
             *reads.timer_commands(keys)]
 
 
 def mark_of(replies: list[Any], changes: int) -> tuple[Mark, Head]:
     """The mark of a cycle whose node view saw change sequence ``changes``, and its ``Head``."""
-    submitted, pending, head, *timers = replies
-    return Mark(changes, int(submitted or 0), int(pending)), Head(reads.with_scores(head), reads.next_timer(timers))
+    submitted, pending, (_ok, head, wires), *timers = replies
+    return (Mark(changes, int(submitted or 0), int(pending)),
+            Head(reads.with_scores(head), list(wires), reads.next_timer(timers)))
 
 
-def read_mark(client: redis.Redis, keys: PoolKeys, changes: int, first: int = 1) -> tuple[Mark, Head]:
+def read_mark(scripts: Scripts, changes: int, first: int = 1) -> tuple[Mark, Head]:
     """``mark_of``, in a round trip of its own."""
-    return mark_of(raw_pipeline(client, mark_commands(keys, first)), changes)
+    try:
+        return mark_of(raw_pipeline(scripts.redis, mark_commands(scripts, first)), changes)
+    except redis.exceptions.NoScriptError:  # a restarted Redis: load head.lua, read again
+        scripts.redis.script_load(script_source("head"))
+        return mark_of(raw_pipeline(scripts.redis, mark_commands(scripts, first)), changes)
 
 
 class ScanGate:

@@ -73,6 +73,10 @@ class ExpireCode(enum.IntEnum):
     OK = 0
 
 
+class HeadCode(enum.IntEnum):
+    OK = 0
+
+
 class ProgressCode(enum.IntEnum):
     OK = 0
     NOT_FOUND = 1
@@ -183,6 +187,7 @@ SIGNATURES: dict[str, tuple[type[enum.IntEnum], tuple[str, ...], tuple[str, ...]
     ),
     "promote": (PromoteCode, ("prefix", "delayed", "pending", "requests", "wake"), ("now", "limit")),
     "expire": (ExpireCode, ("prefix", "expiring", "pending", "requests", "wake", "changes"), ("now", "limit")),
+    "head": (HeadCode, ("pending", "requests"), ("first",)),
     "progress": (ProgressCode, ("task",), ("tag", "state", "meta", "now", "checkpoint")),
     "log": (LogCode, ("task",), ("tag", "attempt", "tail", "size", "file")),
     "quarantine": (QuarantineCode, ("task", "pending", "requests", "deadletter", "prefix"),

@@ -26,7 +26,7 @@ from broker.scheduling.model import NodeFree, WarmMap
 from broker.scheduling.placement.free_index import FreeIndex
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.keys import PoolKeys
-from broker.store.reads import Shapes, forget_gone, read_nodes_free, with_scores
+from broker.store.reads import Shapes, forget_gone, node_commands, nodes_free, with_scores
 from broker.store.warm_map import VERSION, read_warm
 
 
@@ -116,19 +116,24 @@ class FreeView:
         if not stale:
             return
         ids = sorted(stale)
-        if leased is None:  # which of them hold a lease now
-            scores = cast(list[Any], raw_pipeline(client, [encode_command(
-                b"ZMSCORE", keys.leases.encode(), *(i.encode() for i in ids))])[0])
+        if leased is None:  # which of them hold a lease now, read with the nodes: one round trip
+            scores, *replies = raw_pipeline(client, [
+                encode_command(b"ZMSCORE", keys.leases.encode(), *(i.encode() for i in ids)),
+                *node_commands(keys, ids, self.shapes)])
             leased = {i for i, score in zip(ids, scores, strict=True) if score is not None}
+            held = [(i, reply) for i, reply in zip(ids, replies, strict=True) if i in leased]
+            reading, replies = [i for i, _ in held], [reply for _, reply in held]
+        else:
+            reading = [i for i in ids if i in leased]
+            replies = raw_pipeline(client, node_commands(keys, reading, self.shapes))
         before = len(self.leased)
         self.leased -= stale
         self.leased |= leased
         for node_id in stale - leased:  # reaped or forgotten: in no planner's view
             self.nodes.pop(node_id, None)
             self.unreadable.pop(node_id, None)
-        reading = [i for i in ids if i in leased]
         self.node_reads += len(reading)
-        self.nodes.update(read_nodes_free(client, keys, now_ms, reading, self.shapes, self.unreadable))
+        self.nodes.update(nodes_free(client, keys, now_ms, reading, replies, self.shapes, self.unreadable))
         if len(self.leased) != before or leased != stale:
             self.order = sorted(self.leased)
             forget_gone(self.shapes, self.order)

@@ -72,14 +72,18 @@ class PendingHead:
     Tasks whose request cannot be read are left out, into ``poisoned``."""
 
     def __init__(self, client: redis.Redis, keys: PoolKeys, limit: int, first: int,
-                 head: list[tuple[bytes, float]] | None = None) -> None:
-        """``head``: the first ``first`` ids with their scores, when the caller read them
-        (``scan_gate.read_mark``, in the same round trip as the mark)."""
+                 head: tuple[list[tuple[bytes, float]], list[bytes | None]] | None = None) -> None:
+        """``head``: the first ``first`` ids with their scores, and their stored requests, when
+        the caller read them (head.lua, in the same round trip as ``scan_gate``'s mark)."""
         self._client, self._keys, self.limit = client, keys, limit
         self.poisoned: Poisoned = {}
         self._size = max(1, min(first, limit))
         self.read, self._after = 0, cast(float | None, None)  # _after: where the next chunk starts
-        self._head = self._read(self._size, None, head[:self._size] if head is not None else None)
+        if head is None:
+            self._head = self._read(self._size, None)
+        else:
+            scored, wires = head
+            self._head = self._read(self._size, None, scored[:self._size], wires[:self._size])
 
     @property
     def window_full(self) -> bool:
@@ -100,8 +104,10 @@ class PendingHead:
             size = min(2 * size, self.limit - self.read)
             pending = self._read(size, self._after)
 
-    def _read(self, size: int, after: float | None, scored: list[tuple[bytes, float]] | None = None) -> Pending:
-        """``size`` ids from the head (or scored above ``after``), their requests, and the last one's score."""
+    def _read(self, size: int, after: float | None, scored: list[tuple[bytes, float]] | None = None,
+              wires: list[bytes | None] | None = None) -> Pending:
+        """``size`` ids from the head (or scored above ``after``), their requests, and the last one's
+        score; ``scored`` and ``wires``: those, when the caller read them."""
         if scored is None:
             pending = self._keys.pending.encode()
             (reply,) = raw_pipeline(self._client, [
@@ -113,7 +119,8 @@ class PendingHead:
         if not scored:
             return []
         head = [member for member, _score in scored]
-        (wires,) = raw_pipeline(self._client, [encode_command(b"HMGET", self._keys.requests.encode(), *head)])
+        if wires is None:
+            (wires,) = raw_pipeline(self._client, [encode_command(b"HMGET", self._keys.requests.encode(), *head)])
         if len(head) == size:  # a short read is the end of the queue
             self._after = scored[-1][1]
         first_rank, self.read = self.read, self.read + len(head)
@@ -173,8 +180,20 @@ def read_nodes_free(client: redis.Redis, keys: PoolKeys, now_ms: int, ids: list[
     """Node id -> what is free on it (None when it is not up, or its hash cannot be read: then
     ``unreadable`` says why, and the node is left out until a script changes it), for ``ids``."""
     known: Shapes = {} if shapes is None else shapes
-    replies = raw_pipeline(client, [known[node_id][1] if node_id in known
-                                    else encode_command(b"HGETALL", keys.node(node_id).encode()) for node_id in ids])
+    replies = raw_pipeline(client, node_commands(keys, ids, known))
+    return nodes_free(client, keys, now_ms, ids, replies, known, unreadable)
+
+
+def node_commands(keys: PoolKeys, ids: list[str], known: Shapes) -> list[bytes]:
+    """What ``nodes_free`` parses, for a caller that sends it with other commands: each node's
+    HMGET of what changes on it (its whole hash when its shape is not known yet)."""
+    return [known[node_id][1] if node_id in known else encode_command(b"HGETALL", keys.node(node_id).encode())
+            for node_id in ids]
+
+
+def nodes_free(client: redis.Redis, keys: PoolKeys, now_ms: int, ids: list[str], replies: list[Any],
+               known: Shapes, unreadable: dict[str, str] | None) -> dict[str, NodeFree | None]:
+    """``read_nodes_free`` of the replies to ``node_commands(keys, ids, known)``."""
     out: dict[str, NodeFree | None] = {}
     for node_id, reply in zip(ids, replies, strict=True):
         found = known.get(node_id)
@@ -187,7 +206,7 @@ def read_nodes_free(client: redis.Redis, keys: PoolKeys, now_ms: int, ids: list[
                 values = [h.get(name) for name in shape.fields]
             elif not records.same_registration(found[0], reply):  # registered afresh: read it all again
                 del known[node_id]
-                return read_nodes_free(client, keys, now_ms, ids, shapes, unreadable)
+                return read_nodes_free(client, keys, now_ms, ids, known, unreadable)
             else:
                 shape, values = found[0], reply
             out[node_id] = records.node_free(node_id, shape, values) if records.node_is_up(values) else None

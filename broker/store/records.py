@@ -120,7 +120,7 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "submit_gang": (frozenset(), frozenset({P})), "reserve_gang": (frozenset({P}), frozenset({R})),
     "settle_gang": (frozenset({R}), frozenset({P, S, F})),  # gangs (issue 13): broker.store.gangs
     "start": (frozenset({R}), frozenset({U})),
-    "progress": (frozenset(), frozenset()), "log": (frozenset(), frozenset()),
+    "progress": (frozenset(), frozenset()), "log": (frozenset(), frozenset()), "head": (frozenset(), frozenset()),
     "finish": (frozenset({R, U}), frozenset({S, F, C, P})),
     "cancel": (frozenset({P, R}), frozenset({C})),
     "expire": (frozenset({P, R}), frozenset({C})),

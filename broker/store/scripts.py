@@ -29,6 +29,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     FinishCode,
     ForgetCode,
     GangReserveCode,
+    HeadCode,
     HeartbeatCode,
     LogCode,
     PreemptCode,
@@ -45,13 +46,14 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
 )
 from broker.store.connection import SentCommand, bulk, durable_call, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
+from broker.store.reads import with_scores
 from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
     "LUA", "SIGNATURES", "CancelCode", "Clock", "DrainCode", "ExpireCode", "FinishCode", "ForgetCode",
-    "GangReserveCode", "HeartbeatCode", "LogCode", "PreemptCode", "PreparedReserve", "ProgressCode", "PromoteCode",
-    "QuarantineCode", "ReapCode", "RedeliverCode", "RegisterCode", "ReserveCode", "Scripts", "SettleCode", "StartCode",
-    "SubmitCode", "includes", "script_source", "wall_clock_ms",
+    "GangReserveCode", "HeadCode", "HeartbeatCode", "LogCode", "PreemptCode", "PreparedReserve", "ProgressCode",
+    "PromoteCode", "QuarantineCode", "ReapCode", "RedeliverCode", "RegisterCode", "ReserveCode", "Scripts",
+    "SettleCode", "StartCode", "SubmitCode", "includes", "script_source", "wall_clock_ms",
 ]
 
 LUA = resources.files("broker.store") / "lua"
@@ -375,6 +377,11 @@ class Scripts:
         k = self.keys
         _ok, moved = self._run("promote", (k.prefix, k.delayed, k.pending, k.requests, k.wake), (self.clock(), limit))
         return int(moved)
+
+    def head(self, first: int) -> tuple[list[tuple[bytes, float]], list[bytes | None]]:
+        """The first ``first`` pending ids with their scores, and each one's stored request (head.lua)."""
+        _ok, scored, wires = self._run("head", (self.keys.pending, self.keys.requests), (first,))
+        return with_scores(scored), wires
 
     def expire(self, limit: int = 1000) -> list[str]:
         """Cancel tasks whose expires time passed before they started; their ids."""

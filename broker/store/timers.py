@@ -43,9 +43,10 @@ def upkeep(scripts: Scripts, after: Sequence[bytes] = ()) -> Upkeep:
     try:
         reap, promote, expire, gangs, *rest = raw_pipeline(scripts.redis, commands)
     except redis.exceptions.NoScriptError:
-        # A restarted or failed-over Redis without them: load them and send again. What the
-        # first send ran is done (each is safe to run again: it finds nothing more due).
-        for name, _limit in SCRIPTS:
+        # A restarted or failed-over Redis without them (or a script in ``after``): load them
+        # all and send again. What the first send ran is done (each is safe to run again: it
+        # finds nothing more due).
+        for name in SIGNATURES:
             scripts.redis.script_load(script_source(name))
         reap, promote, expire, gangs, *rest = raw_pipeline(scripts.redis, commands)
     return Upkeep([as_text(n) for n in reap[1:]], int(promote[1]), [as_text(i) for i in expire[1:]],

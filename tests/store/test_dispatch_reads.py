@@ -76,6 +76,27 @@ def test_pending_head_reads_what_free_slots_can_use_and_goes_on_after_the_last_t
     assert head.read == 6 and head.window_full
 
 
+def test_head_script_reads_the_head_with_scores_and_requests_as_the_plain_reads_do(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys) -> None:
+    assert scripts.head(5) == ([], [])  # an empty queue
+    tasks = [submit_task(scripts, resources=Resources(gpus=1), priority=p) for p in (0, 0, 3)]
+    scored, wires = scripts.head(2)
+    assert scored == [(m, float(s)) for m, s in redis_client.zrange(keys.pending, 0, 1, withscores=True)]
+    assert [m.decode() for m, _ in scored] == [tasks[2], tasks[0]]
+    assert wires == redis_client.hmget(keys.requests, [m for m, _ in scored])
+    assert [m for m, _ in scripts.head(10)[0]] == [t.encode() for t in (tasks[2], tasks[0], tasks[1])]
+    redis_client.hset(keys.requests, tasks[1], "{")  # unreadable: the planner must quarantine it
+    redis_client.hdel(keys.requests, tasks[0])  # a request missing: None in its place, as HMGET says
+    assert scripts.head(2)[1] == [wires[0], None]
+    # What the dispatcher's PendingHead makes of a head read so: the same as reading it itself.
+    read = reads.PendingHead(redis_client, keys, limit=10, first=3, head=scripts.head(3))
+    plain = reads.PendingHead(redis_client, keys, limit=10, first=3)
+    assert [[t.id for t in c] for c in read.chunks()] == [[t.id for t in c] for c in plain.chunks()] == [[tasks[2]]]
+    assert {k: (text, str(why)) for k, (text, why) in read.poisoned.items()} == {
+        k: (text, str(why)) for k, (text, why) in plain.poisoned.items()}
+    assert set(read.poisoned) == {tasks[1]}
+
+
 def test_read_free_with_a_cache_follows_every_script_that_changes_a_node(
         scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
     """The cache re-reads only nodes that submit-to-finish scripts scored in ``changes``; after

@@ -137,6 +137,7 @@ def test_wrappers_pass_what_the_headers_declare(redis_client: redis.Redis, keys:
     s.preempt("t1", "n1", "t2", 1000)
     s.promote()
     s.expire()
+    s.head(3)
     s.progress("t1", "t1.1", "PROGRESS", "{}")
     s.log("t1", "t1.1", b"out", 3, "n1:/tmp/t1/1.log")
     s.drain("n1", "operator")

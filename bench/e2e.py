@@ -155,10 +155,11 @@ class Broker(Side):
     resources: Resources | None = None
     reuse: bool | None = None
     worker_args: tuple[str, ...] = ("--gpus", "0")
+    handoff = False  # GPUBROKER_HANDOFF: an ended task passes its place to a like head of the queue
 
     def start(self) -> None:
         url = f"redis://127.0.0.1:{self.port}/0"
-        env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL}
+        env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL, "GPUBROKER_HANDOFF": str(self.handoff).lower()}
         gpubroker = [sys.executable, "-m", "workers"]
         quiet = ["--log-level", "WARNING"]  # as plain Celery's worker runs here (and by default): -l WARNING
         self.spawn("dispatcher", [*gpubroker, "dispatcher", *quiet], env)
@@ -209,13 +210,23 @@ class BrokerGpuReuse(BrokerGpu):
     reuse = True
 
 
+class BrokerHandoff(Broker):
+    handoff = True
+
+
+class BrokerGpuReuseHandoff(BrokerGpuReuse):
+    handoff = True
+
+
 SIDES: dict[str, tuple[type[Side], bool]] = {
     "celery": (Celery_, False), "celery-fresh": (Celery_, True),
     "cpu": (Broker, False), "gpu-reuse": (BrokerGpuReuse, False), "gpu-fresh": (BrokerGpu, True),
+    "cpu-handoff": (BrokerHandoff, False), "gpu-reuse-handoff": (BrokerGpuReuseHandoff, False),
 }
 LABELS = {"celery": "plain Celery (processes reused)", "celery-fresh": "plain Celery, max_tasks_per_child=1",
           "cpu": "gpubroker, CPU tasks", "gpu-reuse": "gpubroker, GPU share, reuse=True",
-          "gpu-fresh": "gpubroker, GPU share, fresh process"}
+          "gpu-fresh": "gpubroker, GPU share, fresh process", "cpu-handoff": "gpubroker, CPU tasks, handoff",
+          "gpu-reuse-handoff": "gpubroker, GPU share, reuse, handoff"}
 
 
 @dataclass
@@ -279,7 +290,7 @@ def targets(figures: dict[str, Figures], rate: dict[str, float]) -> None:
 
     print("issue 14 targets:")
     if "celery" in rate:
-        for side in ("cpu", "gpu-reuse"):
+        for side in ("cpu", "gpu-reuse", "cpu-handoff", "gpu-reuse-handoff"):
             if side in rate:
                 ratio = rate[side] / rate["celery"]
                 say(f"{side} end to end >= 0.9x Celery (reused)", ratio >= 0.9, f"{ratio:.2f}x")
@@ -288,7 +299,7 @@ def targets(figures: dict[str, Figures], rate: dict[str, float]) -> None:
         say("fresh-process GPU >= 2x Celery max_tasks_per_child=1", ratio >= 2, f"{ratio:.2f}x")
     if "celery" in figures and figures["celery"].latencies:
         base = figures["celery"].latencies
-        for side in ("cpu", "gpu-reuse"):
+        for side in ("cpu", "gpu-reuse", "cpu-handoff", "gpu-reuse-handoff"):
             if side in figures and figures[side].latencies:
                 lat = figures[side].latencies
                 p50 = (percentile(lat, 50) - percentile(base, 50)) * 1e3

@@ -114,6 +114,8 @@ class Dispatcher:
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
         self.redis.set(self.keys.scheduling, self.settings.scheduling.model_dump_json())
+        on = self.lazy and self.settings.handoff  # finish.lua may pass an ended attempt's place on (_handoff.lua)
+        self.redis.set(self.keys.handoff, "1") if on else self.redis.delete(self.keys.handoff)
         self._published = True
 
     def run_cycle(self) -> CycleReport:

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9808, ge=0, le=65535)
     # How often (at most) the dispatcher publishes each pending task's reason and estimated start.
     explain_interval_s: float = Field(1.0, gt=0)
+    # On the spine's scheduling, an attempt that ends may pass its reservation at once to the head
+    # of the queue when that asks exactly the same (finish.lua, _handoff.lua): a stream of like
+    # tasks then needs no dispatcher cycle per task. Off: the dispatcher makes every placement.
+    handoff: bool = False
     # A finished task's record (and its idempotency key) is kept this long, as Celery's
     # result_expires; 0 keeps it for good.
     result_expires_s: float = Field(86400.0, ge=0)

@@ -234,6 +234,8 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "changes":       dict(zip(ROLES, ["-", "rw", "rw", "r", "r"], strict=True)),
     "queueinfo":     dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
     "scheduling":    dict(zip(ROLES, ["r", "rw", "-", "r", "r"], strict=True)),
+    # The dispatcher says whether finish.lua may pass an ended attempt's place on (_handoff.lua).
+    "handoff":       dict(zip(ROLES, ["-", "rw", "r", "r", "r"], strict=True)),
     # quarantine.lua (dispatcher) drops a queue entry it cannot end FAILED there.
     "deadletter":    dict(zip(ROLES, ["-", "rw", "-", "r", "r"], strict=True)),
     # Every final transition counts its outcome there (_release.lua), whoever runs it.

@@ -92,6 +92,9 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | from the last pass                         |                       |
 | ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher   | none                  |
 |                              |        | runs with                                  |                       |
+| ``P handoff``                | string | "1" while the dispatcher runs the spine:   | none                  |
+|                              |        | finish.lua may pass an ended attempt's     |                       |
+|                              |        | place to the head of the queue             |                       |
 | ``P wake``                   | pubsub | channel the scripts publish on so          | -                     |
 |                              |        | dispatchers wake                           |                       |
 
@@ -291,6 +294,10 @@ class PoolKeys:
     @property
     def scheduling(self) -> str:
         return self.prefix + "scheduling"
+
+    @property
+    def handoff(self) -> str:
+        return self.prefix + "handoff"
 
     def node(self, node_id: str) -> str:
         return self.prefix + NODE + node_id

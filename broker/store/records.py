@@ -121,7 +121,7 @@ TRANSITIONS: dict[str, tuple[frozenset[TaskState], frozenset[TaskState]]] = {
     "settle_gang": (frozenset({R}), frozenset({P, S, F})),  # gangs (issue 13): broker.store.gangs
     "start": (frozenset({R}), frozenset({U})),
     "progress": (frozenset(), frozenset()), "log": (frozenset(), frozenset()), "head": (frozenset(), frozenset()),
-    "finish": (frozenset({R, U}), frozenset({S, F, C, P})),
+    "finish": (frozenset({R, U, P}), frozenset({S, F, C, P, R})),  # P -> R: the head it passes its place to
     "cancel": (frozenset({P, R}), frozenset({C})),
     "expire": (frozenset({P, R}), frozenset({C})),
     "preempt": (frozenset({R}), frozenset({P})),

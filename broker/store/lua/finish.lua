@@ -3,13 +3,14 @@
 -- Called by the worker on success, an exception, a Celery retry, replace or Ignore, a time
 -- limit, a lost process. Fenced by the delivery tag (a finish for an attempt that no longer
 -- holds the task changes nothing: no double release) and the worker's incarnation. Next:
--- SUCCEEDED; CANCELLED if being cancelled (or revoked and would run again), or on Ignore;
+-- SUCCEEDED (or FAILED) passing its reservation to the head of the queue when that asks the
+-- same (_handoff.lua); CANCELLED if being cancelled (or revoked and would run again), or on Ignore;
 -- back in line uncharged if being preempted; PENDING for a retry (its new message, not before
 -- its countdown); PENDING `awaiting` (in no queue) the message sent under its id after
 -- Task.replace (submit.lua takes it); FAILED; or, lost, requeued while retries remain.
 --
--- Transitions: RESERVED | RUNNING -> SUCCEEDED | FAILED | CANCELLED | PENDING
--- Includes: _lib.lua _release.lua
+-- Transitions: RESERVED | RUNNING | PENDING -> SUCCEEDED | FAILED | CANCELLED | PENDING | RESERVED (the head)
+-- Includes: _lib.lua _release.lua _handoff.lua
 --
 -- KEYS[1] task        hash of the task
 -- KEYS[2] node        hash of the node the attempt ran on
@@ -38,7 +39,7 @@
 
 local task_key, id, now, prefix, outcome = KEYS[1], ARGV[1], tonumber(ARGV[6]), KEYS[9], ARGV[4]
 local t = redis.call('HMGET', task_key, 'state', 'tag', 'node', 'preempt_at', 'started_at', 'name', 'gpu_kind',
-  'cancel_at', 'revoked')
+  'cancel_at', 'revoked', 'req', 'alloc', 'gpus', 'gang')
 if not t[1] then return {1, ''} end
 if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED')
     or (ARGV[9] ~= '' and redis.call('HGET', KEYS[2], 'incarnation') ~= ARGV[9]) then
@@ -47,7 +48,8 @@ end
 local OUTCOMES = {succeeded = true, failed = true, lost = true, retry = true, replaced = true, ignored = true}
 if not OUTCOMES[outcome] then return {3, t[1]} end
 
-unhold(task_key, KEYS[2], KEYS[3], id)
+local final = not t[13] and (outcome == 'succeeded' or (outcome == 'failed' and not t[4] and not t[8]))
+local passed = release_or_pass(prefix, task_key, KEYS[2], KEYS[3], ARGV[2], id, final, t[10], t[11], t[12], now)
 touch(KEYS[8], ARGV[2])
 local state
 if outcome == 'succeeded' then
@@ -84,5 +86,5 @@ elseif outcome == 'failed' then
 else
   state = recover(prefix, task_key, KEYS[4], KEYS[5], id, now, ARGV[5], true)
 end
-redis.call('PUBLISH', KEYS[6], 'finish')
+if not passed then redis.call('PUBLISH', KEYS[6], 'finish') end -- passed on: nothing changed to plan
 return {0, state}

@@ -52,8 +52,13 @@ def assert_all_capacity_free(client: Client) -> None:
         assert all(g.free_milli == MILLI and g.free_memory_mb == g.memory_mb for g in node.gpus), node.gpus
 
 
-def test_fifty_mixed_probes_run_where_reserved_on_exactly_their_gpus(procs: Processes, settings: Settings) -> None:
+@pytest.mark.parametrize("handoff", [False, True], ids=["dispatcher", "handoff"])
+def test_fifty_mixed_probes_run_where_reserved_on_exactly_their_gpus(procs: Processes, settings: Settings,
+                                                                     handoff: bool) -> None:
+    """With ``handoff`` an ended task may pass its place to a like head of the queue (finish.lua):
+    the same guarantees hold."""
     rng = random.Random(7)
+    procs.env["GPUBROKER_HANDOFF"] = str(handoff).lower()
     with Client(settings=settings) as client:
         start_cluster(procs, client)
         ids = [client.submit("workers.tasks.probe", kwargs={"seconds": rng.uniform(0.1, 0.5)},
@@ -85,6 +90,26 @@ def test_fifty_mixed_probes_run_where_reserved_on_exactly_their_gpus(procs: Proc
                            if o.reserved_at <= s.reserved_at < o.finished_at)
                 assert held <= MILLI
 
+        assert_all_capacity_free(client)
+
+
+def test_with_handoff_a_stream_of_like_tasks_passes_places_on_and_keeps_every_guarantee(
+        procs: Processes, settings: Settings) -> None:
+    procs.env["GPUBROKER_HANDOFF"] = "true"
+    with Client(settings=settings) as client:
+        start_cluster(procs, client)
+        ids = [client.submit("workers.tasks.probe", kwargs={"seconds": 0.05}, resources=Resources(gpus=1)).id
+               for _ in range(40)]
+        done = [client.wait(task_id, timeout=240) for task_id in ids]
+        assert [s.state for s in done] == [TaskState.SUCCEEDED] * 40, [(s.state, s.error) for s in done]
+        for s in done:
+            assert s.result["node"] == s.node and s.result["cuda_visible_devices"] == ",".join(map(str, s.gpus))
+        for a in done:  # one task per GPU at a time
+            assert not any(intervals_overlap(a, b) for b in done if b is not a and b.node == a.node
+                           and set(b.gpus) & set(a.gpus)), a
+        passed = int(client.redis.hget(client.keys.outcomes, "handoff|default") or 0)
+        assert passed > 0, "10 GPUs for 40 like tasks: ended tasks passed their places on"
+        wait_until(lambda: all(n.tasks == 0 for n in client.nodes()), 10, what="reservations to be released")
         assert_all_capacity_free(client)
 
 

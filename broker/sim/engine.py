@@ -337,11 +337,14 @@ class Simulator:
         if run is None or run.tag != tag:
             return  # that attempt was stopped for preemption
         self._events += 1
-        code, after = self.scripts.finish(task_id, run.node, tag, "succeeded", "null")
+        code, after, head = self.scripts.end(task_id, run.node, tag, "succeeded", "null")
         if code is not FinishCode.OK or after != "SUCCEEDED":
             raise SimulationError(f"finish.lua refused task {task_id} ({code.name}, {after})")
         self.outcomes[run.index].finished_s = self.clock.seconds
         self._release(task_id, run)
+        if head:  # its place passed to the head of the queue (setting handoff): the same node and GPUs
+            self._pending -= 1
+            self._start([Placement(head, run.node, run.gpus)], set())
 
     def _stop_victims(self) -> int:
         """End, now, the running tasks the dispatcher asked to stop: finish.lua requeues a

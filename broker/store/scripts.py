@@ -332,9 +332,15 @@ class Scripts:
         exception as JSON), retry (payload: the new message; detail: why; not placed before
         ``not_before``, seconds) or lost (error text). ``incarnation``: the worker process
         reporting (refused if the node has a newer one)."""
-        code, state = self._run("finish", *self.finish_call(task_id, node_id, tag, outcome, payload, detail,
-                                                            not_before, incarnation))
-        return FinishCode(code), as_text(state)
+        code, state, _head = self.end(task_id, node_id, tag, outcome, payload, detail, not_before, incarnation)
+        return code, state
+
+    def end(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",
+            not_before: float | None = None, incarnation: str = "") -> tuple[FinishCode, str, str]:
+        """``finish``, and the task the attempt passed its place to (hand-off; "" for none)."""
+        code, state, *head = self._run("finish", *self.finish_call(task_id, node_id, tag, outcome, payload, detail,
+                                                                   not_before, incarnation))
+        return FinishCode(code), as_text(state), as_text(head[0]) if head else ""
 
     def finish_call(self, task_id: str, node_id: str, tag: str, outcome: str, payload: str, detail: str = "",
                     not_before: float | None = None, incarnation: str = "") -> tuple[list[str], list[Any]]:

@@ -10,7 +10,7 @@
 -- priority and submit order, onto capacity that fits it exactly. Only a pool whose dispatcher
 -- runs the spine sets `P handoff`; gangs, elastic grants and rate-limited names are left to it.
 
--- True when the head took over; `alloc` and `indices` are what the ended attempt held.
+-- The head's id when it took over (else false); `alloc` and `indices` are what the ended attempt held.
 local function hand_off(prefix, node_key, tasks_key, node_id, req, alloc, indices, now)
   if not req or not alloc or redis.call('GET', prefix .. 'handoff') ~= '1' then return false end
   local head = redis.call('ZRANGE', prefix .. 'pending', 0, 0)[1]
@@ -35,17 +35,18 @@ local function hand_off(prefix, node_key, tasks_key, node_id, req, alloc, indice
   local queue = prefix .. 'q:' .. node_id
   redis.call('LPUSH', queue, queued_message(queue_route(queue), t[2], tag, indices or '', r.t))
   redis.call('HINCRBY', prefix .. 'outcomes', 'handoff|' .. (r.t or 'default'), 1)
-  return true
+  return head
 end
 
 -- What finish.lua does with an ended attempt's reservation: release it (unhold), or, when the
 -- task is `final` (it runs no more), pass it to the head of the queue if that asks the same.
--- True when passed on: the node's capacity did not change hands back.
+-- The id of the task it passed to (else false): the node's capacity did not change hands back.
 local function release_or_pass(prefix, task_key, node_key, tasks_key, node_id, id, final, req, alloc, gpus, now)
-  if final and hand_off(prefix, node_key, tasks_key, node_id, req, alloc, gpus, now) then
+  local head = final and hand_off(prefix, node_key, tasks_key, node_id, req, alloc, gpus, now)
+  if head then
     redis.call('HDEL', task_key, 'alloc')
     redis.call('SREM', tasks_key, id)
-    return true
+    return head
   end
   unhold(task_key, node_key, tasks_key, id)
   return false

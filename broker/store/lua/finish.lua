@@ -31,7 +31,7 @@
 -- ARGV[7] detail      failed: the exception as JSON; retry: why; '' otherwise
 -- ARGV[8] not_before  retry: ms before which it is not placed again (0: at once)
 -- ARGV[9] incarnation the worker process reporting ('' to skip the check)
--- Returns {code, state}; state is the task's state afterwards:
+-- Returns {code, state, head}: the task's state afterwards, the task it passed its place to (or ''):
 --   0 OK
 --   1 NOT_FOUND  no such task
 --   2 STALE      this attempt no longer holds the task; nothing changed
@@ -87,4 +87,4 @@ else
   state = recover(prefix, task_key, KEYS[4], KEYS[5], id, now, ARGV[5], true)
 end
 if not passed then redis.call('PUBLISH', KEYS[6], 'finish') end -- passed on: nothing changed to plan
-return {0, state}
+return {0, state, passed or ''}

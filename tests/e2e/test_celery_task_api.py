@@ -104,7 +104,10 @@ def test_a_task_with_a_base_class_of_its_own_still_goes_through_the_broker(clust
     path = tmp_path / "hooked"
     result = t.hooked.apply_async(kwargs={"path": str(path), "fail_times": 1}, resources=Resources(gpus=1))
     assert result.get(timeout=30) == {"retries": 1, "node": GPU_NODE}
-    assert path.with_suffix(".hook").read_text().startswith(result.id)
+    # on_success runs after the outcome is recorded (as Celery's runs after the result is stored)
+    hook = path.with_suffix(".hook")
+    wait_until(lambda: hook.exists() and hook.read_text(), 10, what="the on_success hook to run")
+    assert hook.read_text().startswith(result.id)
     status = cluster.status(result.id)
     assert (status.state, status.attempts, status.node) == (TaskState.SUCCEEDED, 2, GPU_NODE)
     assert cluster.free_gpus() == 2

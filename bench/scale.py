@@ -41,7 +41,7 @@ from bench.dispatch import BusyClock, dispatch_all, start_redis, submit_all
 from broker.dispatcher import Dispatcher
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
-from broker.store.scripts import Scripts
+from broker.store.scripts import Scripts, wall_clock_ms
 
 CASES = {"1k/10": (1_000, 10), "10k/100": (10_000, 100), "100k/1k": (100_000, 1_000),
          "100k/10k": (100_000, 10_000), "1M/1k": (1_000_000, 1_000)}
@@ -75,7 +75,7 @@ def dispatch_case(tasks: int, n_nodes: int, busy: bool = False) -> dict[str, flo
             nodes = _register(scripts, n_nodes)
             submit_all(scripts, tasks)
             clock = BusyClock() if busy else None
-            dispatcher = Dispatcher(settings, client=client) if clock is None else Dispatcher(settings, clock, client)
+            dispatcher = Dispatcher(settings, clock or wall_clock_ms, client)
             run = dispatch_all(dispatcher, client, scripts, nodes, tasks, clock)
         finally:
             proc.terminate()

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from broker.store import reads
+from broker.store import reads, timers
 from broker.store.connection import encode_command, raw_pipeline
 from broker.store.scripts import Scripts, script_source
 
@@ -52,16 +52,14 @@ def mark_commands(scripts: Scripts, first: int) -> list[bytes]:
     is older than it: a change in between makes the next mark differ, never the same."""
     keys = scripts.keys
     return [encode_command(b"GET", keys.seq.encode()), encode_command(b"ZCARD", keys.pending.encode()),
-            encode_command(b"EVALSHA", scripts.sha("head").encode(), b"2", keys.pending.encode(),
-                           keys.requests.encode(), b"%d" % max(1, first)),
+            timers.evalsha(scripts, "head", max(1, first)),
             *reads.timer_commands(keys)]
 
 
 def mark_of(replies: list[Any], changes: int) -> tuple[Mark, Head]:
     """The mark of a cycle whose node view saw change sequence ``changes``, and its ``Head``."""
-    submitted, pending, (_ok, head, wires), *timers = replies
-    return (Mark(changes, int(submitted or 0), int(pending)),
-            Head(reads.with_scores(head), list(wires), reads.next_timer(timers)))
+    submitted, pending, head, *due = replies
+    return Mark(changes, int(submitted or 0), int(pending)), Head(*reads.head_of(head), reads.next_timer(due))
 
 
 def read_mark(scripts: Scripts, changes: int, first: int = 1) -> tuple[Mark, Head]:

@@ -342,6 +342,12 @@ def with_scores(reply: list[Any]) -> list[tuple[bytes, float]]:
     return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
+def head_of(reply: Any) -> tuple[list[tuple[bytes, float]], list[bytes | None]]:
+    """head.lua's reply: the (id, score) pairs, and each one's stored request."""
+    _ok, scored, wires = reply
+    return with_scores(scored), list(wires)
+
+
 def timer_commands(keys: PoolKeys) -> list[bytes]:
     """The first delayed task and the first expiry (``next_timer``)."""
     return [encode_command(b"ZRANGE", key.encode(), b"0", b"0", b"WITHSCORES") for key in (keys.delayed, keys.expiring)]

@@ -46,7 +46,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
 )
 from broker.store.connection import SentCommand, bulk, durable_call, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
-from broker.store.reads import with_scores
+from broker.store.reads import head_of
 from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
 
 __all__ = [  # the return codes live in codes.py; importers take them from here
@@ -386,8 +386,7 @@ class Scripts:
 
     def head(self, first: int) -> tuple[list[tuple[bytes, float]], list[bytes | None]]:
         """The first ``first`` pending ids with their scores, and each one's stored request (head.lua)."""
-        _ok, scored, wires = self._run("head", (self.keys.pending, self.keys.requests), (first,))
-        return with_scores(scored), wires
+        return head_of(self._run("head", (self.keys.pending, self.keys.requests), (first,)))
 
     def expire(self, limit: int = 1000) -> list[str]:
         """Cancel tasks whose expires time passed before they started; their ids."""

@@ -31,14 +31,19 @@ class Upkeep:
     after: list[Any] = field(default_factory=list)  # the replies to the caller's ``after`` commands
 
 
+def evalsha(scripts: Scripts, name: str, *args: int) -> bytes:
+    """EVALSHA of script ``name`` on the pool's keys its signature names, with ``args``, encoded
+    for a caller that sends it with other commands (``raw_pipeline``)."""
+    names = SIGNATURES[name][1]
+    return encode_command(b"EVALSHA", scripts.sha(name).encode(), b"%d" % len(names),
+                          *(getattr(scripts.keys, key).encode() for key in names), *(b"%d" % a for a in args))
+
+
 def upkeep(scripts: Scripts, after: Sequence[bytes] = ()) -> Upkeep:
     """Run the three scripts and read the gang ids, then the caller's encoded ``after`` commands
     (which see what the scripts did), in one round trip."""
     keys, now = scripts.keys, scripts.clock()
-    commands = [encode_command(b"EVALSHA", scripts.sha(name).encode(), b"%d" % len(SIGNATURES[name][1]),
-                               *(getattr(keys, key).encode() for key in SIGNATURES[name][1]),
-                               b"%d" % now, b"%d" % limit)
-                for name, limit in SCRIPTS]
+    commands = [evalsha(scripts, name, now, limit) for name, limit in SCRIPTS]
     commands += [encode_command(b"SMEMBERS", keys.gangs.encode()), *after]
     try:
         reap, promote, expire, gangs, *rest = raw_pipeline(scripts.redis, commands)

@@ -38,16 +38,13 @@ local function hand_off(prefix, node_key, tasks_key, node_id, req, alloc, indice
   return head
 end
 
--- What finish.lua does with an ended attempt's reservation: release it (unhold), or, when the
--- task is `final` (it runs no more), pass it to the head of the queue if that asks the same.
--- The id of the task it passed to (else false): the node's capacity did not change hands back.
+-- What finish.lua does with an ended attempt's reservation `alloc` (as unhold does: the task
+-- leaves its node): give it back, or, when the task is `final` (it runs no more), pass it to the
+-- head of the queue if that asks the same. The id of the task it passed to (else false).
 local function release_or_pass(prefix, task_key, node_key, tasks_key, node_id, id, final, req, alloc, gpus, now)
   local head = final and hand_off(prefix, node_key, tasks_key, node_id, req, alloc, gpus, now)
-  if head then
-    redis.call('HDEL', task_key, 'alloc')
-    redis.call('SREM', tasks_key, id)
-    return head
-  end
-  unhold(task_key, node_key, tasks_key, id)
-  return false
+  if not head then release(node_key, alloc) end
+  redis.call('HDEL', task_key, 'alloc')
+  redis.call('SREM', tasks_key, id)
+  return head
 end

@@ -30,6 +30,8 @@ from typing import Any
 
 import redis
 from celery.worker.consumer import Consumer
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from vine import promise
 
 from broker.native import transport as native
@@ -76,7 +78,28 @@ def envelope_problem(payload: Any) -> str | None:
     return None
 
 
+class RecordedQoS(kombu_redis.QoS):
+    """kombu's bookkeeping of the messages a worker holds, where acking a message whose attempt
+    finish.lua recorded costs no round trip: finish.lua removed its unacked entry already
+    (``delivered`` in lua/_lib.lua), in the same script that recorded the outcome. The worker's
+    main process names such a message (``recorded``) before it acks it; every other ack (an
+    attempt that failed, a message dropped unrun) removes the entry as kombu does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded: set[str] = set()
+
+    def ack(self, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)  # kombu's own accounting only (prefetch credit)
+        else:
+            super().ack(delivery_tag)
+
+
 class GuardedChannel(native.Channel):
+    QoS = RecordedQoS
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))

@@ -50,6 +50,11 @@ def assert_all_capacity_free(client: Client) -> None:
         assert node.tasks == 0, node
         assert (node.free_cpus, node.free_memory_mb, node.free_slots) == (node.cpus, node.memory_mb, node.slots)
         assert all(g.free_milli == MILLI and g.free_memory_mb == g.memory_mb for g in node.gpus), node.gpus
+    # Every message a worker took is acked: its unacked entry went with the outcome (finish.lua, for
+    # the acks that make no round trip) or with kombu's ack (a failure, a message dropped unrun).
+    held = {n.id: client.redis.hkeys(client.keys.unacked(n.id)) for n in client.nodes()}
+    wait_until(lambda: not any(client.redis.hlen(client.keys.unacked(n)) or client.redis.zcard(
+        client.keys.unacked_index(n)) for n in held), 10, what=f"the workers' messages to be acked: {held}")
 
 
 @pytest.mark.parametrize("handoff", [False, True], ids=["dispatcher", "handoff"])

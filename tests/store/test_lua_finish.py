@@ -219,3 +219,44 @@ def test_a_replaced_worker_process_cannot_report(scripts: Scripts, redis_client:
     assert scripts.finish(task, node, tag, "lost", "killed", incarnation="inc-1") == (FinishCode.STALE, "RUNNING")
     assert task_hash(redis_client, keys, task) == before
     assert scripts.finish(task, node, tag, "succeeded", "1", incarnation="inc-2") == (FinishCode.OK, "SUCCEEDED")
+
+
+def _hold(redis_client: redis.Redis, keys: PoolKeys, node: str, *tags: str) -> None:
+    """What kombu's Redis QoS records when the node's worker takes a message off its queue."""
+    for tag in tags:
+        redis_client.hset(keys.unacked(node), tag, '[{"properties": {}}, "", "q"]')
+        redis_client.zadd(keys.unacked_index(node), {tag: 1.0})
+
+
+def _held(redis_client: redis.Redis, keys: PoolKeys, node: str) -> tuple[set[str], set[str]]:
+    return ({k.decode() for k in redis_client.hkeys(keys.unacked(node))},
+            {m.decode() for m in redis_client.zrange(keys.unacked_index(node), 0, -1)})
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed", "lost", "retry"])
+def test_a_recorded_outcome_forgets_the_delivery_so_the_ack_needs_no_round_trip(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, node: str, outcome: str) -> None:
+    """finish.lua drops the message's unacked entry (workers.rejects.RecordedQoS then acks it
+    without a round trip); another message the worker holds keeps its entry."""
+    task, other = submit_task(scripts, resources=TASK), submit_task(scripts, resources=TASK)
+    tag, held = place(scripts, task, node, 0, start=True), place(scripts, other, node, 0)
+    _hold(redis_client, keys, node, tag, held)
+    payload = '{"x": 1}' if outcome == "retry" else "1"
+    assert scripts.finish(task, node, tag, outcome, payload)[0] is FinishCode.OK
+    assert _held(redis_client, keys, node) == ({held}, {held})
+
+
+def test_a_stale_delivery_is_forgotten_but_a_replaced_workers_is_kept(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, node: str) -> None:
+    """A finish for a delivery whose attempt is not the task's now (another attempt, or the task
+    gone) drops its entry; one refused only for the incarnation, or for a bad outcome, changes
+    nothing at all: the node's new worker process may still need the message it restores."""
+    task = submit_task(scripts, resources=TASK)
+    tag = place(scripts, task, node, 0, start=True)
+    _hold(redis_client, keys, node, f"{task}.9", "gone.1", tag)
+    assert scripts.finish(task, node, f"{task}.9", "succeeded", "1")[0] is FinishCode.STALE
+    assert scripts.finish("gone", node, "gone.1", "succeeded", "1")[0] is FinishCode.NOT_FOUND
+    assert _held(redis_client, keys, node) == ({tag}, {tag})
+    assert scripts.finish(task, node, tag, "exploded", "?")[0] is FinishCode.BAD_OUTCOME
+    assert scripts.finish(task, node, tag, "succeeded", "1", incarnation="another")[0] is FinishCode.STALE
+    assert _held(redis_client, keys, node) == ({tag}, {tag})

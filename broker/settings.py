@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     result_expires_s: float = Field(86400.0, ge=0)
     # A cancelled running task gets SIGTERM, then SIGKILL after this many seconds.
     cancel_grace_s: float = Field(10.0, ge=0)
-    # Each attempt's stdout and stderr (its subprocesses' too) go to <task_log_dir>/<task id>/<attempt>.log
+    # Each attempt's stdout and stderr (its subprocesses' too) go to <task_log_dir>/<task id>.<attempt>.log
     # on its node ("": gpubroker-task-logs in the temporary directory). The last task_log_tail_bytes of it
     # are kept with the task (`gpubroker logs`), refreshed at most every task_log_flush_s while it runs.
     task_log_dir: str = ""

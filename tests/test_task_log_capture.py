@@ -34,17 +34,38 @@ def test_the_attempts_output_and_its_subprocesses_go_to_the_file_then_the_fds_co
     capture.end()
     capture.end()  # once is enough; again changes nothing
     print("after")
-    path = tmp_path / "logs" / "t_1" / "2.log"
+    path = tmp_path / "logs" / "t_1.2.log"
     assert path.read_text() == "from python\nfrom fd 2\nfrom a child\n"
     assert capfd.readouterr().out == "after\n"
     assert kept == [("t/1.2", str(path))]  # at the end (start.lua recorded where the file is)
     assert capture.location == f"n1:{path}"
 
 
-def test_an_attempt_that_writes_nothing_costs_no_copy(kept: list[tuple[str, str]], tmp_path: Path) -> None:
+def test_an_attempt_that_writes_nothing_costs_no_copy_and_leaves_no_file(kept: list[tuple[str, str]],
+                                                                          tmp_path: Path) -> None:
     capture = logs.Capture("t", "t.1").begin()
+    assert (tmp_path / "logs" / "t.1.log").exists()  # while it runs, its processes write there
     capture.end()
-    assert kept == [] and (tmp_path / "logs" / "t" / "1.log").read_bytes() == b""
+    assert kept == [] and not (tmp_path / "logs" / "t.1.log").exists()
+    logs.Capture("t", "t.2").begin().end()
+    print("out", end="", file=sys.stderr)  # between attempts: the worker's stderr, not a log
+    capture = logs.Capture("t", "t.3").begin()
+    print("kept")
+    capture.end()
+    logs.Capture("t", "t.4").begin().end()
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["t.3.log"]  # the quiet ones' are gone
+    assert kept == [("t.3", str(tmp_path / "logs" / "t.3.log"))]
+
+
+def test_an_attempt_whose_file_had_output_before_copies_only_what_it_adds(kept: list[tuple[str, str]],
+                                                                          tmp_path: Path) -> None:
+    """A redelivered attempt appends to its first delivery's file: the refresher starts from its size."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "t.1.log").write_text("first delivery\n")
+    capture = logs.Capture("t", "t.1").begin()
+    assert logs._refresher()._kept == len("first delivery\n")
+    capture.end()
+    assert (tmp_path / "logs" / "t.1.log").read_text() == "first delivery\n"  # kept, not removed
 
 
 def test_a_capture_never_begun_closes_its_file_and_leaves_the_fds(kept: list[tuple[str, str]],

@@ -1,6 +1,6 @@
 """Task logs: each attempt's stdout and stderr, to a file on its node and its last part with the task.
 
-The pool child redirects fds 1 and 2 (``os.dup2``) to ``<task_log_dir>/<task id>/<attempt>.log``
+The pool child redirects fds 1 and 2 (``os.dup2``) to ``<task_log_dir>/<task id>.<attempt>.log``
 as the attempt starts and restores them when it ends, so what the processes it starts write to
 the fds they inherit lands there too (a ``print`` in a ``subprocess`` as much as the task's own).
 ``sys.stdout``/``sys.stderr`` write straight to the file meanwhile: Celery's redirection of them
@@ -63,7 +63,7 @@ def log_path(tag: str) -> Path:
     """Where the attempt named by delivery tag ``<task id>.<attempt>`` writes on this node."""
     task_id, _, attempt = tag.rpartition(".")
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task_id or tag).lstrip(".") or "_"
-    return log_dir() / safe / f"{attempt or 0}.log"
+    return log_dir() / f"{safe}.{attempt or 0}.log"  # one directory: making and removing one per task cost 90 µs
 
 
 def tail_of(path: Path, limit: int) -> tuple[bytes, int]:
@@ -127,12 +127,60 @@ def _walk_handler_streams() -> list[logging.StreamHandler[Any]]:
     return found
 
 
+class _Fds:
+    """What every attempt of this process redirects around, made once per process: copies of the
+    worker's own fds 1 and 2, the stream Celery's handlers write to meanwhile, and the
+    ``sys.stdout``/``sys.stderr`` of an attempt (they write to fds 1 and 2, whatever file those
+    are). Made again when fds 1 and 2 are not the files they were (something else redirected
+    them between attempts)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.identity = _identity()
+        self.saved = (os.dup(1), os.dup(2))
+        self.worker_stream: IO[str] = open(os.dup(self.saved[1]), "w", buffering=1, encoding="utf-8",
+                                           errors="replace")
+        self.streams = (open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False),
+                        open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False))
+
+    def close(self) -> None:
+        for fd in self.saved:
+            os.close(fd)
+        self.worker_stream.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _identity() -> tuple[tuple[int, int], ...]:
+    return tuple((st.st_dev, st.st_ino) for st in map(os.fstat, (1, 2)))
+
+
+_fds: _Fds | None = None
+
+
+def _process_fds() -> _Fds:
+    global _fds
+    if _fds is not None and (_fds.pid != os.getpid() or _fds.identity != _identity()):
+        if _fds.pid == os.getpid():
+            _fds.close()
+        _fds = None
+    if _fds is None:
+        _fds = _Fds()
+    return _fds
+
+
 class Capture:
     """An attempt's fds 1 and 2 sent to its log file, from ``begin`` until ``end``. The file is
     opened first (``location`` goes to start.lua, which records it), so an attempt that writes
-    nothing costs no copy to Redis. Where the file cannot be written the attempt runs as before,
-    its output in the worker's log: a full or misconfigured log directory is the operator's to fix
-    (the warning says so), not a reason to fail the task."""
+    nothing costs no copy to Redis, and leaves no file: it is removed at the end. Where the file
+    cannot be written the attempt runs as before, its output in the worker's log: a full or
+    misconfigured log directory is the operator's to fix (the warning says so), not a reason to
+    fail the task."""
 
     def __init__(self, task_id: str, tag: str) -> None:
         self.task_id, self.tag = task_id, tag
@@ -141,8 +189,11 @@ class Capture:
         self._fd: int | None = None
         self.location = ""  # ``<node>:<path>`` of the whole output, "" when there is no file
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            except FileNotFoundError:  # the first attempt here (or the directory was removed)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self.location = f"{context.node_id()}:{self.path}"
         except OSError as exc:
             log.warning("task %s: no log file (%s); its output goes to the worker's log (GPUBROKER_TASK_LOG_DIR)",
@@ -155,42 +206,51 @@ class Capture:
             return self
         self.active = True
         _flush_all()
-        self.saved = (os.dup(1), os.dup(2))
+        self.fds = fds = _process_fds()
         # Celery's handlers write to the worker's original stderr/stdout meanwhile.
-        self.worker_stream: IO[str] = open(os.dup(self.saved[1]), "w", buffering=1, encoding="utf-8",
-                                           errors="replace")
+        self.worker_stream = fds.worker_stream
         self.handlers = [(h, h.setStream(self.worker_stream)) for h in _handler_streams()]
+        size = os.fstat(fd).st_size  # a redelivered attempt's file has its first delivery's output
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
         self.streams = (sys.stdout, sys.stderr)
-        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-        _refresher().arm(self)
+        sys.stdout, sys.stderr = fds.streams
+        _refresher().arm(self, size)
         return self
 
     def end(self) -> None:
-        """Keep the last part with the task, if anything was written, and give the fds back (call
-        once its processes are gone)."""
+        """Keep the last part with the task, if anything was written (else remove the empty file),
+        and give the fds back (call once its processes are gone)."""
         if self._fd is not None:  # never begun (its start was refused)
             os.close(self._fd)
             self._fd = None
+            self._remove_if_empty()
         if not self.active:
             return
         self.active = False
         _refresher().disarm()  # and waits for a copy in flight
         _flush_all()
-        if tail_of(self.path, 0)[1] and not keep_tail(self.task_id, self.tag, self.path):
-            _missed.append(self)  # once more after the outcome (task_postrun)
+        wrote = _size(self.path)
         sys.stdout, sys.stderr = self.streams
-        os.dup2(self.saved[0], 1)
-        os.dup2(self.saved[1], 2)
-        for saved in self.saved:
-            os.close(saved)
+        os.dup2(self.fds.saved[0], 1)
+        os.dup2(self.fds.saved[1], 2)
         for handler, previous in self.handlers:
             if previous is not None:
                 handler.setStream(previous)
-        self.worker_stream.close()
+        if not wrote:
+            self._remove_if_empty()
+        elif not keep_tail(self.task_id, self.tag, self.path):
+            _missed.append(self)  # once more after the outcome (task_postrun)
+
+    def _remove_if_empty(self) -> None:
+        """A quiet attempt leaves nothing on disk (a worker running millions of small tasks would
+        otherwise keep an empty file for each)."""
+        try:
+            if _size(self.path) == 0:
+                self.path.unlink()
+        except OSError:
+            pass
 
 
 def _flush_all() -> None:
@@ -225,9 +285,10 @@ class _Refresher(threading.Thread):
                 if size != self._kept and keep_tail(capture.task_id, capture.tag, capture.path):
                     self._kept = size
 
-    def arm(self, capture: Capture) -> None:
+    def arm(self, capture: Capture, size: int) -> None:
+        """Watch ``capture``, whose file holds ``size`` bytes as it begins."""
         with self._lock:
-            self._capture, self._kept = capture, tail_of(capture.path, 0)[1]
+            self._capture, self._kept = capture, size
 
     def disarm(self) -> None:
         with self._lock:

@@ -47,7 +47,7 @@ def test_output_of_the_task_and_its_subprocess_is_on_the_node_and_with_the_task(
         task_id = client.submit("tests.chatty", resources=Resources(gpus=1)).id
         done = client.wait(task_id, 60)
         assert done.state is TaskState.SUCCEEDED
-        path = logdir / task_id / "1.log"
+        path = logdir / f"{task_id}.1.log"
         assert done.log_files == {1: f"n1:{path}"}
         assert path.read_text().splitlines() == ["out 1", "err 1", "child 1", "end 1"]
         assert cli(settings, "logs", task_id).splitlines() == ["out 1", "err 1", "child 1", "end 1"]
@@ -65,7 +65,7 @@ def test_only_the_last_part_is_kept_and_each_attempt_has_its_own_log(
         done = client.wait(task_id, 60)
         assert done.state is TaskState.SUCCEEDED and done.result == 2
         for attempt in (1, 2):
-            whole = (logdir / task_id / f"{attempt}.log").read_bytes()
+            whole = (logdir / f"{task_id}.{attempt}.log").read_bytes()
             assert whole.startswith(f"out {attempt}\n".encode()) and whole.endswith(f"end {attempt}\n".encode())
             kept = client.logs(task_id, attempt)
             assert kept.size == len(whole) and kept.tail == whole[-TAIL:]

@@ -1,23 +1,20 @@
 """Surviving a lost Redis connection: the worker reconnects and nothing it held is stranded.
 
-When the broker connection drops, Celery throws away the messages it had received but
-not yet started (``Consumer.on_close``) and relies on kombu to put them back. kombu does
-that in two ways, neither of which works here:
+When the broker connection drops, Celery throws away the messages it had received but not
+yet started (``Consumer.on_close``) and relies on kombu to put them back, from the copies its
+Redis transport keeps in an unacked hash: when it closes the channel (with Celery 5.7 / kombu
+5.7 the transport is detached first, so that restore raised ``AttributeError`` and the whole
+worker exited, "Unrecoverable error", instead of reconnecting), or after the visibility
+timeout (30 days on purpose: long tasks must not be redelivered).
 
-- when it closes the channel (``restore_unacked_once``): Redis is usually the thing that
-  is down, and with Celery 5.7 / kombu 5.7 the transport is detached before the channel
-  is closed, so the restore raises ``AttributeError`` and the whole worker exits
-  ("Unrecoverable error") instead of reconnecting;
-- after the visibility timeout, which is 30 days on purpose (long tasks must not be
-  redelivered; the node lease is the recovery path).
-
-Meanwhile the node stays alive and keeps its lease, so the reaper never frees those
-reservations: the tasks would sit RESERVED forever. ``RedeliverUnacked`` closes the gap:
-it turns kombu's restore-on-close off, and every time the consumer (re)connects, before
-the event loop takes the first message, it puts every message in this node's own unacked
-hash back on the node queue. Each of them belongs to a channel that is gone, and putting
-them back is safe because start.lua fences every delivery: a task still running gets
-ALREADY_RUNNING, a finished one STALE (both dropped unrun), and a reserved one runs.
+A worker here keeps no such copies (``workers.rejects.NodeQoS``): what the lost connection held
+are RESERVED tasks of this node whose message is nowhere, and ``workers.redeliver`` queues
+them again from their records when the consumer (re)connects. ``RedeliverUnacked`` runs just
+before it: it turns kombu's restore-on-close off, and puts back what is in this node's unacked
+hash, which only a worker of an earlier version (one that kept copies) or a consumer set up
+by hand writes, so that an upgrade strands nothing either. Every copy put back is safe because
+start.lua fences every delivery: a task still running gets ALREADY_RUNNING, a finished one
+STALE (both dropped unrun), and a reserved one runs.
 """
 
 from __future__ import annotations

@@ -1,22 +1,23 @@
-"""Reserved tasks whose message was lost in a failover are queued again.
+"""Reserved tasks whose message is nowhere are queued again: lost with a connection, or in a failover.
 
 reserve.lua pushes a reserved task's message onto the node queue in the same script that
-reserves it; the worker's BRPOP then takes it, and kombu records it in the node's unacked hash
-in a second command. Redis replication is asynchronous: after the master is lost, the promoted
-replica may have seen the pop and not the unacked write (or a restarted Redis may have lost
-the tail of its AOF), and the task is RESERVED, holding capacity on a live node, with its
-message nowhere. Nothing else would ever notice: the node keeps its lease, so the reaper never
-requeues it.
+reserves it; the worker's BRPOP then takes it, and holds it in memory until the task ends
+(``workers.rejects.NodeQoS``: no copy in Redis). When the worker's connection is lost, Celery
+drops what it held and not yet started; when the master is lost, the promoted replica (or a
+restarted Redis that lost the tail of its AOF) may not have the message either. Either way
+the task is RESERVED, holding capacity on a live node, with its message nowhere, and nothing
+else would ever notice: the node keeps its lease, so the reaper never requeues it.
 
-``RedeliverReserved`` runs redeliver.lua for this node when the consumer (re)connects, after
-``RedeliverUnacked`` put the unacked messages back, queuing the stored message of each RESERVED
-task of the node whose delivery tag is neither on the queue nor unacked; and then every
-``INTERVAL_S`` from the consumer's own event loop. A message this worker acknowledged when it
-handed it to a pool process is in neither place either until start.lua marks the task RUNNING,
-so a periodic look queues only what the previous look also found missing with the same tag
-(an attempt does not wait ``INTERVAL_S`` between its hand-over and its start). A duplicate can
-only be dropped: start.lua lets exactly one delivery of an attempt's tag run (the next one gets
-ALREADY_RUNNING, or STALE once the attempt ended, and is acknowledged unrun).
+``RedeliverReserved`` runs redeliver.lua for this node when the consumer (re)connects (after
+``workers.recovery.RedeliverUnacked``), queuing the stored message of each RESERVED task of
+the node whose delivery tag is neither on the queue nor in the node's unacked hash (only an
+older worker writes there): whatever the lost connection held. And then every ``INTERVAL_S``
+from the consumer's own event loop, for what a failover lost while connected. A message this
+worker holds (received, or handed to a pool process) is in neither place either until
+start.lua marks the task RUNNING, so a periodic look queues only what the previous look also
+found missing with the same tag (a held message does not wait ``INTERVAL_S`` to start). A
+duplicate can only be dropped: start.lua lets exactly one delivery of an attempt's tag run
+(the next one gets ALREADY_RUNNING, or STALE once the attempt ended, and is acknowledged unrun).
 """
 
 from __future__ import annotations

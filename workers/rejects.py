@@ -14,9 +14,9 @@ Stock kombu and Celery get several of these wrong, which is why this module exis
   Request, which kombu's Redis transport counts as a connection error: the
   consumer reconnects, restores the message from ``unacked``, reads it again, forever.
 
-``GuardedTransport`` catches the first kind before a message exists (nothing is in
-``unacked`` yet); ``GuardedConsumer`` rejects the second kind (which removes it
-from ``unacked``). What Celery already refuses by itself is counted through its
+``GuardedTransport`` catches the first kind before a message exists (kombu holds
+nothing yet); ``GuardedConsumer`` rejects the second kind and ends its task FAILED (so
+``workers.redeliver`` does not queue it again). What Celery already refuses by itself is counted through its
 hooks: ``on_decode_error`` here, ``task_rejected`` / ``task_unknown`` in
 ``workers.task``. A forged message never changes the task it names: only the
 fenced scripts do that, for the attempt that holds the reservation.
@@ -78,27 +78,48 @@ def envelope_problem(payload: Any) -> str | None:
     return None
 
 
-class RecordedQoS(kombu_redis.QoS):
-    """kombu's bookkeeping of the messages a worker holds, where acking a message whose attempt
-    finish.lua recorded costs no round trip: finish.lua removed its unacked entry already
-    (``delivered`` in lua/_lib.lua), in the same script that recorded the outcome. The worker's
-    main process names such a message (``recorded``) before it acks it; every other ack (an
-    attempt that failed, a message dropped unrun) removes the entry as kombu does."""
+class NodeQoS(kombu_redis.QoS):
+    """kombu's bookkeeping of the messages a worker holds, kept in the worker's memory only.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.recorded: set[str] = set()
+    kombu's Redis transport copies every message it takes into an unacked hash (a round trip
+    before the task reaches a pool process) and removes it at the ack (another, after): it puts
+    those copies back on the queue when a consumer's visibility timeout passes or its channel
+    closes. Neither is how a node's messages are recovered here. A message is the reservation of
+    a RESERVED task on this node (the task's record keeps it); a running task's node lease is its
+    recovery path (the reaper). A reserved task whose message is neither on the node queue nor
+    held is queued again from its record by ``workers.redeliver`` (at every (re)connect: what the
+    lost connection held; and periodically: what a failover lost), and start.lua lets exactly one
+    delivery of an attempt run. So a copy would only cost two round trips per task on the path
+    from one task to the next. A message handed back (``Reject(requeue=True)``) is pushed back on
+    the node queue from memory, first in line, marked redelivered as kombu marks it."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if delivery_tag in self.recorded:
-            self.recorded.discard(delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)  # kombu's own accounting only (prefetch credit)
-        else:
-            super().ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        message = self._delivered.get(delivery_tag)
+        if requeue and message is not None:
+            delivery = message.delivery_info
+            with self.channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                self.channel._do_restore_message(message._raw, delivery["exchange"], delivery["routing_key"],
+                                                  pipe, leftmost=True)
+                pipe.execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """A closing channel's messages: queued again from their tasks' records at the next connect."""
+        self._delivered.clear()
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """No copies, so nothing whose visibility timeout passed (long tasks are never redelivered)."""
 
 
 class GuardedChannel(native.Channel):
-    QoS = RecordedQoS
+    QoS = NodeQoS
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

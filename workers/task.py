@@ -138,23 +138,10 @@ class GpuRequest(Request):
         if channel is None or getattr(channel, "closed", False) or getattr(channel, "connection", True) is None:
             log.info("task %s: not acking message %s of a lost connection", self.id, self.delivery_tag)
         else:
-            if self._recorded() and isinstance(getattr(channel.qos, "recorded", None), set):
-                channel.qos.recorded.add(self.message.delivery_tag)  # finish.lua removed its entry
             # The event loop runs the ack a moment later: if the connection drops in between,
             # the same AttributeError must not stop the worker either.
             self._on_ack(log, (*self._connection_errors, AttributeError))
         self.acknowledged = True
-
-    def _recorded(self) -> bool:
-        """Did the pool process record this attempt's outcome? Its trace returned without a
-        failure: ``GpuTask.__call__`` ran to its report (finish.lua), which forgot the message's
-        unacked entry. (billiard's result of the job is set before Celery's success callback acks.)"""
-        ref = getattr(self, "_apply_result", None)
-        result = ref() if ref is not None else None
-        if result is None or not result.ready() or not result.successful():
-            return False
-        value = getattr(result, "_value", None)
-        return isinstance(value, tuple) and len(value) == 3 and not value[0]
 
     def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> None:
         super().on_success(failed__retval__runtime, **kwargs)

@@ -3,7 +3,7 @@
 One test per scenario of docs/reliability.md, in its order:
 
 1. a worker SIGKILLed mid-task            5. three racing dispatchers
-2. the pool child SIGKILLed (OOM)         6. a task outliving kombu's visibility timeout
+2. the pool child SIGKILLed (OOM)         6. a long task; a message lost with the connection
 3. dispatchers SIGKILLed 30+ times        7. a node restarted under the same id
 4. Redis kill -9 and restart (AOF)        8. cancel of a pending, reserved and running task
 
@@ -225,7 +225,7 @@ def test_worker_killed_mid_task_requeues_after_the_lease_and_finishes_elsewhere(
             assert wait_state(client, task_id, TaskState.RUNNING).node == "node-a"
         procs.worker("node-b", *GPU_NODE, *TEST_TASKS)
         wait_nodes_up(client, ["node-b"])
-        assert redis_client.hlen(keys.unacked("node-a")) == 2, "both messages are unacked on node-a"
+        assert not redis_client.hlen(keys.unacked("node-a")), "the worker holds both messages, copies none"
 
         procs.kill(victim)  # the worker and its pool children, mid-task
         killed_at = time.time()
@@ -496,49 +496,54 @@ def test_three_racing_dispatchers_never_over_commit_a_node_or_a_gpu(
         assert executions(procs, RACE_NODES) == Counter(set(ids))
 
 
-# ---- 6. longer than the visibility timeout ------------------------------------------
+# ---- 6. longer than the visibility timeout; a message lost with the connection -------
 
 
-def test_a_task_longer_than_the_visibility_timeout_runs_once(
+def test_a_long_task_is_never_redelivered_and_a_message_lost_with_the_connection_is_queued_again(
         procs: Processes, settings: Settings, redis_client: redis.Redis) -> None:
     keys = PoolKeys(settings.pool)
     visibility_s = 1
     with Client(settings=settings) as client:
         procs.dispatcher()
-        # Two long tasks and a free slot, where a redelivered copy is taken at once.
-        procs.spawn("worker-node-a", "worker", "--node", "node-a", *GPU_NODE, "--slots", "3",
-                    env={"GPUBROKER_VISIBILITY_TIMEOUT_S": str(visibility_s)})
+        worker = procs.spawn("worker-node-a", "worker", "--node", "node-a", *GPU_NODE, "--slots", "3",
+                             env={"GPUBROKER_VISIBILITY_TIMEOUT_S": str(visibility_s)})
         wait_nodes_up(client, ["node-a"])
 
-        def fenced(task_id: str) -> bool:
-            tag = redis_client.hget(keys.task(task_id), "tag").decode()
-            return (tag, task_id, "ALREADY_RUNNING") in DROPPED.findall(procs.log("worker-node-a"))
-
-        swept = client.submit("workers.tasks.probe", kwargs={"seconds": 6}, resources=Resources(gpus=1)).id
-        first = wait_state(client, swept, TaskState.RUNNING)
+        long = client.submit("workers.tasks.probe", kwargs={"seconds": 4}, resources=Resources(gpus=1)).id
+        running = wait_state(client, long, TaskState.RUNNING)
         time.sleep(visibility_s + 0.5)  # the task outlives the timeout: that is the point
-        # Any consumer sharing the node's unacked keys with a short visibility timeout (kombu's
-        # docs: the shortest timeout wins) puts the running task's message back on the queue.
+        # kombu's own redelivery sweeps copies of taken messages whose visibility timeout passed
+        # (at start-up, periodically, and any consumer with a shorter timeout): the worker keeps
+        # none (workers.rejects.NodeQoS), so there is nothing to put back.
         options = {**celery_settings(settings)["broker_transport_options"], "visibility_timeout": visibility_s,
                    "unacked_key": keys.unacked("node-a"), "unacked_index_key": keys.unacked_index("node-a"),
                    "unacked_mutex_key": keys.unacked_mutex("node-a")}
         with Connection(settings.redis_url, transport_options=options) as conn:
             conn.default_channel.qos.restore_visible(num=100)
-        wait_until(lambda: fenced(swept), 10, what="the swept message to be fenced off")
+        assert node_keys_left(redis_client, keys, "node-a") == [keys.node_tasks("node-a")], "no copy, none queued"
 
-        # The worker redelivers by itself when its Redis connection drops (workers.recovery
-        # puts the unacked messages of the lost connection back on the queue).
-        blipped = client.submit("workers.tasks.probe", kwargs={"seconds": 4}, resources=Resources(gpus=1)).id
-        second = wait_state(client, blipped, TaskState.RUNNING)
-        redis_client.client_kill_filter(_type="normal", skipme=True)
-        wait_until(lambda: fenced(blipped), 15, what="the message put back at reconnect to be fenced off")
+        # A message taken by a connection that is then lost: the worker, stopped, has a BRPOP
+        # outstanding that takes it (or, had that just timed out, the test pops it), and Redis
+        # drops every client before the worker reads the reply. It is in no queue and the
+        # worker does not hold it; its task is RESERVED on a live node. At reconnect the worker
+        # queues it again from the task's record (workers.redeliver).
+        with procs.paused(worker):
+            lost = client.submit("workers.tasks.probe", kwargs={"seconds": 0.1}, resources=Resources(gpus=1)).id
+            wait_state(client, lost, TaskState.RESERVED)
+            time.sleep(0.3)
+            redis_client.rpop(keys.queue("node-a"))  # None when the stopped worker's BRPOP took it
+            assert not redis_client.llen(keys.queue("node-a")) and not redis_client.hlen(keys.unacked("node-a"))
+            redis_client.client_kill_filter(_type="normal", skipme=True)
+        done = client.wait(lost, 30)
+        assert (done.state, done.attempts) == (TaskState.SUCCEEDED, 1)
+        assert "queued again the message of 1 reserved task" in procs.log("worker-node-a")
 
-        for task_id, running in ((swept, first), (blipped, second)):
-            done = client.wait(task_id, 30)
-            assert done.state is TaskState.SUCCEEDED and done.attempts == 1
-            assert done.started_at == running.started_at
-        assert executions(procs, ["node-a"]) == Counter([swept, blipped]), "each one's code ran once"
-        assert finishes(procs, ["node-a"]) == Counter([swept, blipped])
+        finished = client.wait(long, 30)
+        assert finished.state is TaskState.SUCCEEDED and finished.attempts == 1
+        assert finished.started_at == running.started_at
+        assert not DROPPED.findall(procs.log("worker-node-a")), "no message was delivered twice"
+        assert executions(procs, ["node-a"]) == Counter([long, lost]), "each one's code ran once"
+        assert finishes(procs, ["node-a"]) == Counter([long, lost])
         assert_capacity_invariant(redis_client, keys)
         assert_node_free(client, "node-a")
 

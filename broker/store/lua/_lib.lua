@@ -25,15 +25,6 @@ local function touch(changes_key, node_id)
   redis.call('ZADD', changes_key, int((tonumber(last[2]) or 0) + 1), node_id)
 end
 
--- Delivery `tag` is over (its attempt's outcome is recorded, or another attempt holds the task):
--- the node's kombu bookkeeping (P q:<node>:unacked[_index]) forgets it, so a reconnecting worker
--- has nothing of it to put back, and the worker's ack of it needs no round trip (workers.rejects).
-local function delivered(prefix, node_id, tag)
-  local queue = prefix .. 'q:' .. node_id
-  redis.call('HDEL', queue .. ':unacked', tag)
-  redis.call('ZREM', queue .. ':unacked_index', tag)
-end
-
 -- What kombu's Redis transport adds to a message's properties on node queue queue_key, up to
 -- the delivery tag.
 local function queue_route(queue_key)

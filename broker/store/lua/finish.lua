@@ -1,13 +1,13 @@
 -- finish.lua: end one attempt of a task and release its reservation.
 --
--- Called by the worker on success, an exception, a Celery retry, replace or Ignore, a time limit,
--- a lost process. Fenced by the delivery tag (a finish for an attempt that no longer holds the
--- task only drops the delivery's unacked entry: no double release) and the worker's incarnation.
--- Next: SUCCEEDED (or FAILED) passing its reservation to the head of the queue when that asks the
+-- Called by the worker on success, an exception, a Celery retry, replace or Ignore, a time
+-- limit, a lost process. Fenced by the delivery tag (a finish for an attempt that no longer
+-- holds the task changes nothing: no double release) and the worker's incarnation. Next:
+-- SUCCEEDED (or FAILED) passing its reservation to the head of the queue when that asks the
 -- same (_handoff.lua); CANCELLED if being cancelled (or revoked and would run again), or on Ignore;
--- back in line uncharged if being preempted; PENDING for a retry (its new message, not before its
--- countdown); PENDING `awaiting` (in no queue) the message sent under its id after Task.replace
--- (submit.lua takes it); FAILED; or, lost, requeued while retries remain. The delivery is acked.
+-- back in line uncharged if being preempted; PENDING for a retry (its new message, not before
+-- its countdown); PENDING `awaiting` (in no queue) the message sent under its id after
+-- Task.replace (submit.lua takes it); FAILED; or, lost, requeued while retries remain.
 --
 -- Transitions: RESERVED | RUNNING | PENDING -> SUCCEEDED | FAILED | CANCELLED | PENDING | RESERVED (the head)
 -- Includes: _lib.lua _release.lua _handoff.lua
@@ -34,20 +34,20 @@
 -- Returns {code, state, head}: the task's state afterwards, the task it passed its place to (or ''):
 --   0 OK
 --   1 NOT_FOUND  no such task
---   2 STALE      this attempt no longer holds the task; nothing changed (but the unacked entry)
+--   2 STALE      this attempt no longer holds the task; nothing changed
 --   3 BAD_OUTCOME unknown outcome; nothing changed
 
 local task_key, id, now, prefix, outcome = KEYS[1], ARGV[1], tonumber(ARGV[6]), KEYS[9], ARGV[4]
 local t = redis.call('HMGET', task_key, 'state', 'tag', 'node', 'preempt_at', 'started_at', 'name', 'gpu_kind',
   'cancel_at', 'revoked', 'req', 'alloc', 'gpus', 'gang')
-local over = not t[1] or t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED')
-if over then delivered(prefix, ARGV[2], ARGV[3]) end -- this delivery's attempt is not the task's now
-if over or (ARGV[9] ~= '' and redis.call('HGET', KEYS[2], 'incarnation') ~= ARGV[9]) then
-  return t[1] and {2, t[1]} or {1, ''}
+if not t[1] then return {1, ''} end
+if t[2] ~= ARGV[3] or t[3] ~= ARGV[2] or (t[1] ~= 'RUNNING' and t[1] ~= 'RESERVED')
+    or (ARGV[9] ~= '' and redis.call('HGET', KEYS[2], 'incarnation') ~= ARGV[9]) then
+  return {2, t[1]}
 end
 local OUTCOMES = {succeeded = true, failed = true, lost = true, retry = true, replaced = true, ignored = true}
 if not OUTCOMES[outcome] then return {3, t[1]} end
-delivered(prefix, ARGV[2], ARGV[3])
+
 local final = not t[13] and (outcome == 'succeeded' or (outcome == 'failed' and not t[4] and not t[8]))
 local passed = release_or_pass(prefix, task_key, KEYS[2], KEYS[3], ARGV[2], id, final, t[10], t[11], t[12], now)
 touch(KEYS[8], ARGV[2])

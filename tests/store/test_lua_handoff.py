@@ -70,8 +70,10 @@ def test_an_ended_attempt_passes_its_place_to_a_head_that_asks_the_same(
     free = free_of(redis_client, keys, "n1")
     head, behind = submit_task(scripts, resources=GPU), submit_task(scripts, resources=GPU)
     woken(wakes)
+    changed = redis_client.zscore(keys.changes, "n1")
 
     assert scripts.finish(done, "n1", tag, "succeeded", "7") == (FinishCode.OK, "SUCCEEDED")
+    assert redis_client.zscore(keys.changes, "n1") == changed  # a dispatcher has nothing of n1 to read again
     h = task_hash(redis_client, keys, head)
     assert (h["state"], h["node"], h["gpus"], h["alloc"], h["attempts"]) == ("RESERVED", "n1", "1", alloc, "1")
     assert [e["headers"]["id"] for e in queued_envelopes(redis_client, keys, "n1")][-1] == head
@@ -88,6 +90,11 @@ def test_an_ended_attempt_passes_its_place_to_a_head_that_asks_the_same(
     assert scripts.finish(head, "n1", head_tag, "failed", "boom") == (FinishCode.OK, "FAILED")
     assert task_hash(redis_client, keys, behind)["state"] == "RESERVED" and pending_ids(redis_client, keys) == []
     assert_pool_invariants(redis_client, keys)
+    behind_tag = tag_of(redis_client, keys, behind)  # the last: nobody to pass to, its place is freed
+    scripts.start(behind, "n1", behind_tag)
+    assert scripts.finish(behind, "n1", behind_tag, "succeeded", "1") == (FinishCode.OK, "SUCCEEDED")
+    assert redis_client.zscore(keys.changes, "n1") > changed  # n1's free capacity changed: dispatchers re-read it
+    assert woken(wakes) == [b"finish"]
 
 
 def test_the_head_goes_on_at_its_next_attempt_number(scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys,

@@ -50,7 +50,7 @@ if not OUTCOMES[outcome] then return {3, t[1]} end
 
 local final = not t[13] and (outcome == 'succeeded' or (outcome == 'failed' and not t[4] and not t[8]))
 local passed = release_or_pass(prefix, task_key, KEYS[2], KEYS[3], ARGV[2], id, final, t[10], t[11], t[12], now)
-touch(KEYS[8], ARGV[2])
+if not passed then touch(KEYS[8], ARGV[2]) end -- passed on: its node's free capacity is as it was
 local state
 if outcome == 'succeeded' then
   state = conclude(prefix, task_key, id, 'SUCCEEDED', now, 'result', ARGV[5])

@@ -155,11 +155,11 @@ class Broker(Side):
     resources: Resources | None = None
     reuse: bool | None = None
     worker_args: tuple[str, ...] = ("--gpus", "0")
-    handoff = False  # GPUBROKER_HANDOFF: an ended task passes its place to a like head of the queue
+    handoff = "auto"  # GPUBROKER_HANDOFF: an ended task passes its place to a like head of the queue
 
     def start(self) -> None:
         url = f"redis://127.0.0.1:{self.port}/0"
-        env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL, "GPUBROKER_HANDOFF": str(self.handoff).lower()}
+        env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL, "GPUBROKER_HANDOFF": self.handoff}
         gpubroker = [sys.executable, "-m", "workers"]
         quiet = ["--log-level", "WARNING"]  # as plain Celery's worker runs here (and by default): -l WARNING
         self.spawn("dispatcher", [*gpubroker, "dispatcher", *quiet], env)
@@ -210,23 +210,23 @@ class BrokerGpuReuse(BrokerGpu):
     reuse = True
 
 
-class BrokerHandoff(Broker):
-    handoff = True
+class BrokerNever(Broker):
+    handoff = "never"  # the dispatcher makes every placement
 
 
-class BrokerGpuReuseHandoff(BrokerGpuReuse):
-    handoff = True
+class BrokerGpuReuseNever(BrokerGpuReuse):
+    handoff = "never"
 
 
 SIDES: dict[str, tuple[type[Side], bool]] = {
     "celery": (Celery_, False), "celery-fresh": (Celery_, True),
     "cpu": (Broker, False), "gpu-reuse": (BrokerGpuReuse, False), "gpu-fresh": (BrokerGpu, True),
-    "cpu-handoff": (BrokerHandoff, False), "gpu-reuse-handoff": (BrokerGpuReuseHandoff, False),
+    "cpu-never": (BrokerNever, False), "gpu-reuse-never": (BrokerGpuReuseNever, False),
 }
 LABELS = {"celery": "plain Celery (processes reused)", "celery-fresh": "plain Celery, max_tasks_per_child=1",
           "cpu": "gpubroker, CPU tasks", "gpu-reuse": "gpubroker, GPU share, reuse=True",
-          "gpu-fresh": "gpubroker, GPU share, fresh process", "cpu-handoff": "gpubroker, CPU tasks, handoff",
-          "gpu-reuse-handoff": "gpubroker, GPU share, reuse, handoff"}
+          "gpu-fresh": "gpubroker, GPU share, fresh process", "cpu-never": "gpubroker, CPU tasks, handoff never",
+          "gpu-reuse-never": "gpubroker, GPU share, reuse, handoff never"}
 
 
 @dataclass
@@ -285,7 +285,7 @@ def report(figures: dict[str, Figures], opts: argparse.Namespace, version: str) 
 
 
 #: Sides with processes reused: issue 14's end-to-end and latency targets are theirs.
-REUSED = ("cpu", "gpu-reuse", "cpu-handoff", "gpu-reuse-handoff")
+REUSED = ("cpu", "gpu-reuse", "cpu-never", "gpu-reuse-never")
 
 
 def targets(figures: dict[str, Figures], rate: dict[str, float]) -> None:

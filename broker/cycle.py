@@ -3,6 +3,7 @@ own Prometheus series (``broker.dispatcher``, ``broker.metrics``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
 from broker.scheduling.model import Placement
+
+log = logging.getLogger("broker.dispatcher")  # the dispatcher's log, as before
 
 PLACED = MetricCounter("gpubroker_placements_total", "Tasks reserved onto a node", ["pool"])
 REFUSED = MetricCounter("gpubroker_placements_refused_total", "Placements reserve.lua refused", ["pool", "code"])
@@ -56,3 +59,17 @@ class Timer:
     def __exit__(self, *exc: object) -> None:
         seconds = self.report.seconds
         seconds[self.phase] = seconds.get(self.phase, 0.0) + time.perf_counter() - self.t0
+
+
+def record(report: CycleReport, pool: str) -> None:
+    """Export what the cycle did (its placements, refusals, phase times) and log a cycle that did anything."""
+    PLACED.labels(pool).inc(report.placed)
+    for code, count in report.refused.items():
+        REFUSED.labels(pool, code).inc(count)
+    for phase, seconds in report.seconds.items():
+        PHASE.labels(pool, phase).observe(seconds)
+    if report.placed or report.refused or report.reaped or report.preempted or report.expired:
+        timings = " ".join(f"{p[2:]}={s * 1000:.1f}ms" for p, s in report.seconds.items())
+        log.info("cycle: %d pending, %d nodes, placed %d, refused %s, reaped %s, preempted %s, expired %s (%s)",
+                 report.pending_seen, report.nodes_seen, report.placed, dict(report.refused) or 0,
+                 report.reaped or 0, report.preempted or 0, report.expired or 0, timings)

@@ -40,7 +40,8 @@ from typing import Any, cast
 
 import redis
 
-from broker.cycle import PHASE, PLACED, PREEMPTED, QUARANTINED, REFUSED, CycleReport, Timer
+from broker.cycle import PLACED, PREEMPTED, QUARANTINED, REFUSED, CycleReport, Timer, record
+from broker.handoff import HandoffSwitch
 from broker.metrics import COLLECTOR, WantedNodes
 from broker.native.ingest import Ingest
 from broker.scan_gate import Mark, ScanGate, mark_commands, mark_of, read_mark
@@ -91,6 +92,7 @@ class Dispatcher:
         self._timer: int | None = None  # when the next delayed task or expiry is due, as the lazy pass read it
         self._early: tuple[int, list[Any], list[Any]] | None = None  # view and mark replies, read with the upkeep
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
+        self._handoff = HandoffSwitch(self.redis, self.keys, settings.handoff, self.lazy)
         self._published = False
         self._catalogue = reads.Catalogue()
         self._ingest = Ingest(settings, self.redis, clock)
@@ -107,15 +109,14 @@ class Dispatcher:
             REFUSED.labels(settings.pool, code.name)
         for how in (PreemptCode.REQUEUED, PreemptCode.STOPPING):
             PREEMPTED.labels(settings.pool, how.name.lower())
-        for record in ("task", "node"):
-            QUARANTINED.labels(settings.pool, record)
+        for kind in ("task", "node"):
+            QUARANTINED.labels(settings.pool, kind)
         PLACED.labels(settings.pool)
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
         self.redis.set(self.keys.scheduling, self.settings.scheduling.model_dump_json())
-        on = self.lazy and self.settings.handoff  # finish.lua may pass an ended attempt's place on (_handoff.lua)
-        self.redis.set(self.keys.handoff, "1") if on else self.redis.delete(self.keys.handoff)
+        self._handoff.publish()  # whether finish.lua may pass an ended attempt's place on (broker.handoff)
         self._published = True
 
     def run_cycle(self) -> CycleReport:
@@ -149,7 +150,7 @@ class Dispatcher:
             timer = reads.next_timer_ms(self.redis, self.keys) if full else self._timer
             if timer is not None:
                 report.wake_at_ms = timer if report.wake_at_ms is None else min(report.wake_at_ms, timer)
-            self._record(report)
+            record(report, self.settings.pool)
             self._refresh_metrics()
             self._beat()
         return report
@@ -190,6 +191,7 @@ class Dispatcher:
         # Tasks left waiting (the queue's length: the head read stops at the free slots): now and
         # then, a full pass for preemption and the queue view.
         left = max(report.pending_seen, mark.pending) > report.placed or report.window_full
+        self._handoff.after_cycle(left)
         interval_ms = max(self.settings.explain_interval_s * 1000, self._full_cost_ms * SPARE)
         due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
         sched = self.settings.scheduling
@@ -365,19 +367,6 @@ class Dispatcher:
                 report.refused[code.name] += 1
                 if code is not ReserveCode.NOT_PENDING:  # the node is not as the cache had it: read it anew
                     self._view.forget(placement.node_id)
-
-    def _record(self, report: CycleReport) -> None:
-        pool = self.settings.pool
-        PLACED.labels(pool).inc(report.placed)
-        for code, count in report.refused.items():
-            REFUSED.labels(pool, code).inc(count)
-        for phase, seconds in report.seconds.items():
-            PHASE.labels(pool, phase).observe(seconds)
-        if report.placed or report.refused or report.reaped or report.preempted or report.expired:
-            timings = " ".join(f"{p[2:]}={s * 1000:.1f}ms" for p, s in report.seconds.items())
-            log.info("cycle: %d pending, %d nodes, placed %d, refused %s, reaped %s, preempted %s, expired %s (%s)",
-                     report.pending_seen, report.nodes_seen, report.placed, dict(report.refused) or 0,
-                     report.reaped or 0, report.preempted or 0, report.expired or 0, timings)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Cycle whenever a script publishes a wake-up; reap at least every reap_interval_s."""

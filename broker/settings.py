@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -12,6 +12,10 @@ from broker.errors import ConfigError
 from broker.models import NAME_PATTERN, NAME_RULE
 from broker.redis_urls import check as check_url
 from broker.scheduling.config import SchedulingConfig
+
+#: What ``handoff`` also takes, as earlier versions did (a boolean).
+HANDOFF_WORDS = {"true": "always", "on": "always", "1": "always", "yes": "always",
+                 "false": "never", "off": "never", "0": "never", "no": "never"}
 
 
 class Settings(BaseSettings):
@@ -58,8 +62,10 @@ class Settings(BaseSettings):
     explain_interval_s: float = Field(1.0, gt=0)
     # On the spine's scheduling, an attempt that ends may pass its reservation at once to the head
     # of the queue when that asks exactly the same (finish.lua, _handoff.lua): a stream of like
-    # tasks then needs no dispatcher cycle per task. Off: the dispatcher makes every placement.
-    handoff: bool = False
+    # tasks then needs no dispatcher cycle per task. auto: while tasks wait for capacity (the
+    # place best fit would choose); always (true): whenever; never (false): the dispatcher
+    # makes every placement (broker.handoff).
+    handoff: Literal["auto", "always", "never"] = "auto"
     # A finished task's record (and its idempotency key) is kept this long, as Celery's
     # result_expires; 0 keeps it for good.
     result_expires_s: float = Field(86400.0, ge=0)
@@ -122,6 +128,13 @@ class Settings(BaseSettings):
     def for_pool(self, pool: str) -> Settings:
         """These settings for another pool (on its own Redis when ``pool_urls`` says so)."""
         return Settings(**{**self.model_dump(), "pool": pool})
+
+    @field_validator("handoff", mode="before")
+    @classmethod
+    def _handoff_words(cls, value: object) -> object:
+        """true/false (and on/off, 1/0, yes/no) as earlier versions took them: always/never."""
+        word = str(value).strip().lower() if isinstance(value, str | bool) else value
+        return HANDOFF_WORDS.get(word, word) if isinstance(word, str) else word
 
     @field_validator("redis_url")
     @classmethod

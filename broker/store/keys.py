@@ -92,9 +92,9 @@ slot and the layout already works on Redis Cluster. ``P`` below is
 |                              |        | from the last pass                         |                       |
 | ``P scheduling``             | string | the SchedulingConfig JSON the dispatcher   | none                  |
 |                              |        | runs with                                  |                       |
-| ``P handoff``                | string | "1" while the dispatcher runs the spine:   | none                  |
-|                              |        | finish.lua may pass an ended attempt's     |                       |
-|                              |        | place to the head of the queue             |                       |
+| ``P handoff``                | string | "1" while finish.lua may pass an ended     | none                  |
+|                              |        | attempt's place to the head of the queue   |                       |
+|                              |        | (set by the dispatcher: broker.handoff)    |                       |
 | ``P wake``                   | pubsub | channel the scripts publish on so          | -                     |
 |                              |        | dispatchers wake                           |                       |
 

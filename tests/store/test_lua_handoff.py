@@ -49,7 +49,8 @@ def woken(pubsub: redis.client.PubSub) -> list[bytes]:
     return out
 
 
-def publish(redis_client: redis.Redis, keys: PoolKeys, clock: Clock, handoff: bool = True, **settings: object) -> None:
+def publish(redis_client: redis.Redis, keys: PoolKeys, clock: Clock, handoff: str = "always",
+            **settings: object) -> None:
     """What a dispatcher started with these settings tells the pool."""
     Dispatcher(Settings(pool=keys.pool, handoff=handoff, **settings), clock, redis_client).publish_config()
 
@@ -109,8 +110,8 @@ def test_the_head_goes_on_at_its_next_attempt_number(scripts: Scripts, redis_cli
     assert_pool_invariants(redis_client, keys)
 
 
-@pytest.mark.parametrize("case", ["off", "other request", "other priority", "retry", "lost", "cancelled",
-                                  "draining", "rate limited", "another policy"])
+@pytest.mark.parametrize("case", ["never", "auto before a cycle", "other request", "other priority", "retry", "lost",
+                                  "cancelled", "draining", "rate limited", "another policy"])
 def test_no_hand_off(case: str, scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: Clock,
                      wakes: redis.client.PubSub) -> None:
     """The place is released (and the dispatcher woken) whenever the head is not exactly what
@@ -119,7 +120,8 @@ def test_no_hand_off(case: str, scripts: Scripts, redis_client: redis.Redis, key
     if case == "another policy":
         publish(redis_client, keys, clock, scheduling={"ordering": "fair"})
     else:
-        publish(redis_client, keys, clock, handoff=case != "off")
+        mode = {"never": "never", "auto before a cycle": "auto"}.get(case, "always")
+        publish(redis_client, keys, clock, handoff=mode)
     register_node(scripts, "n1", gpus=2, gpu_mem=1000, slots=2)
     done, tag = running(scripts)
     head = submit_task(scripts, resources=Resources(gpus=1, cpus=2) if case == "other request" else GPU,
@@ -140,3 +142,39 @@ def test_no_hand_off(case: str, scripts: Scripts, redis_client: redis.Redis, key
     assert b"finish" in woken(wakes)
     assert redis_client.hget(keys.outcomes, "handoff|default") is None
     assert_pool_invariants(redis_client, keys)
+
+
+def test_auto_hands_off_only_while_tasks_wait_for_capacity(scripts: Scripts, redis_client: redis.Redis,
+                                                           keys: PoolKeys, clock: Clock) -> None:
+    """``auto`` (the default): the dispatcher turns the hand-off on when its cycle leaves tasks
+    waiting (the head waits for capacity: the place a like task frees is where best fit would
+    put it), and off when a cycle leaves nothing waiting (then it places every task itself)."""
+    register_node(scripts, "n1", gpus=1, gpu_mem=1000, slots=4)
+    dispatcher = Dispatcher(Settings(pool=keys.pool), clock, redis_client)
+    assert dispatcher.settings.handoff == "auto"
+    first = submit_task(scripts, resources=GPU)
+    assert dispatcher.run_cycle().placed == 1
+    assert not redis_client.exists(keys.handoff), "nothing waits: the dispatcher places every task"
+    waiting = [submit_task(scripts, resources=GPU) for _ in range(2)]
+    assert dispatcher.run_cycle().placed == 0
+    assert redis_client.get(keys.handoff) == b"1", "tasks wait for the one GPU: hand off"
+    tag = tag_of(redis_client, keys, first)
+    scripts.start(first, "n1", tag)
+    assert scripts.end(first, "n1", tag, "succeeded", "1")[2] == waiting[0]
+    assert_pool_invariants(redis_client, keys)
+    tag = tag_of(redis_client, keys, waiting[0])
+    scripts.start(waiting[0], "n1", tag)
+    assert scripts.end(waiting[0], "n1", tag, "succeeded", "1")[2] == waiting[1]
+    tag = tag_of(redis_client, keys, waiting[1])
+    scripts.start(waiting[1], "n1", tag)
+    assert scripts.end(waiting[1], "n1", tag, "succeeded", "1")[2] == ""  # nobody left: the GPU is freed
+    dispatcher.run_cycle()  # woken by that release: nothing waits
+    assert not redis_client.exists(keys.handoff)
+    alone = submit_task(scripts, resources=GPU)
+    dispatcher.run_cycle()
+    tag = tag_of(redis_client, keys, alone)
+    scripts.start(alone, "n1", tag)
+    behind = submit_task(scripts, resources=GPU)  # arrived after the cycle: the dispatcher places it
+    assert scripts.end(alone, "n1", tag, "succeeded", "1")[2] == ""
+    assert dispatcher.run_cycle().placed == 1 and task_hash(redis_client, keys, behind)["state"] == "RESERVED"
+    assert redis_client.hget(keys.outcomes, "handoff|default") == b"2"

@@ -16,7 +16,9 @@ from tests.invariants import register_node, submit_task, tag_of
 
 def test_a_full_cluster_is_not_rescanned_until_capacity_or_the_queue_changes(
         redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
-    dispatcher = Dispatcher(Settings(pool=keys.pool), clock, redis_client)
+    # The dispatcher makes every placement (with a hand-off the freed GPU would pass to the head
+    # in finish.lua, and the gate would rightly find nothing to read).
+    dispatcher = Dispatcher(Settings(pool=keys.pool, handoff="never"), clock, redis_client)
     scripts = dispatcher.scripts
     # Slots to spare, GPUs not: each cycle would read every pending GPU task to place none.
     register_node(scripts, "n1", gpus=2, gpu_mem=1000, slots=8)
@@ -74,8 +76,9 @@ def test_a_small_node_working_through_a_queue_keeps_the_queue_view_and_runs_no_e
         redis_client: redis.Redis, keys: PoolKeys, clock: Clock) -> None:
     """One slot, six tasks: each cycle reads only the head (one task, the free slot) and places
     it. That leaves tasks waiting, not none: the queue view stays and the full pass keeps its
-    interval (it used to be dropped and re-run at every other cycle)."""
-    dispatcher = Dispatcher(Settings(pool=keys.pool), clock, redis_client)
+    interval (it used to be dropped and re-run at every other cycle). The dispatcher makes every
+    placement here (no hand-off)."""
+    dispatcher = Dispatcher(Settings(pool=keys.pool, handoff="never"), clock, redis_client)
     scripts = dispatcher.scripts
     register_node(scripts, "n1", gpus=0, gpu_mem=0, slots=1)
     tasks = [submit_task(scripts) for _ in range(6)]

@@ -143,16 +143,6 @@ class GpuRequest(Request):
             self._on_ack(log, (*self._connection_errors, AttributeError))
         self.acknowledged = True
 
-    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> None:
-        super().on_success(failed__retval__runtime, **kwargs)
-        failed, retval, _ = failed__retval__runtime
-        if not failed:
-            try:
-                report(self.id, self.delivery_tag, "succeeded",
-                       encode_result(retval, self.task.backend, bool(self.ignore_result)))
-            except TypeError as exc:
-                report(self.id, self.delivery_tag, "failed", str(exc))
-
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         exc = exc_info.exception  # what the task raised (a Retry stays a Retry, with or without its exc)
         if isinstance(exc, ExceptionWithTraceback):

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     # Longest a dispatcher sleeps without a wake-up before it reaps expired leases anyway.
     reap_interval_s: float = Field(2.0, gt=0)
     # kombu only restores unacked messages after this; the lease reaper recovers first,
-    # so long GPU tasks are never redelivered by kombu (celery#5935).
+    # so long GPU tasks are never redelivered by kombu (celery#5935). Workers keep no unacked
+    # copy of a node queue's messages (workers.rejects.NodeQoS): it applies to copies an older
+    # worker version left, and to plain Celery queues on the same Redis.
     visibility_timeout_s: int = Field(30 * 24 * 3600, gt=0)
     socket_timeout_s: float = Field(5.0, gt=0)
     # Ordering, placement and preemption (GPUBROKER_SCHEDULING='{"ordering": "fair", ...}').

@@ -92,7 +92,7 @@ class Dispatcher:
         self._timer: int | None = None  # when the next delayed task or expiry is due, as the lazy pass read it
         self._early: tuple[int, list[Any], list[Any]] | None = None  # view and mark replies, read with the upkeep
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
-        self._handoff = HandoffSwitch(self.redis, self.keys, settings.handoff, self.lazy)
+        self._handoff = HandoffSwitch(self.redis, self.keys, settings.handoff)
         self._published = False
         self._catalogue = reads.Catalogue()
         self._ingest = Ingest(settings, self.redis, clock)
@@ -116,7 +116,7 @@ class Dispatcher:
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
         self.redis.set(self.keys.scheduling, self.settings.scheduling.model_dump_json())
-        self._handoff.publish()  # whether finish.lua may pass an ended attempt's place on (broker.handoff)
+        self._handoff.publish(self.lazy)  # whether finish.lua may pass an ended attempt's place on
         self._published = True
 
     def run_cycle(self) -> CycleReport:

@@ -28,19 +28,19 @@ from broker.store.keys import PoolKeys
 
 
 class HandoffSwitch:
-    def __init__(self, client: redis.Redis, keys: PoolKeys, mode: str, spine: bool) -> None:
-        self.redis, self.keys = client, keys
-        self.mode = mode if spine else "never"
+    def __init__(self, client: redis.Redis, keys: PoolKeys, mode: str) -> None:
+        self.redis, self.keys, self.mode = client, keys, mode
         self._on: bool | None = None  # what this dispatcher last wrote (None: nothing yet)
 
-    def publish(self) -> None:
-        """At the dispatcher's start: ``always`` on, ``never`` off; ``auto`` off until a cycle
-        leaves tasks waiting."""
+    def publish(self, spine: bool) -> None:
+        """At the dispatcher's first cycle, as it runs then (the simulator turns the lazy planner
+        off for gangs after making it): ``always`` on, ``never`` off, ``auto`` off until a cycle
+        leaves tasks waiting; off whatever the mode without the spine's lazy planner."""
         self._on = None
-        self._set(self.mode == "always")
+        self._set(spine and self.mode == "always")
 
     def after_cycle(self, waiting: bool) -> None:
-        """The lazy pass is done: ``waiting`` when it left tasks in the queue."""
+        """The lazy pass (the spine's) is done: ``waiting`` when it left tasks in the queue."""
         if self.mode == "auto":
             self._set(waiting)
 

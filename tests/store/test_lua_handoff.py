@@ -178,3 +178,20 @@ def test_auto_hands_off_only_while_tasks_wait_for_capacity(scripts: Scripts, red
     assert scripts.end(alone, "n1", tag, "succeeded", "1")[2] == ""
     assert dispatcher.run_cycle().placed == 1 and task_hash(redis_client, keys, behind)["state"] == "RESERVED"
     assert redis_client.hget(keys.outcomes, "handoff|default") == b"2"
+
+
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_without_the_lazy_planner_there_is_no_hand_off_whatever_the_mode(
+        scripts: Scripts, redis_client: redis.Redis, keys: PoolKeys, clock: Clock, mode: str) -> None:
+    """The simulator turns the lazy planner off after making its dispatcher when a trace has
+    gangs (their members are plain tasks to finish.lua): the switch reads the planner as the
+    first cycle runs, not as the dispatcher was made. (It read it at construction, and the
+    Philly trace with gangs and handoff always broke a gang: "1 of 2 members reserved in one
+    cycle".)"""
+    register_node(scripts, "n1", gpus=1, gpu_mem=1000, slots=4)
+    dispatcher = Dispatcher(Settings(pool=keys.pool, handoff=mode), clock, redis_client)
+    dispatcher.lazy = False
+    for _ in range(3):
+        submit_task(scripts, resources=GPU)
+    assert dispatcher.run_cycle().placed == 1  # two wait
+    assert not redis_client.exists(keys.handoff)

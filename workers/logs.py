@@ -23,6 +23,7 @@ by state). The file on the node always has the whole output.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -223,9 +224,11 @@ class Capture:
         """Keep the last part with the task, if anything was written (else remove the empty file),
         and give the fds back (call once its processes are gone)."""
         if self._fd is not None:  # never begun (its start was refused)
+            quiet = not os.fstat(self._fd).st_size
             os.close(self._fd)
             self._fd = None
-            self._remove_if_empty()
+            if quiet:
+                self._remove()
         if not self.active:
             return
         self.active = False
@@ -239,18 +242,15 @@ class Capture:
             if previous is not None:
                 handler.setStream(previous)
         if not wrote:
-            self._remove_if_empty()
+            self._remove()
         elif not keep_tail(self.task_id, self.tag, self.path):
             _missed.append(self)  # once more after the outcome (task_postrun)
 
-    def _remove_if_empty(self) -> None:
-        """A quiet attempt leaves nothing on disk (a worker running millions of small tasks would
-        otherwise keep an empty file for each)."""
-        try:
-            if _size(self.path) == 0:
-                self.path.unlink()
-        except OSError:
-            pass
+    def _remove(self) -> None:
+        """A quiet attempt (its file is empty) leaves nothing on disk: a worker running millions of
+        small tasks would otherwise keep an empty file for each."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 def _flush_all() -> None:
@@ -281,7 +281,7 @@ class _Refresher(threading.Thread):
                 capture = self._capture
                 if capture is None:
                     continue
-                size = tail_of(capture.path, 0)[1]
+                size = _size(capture.path)
                 if size != self._kept and keep_tail(capture.task_id, capture.tag, capture.path):
                     self._kept = size
 

@@ -44,7 +44,7 @@ from broker.store.codes import (  # every script's return codes (SIGNATURES), re
     StartCode,
     SubmitCode,
 )
-from broker.store.connection import SentCommand, bulk, durable_call, replicas_ack, wait_command, wait_replicas
+from broker.store.connection import HeldConnection, SentCommand, bulk, replicas_ack, wait_command, wait_replicas
 from broker.store.keys import PoolKeys
 from broker.store.reads import head_of
 from broker.store.records import REQUEST_FIELDS, StoredRequest, gpus_arg, labels_arg
@@ -189,11 +189,10 @@ class Scripts:
         self.clock = clock
         self._scripts = {name: client.register_script(script_source(name)) for name in SIGNATURES}
         self._reserve_encoder = _ReserveEncoder(keys)
+        self._held = HeldConnection(client)
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if name in DURABLE and replicas_ack(self.redis)[0]:
-            return durable_call(self.redis, self._scripts[name], list(keys), list(args))
-        return self._scripts[name](keys=list(keys), args=list(args))
+        return self._held.script(self._scripts[name], keys, args, durable=name in DURABLE)
 
     def sha(self, name: str) -> str:
         """The SHA1 script ``name`` is run by (EVALSHA)."""

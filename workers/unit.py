@@ -49,7 +49,11 @@ def scoped(node: str) -> str:
     """``node`` within its Redis deployment and pool (``GPUBROKER_REDIS_URL`` less its password,
     ``GPUBROKER_POOL``, which the worker exports for its pool processes): workers of the same node
     name in other pools, or on another Redis, on one machine never sweep each other's attempts."""
-    url, pool = os.environ.get("GPUBROKER_REDIS_URL"), os.environ.get("GPUBROKER_POOL")
+    return _scoped(node, os.environ.get("GPUBROKER_REDIS_URL"), os.environ.get("GPUBROKER_POOL"))
+
+
+@functools.lru_cache(maxsize=64)
+def _scoped(node: str, url: str | None, pool: str | None) -> str:
     if not url and not pool:
         return node
     scheme, _, rest = (url or "").partition("://")
@@ -164,11 +168,32 @@ def _kill(pids: Iterable[int], signum: int) -> None:
 
 
 _entered: Path | None = None  # the cgroup this (warm pool) process moved into, once
+_headed: tuple[int, bool] | None = None  # (pid, subreaper) of a process set up to head its attempts
 
 
 def _entered_once(group: Path) -> None:
     global _entered
     _entered = group
+
+
+def _head_once() -> bool:
+    """Make this process the head of what its attempts start; whether it is their subreaper. A
+    subreaper, and death with the worker, stay set for the process's life: a warm process sets
+    them at its first attempt only (they were a tenth of a short task's bookkeeping)."""
+    global _headed
+    if os.getpgrp() != os.getpid():  # one syscall: a task may have moved it to another group
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            log.warning("pool process %d: could not start a process group", os.getpid(), exc_info=True)
+    if _headed is None or _headed[0] != os.getpid():
+        subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        parent = os.getppid()
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the worker died before the line above took effect
+            os._exit(1)
+        _headed = (os.getpid(), subreaper)
+    return _headed[1]
 
 
 class Unit:
@@ -197,15 +222,7 @@ class Unit:
     def enter(self) -> None:
         """Make this process (the pool child about to run the attempt) the head of the unit."""
         os.environ[ATTEMPT_ENV] = self.marker
-        try:
-            os.setpgid(0, 0)
-        except OSError:
-            log.warning("attempt %s: could not start a process group", self.tag, exc_info=True)
-        self._subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
-        parent = os.getppid()
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the worker died before the line above took effect
-            os._exit(1)
+        self._subreaper = _head_once()
         if self.cgroup is not None and not (self.warm and _entered == self.cgroup):
             try:
                 self.cgroup.mkdir(exist_ok=True)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,17 +45,74 @@ def test_the_attempts_output_and_its_subprocesses_go_to_the_file_then_the_fds_co
 def test_an_attempt_that_writes_nothing_costs_no_copy_and_leaves_no_file(kept: list[tuple[str, str]],
                                                                           tmp_path: Path) -> None:
     capture = logs.Capture("t", "t.1").begin()
-    assert (tmp_path / "logs" / "t.1.log").exists()  # while it runs, its processes write there
+    spare = logs.spare_path(os.getpid())
+    assert spare.exists() and not (tmp_path / "logs" / "t.1.log").exists()  # quiet so far: the spare holds it
     capture.end()
     assert kept == [] and not (tmp_path / "logs" / "t.1.log").exists()
+    inode = spare.stat().st_ino
     logs.Capture("t", "t.2").begin().end()
+    assert spare.stat().st_ino == inode  # the same spare, made once: no file made and removed per attempt
     print("out", end="", file=sys.stderr)  # between attempts: the worker's stderr, not a log
     capture = logs.Capture("t", "t.3").begin()
     print("kept")
     capture.end()
-    logs.Capture("t", "t.4").begin().end()
-    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["t.3.log"]  # the quiet ones' are gone
+    assert (tmp_path / "logs" / "t.3.log").stat().st_ino == inode  # the spare it wrote to, renamed
+    logs.Capture("t", "t.4").begin().end()  # a new spare
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted([spare.name, "t.3.log"])
+    assert (tmp_path / "logs" / "t.3.log").read_text() == "kept\n" and spare.stat().st_size == 0
     assert kept == [("t.3", str(tmp_path / "logs" / "t.3.log"))]
+    logs.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)  # the pool process exits
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["t.3.log"]
+
+
+def test_a_running_attempt_that_writes_has_its_own_file_before_it_ends(
+        kept: list[tuple[str, str]], tmp_path: Path) -> None:
+    """The refresher gives the output its name once it grew (within task_log_flush_s): on the node
+    a running task's log is where ``gpubroker status`` says it is."""
+    capture = logs.Capture("t", "t.1").begin()
+    print("working")
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "logs" / "t.1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert capture.active and (tmp_path / "logs" / "t.1.log").read_text() == "working\n"
+    print("done")
+    capture.end()
+    assert (tmp_path / "logs" / "t.1.log").read_text() == "working\ndone\n"
+    assert kept[-1] == ("t.1", str(tmp_path / "logs" / "t.1.log"))
+
+
+def test_a_killed_attempts_output_is_taken_from_its_process_spare(kept: list[tuple[str, str]], tmp_path: Path) -> None:
+    """The worker's main process, once the pool process is gone (killed, or its time limit): what
+    the attempt wrote before the refresher named it is given the attempt's name."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / "logs").mkdir()
+    logs.spare_path(child.pid).write_text("half way\n")
+    child.kill()
+    child.wait()
+    assert logs.adopt(child.pid, "t.1") == tmp_path / "logs" / "t.1.log"
+    assert (tmp_path / "logs" / "t.1.log").read_text() == "half way\n"
+    assert not logs.spare_path(child.pid).exists()
+    logs.spare_path(child.pid).write_text("")  # a quiet one: its empty spare goes
+    assert logs.adopt(child.pid, "t.2") == tmp_path / "logs" / "t.2.log"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["t.1.log"]
+
+
+def test_a_worker_starting_removes_the_spares_its_killed_processes_left(kept: list[tuple[str, str]],
+                                                                       tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "logs").mkdir()
+    logs.spare_path(dead.pid).write_text("")
+    mine = logs.spare_path(os.getpid())  # a live process's: left alone
+    mine.write_text("")
+    other_node = tmp_path / "logs" / f"{logs.SPARE_PREFIX}n2-{dead.pid}.log"
+    other_node.write_text("")
+    logs.sweep_spares("n1")
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted([mine.name, other_node.name])
+    logs.spare_path(dead.pid).write_text("output nobody took\n")
+    logs.sweep_spares("n1")
+    left = [p for p in (tmp_path / "logs").iterdir() if p.name.startswith("left-")]
+    assert len(left) == 1 and left[0].read_text() == "output nobody took\n"
 
 
 def test_an_attempt_whose_file_had_output_before_copies_only_what_it_adds(kept: list[tuple[str, str]],
@@ -70,7 +128,9 @@ def test_an_attempt_whose_file_had_output_before_copies_only_what_it_adds(kept: 
 
 def test_a_capture_never_begun_closes_its_file_and_leaves_the_fds(kept: list[tuple[str, str]],
                                                                    capfd: pytest.CaptureFixture[str]) -> None:
-    """Its start was refused (a stale or cancelled message): nothing was redirected."""
+    """Its start was refused (a stale or cancelled message): nothing was redirected, and no fd is
+    left open but the process's spare."""
+    logs.Capture("t", "t.0").begin().end()  # this process has its spare now
     before = len(os.listdir("/proc/self/fd"))
     capture = logs.Capture("t", "t.1")
     capture.end()
@@ -131,7 +191,8 @@ def test_a_copy_is_one_try_that_gives_up_instead_of_waiting_for_redis(
 
 def test_a_stream_handler_added_after_an_attempt_is_found_by_the_next(kept: list[tuple[str, str]]) -> None:
     """The walk over the loggers is kept between attempts until loggers are added: a handler on a
-    new logger that writes to fd 2 is pointed at the worker's stream during the next attempt."""
+    new logger that writes to fd 2 is pointed at the worker's stream from the next attempt on (the
+    same file: a copy of the worker's fd 2), and back once fds 1 and 2 are other files."""
     logs.Capture("t", "t.1").begin().end()
     handler = logging.StreamHandler(sys.__stderr__)
     logger = logging.getLogger(f"test-capture-{os.getpid()}")
@@ -140,6 +201,9 @@ def test_a_stream_handler_added_after_an_attempt_is_found_by_the_next(kept: list
         capture = logs.Capture("t", "t.2").begin()
         assert handler.stream is capture.worker_stream
         capture.end()
+        assert handler.stream is capture.worker_stream
+        logs._fds.close()  # as when fds 1 and 2 changed
+        logs._fds = None
         assert handler.stream is sys.__stderr__
     finally:
         logger.removeHandler(handler)

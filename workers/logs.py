@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
-from celery.signals import task_postrun
+from celery.signals import task_postrun, worker_process_shutdown
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -45,6 +45,7 @@ from broker.store.connection import connect
 from broker.store.keys import PoolKeys
 from broker.store.scripts import LogCode, Scripts
 from workers import context
+from workers.unit import alive, scoped
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,11 @@ def _walk_handler_streams() -> list[logging.StreamHandler[Any]]:
 
 class _Fds:
     """What every attempt of this process redirects around, made once per process: copies of the
-    worker's own fds 1 and 2, the stream Celery's handlers write to meanwhile, and the
+    worker's own fds 1 and 2, the stream Celery's handlers write to instead of fds 1 and 2 (the
+    same file, through the copy: an attempt's fds 1 and 2 are its log's), and the
     ``sys.stdout``/``sys.stderr`` of an attempt (they write to fds 1 and 2, whatever file those
     are). Made again when fds 1 and 2 are not the files they were (something else redirected
-    them between attempts)."""
+    them between attempts); the handlers then go back to what they wrote to before."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -143,18 +145,22 @@ class _Fds:
                                            errors="replace")
         self.streams = (open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False),
                         open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False))
+        self.moved: dict[logging.StreamHandler[Any], Any] = {}  # handler -> the stream it had
+
+    def move_handlers(self) -> None:
+        """Point the handlers that write to fd 1 or 2 at the worker's stream, once each (moving
+        them per attempt, and back, was a tenth of a short task's bookkeeping)."""
+        for handler in _handler_streams():
+            if handler not in self.moved:
+                self.moved[handler] = handler.setStream(self.worker_stream)
 
     def close(self) -> None:
+        for handler, previous in self.moved.items():
+            if handler.stream is self.worker_stream and previous is not None:
+                handler.setStream(previous)
         for fd in self.saved:
             os.close(fd)
         self.worker_stream.close()
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _identity() -> tuple[tuple[int, int], ...]:
@@ -175,26 +181,74 @@ def _process_fds() -> _Fds:
     return _fds
 
 
+SPARE_PREFIX = ".spare-"
+
+
+def spare_path(pid: int) -> Path:
+    """The file pool process ``pid`` of this node writes an attempt's output to until the attempt
+    has written something (``Capture``)."""
+    return log_dir() / f"{SPARE_PREFIX}{scoped(context.node_id())}-{pid}.log"
+
+
+def _open(path: Path, truncate: bool = False) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:  # the first attempt here (or the directory was removed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o644)
+
+
+_spare: tuple[int, int, Path] | None = None  # (pid, fd, path) of this process's spare file: empty, kept open
+
+
+def _take_spare() -> tuple[int, Path]:
+    """This process's spare file (made now when it has none), as (fd, path)."""
+    global _spare
+    path = spare_path(os.getpid())
+    if _spare is not None and _spare[0] == os.getpid() and _spare[2] != path:  # the log directory changed
+        _drop_spare()
+    if _spare is None or _spare[0] != os.getpid():  # a forked child does not write to its parent's
+        _spare = (os.getpid(), _open(path, truncate=True), path)
+    return _spare[1], path
+
+
+def _drop_spare() -> None:
+    """Close this process's spare and remove it, if it is empty (it is, unless an attempt runs)."""
+    global _spare
+    if _spare is not None and _spare[0] == os.getpid():
+        _, fd, path = _spare
+        with contextlib.suppress(OSError):
+            if not os.fstat(fd).st_size:
+                path.unlink()
+            os.close(fd)
+    _spare = None
+
+
 class Capture:
-    """An attempt's fds 1 and 2 sent to its log file, from ``begin`` until ``end``. The file is
-    opened first (``location`` goes to start.lua, which records it), so an attempt that writes
-    nothing costs no copy to Redis, and leaves no file: it is removed at the end. Where the file
-    cannot be written the attempt runs as before, its output in the worker's log: a full or
-    misconfigured log directory is the operator's to fix (the warning says so), not a reason to
-    fail the task."""
+    """An attempt's fds 1 and 2 sent to its log file, from ``begin`` until ``end``.
+
+    The output goes first to this process's spare file (``spare_path``), which is renamed to the
+    attempt's own name (``path``) as soon as the attempt has written something: by the refresher,
+    within ``task_log_flush_s``, or at the end. A quiet attempt costs no copy to Redis and leaves
+    no file: the spare stays, empty, for the next attempt (making a file per attempt and removing
+    it when nothing was written cost a seventh of a short task's bookkeeping). ``location``, the
+    attempt's own name, goes to start.lua, which records it. Where the file cannot be written the
+    attempt runs as before, its output in the worker's log: a full or misconfigured log directory
+    is the operator's to fix (the warning says so), not a reason to fail the task."""
 
     def __init__(self, task_id: str, tag: str) -> None:
         self.task_id, self.tag = task_id, tag
         self.path = log_path(tag)
         self.active = False
-        self._fd: int | None = None
+        self.fd: int | None = None
+        self.spare: Path | None = None  # where the output is until it has its own name (None: it has)
         self.location = ""  # ``<node>:<path>`` of the whole output, "" when there is no file
         try:
-            try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            except FileNotFoundError:  # the first attempt here (or the directory was removed)
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if os.path.exists(self.path):  # a redelivered attempt: its first delivery's output is there
+                self.fd = _open(self.path)
+            else:
+                self.fd, self.spare = _take_spare()
             self.location = f"{context.node_id()}:{self.path}"
         except OSError as exc:
             log.warning("task %s: no log file (%s); its output goes to the worker's log (GPUBROKER_TASK_LOG_DIR)",
@@ -202,55 +256,98 @@ class Capture:
 
     def begin(self) -> Capture:
         """Send fds 1 and 2 (and ``sys.stdout``/``sys.stderr``) to the file."""
-        fd, self._fd = self._fd, None
-        if fd is None:
+        if self.fd is None:
             return self
         self.active = True
         _flush_all()
         self.fds = fds = _process_fds()
-        # Celery's handlers write to the worker's original stderr/stdout meanwhile.
+        fds.move_handlers()  # Celery's handlers write to the worker's original stderr meanwhile
         self.worker_stream = fds.worker_stream
-        self.handlers = [(h, h.setStream(self.worker_stream)) for h in _handler_streams()]
-        size = os.fstat(fd).st_size  # a redelivered attempt's file has its first delivery's output
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        size = self.size()  # a redelivered attempt's file has its first delivery's output
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
         self.streams = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = fds.streams
         _refresher().arm(self, size)
         return self
 
-    def end(self) -> None:
-        """Keep the last part with the task, if anything was written (else remove the empty file),
-        and give the fds back (call once its processes are gone)."""
-        if self._fd is not None:  # never begun (its start was refused)
-            quiet = not os.fstat(self._fd).st_size
-            os.close(self._fd)
-            self._fd = None
-            if quiet:
-                self._remove()
-        if not self.active:
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size if self.fd is not None else 0
+
+    def publish(self) -> None:
+        """The attempt wrote something: its output gets its own name (the spare is the attempt's
+        file from now on; the next attempt makes a new one)."""
+        global _spare
+        if self.spare is None:
             return
-        self.active = False
-        _refresher().disarm()  # and waits for a copy in flight
-        _flush_all()
-        wrote = _size(self.path)
-        sys.stdout, sys.stderr = self.streams
-        os.dup2(self.fds.saved[0], 1)
-        os.dup2(self.fds.saved[1], 2)
-        for handler, previous in self.handlers:
-            if previous is not None:
-                handler.setStream(previous)
-        if not wrote:
-            self._remove()
+        try:
+            os.rename(self.spare, self.path)
+        except OSError as exc:
+            log.warning("task %s: its output stays in %s (%s)", self.tag, self.spare, exc)
+        self.spare, _spare = None, None
+
+    def end(self) -> None:
+        """Keep the last part with the task, if anything was written (else leave no file), and
+        give the fds back (call once its processes are gone)."""
+        if self.fd is None:
+            return
+        if self.active:
+            self.active = False
+            _refresher().disarm()  # and waits for a copy in flight
+            _flush_all()
+            wrote = self.size()
+            sys.stdout, sys.stderr = self.streams
+            os.dup2(self.fds.saved[0], 1)
+            os.dup2(self.fds.saved[1], 2)
+        else:  # never begun (its start was refused)
+            wrote = self.size()
+        fd, self.fd = self.fd, None
+        if self.spare is not None and not wrote:
+            return  # the spare stays open, as empty as it was, for the next attempt
+        self.publish()
+        os.close(fd)
+        if not wrote:  # a file an earlier delivery left empty
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         elif not keep_tail(self.task_id, self.tag, self.path):
             _missed.append(self)  # once more after the outcome (task_postrun)
 
-    def _remove(self) -> None:
-        """A quiet attempt (its file is empty) leaves nothing on disk: a worker running millions of
-        small tasks would otherwise keep an empty file for each."""
+
+def adopt(pid: int | None, tag: str) -> Path:
+    """In the worker's main process, once pool process ``pid`` is gone (killed, or lost): the output
+    of its attempt ``tag`` under the attempt's own name, if it was still in the process's spare
+    file; an empty spare is removed. Where the attempt's output is."""
+    path = log_path(tag)
+    if pid:
         with contextlib.suppress(OSError):
-            self.path.unlink()
+            spare = spare_path(pid)
+            if os.stat(spare).st_size:
+                os.rename(spare, path)
+            else:
+                spare.unlink()
+    return path
+
+
+@worker_process_shutdown.connect
+def _remove_spare(**_: Any) -> None:
+    """A pool process that exits leaves no spare file behind."""
+    _drop_spare()
+
+
+def sweep_spares(node: str) -> None:
+    """At worker start: remove the spare files previous pool processes of ``node`` left (killed
+    with their worker); one that holds output is kept, under a name that says so."""
+    for spare in log_dir().glob(f"{SPARE_PREFIX}{scoped(node)}-*.log"):
+        pid = spare.stem.rpartition("-")[2]
+        if pid.isdigit() and alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if spare.stat().st_size:
+                kept = spare.with_name(f"left-{spare.name[len(SPARE_PREFIX):-4]}-{int(spare.stat().st_mtime)}.log")
+                spare.rename(kept)
+                log.warning("node %s: a killed pool process left output of an attempt: kept as %s", node, kept)
+            else:
+                spare.unlink()
 
 
 def _flush_all() -> None:
@@ -281,9 +378,11 @@ class _Refresher(threading.Thread):
                 capture = self._capture
                 if capture is None:
                     continue
-                size = _size(capture.path)
-                if size != self._kept and keep_tail(capture.task_id, capture.tag, capture.path):
-                    self._kept = size
+                size = capture.size()
+                if size != self._kept:
+                    capture.publish()  # it wrote: its file gets its own name now
+                    if keep_tail(capture.task_id, capture.tag, capture.path):
+                        self._kept = size
 
     def arm(self, capture: Capture, size: int) -> None:
         """Watch ``capture``, whose file holds ``size`` bytes as it begins."""

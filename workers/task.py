@@ -184,7 +184,8 @@ class GpuRequest(Request):
         """Kill whatever is left of this attempt (its pool child, what it started) and wait for it."""
         if self.delivery_tag:
             Unit(context.node_id(), self.delivery_tag).kill(self.worker_pid, wait_s=10.0)
-            logs.keep_tail(self.id, self.delivery_tag, logs.log_path(self.delivery_tag))  # the child could not
+            # The child could not: its output, if any, may still be in its spare file (workers.logs).
+            logs.keep_tail(self.id, self.delivery_tag, logs.adopt(self.worker_pid, self.delivery_tag))
 
 
 class GpuTask(BrokerTask):
@@ -214,7 +215,9 @@ class GpuTask(BrokerTask):
             raise
         if ThisProcess.held is None or gpus:  # a warm process keeps its CUDA_VISIBLE_DEVICES for life
             os.environ["CUDA_VISIBLE_DEVICES"] = context.visible_devices(gpus)
-        os.environ["GPUBROKER_GPUS"] = str(len(gpus.split(",")) if gpus else 0)  # what an elastic task was granted
+        granted = str(len(gpus.split(",")) if gpus else 0)  # what an elastic task was granted
+        if os.environ.get("GPUBROKER_GPUS") != granted:
+            os.environ["GPUBROKER_GPUS"] = granted
         if ThisProcess.starting(tag or task_id, gpus, reuse, self.name):
             affinity.publish_now()  # the dispatcher may send the next task of this name here
         unit = Unit(context.node_id(), tag or task_id, warm=not ThisProcess.retiring)

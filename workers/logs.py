@@ -187,7 +187,12 @@ SPARE_PREFIX = ".spare-"
 def spare_path(pid: int) -> Path:
     """The file pool process ``pid`` of this node writes an attempt's output to until the attempt
     has written something (``Capture``)."""
-    return log_dir() / f"{SPARE_PREFIX}{scoped(context.node_id())}-{pid}.log"
+    return _spare_path(log_dir(), scoped(context.node_id()), pid)
+
+
+@functools.lru_cache(maxsize=16)
+def _spare_path(directory: Path, node: str, pid: int) -> Path:
+    return directory / f"{SPARE_PREFIX}{node}-{pid}.log"
 
 
 def _open(path: Path, truncate: bool = False) -> int:

@@ -171,6 +171,14 @@ _entered: Path | None = None  # the cgroup this (warm pool) process moved into, 
 _headed: tuple[int, bool] | None = None  # (pid, subreaper) of a process set up to head its attempts
 
 
+@functools.lru_cache(maxsize=64)
+def _cgroup(name: str) -> Path | None:
+    """The cgroup of that name under the worker's (None without cgroups): a warm process's is the
+    same object for each of its attempts."""
+    root = cgroup_root()
+    return root / name.replace("/", "_") if root else None
+
+
 def _entered_once(group: Path) -> None:
     global _entered
     _entered = group
@@ -206,9 +214,7 @@ class Unit:
         (10-20 ms on a busy machine), which a warm process must not pay per task."""
         self.node, self.tag = node, tag
         self.marker = marker(node, tag)
-        root = cgroup_root()
-        name = f"gpubroker-{scoped(node)}-w{os.getpid()}" if warm else f"gpubroker-{scoped(node)}-{tag}"
-        self.cgroup = root / name.replace("/", "_") if root else None
+        self.cgroup = _cgroup(f"gpubroker-{scoped(node)}-w{os.getpid()}" if warm else f"gpubroker-{scoped(node)}-{tag}")
         self.warm = warm
         self._subreaper = False  # enter() made this process the subreaper of what the attempt starts
 
@@ -223,7 +229,7 @@ class Unit:
         """Make this process (the pool child about to run the attempt) the head of the unit."""
         os.environ[ATTEMPT_ENV] = self.marker
         self._subreaper = _head_once()
-        if self.cgroup is not None and not (self.warm and _entered == self.cgroup):
+        if self.cgroup is not None and not (self.warm and _entered is self.cgroup):
             try:
                 self.cgroup.mkdir(exist_ok=True)
                 (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))

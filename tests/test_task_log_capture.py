@@ -137,6 +137,9 @@ def test_a_capture_never_begun_closes_its_file_and_leaves_the_fds(kept: list[tup
     print("here")
     assert capfd.readouterr().out == "here\n" and kept == []
     assert len(os.listdir("/proc/self/fd")) == before
+    (logs.log_dir() / "t.2.log").write_text("a delivery that ran\n")  # a refused redelivery of it
+    logs.Capture("t", "t.2").end()
+    assert (logs.log_dir() / "t.2.log").read_text() == "a delivery that ran\n" and kept == []
 
 
 def test_an_unwritable_log_directory_leaves_the_output_where_it_was(

@@ -212,7 +212,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_redis(Path(tmp))
         try:
-            settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", pool="bench")
+            # The dispatcher's own placements: with the hand-off (on while tasks wait) finish.lua would pass
+            # each freed place to the head of the queue and the dispatcher would have nothing left to place.
+            settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", pool="bench", handoff="never")
             client = redis.Redis(port=port)
             scripts = Scripts(client, PoolKeys("bench"))
             nodes = [f"n{i:04d}" for i in range(opts.nodes)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import context, logs
+from workers import context, log_files, logs
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_the_attempts_output_and_its_subprocesses_go_to_the_file_then_the_fds_co
 def test_an_attempt_that_writes_nothing_costs_no_copy_and_leaves_no_file(kept: list[tuple[str, str]],
                                                                           tmp_path: Path) -> None:
     capture = logs.Capture("t", "t.1").begin()
-    spare = logs.spare_path(os.getpid())
+    spare = log_files.spare_path(os.getpid())
     assert spare.exists() and not (tmp_path / "logs" / "t.1.log").exists()  # quiet so far: the spare holds it
     capture.end()
     assert kept == [] and not (tmp_path / "logs" / "t.1.log").exists()
@@ -61,7 +61,7 @@ def test_an_attempt_that_writes_nothing_costs_no_copy_and_leaves_no_file(kept: l
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted([spare.name, "t.3.log"])
     assert (tmp_path / "logs" / "t.3.log").read_text() == "kept\n" and spare.stat().st_size == 0
     assert kept == [("t.3", str(tmp_path / "logs" / "t.3.log"))]
-    logs.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)  # the pool process exits
+    log_files.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)  # the pool process exits
     assert [p.name for p in (tmp_path / "logs").iterdir()] == ["t.3.log"]
 
 
@@ -86,14 +86,14 @@ def test_a_killed_attempts_output_is_taken_from_its_process_spare(kept: list[tup
     the attempt wrote before the refresher named it is given the attempt's name."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     (tmp_path / "logs").mkdir()
-    logs.spare_path(child.pid).write_text("half way\n")
+    log_files.spare_path(child.pid).write_text("half way\n")
     child.kill()
     child.wait()
-    assert logs.adopt(child.pid, "t.1") == tmp_path / "logs" / "t.1.log"
+    assert log_files.adopt(child.pid, "t.1") == tmp_path / "logs" / "t.1.log"
     assert (tmp_path / "logs" / "t.1.log").read_text() == "half way\n"
-    assert not logs.spare_path(child.pid).exists()
-    logs.spare_path(child.pid).write_text("")  # a quiet one: its empty spare goes
-    assert logs.adopt(child.pid, "t.2") == tmp_path / "logs" / "t.2.log"
+    assert not log_files.spare_path(child.pid).exists()
+    log_files.spare_path(child.pid).write_text("")  # a quiet one: its empty spare goes
+    assert log_files.adopt(child.pid, "t.2") == tmp_path / "logs" / "t.2.log"
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["t.1.log"]
 
 
@@ -102,15 +102,15 @@ def test_a_worker_starting_removes_the_spares_its_killed_processes_left(kept: li
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "logs").mkdir()
-    logs.spare_path(dead.pid).write_text("")
-    mine = logs.spare_path(os.getpid())  # a live process's: left alone
+    log_files.spare_path(dead.pid).write_text("")
+    mine = log_files.spare_path(os.getpid())  # a live process's: left alone
     mine.write_text("")
-    other_node = tmp_path / "logs" / f"{logs.SPARE_PREFIX}n2-{dead.pid}.log"
+    other_node = tmp_path / "logs" / f"{log_files.SPARE_PREFIX}n2-{dead.pid}.log"
     other_node.write_text("")
-    logs.sweep_spares("n1")
+    log_files.sweep_spares("n1")
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted([mine.name, other_node.name])
-    logs.spare_path(dead.pid).write_text("output nobody took\n")
-    logs.sweep_spares("n1")
+    log_files.spare_path(dead.pid).write_text("output nobody took\n")
+    log_files.sweep_spares("n1")
     left = [p for p in (tmp_path / "logs").iterdir() if p.name.startswith("left-")]
     assert len(left) == 1 and left[0].read_text() == "output nobody took\n"
 
@@ -137,9 +137,9 @@ def test_a_capture_never_begun_closes_its_file_and_leaves_the_fds(kept: list[tup
     print("here")
     assert capfd.readouterr().out == "here\n" and kept == []
     assert len(os.listdir("/proc/self/fd")) == before
-    (logs.log_dir() / "t.2.log").write_text("a delivery that ran\n")  # a refused redelivery of it
+    (log_files.log_dir() / "t.2.log").write_text("a delivery that ran\n")  # a refused redelivery of it
     logs.Capture("t", "t.2").end()
-    assert (logs.log_dir() / "t.2.log").read_text() == "a delivery that ran\n" and kept == []
+    assert (log_files.log_dir() / "t.2.log").read_text() == "a delivery that ran\n" and kept == []
 
 
 def test_an_unwritable_log_directory_leaves_the_output_where_it_was(

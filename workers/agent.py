@@ -32,7 +32,7 @@ from broker.store.connection import as_broker_error, connect
 from broker.store.keys import PoolKeys
 from broker.store.records import catalogue_entry
 from broker.store.scripts import HeartbeatCode, RegisterCode, Scripts
-from workers import context, fence, gang, logs, metrics, warm
+from workers import context, fence, gang, log_files, metrics, warm
 from workers.affinity import WarmPublisher
 from workers.outcome import through_outages
 from workers.recovery import RedeliverUnacked
@@ -311,7 +311,7 @@ def run_worker(settings: Settings, spec: NodeSpec, task_modules: Sequence[str] =
     os.environ[CGROUP_ROOT_ENV] = str(cgroup_root() or "")  # found once, for every pool process
     log.info("node %s: task processes are contained by %s", spec.node_id, containment())
     left = sweep_node(spec.node_id)  # what a previous worker of this node left running here
-    logs.sweep_spares(spec.node_id)  # and the spare log files of its pool processes
+    log_files.sweep_spares(spec.node_id)  # and the spare log files of its pool processes
     if left:
         log.warning("node %s: killed %d processes a previous worker process of this node left running", spec.node_id,
                     left)

@@ -28,44 +28,25 @@ import functools
 import io
 import logging
 import os
-import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
 import redis
-from celery.signals import task_postrun, worker_process_shutdown
+from celery.signals import task_postrun
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.store.connection import connect
 from broker.store.keys import PoolKeys
 from broker.store.scripts import LogCode, Scripts
-from workers import context
-from workers.unit import alive, scoped
+from workers import context, log_files
 
 log = logging.getLogger(__name__)
 
 COPY_TIMEOUT_S = 1.0  # the longest one copy to Redis may take, connecting included
-
-
-def log_dir() -> Path:
-    return _log_dir(context.settings().task_log_dir)
-
-
-@functools.lru_cache(maxsize=4)
-def _log_dir(configured: str) -> Path:
-    return Path(configured) if configured else Path(tempfile.gettempdir()) / "gpubroker-task-logs"
-
-
-def log_path(tag: str) -> Path:
-    """Where the attempt named by delivery tag ``<task id>.<attempt>`` writes on this node."""
-    task_id, _, attempt = tag.rpartition(".")
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task_id or tag).lstrip(".") or "_"
-    return log_dir() / f"{safe}.{attempt or 0}.log"  # one directory: making and removing one per task cost 90 µs
 
 
 def tail_of(path: Path, limit: int) -> tuple[bytes, int]:
@@ -181,59 +162,10 @@ def _process_fds() -> _Fds:
     return _fds
 
 
-SPARE_PREFIX = ".spare-"
-
-
-def spare_path(pid: int) -> Path:
-    """The file pool process ``pid`` of this node writes an attempt's output to until the attempt
-    has written something (``Capture``)."""
-    return _spare_path(log_dir(), scoped(context.node_id()), pid)
-
-
-@functools.lru_cache(maxsize=16)
-def _spare_path(directory: Path, node: str, pid: int) -> Path:
-    return directory / f"{SPARE_PREFIX}{node}-{pid}.log"
-
-
-def _open(path: Path, truncate: bool = False) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-    try:
-        return os.open(path, flags, 0o644)
-    except FileNotFoundError:  # the first attempt here (or the directory was removed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, flags, 0o644)
-
-
-_spare: tuple[int, int, Path] | None = None  # (pid, fd, path) of this process's spare file: empty, kept open
-
-
-def _take_spare() -> tuple[int, Path]:
-    """This process's spare file (made now when it has none), as (fd, path)."""
-    global _spare
-    path = spare_path(os.getpid())
-    if _spare is not None and _spare[0] == os.getpid() and _spare[2] != path:  # the log directory changed
-        _drop_spare()
-    if _spare is None or _spare[0] != os.getpid():  # a forked child does not write to its parent's
-        _spare = (os.getpid(), _open(path, truncate=True), path)
-    return _spare[1], path
-
-
-def _drop_spare() -> None:
-    """Close this process's spare and remove it, if it is empty (it is, unless an attempt runs)."""
-    global _spare
-    if _spare is not None and _spare[0] == os.getpid():
-        _, fd, path = _spare
-        with contextlib.suppress(OSError):
-            if not os.fstat(fd).st_size:
-                path.unlink()
-            os.close(fd)
-    _spare = None
-
-
 class Capture:
     """An attempt's fds 1 and 2 sent to its log file, from ``begin`` until ``end``.
 
-    The output goes first to this process's spare file (``spare_path``), which is renamed to the
+    The output goes first to this process's spare file (``log_files.spare_path``), which is renamed to the
     attempt's own name (``path``) as soon as the attempt has written something: by the refresher,
     within ``task_log_flush_s``, or at the end. A quiet attempt costs no copy to Redis and leaves
     no file: the spare stays, empty, for the next attempt (making a file per attempt and removing
@@ -244,16 +176,16 @@ class Capture:
 
     def __init__(self, task_id: str, tag: str) -> None:
         self.task_id, self.tag = task_id, tag
-        self.path = log_path(tag)
+        self.path = log_files.log_path(tag)
         self.active = False
         self.fd: int | None = None
         self.spare: Path | None = None  # where the output is until it has its own name (None: it has)
         self.location = ""  # ``<node>:<path>`` of the whole output, "" when there is no file
         try:
             if os.path.exists(self.path):  # a redelivered attempt: its first delivery's output is there
-                self.fd = _open(self.path)
+                self.fd = log_files.open_append(self.path)
             else:
-                self.fd, self.spare = _take_spare()
+                self.fd, self.spare = log_files.take_spare()
             self.location = f"{context.node_id()}:{self.path}"
         except OSError as exc:
             log.warning("task %s: no log file (%s); its output goes to the worker's log (GPUBROKER_TASK_LOG_DIR)",
@@ -282,14 +214,14 @@ class Capture:
     def publish(self) -> None:
         """The attempt wrote something: its output gets its own name (the spare is the attempt's
         file from now on; the next attempt makes a new one)."""
-        global _spare
         if self.spare is None:
             return
         try:
             os.rename(self.spare, self.path)
         except OSError as exc:
             log.warning("task %s: its output stays in %s (%s)", self.tag, self.spare, exc)
-        self.spare, _spare = None, None
+        self.spare = None
+        log_files.spent()
 
     def end(self) -> None:
         """Keep the last part with the task, if anything was written (else leave no file), and
@@ -322,43 +254,6 @@ class Capture:
                 self.path.unlink()
         elif not keep_tail(self.task_id, self.tag, self.path):
             _missed.append(self)  # once more after the outcome (task_postrun)
-
-
-def adopt(pid: int | None, tag: str) -> Path:
-    """In the worker's main process, once pool process ``pid`` is gone (killed, or lost): the output
-    of its attempt ``tag`` under the attempt's own name, if it was still in the process's spare
-    file; an empty spare is removed. Where the attempt's output is."""
-    path = log_path(tag)
-    if pid:
-        with contextlib.suppress(OSError):
-            spare = spare_path(pid)
-            if os.stat(spare).st_size:
-                os.rename(spare, path)
-            else:
-                spare.unlink()
-    return path
-
-
-@worker_process_shutdown.connect
-def _remove_spare(**_: Any) -> None:
-    """A pool process that exits leaves no spare file behind."""
-    _drop_spare()
-
-
-def sweep_spares(node: str) -> None:
-    """At worker start: remove the spare files previous pool processes of ``node`` left (killed
-    with their worker); one that holds output is kept, under a name that says so."""
-    for spare in log_dir().glob(f"{SPARE_PREFIX}{scoped(node)}-*.log"):
-        pid = spare.stem.rpartition("-")[2]
-        if pid.isdigit() and alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            if spare.stat().st_size:
-                kept = spare.with_name(f"left-{spare.name[len(SPARE_PREFIX):-4]}-{int(spare.stat().st_mtime)}.log")
-                spare.rename(kept)
-                log.warning("node %s: a killed pool process left output of an attempt: kept as %s", node, kept)
-            else:
-                spare.unlink()
 
 
 def _flush_all() -> None:

@@ -34,7 +34,7 @@ from broker.native.app import BrokerTask
 from broker.native.submitter import Submitter
 from broker.native.transport import OwnMessage
 from broker.store.scripts import StartCode
-from workers import affinity, context, gang, logs, rejects, warm
+from workers import affinity, context, gang, log_files, logs, rejects, warm
 from workers.fence import Watchdog, watch
 from workers.outcome import as_text, encode_result, report, through_outages
 from workers.unit import Unit, alive
@@ -184,8 +184,8 @@ class GpuRequest(Request):
         """Kill whatever is left of this attempt (its pool child, what it started) and wait for it."""
         if self.delivery_tag:
             Unit(context.node_id(), self.delivery_tag).kill(self.worker_pid, wait_s=10.0)
-            # The child could not: its output, if any, may still be in its spare file (workers.logs).
-            logs.keep_tail(self.id, self.delivery_tag, logs.adopt(self.worker_pid, self.delivery_tag))
+            # The child could not: its output, if any, may still be in its spare file.
+            logs.keep_tail(self.id, self.delivery_tag, log_files.adopt(self.worker_pid, self.delivery_tag))
 
 
 class GpuTask(BrokerTask):

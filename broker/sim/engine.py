@@ -106,7 +106,7 @@ class Simulator:
         self._holders: dict[tuple[str, int], int] = {}  # (node, GPU) -> tasks holding a share of it
         self._allocated_milli = 0
         self._pending = 0
-        self._cycles = self._events = self._seq = 0
+        self._cycles = self._events = self._seq = self._handoffs = 0
         self._requests: dict[tuple[Any, ...], tuple[SubmitRequest, StoredRequest] | str] = {}
         self._dispatcher_s = 0.0
         self._phase_s: dict[str, float] = {}
@@ -179,7 +179,8 @@ class Simulator:
     def _result(self, started: float) -> SimResult:
         return SimResult(self.label, self.settings.scheduling.model_dump(mode="json"), len(self.nodes),
                          sum(n.gpus for n in self.nodes), self.outcomes, self.series, self.placements, self._cycles,
-                         self._events, time.perf_counter() - started, self._dispatcher_s, self._phase_s)
+                         self._events, time.perf_counter() - started, self._dispatcher_s, self._phase_s,
+                         self._handoffs)
 
     def _register_nodes(self) -> None:
         for n in self.nodes:
@@ -344,6 +345,7 @@ class Simulator:
         self._release(task_id, run)
         if head:  # its place passed to the head of the queue (setting handoff): the same node and GPUs
             self._pending -= 1
+            self._handoffs += 1
             self._start([Placement(head, run.node, run.gpus)], set())
 
     def _stop_victims(self) -> int:

@@ -96,7 +96,7 @@ def metrics(result: SimResult) -> dict[str, float]:
     out["allocation_peak"] = max(s.allocated_gpus, default=0.0) / gpus
     out["allocation_final"] = (s.allocated_gpus[-1] if s.allocated_gpus else 0.0) / gpus
     out["occupancy_mean"] = time_weighted_mean(s, s.occupied_gpus, first, last) / gpus
-    out["cycles"], out["wall_s"] = result.cycles, result.wall_s
+    out["cycles"], out["handoffs"], out["wall_s"] = result.cycles, result.handoffs, result.wall_s
     out["jobs_per_s"] = len(jobs) / result.wall_s if result.wall_s else math.nan
     return out
 
@@ -151,7 +151,8 @@ _ROWS: list[tuple[str, str, str]] = [  # label, metric key, format
     ("wait mean, single-node jobs", "single_wait_mean", "time"),
     ("makespan", "makespan_s", "time"), ("preemptions", "preemptions", "int"),
     ("most preemptions of one job", "preempted_max", "int"), ("GPU-hours redone after preemption", "lost_gpu_h", "num"),
-    ("dispatcher cycles", "cycles", "int"), ("wall time", "wall_s", "time"), ("jobs/s simulated", "jobs_per_s", "int"),
+    ("dispatcher cycles", "cycles", "int"), ("places handed off at a finish", "handoffs", "int"),
+    ("wall time", "wall_s", "time"), ("jobs/s simulated", "jobs_per_s", "int"),
 ]
 
 

@@ -80,6 +80,7 @@ class SimResult:
     wall_s: float = 0.0
     dispatcher_s: float = 0.0  # wall time inside Dispatcher.run_cycle
     phase_s: dict[str, float] = field(default_factory=dict)  # the cycles' own phase timings, summed
+    handoffs: int = 0  # placements finish.lua made, passing an ended task's place on (setting handoff)
 
 
 @dataclass(slots=True)

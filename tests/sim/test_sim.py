@@ -387,3 +387,7 @@ def test_with_handoff_the_simulator_places_a_stream_of_like_jobs_as_the_dispatch
     assert [(o.started_s, o.finished_s) for o in passed.jobs] == [(o.started_s, o.finished_s) for o in plain.jobs]
     assert len(passed.placements) == len(plain.placements) == 12
     assert passed.cycles < plain.cycles
+    # 2 GPUs, 12 like jobs all queued at once: the first 2 placed by the dispatcher, each later one
+    # handed the place its predecessor on that GPU left; the report says how many.
+    assert (plain.handoffs, passed.handoffs) == (0, 10)
+    assert (metrics(plain)["handoffs"], metrics(passed)["handoffs"]) == (0, 10)

@@ -171,6 +171,12 @@ class DispatchRun:
     phases: dict[str, float] = field(default_factory=dict)
 
 
+def bench_settings(port: int) -> Settings:
+    """The benches' dispatcher settings. It makes every placement: with the hand-off (on while tasks
+    wait) finish.lua would pass each freed place to the head of the queue, leaving it none to make."""
+    return Settings(redis_url=f"redis://127.0.0.1:{port}/0", pool="bench", handoff="never")
+
+
 def dispatch_all(dispatcher: Dispatcher, client: redis.Redis, scripts: Scripts, nodes: list[str],
                  tasks: int, clock: BusyClock | None = None) -> DispatchRun:
     """Dispatcher cycles until every task was placed, finishing all reserved tasks between them;
@@ -212,9 +218,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_redis(Path(tmp))
         try:
-            # The dispatcher's own placements: with the hand-off (on while tasks wait) finish.lua would pass
-            # each freed place to the head of the queue and the dispatcher would have nothing left to place.
-            settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", pool="bench", handoff="never")
+            settings = bench_settings(port)
             client = redis.Redis(port=port)
             scripts = Scripts(client, PoolKeys("bench"))
             nodes = [f"n{i:04d}" for i in range(opts.nodes)]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import redis
 
-from bench.dispatch import BusyClock, dispatch_all, start_redis, submit_all
+from bench.dispatch import BusyClock, bench_settings, dispatch_all, start_redis, submit_all
 from broker.dispatcher import Dispatcher
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
@@ -55,9 +55,7 @@ CADENCE = {False: "wall clock", True: "back to back"}
 def _fresh(tmp: Path) -> tuple[subprocess.Popen[bytes], int, redis.Redis, Scripts, Settings]:
     proc, port = start_redis(tmp)
     client = redis.Redis(port=port)
-    # The dispatcher's own placements: with the hand-off (on while tasks wait) finish.lua would pass
-    # each freed place to the head of the queue and the dispatcher would have nothing left to place.
-    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", pool="bench", handoff="never")
+    settings = bench_settings(port)
     return proc, port, client, Scripts(client, PoolKeys("bench")), settings
 
 

@@ -128,8 +128,9 @@ def sweep_spares(node: str) -> None:
         if pid.isdigit() and alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
-            if spare.stat().st_size:
-                kept = spare.with_name(f"left-{spare.name[len(SPARE_PREFIX):-4]}-{int(spare.stat().st_mtime)}.log")
+            found = spare.stat()
+            if found.st_size:
+                kept = spare.with_name(f"left-{spare.name[len(SPARE_PREFIX):-4]}-{int(found.st_mtime)}.log")
                 spare.rename(kept)
                 log.warning("node %s: a killed pool process left output of an attempt: kept as %s", node, kept)
             else:

@@ -228,22 +228,15 @@ class Capture:
         give the fds back (call once its processes are gone)."""
         if self.fd is None:
             return
-        if not self.active:  # never begun (its start was refused): it wrote nothing
-            fd, self.fd = self.fd, None
-            if self.spare is None:  # the attempt's own file: left as it was, unless it is empty
-                quiet = not os.fstat(fd).st_size
-                os.close(fd)
-                if quiet:
-                    with contextlib.suppress(OSError):
-                        self.path.unlink()
-            return
-        self.active = False
-        _refresher().disarm()  # and waits for a copy in flight
-        _flush_all()
+        begun, self.active = self.active, False  # not begun: its start was refused, it wrote nothing
+        if begun:
+            _refresher().disarm()  # and waits for a copy in flight
+            _flush_all()
         wrote = self.size()
-        sys.stdout, sys.stderr = self.streams
-        os.dup2(self.fds.saved[0], 1)
-        os.dup2(self.fds.saved[1], 2)
+        if begun:
+            sys.stdout, sys.stderr = self.streams
+            os.dup2(self.fds.saved[0], 1)
+            os.dup2(self.fds.saved[1], 2)
         fd, self.fd = self.fd, None
         if self.spare is not None and not wrote:
             return  # the spare stays open, as empty as it was, for the next attempt
@@ -252,7 +245,7 @@ class Capture:
         if not wrote:  # a file an earlier delivery left empty
             with contextlib.suppress(OSError):
                 self.path.unlink()
-        elif not keep_tail(self.task_id, self.tag, self.path):
+        elif begun and not keep_tail(self.task_id, self.tag, self.path):  # a refused one's file is left as it was
             _missed.append(self)  # once more after the outcome (task_postrun)
 
 

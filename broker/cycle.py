@@ -16,6 +16,8 @@ from broker.scheduling.model import Placement
 log = logging.getLogger("broker.dispatcher")  # the dispatcher's log, as before
 
 PLACED = MetricCounter("gpubroker_placements_total", "Tasks reserved onto a node", ["pool"])
+EXPRESS = MetricCounter("gpubroker_express_placements_total", "Tasks placed from their submit's wake-up on an "
+                        "idle cluster, before a cycle (setting express; in gpubroker_placements_total too)", ["pool"])
 REFUSED = MetricCounter("gpubroker_placements_refused_total", "Placements reserve.lua refused", ["pool", "code"])
 PHASE = Histogram("gpubroker_dispatch_phase_seconds", "Time per dispatcher cycle phase", ["pool", "phase"])
 PREEMPTED = MetricCounter("gpubroker_preemptions_total", "Tasks stopped or requeued for a more urgent one",

@@ -40,7 +40,8 @@ from typing import Any, cast
 
 import redis
 
-from broker.cycle import PLACED, PREEMPTED, QUARANTINED, REFUSED, CycleReport, Timer, record
+from broker.cycle import EXPRESS, PLACED, PREEMPTED, QUARANTINED, REFUSED, CycleReport, Timer, record
+from broker.express import Express, drain
 from broker.handoff import HandoffSwitch
 from broker.metrics import COLLECTOR, WantedNodes
 from broker.native.ingest import Ingest
@@ -93,6 +94,7 @@ class Dispatcher:
         self._early: tuple[int, list[Any], list[Any]] | None = None  # view and mark replies, read with the upkeep
         self._full_cost_ms = 0.0  # what the last full pass after the lazy one took (wall time)
         self._handoff = HandoffSwitch(self.redis, self.keys, settings.handoff)
+        self._express = Express(settings.express)
         self._published = False
         self._catalogue = reads.Catalogue()
         self._ingest = Ingest(settings, self.redis, clock)
@@ -111,7 +113,7 @@ class Dispatcher:
             PREEMPTED.labels(settings.pool, how.name.lower())
         for kind in ("task", "node"):
             QUARANTINED.labels(settings.pool, kind)
-        PLACED.labels(settings.pool)
+        PLACED.labels(settings.pool), EXPRESS.labels(settings.pool)
 
     def publish_config(self) -> None:
         """Tell clients and the CLI which scheduling this pool runs with (they order the queue view by it)."""
@@ -192,6 +194,9 @@ class Dispatcher:
         # then, a full pass for preemption and the queue view.
         left = max(report.pending_seen, mark.pending) > report.placed or report.window_full
         self._handoff.after_cycle(left)
+        self._express.ready = not (left or self._gangs_wait)
+        if self._express.ready and report.placed:  # the view express plans on must hold these placements
+            self._view.refresh(self.redis, self.keys, self.clock())
         interval_ms = max(self.settings.explain_interval_s * 1000, self._full_cost_ms * SPARE)
         due = self._last_full_ms is None or self.clock() - self._last_full_ms >= interval_ms
         sched = self.settings.scheduling
@@ -204,6 +209,17 @@ class Dispatcher:
             return False  # nothing changed since the last full pass: its queue view (and gang plan) still holds
         self._explained = mark if full else self._explained
         return full
+
+    def place_express(self, woken: Sequence[bytes]) -> int:
+        """Place now the submits whose wake-ups ``woken`` are (their payloads, in the order they
+        came) when the last cycle left the cluster idle (broker.express); how many it placed."""
+        tasks, report, size = self._express.tasks(woken) if self.lazy else [], CycleReport(), self.settings.commit_batch
+        placements = list(propose(tasks, self._view.index, None, self._view.warm)) if tasks else []
+        for batch in (placements[first:first + size] for first in range(0, len(placements), size)):
+            self._tally(report, batch, self.scripts.reserve(batch))  # a call each, on the held connection
+        record(report, self.settings.pool)
+        EXPRESS.labels(self.settings.pool).inc(report.placed)
+        return report.placed
 
     def _beat(self) -> None:  # that a cycle ran (gpubroker health dispatcher), at most once a second
         now = self.clock()
@@ -380,14 +396,14 @@ class Dispatcher:
                 while not stop.is_set():
                     report = self.run_cycle()
                     # Wake-ups that arrived during the cycle were buffered on the subscription.
-                    woken = self._drain(pubsub)
-                    if woken or (report.window_full and report.placed):
-                        continue
-                    wait = self.settings.reap_interval_s
-                    if report.wake_at_ms is not None:
-                        wait = max(0.0, min(wait, (report.wake_at_ms - self.clock()) / 1000))
-                    if pubsub.get_message(timeout=wait) is not None:
-                        self._drain(pubsub)
+                    woken = drain(pubsub)
+                    if not (woken or (report.window_full and report.placed)):
+                        wait = self.settings.reap_interval_s
+                        if report.wake_at_ms is not None:
+                            wait = max(0.0, min(wait, (report.wake_at_ms - self.clock()) / 1000))
+                        message = pubsub.get_message(timeout=wait)
+                        woken = [message["data"], *drain(pubsub)] if message is not None else []
+                    self.place_express(woken)  # before the cycle: submits on an idle cluster, at once
             except redis.RedisError as exc:
                 if not transient(exc):  # refused credentials or permissions, a script's bug
                     raise
@@ -395,15 +411,9 @@ class Dispatcher:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", as_broker_error(exc), backoff)
                 # A restarted Redis may have lost its last writes, and new ones can bring the
                 # change sequence back past what was cached: read every node afresh.
-                self._view = FreeView()
+                self._view, self._express.ready = FreeView(), False
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
                 pubsub.close()
 
-    @staticmethod
-    def _drain(pubsub: redis.client.PubSub) -> bool:
-        woken = False
-        while pubsub.get_message(timeout=0) is not None:
-            woken = True
-        return woken

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # place best fit would choose); always (true): whenever; never (false): the dispatcher
     # makes every placement (broker.handoff).
     handoff: Literal["auto", "always", "never"] = "auto"
+    # On the spine's scheduling, a dispatcher whose last cycle left nothing waiting places the tasks
+    # submitted since from their wake-ups alone, in one round trip (broker.express); false: in a cycle.
+    express: bool = True
     # A finished task's record (and its idempotency key) is kept this long, as Celery's
     # result_expires; 0 keeps it for good.
     result_expires_s: float = Field(86400.0, ge=0)

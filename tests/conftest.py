@@ -73,3 +73,13 @@ def procs(tmp_path: Path, settings: Settings) -> Iterator[Processes]:
                        "GPUBROKER_REAP_INTERVAL_S": str(settings.reap_interval_s)})
     yield p
     p.stop_all()
+
+
+@pytest.fixture
+def wakes(redis_client: redis.Redis, keys: PoolKeys) -> Iterator[redis.client.PubSub]:
+    """A subscription to the pool's wake-ups, as a dispatcher holds one (read with invariants.woken)."""
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.wake)
+    pubsub.get_message(timeout=1)  # the subscription's confirmation
+    yield pubsub
+    pubsub.close()

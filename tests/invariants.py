@@ -368,3 +368,11 @@ def assert_progress(before: Progress, after: Progress) -> None:
         if state in FINAL_STATES:
             assert (new_state, new_attempts, new_retries) == (state, attempts, retries), (
                 f"task {task_id} left final state {state} for {after[task_id]}")
+
+
+def woken(pubsub: redis.client.PubSub) -> list[bytes]:
+    """The wake-ups' payloads published so far (the ``wakes`` fixture's subscription), in order."""
+    out = []
+    while (message := pubsub.get_message(timeout=0.05)) is not None:
+        out.append(message["data"])
+    return out

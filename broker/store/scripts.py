@@ -292,8 +292,9 @@ class Scripts:
                  *(event or ("", ""))])
 
     def reserve(self, placements: Sequence[Placement]) -> list[ReserveCode]:
-        """Commit a batch; returns one code per placement, in order. The plain path, for tests and
-        for ``prepare_reserve``'s fallback: the dispatcher sends encoded batches (``prepare_reserve``)."""
+        """Commit a batch; returns one code per placement, in order, in one call on the held
+        connection (express placement, tests, ``prepare_reserve``'s fallback): a cycle sends
+        encoded batches while it plans the next (``prepare_reserve``)."""
         if not placements:
             return []
         return [_RESERVE_CODES[c] for c in self._run("reserve", *self._reserve_call(placements))]

@@ -6,7 +6,6 @@ message on its node's queue) checked after each step."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -28,25 +27,10 @@ from tests.invariants import (
     submit_task,
     tag_of,
     task_hash,
+    woken,
 )
 
 GPU = Resources(gpus=1)
-
-
-@pytest.fixture
-def wakes(redis_client: redis.Redis, keys: PoolKeys) -> Iterator[redis.client.PubSub]:
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(keys.wake)
-    pubsub.get_message(timeout=1)  # the subscription's confirmation
-    yield pubsub
-    pubsub.close()
-
-
-def woken(pubsub: redis.client.PubSub) -> list[bytes]:
-    out = []
-    while (message := pubsub.get_message(timeout=0.05)) is not None:
-        out.append(message["data"])
-    return out
 
 
 def publish(redis_client: redis.Redis, keys: PoolKeys, clock: Clock, handoff: str = "always",

@@ -69,10 +69,12 @@ def test_publishes_a_wake_up(scripts: Scripts, redis_client: redis.Redis, keys: 
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.wake)
     pubsub.get_message(timeout=1)  # the subscribe confirmation
-    submit_task(scripts)
+    task_id = submit_task(scripts)
     message = pubsub.get_message(timeout=1)
     pubsub.close()
-    assert message is not None and message["data"] == b"submit"
+    # The task and its request, for the dispatcher's express placement (broker.express).
+    assert message is not None
+    assert message["data"] == f"submit\n{request_of(redis_client, keys, task_id)}\n{task_id}".encode()
 
 
 def test_pending_order_is_priority_then_submit_order(scripts: Scripts, redis_client: redis.Redis,

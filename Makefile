@@ -49,6 +49,7 @@ bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.dispatch
 	$(BIN)/python -m bench.submit
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.react
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.affinity --nodes 4 --gpus 1 --slots 1
 	$(BIN)/python -m bench.affinity --nodes 2 --gpus 2 --slots 2

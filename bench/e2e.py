@@ -156,10 +156,12 @@ class Broker(Side):
     reuse: bool | None = None
     worker_args: tuple[str, ...] = ("--gpus", "0")
     handoff = "auto"  # GPUBROKER_HANDOFF: an ended task passes its place to a like head of the queue
+    express = "true"  # GPUBROKER_EXPRESS: on an idle cluster a submit is placed from its wake-up
 
     def start(self) -> None:
         url = f"redis://127.0.0.1:{self.port}/0"
-        env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL, "GPUBROKER_HANDOFF": self.handoff}
+        env = {"GPUBROKER_REDIS_URL": url, "GPUBROKER_POOL": POOL, "GPUBROKER_HANDOFF": self.handoff,
+               "GPUBROKER_EXPRESS": self.express}
         gpubroker = [sys.executable, "-m", "workers"]
         quiet = ["--log-level", "WARNING"]  # as plain Celery's worker runs here (and by default): -l WARNING
         self.spawn("dispatcher", [*gpubroker, "dispatcher", *quiet], env)
@@ -218,15 +220,21 @@ class BrokerGpuReuseNever(BrokerGpuReuse):
     handoff = "never"
 
 
+class BrokerNoExpress(Broker):
+    express = "false"  # every placement in a cycle, as before stop 27
+
+
 SIDES: dict[str, tuple[type[Side], bool]] = {
     "celery": (Celery_, False), "celery-fresh": (Celery_, True),
     "cpu": (Broker, False), "gpu-reuse": (BrokerGpuReuse, False), "gpu-fresh": (BrokerGpu, True),
     "cpu-never": (BrokerNever, False), "gpu-reuse-never": (BrokerGpuReuseNever, False),
+    "cpu-no-express": (BrokerNoExpress, False),
 }
 LABELS = {"celery": "plain Celery (processes reused)", "celery-fresh": "plain Celery, max_tasks_per_child=1",
           "cpu": "gpubroker, CPU tasks", "gpu-reuse": "gpubroker, GPU share, reuse=True",
           "gpu-fresh": "gpubroker, GPU share, fresh process", "cpu-never": "gpubroker, CPU tasks, handoff never",
-          "gpu-reuse-never": "gpubroker, GPU share, reuse, handoff never"}
+          "gpu-reuse-never": "gpubroker, GPU share, reuse, handoff never",
+          "cpu-no-express": "gpubroker, CPU tasks, express off"}
 
 
 @dataclass

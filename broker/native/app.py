@@ -9,7 +9,9 @@ knows the task by (the same as the one sent, unless an idempotency key already n
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -98,6 +100,17 @@ class GpuCelery(Celery):
         if issubclass(base, mine) or mine is Task:
             return base
         return type(base.__name__, (mine, base), {"__module__": base.__module__, "__qualname__": base.__qualname__})
+
+    @contextlib.contextmanager
+    def producer_or_acquire(self, producer: Any = None) -> Iterator[Any]:
+        """Celery's, with a producer it acquires publishing in a batch (kombu's ``Producer.batch``):
+        the tasks sent while it is held (a group's members share it) are checked as each is sent
+        and written together when it is released, pipelined (``transport.SubmitBatch``)."""
+        if producer is not None:
+            yield producer
+            return
+        with super().producer_or_acquire() as acquired, acquired.batch():
+            yield acquired
 
     def _connection(self, url: str, transport_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         expires = self.conf.result_expires

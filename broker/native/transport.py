@@ -13,6 +13,12 @@ are caught on the way, each then passed on as kombu would:
   the task itself (under its own id) is kept for ``workers.task``, which ends the attempt as a
   retry with it, or submits it as what replaced the task, rather than submitted as a second
   task under the same id.
+
+A producer the app acquires publishes in a kombu batch (``GpuCelery.producer_or_acquire``,
+``SubmitBatch``): every task published while it is held (one ``delay``; a group's or a chord
+header's members, which share it) is checked at once, as it is published, and written when the
+producer is released, pipelined (``Submitter.submit_admitted``), before the batch's other
+commands (the task-sent events). A member that is refused leaves none of the others written.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import redis
 from celery._state import get_current_worker_task
 from kombu.transport import redis as kombu_redis
 
+from broker.models import SubmitRequest
 from broker.native.messages import BadMessage, TaskMessage, revoke_request, task_message
 from broker.native.submitter import Submitter
 from broker.settings import Settings
@@ -92,6 +99,42 @@ def _own(task: TaskMessage) -> bool:
             and (task.retries > int(request.retries or 0) or OwnMessage.replaced(task.id)))
 
 
+class SubmitBatch(kombu_redis.PublishBatch):
+    """kombu's publish batch, holding the task messages published through it as checked requests
+    until the flush writes them in order, one pipelined round trip per chunk of 500."""
+
+    def __init__(self, channel: Channel, max_size: int) -> None:
+        super().__init__(channel, max_size)
+        self.tasks: list[tuple[str, SubmitRequest, str]] = []
+
+    def add_task(self, task: TaskMessage) -> None:
+        submitter = self.channel.submitter
+        req = submitter.request(task.name, task.args, task.kwargs, task.options, task.not_before, task.expires_at)
+        stored = task.stored()
+        submitter.admit(req, stored)  # refused here, as its publish: nothing of the batch is written then
+        if req.idempotency_key:  # its AsyncResult must name the task the key stands for at once
+            self.flush_tasks()
+            _results()[task.id] = submitter.submit_one(task.id, req, stored)
+            return
+        self.tasks.append((task.id, req, stored))
+        if len(self.tasks) >= self.max_size:
+            self.flush_tasks()
+
+    def flush_tasks(self) -> None:
+        tasks, self.tasks = self.tasks, []
+        for (task_id, _req, _stored), known in zip(tasks, self.channel.submitter.submit_admitted(tasks), strict=True):
+            _results()[task_id] = known
+
+    def flush(self) -> None:
+        self._check_usable()
+        self.flush_tasks()
+        super().flush()
+
+    def discard(self) -> None:
+        self.tasks = []
+        super().discard()
+
+
 class Channel(kombu_redis.Channel):
     _submitter: Submitter | None = None
     _shared: tuple[Any, Any] | None = None  # (kombu's connection pool, one Redis client on it)
@@ -128,11 +171,16 @@ class Channel(kombu_redis.Channel):
         if task is None:
             super()._put(queue, message, **kwargs)
             return
-        kwargs.pop("_publish_batch", None)  # each submit is its own script call
+        batch = kwargs.pop("_publish_batch", None)
         if _own(task):
             OwnMessage.keep(task)
-            return
-        _results()[task.id] = self.submitter.submit_message(task)
+        elif isinstance(batch, SubmitBatch):
+            batch.add_task(task)
+        else:
+            _results()[task.id] = self.submitter.submit_message(task)
+
+    def create_publish_batch(self, max_size: int) -> SubmitBatch:
+        return SubmitBatch(self, max_size)
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
         revoke = revoke_request(message)

@@ -119,3 +119,45 @@ def test_a_batch_fires_before_publish_for_each_task_and_stores_its_header_but_no
     for handle in handles:
         message = client.redis.hget(client.keys.task(handle.id), "message")
         assert message is not None and f'"traceparent":"00-{handle.id}-01"'.encode() in message
+
+
+def test_celerys_own_calls_send_the_event_inside_the_submit_in_one_round_trip(
+        settings: Settings, client: Client, two_nodes: None) -> None:  # noqa: F811
+    """``delay`` and a group on a gpubroker app: Celery's task-sent event, which kombu would
+    publish in a round trip of its own, rides in the task's submit.lua call (transport.SubmitBatch)
+    and still reaches Celery's receiver, once per task created."""
+    from celery import group
+
+    from broker.celery_conf import celery_settings
+    from broker.native.app import GpuCelery
+
+    app = GpuCelery("evented", set_as_current=False)
+    app.conf.update(celery_settings(settings))
+    task = app.task(name="workers.tasks.probe")(_probe)
+    got: list[dict[str, Any]] = []
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=receive, args=(settings, got, ready, stop), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        channel = "/0.celeryev/task.sent"
+        wait_until(lambda: client.redis.pubsub_numpat() or client.redis.pubsub_numsub(channel)[0][1], 10,
+                   what="the receiver's subscription")
+        task.delay(0)  # the catalogue and the nodes read, as by any first call
+        reads = int(client.redis.info("stats")["total_reads_processed"])
+        one = task.delay(1)
+        spent = int(client.redis.info("stats")["total_reads_processed"]) - reads - 1  # less this INFO
+        members = group(task.s(i) for i in range(3)).apply_async()
+        wait_until(lambda: len(got) >= 5, 10, what=f"the task-sent events (got {got})")
+    finally:
+        stop.set()
+        thread.join(5)
+        app.close()
+    assert spent == 1, f"delay took {spent} round trips"
+    sent = [e["uuid"] for e in got]
+    assert sent[1:] == [one.id, *(r.id for r in members.results)]
+    assert all(e["type"] == "task-sent" and e["name"] == "workers.tasks.probe" for e in got)
+
+
+def _probe(seconds: float = 0) -> None:
+    return None

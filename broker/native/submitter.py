@@ -163,11 +163,12 @@ class Submitter:
                                          f"is {self.settings.max_payload_bytes}"})
         self.check(req)
 
-    def submit_admitted(self, tasks: Sequence[tuple[str, SubmitRequest, str]],
-                        chunk: int = BATCH_CHUNK) -> list[tuple[str, bool]]:
+    def submit_admitted(self, tasks: Sequence[tuple[str, SubmitRequest, str]], chunk: int = BATCH_CHUNK,
+                        events: Mapping[str, tuple[str, str]] | None = None) -> list[tuple[str, bool]]:
         """Write tasks that passed ``admit``, in order, one pipelined round trip per ``chunk``;
         returns what ``submit`` returns for each. Each task is its own submit.lua call, so an
         idempotency key taken earlier in the same batch returns that task, as across batches.
+        ``events``: task id -> (channel, payload) its submit.lua publishes once it is created.
 
         A chunk is sent before the next one is encoded and its replies are read after: Redis runs
         one chunk while Python encodes the next, instead of each waiting for the other. One chunk
@@ -191,7 +192,8 @@ class Submitter:
                 # Encoded here, not through redis-py's Pipeline: its per-command bookkeeping cost a
                 # batch about as much as submit.lua's own run (bench/submit.py).
                 command = b"".join([_evalsha(head, encoded, (*keys, *args)) for keys, args in (
-                    self.scripts.submit_call(task_id, req, message, self._stored(stored, req), result_ttl_ms=ttl_ms)
+                    self.scripts.submit_call(task_id, req, message, self._stored(stored, req), result_ttl_ms=ttl_ms,
+                                             event=events.get(task_id) if events else None)
                     for task_id, req, message in part)])
                 if flight:
                     known += self._written(flight)

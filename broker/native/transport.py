@@ -23,7 +23,9 @@ commands (the task-sent events). A member that is refused leaves none of the oth
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -99,30 +101,58 @@ def _own(task: TaskMessage) -> bool:
             and (task.retries > int(request.retries or 0) or OwnMessage.replaced(task.id)))
 
 
+def _sent_event_of(task_id: str, topic: Any, payload: Any) -> bool:
+    """Is ``payload`` (kombu's fanout message on ``topic``) Celery's task-sent event of ``task_id``?"""
+    if not str(topic).endswith("task.sent"):
+        return False
+    try:
+        message = json.loads(payload)
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return bool(json.loads(body).get("uuid") == task_id)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 class SubmitBatch(kombu_redis.PublishBatch):
     """kombu's publish batch, holding the task messages published through it as checked requests
-    until the flush writes them in order, one pipelined round trip per chunk of 500."""
+    until the flush writes them in order, one pipelined round trip per chunk of 500. The task-sent
+    event Celery publishes right behind a task rides in that task's submit.lua call (published
+    there once the task is created, as ``Client.submit``'s): one round trip for a ``delay``, not two."""
 
     def __init__(self, channel: Channel, max_size: int) -> None:
         super().__init__(channel, max_size)
         self.tasks: list[tuple[str, SubmitRequest, str]] = []
+        self.events: dict[str, tuple[str, str]] = {}  # task id -> its task-sent event (channel, payload)
+        self._last: str | None = None  # the task just held, while its event may follow
+
+    def add(self, name: str, *args: Any) -> None:
+        if name == "publish" and self._last is not None and _sent_event_of(self._last, *args):
+            self.events[self._last] = (str(args[0]), str(args[1]))
+        else:
+            super().add(name, *args)
+        self._last = None
 
     def add_task(self, task: TaskMessage) -> None:
         submitter = self.channel.submitter
         req = submitter.request(task.name, task.args, task.kwargs, task.options, task.not_before, task.expires_at)
         stored = task.stored()
         submitter.admit(req, stored)  # refused here, as its publish: nothing of the batch is written then
+        self._last = None
         if req.idempotency_key:  # its AsyncResult must name the task the key stands for at once
             self.flush_tasks()
             _results()[task.id] = submitter.submit_one(task.id, req, stored)
             return
-        self.tasks.append((task.id, req, stored))
         if len(self.tasks) >= self.max_size:
             self.flush_tasks()
+        self.tasks.append((task.id, req, stored))
+        self._last = task.id
 
     def flush_tasks(self) -> None:
-        tasks, self.tasks = self.tasks, []
-        for (task_id, _req, _stored), known in zip(tasks, self.channel.submitter.submit_admitted(tasks), strict=True):
+        tasks, events, self.tasks, self.events = self.tasks, self.events, [], {}
+        for (task_id, _req, _stored), known in zip(tasks, self.channel.submitter.submit_admitted(tasks, events=events),
+                                                   strict=True):
             _results()[task_id] = known
 
     def flush(self) -> None:
@@ -131,7 +161,7 @@ class SubmitBatch(kombu_redis.PublishBatch):
         super().flush()
 
     def discard(self) -> None:
-        self.tasks = []
+        self.tasks, self.events, self._last = [], {}, None
         super().discard()
 
 

@@ -4,7 +4,9 @@ Redis), come only for a task the call created, and Celery's publish signals must
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,9 +38,9 @@ def receive(settings: Settings, got: list[dict[str, Any]], ready: threading.Even
         receiver.capture(limit=None, timeout=None, wakeup=False)
 
 
-def test_the_sent_event_is_celerys_and_only_for_a_task_created(settings: Settings, client: Client,
-                                                               two_nodes: None, scripts: Scripts,  # noqa: F811
-                                                               clock: Clock) -> None:
+@contextlib.contextmanager
+def receiving(settings: Settings, client: Client) -> Iterator[list[dict[str, Any]]]:
+    """The task-sent events Celery's receiver gets while the block runs (it is subscribed first)."""
     got: list[dict[str, Any]] = []
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=receive, args=(settings, got, ready, stop), daemon=True)
@@ -48,6 +50,16 @@ def test_the_sent_event_is_celerys_and_only_for_a_task_created(settings: Setting
         channel = "/0.celeryev/task.sent"  # the receiver subscribes once it first drains
         wait_until(lambda: client.redis.pubsub_numpat() or client.redis.pubsub_numsub(channel)[0][1], 10,
                    what="the receiver's subscription")
+        yield got
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_the_sent_event_is_celerys_and_only_for_a_task_created(settings: Settings, client: Client,
+                                                               two_nodes: None, scripts: Scripts,  # noqa: F811
+                                                               clock: Clock) -> None:
+    with receiving(settings, client) as got:
         first = client.submit("workers.tasks.probe", args=[1], kwargs={"x": "y"}, resources=Resources(gpus=1),
                               idempotency_key="once")
         again = client.submit("workers.tasks.probe", args=[1], kwargs={"x": "y"}, idempotency_key="once")
@@ -55,10 +67,7 @@ def test_the_sent_event_is_celerys_and_only_for_a_task_created(settings: Setting
         single = client.submit("workers.tasks.probe")
         wait_until(lambda: len(got) >= 2, 10, what=f"the task-sent events (got {got})")
         assert again.id == first.id and not again.created
-        stop.wait(0.5)  # the duplicate's event would have come by now
-    finally:
-        stop.set()
-        thread.join(5)
+        time.sleep(0.5)  # the duplicate's event would have come by now
     # One event per task created; none for the duplicate, nor for a gang's job id (its members
     # are what runs, and Flower lists them from the workers' events under root_id = the job).
     assert [e["uuid"] for e in got] == [first.id, single.id], (gang.id, got)
@@ -134,24 +143,15 @@ def test_celerys_own_calls_send_the_event_inside_the_submit_in_one_round_trip(
     app = GpuCelery("evented", set_as_current=False)
     app.conf.update(celery_settings(settings))
     task = app.task(name="workers.tasks.probe")(_probe)
-    got: list[dict[str, Any]] = []
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(target=receive, args=(settings, got, ready, stop), daemon=True)
-    thread.start()
     try:
-        assert ready.wait(10)
-        channel = "/0.celeryev/task.sent"
-        wait_until(lambda: client.redis.pubsub_numpat() or client.redis.pubsub_numsub(channel)[0][1], 10,
-                   what="the receiver's subscription")
-        task.delay(0)  # the catalogue and the nodes read, as by any first call
-        reads = int(client.redis.info("stats")["total_reads_processed"])
-        one = task.delay(1)
-        spent = int(client.redis.info("stats")["total_reads_processed"]) - reads - 1  # less this INFO
-        members = group(task.s(i) for i in range(3)).apply_async()
-        wait_until(lambda: len(got) >= 5, 10, what=f"the task-sent events (got {got})")
+        with receiving(settings, client) as got:
+            task.delay(0)  # the catalogue and the nodes read, as by any first call
+            reads = int(client.redis.info("stats")["total_reads_processed"])
+            one = task.delay(1)
+            spent = int(client.redis.info("stats")["total_reads_processed"]) - reads - 1  # less this INFO
+            members = group(task.s(i) for i in range(3)).apply_async()
+            wait_until(lambda: len(got) >= 5, 10, what=f"the task-sent events (got {got})")
     finally:
-        stop.set()
-        thread.join(5)
         app.close()
     assert spent == 1, f"delay took {spent} round trips"
     sent = [e["uuid"] for e in got]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from celery import group
+from kombu.exceptions import OperationalError
 
 from broker.celery_conf import celery_settings
 from broker.errors import InvalidRequest
@@ -19,6 +20,7 @@ from broker.native.app import GpuCelery
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
 from tests.invariants import pending_ids, task_hash
+from tests.support import RedisServer
 from tests.test_client import two_nodes  # noqa: F401  (fixture)
 
 
@@ -76,3 +78,20 @@ def test_a_member_with_an_idempotency_key_taken_adds_no_task_and_the_others_keep
     result = group([task.s(2, 2), task.s(1, 1).set(idempotency_key="nightly-1"), task.s(3, 3)]).apply_async()
     ids = [r.id for r in result.results]
     assert pending_ids(redis_client, keys) == [first.id, ids[0], ids[2]]
+
+
+def test_a_lost_redis_raises_kombus_operational_error_as_celery_documents(
+        app: GpuCelery, redis_server: RedisServer, two_nodes: None) -> None:  # noqa: F811
+    """The write now happens when the producer is released, outside Celery's own error wrapping:
+    a lost Redis must still be kombu's OperationalError, not redis-py's ConnectionError."""
+    app.conf.broker_connection_retry = app.conf.task_publish_retry = False
+    task: Any = app.tasks["tests.grouped.add"]
+    task.delay(1, 1)
+    redis_server.kill()
+    try:
+        with pytest.raises(OperationalError):
+            task.delay(2, 2)
+        with pytest.raises(OperationalError):
+            group(task.s(i, i) for i in range(3)).apply_async()
+    finally:
+        redis_server.start()

@@ -109,8 +109,10 @@ class GpuCelery(Celery):
         if producer is not None:
             yield producer
             return
-        with super().producer_or_acquire() as acquired, acquired.batch():
-            yield acquired
+        with super().producer_or_acquire() as acquired:
+            # The write happens at the batch's exit: a lost Redis still raises kombu's OperationalError.
+            with acquired.connection._reraise_as_library_errors(), acquired.batch():
+                yield acquired
 
     def _connection(self, url: str, transport_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         expires = self.conf.result_expires

@@ -6,6 +6,7 @@ are counted from Redis's own ``total_reads_processed``, not timed."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,3 +96,21 @@ def test_a_lost_redis_raises_kombus_operational_error_as_celery_documents(
             group(task.s(i, i) for i in range(3)).apply_async()
     finally:
         redis_server.start()
+
+
+def test_a_redis_restart_within_the_publish_retry_policy_loses_no_delay(
+        app: GpuCelery, redis_server: RedisServer, redis_client: redis.Redis, keys: PoolKeys,
+        two_nodes: None) -> None:  # noqa: F811
+    """As Celery retries a publish (task_publish_retry_policy: 3 retries, 0.2 s apart), the batch
+    retries its write: a Redis back within that does not fail the call, and the task is written once."""
+    task: Any = app.tasks["tests.grouped.add"]
+    task.delay(0, 0)
+    redis_server.kill()
+    restart = threading.Timer(0.3, redis_server.start)
+    restart.start()
+    try:
+        result = task.delay(1, 1)
+    finally:
+        restart.join()
+    assert task_hash(redis_client, keys, result.id)["state"] == "PENDING"
+    assert pending_ids(redis_client, keys)[-1] == result.id

@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 from kombu.utils.imports import symbol_by_name
 
 from broker.models import Resources
-from broker.native.transport import OPTIONS_KEY, submitted
+from broker.native.transport import OPTIONS_KEY, RETRY_KEY, submitted
 
 #: Task attributes that are the broker's defaults for each call (``None``: not declared).
 DEFAULTS = ("resources", "tenant", "preemptible", "estimated_runtime_s")
@@ -119,6 +119,9 @@ class GpuCelery(Celery):
         seconds = expires.total_seconds() if isinstance(expires, timedelta) else float(expires or 0)
         options = dict(self.conf.broker_transport_options or {})
         options[OPTIONS_KEY] = {**options.get(OPTIONS_KEY, {}), "result_expires_s": seconds}
+        # A batch's writes are retried as Celery retries a publish (transport.SubmitBatch).
+        options[RETRY_KEY] = dict(self.conf.task_publish_retry_policy) if self.conf.task_publish_retry else \
+            {"max_retries": 0}
         return super()._connection(url, transport_options={**options, **(transport_options or {})}, **kwargs)
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, countdown: Any = None, eta: Any = None,

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: broker_transport_options key with the gpubroker settings this transport needs (celery_conf).
 OPTIONS_KEY = "gpubroker"
+#: ... and with the app's task_publish_retry_policy (GpuCelery), for the writes a batch makes.
+RETRY_KEY = "gpubroker_publish_retry"
 
 _local = threading.local()
 
@@ -150,9 +154,23 @@ class SubmitBatch(kombu_redis.PublishBatch):
         self._last = task.id
 
     def flush_tasks(self) -> None:
+        """Write the tasks held, retried on a lost connection as Celery retries a publish (the
+        app's ``task_publish_retry_policy``): a task written by a try whose reply was lost
+        answers for itself (``Submitter._known_as``)."""
         tasks, events, self.tasks, self.events = self.tasks, self.events, [], {}
-        for (task_id, _req, _stored), known in zip(tasks, self.channel.submitter.submit_admitted(tasks, events=events),
-                                                   strict=True):
+        if not tasks:
+            return
+        policy = self.channel.publish_retry
+        for attempt in itertools.count():
+            try:
+                written = self.channel.submitter.submit_admitted(tasks, events=events)
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt >= int(policy.get("max_retries", 3)):
+                    raise
+                start, step = float(policy.get("interval_start", 0)), float(policy.get("interval_step", 0.2))
+                time.sleep(min(start + attempt * step, float(policy.get("interval_max", 1))))
+        for (task_id, _req, _stored), known in zip(tasks, written, strict=True):
             _results()[task_id] = known
 
     def flush(self) -> None:
@@ -182,6 +200,11 @@ class Channel(kombu_redis.Channel):
         if self._shared is None or self._shared[0] is not pool:
             self._shared = (pool, self._create_client())
         yield self._shared[1]
+
+    @property
+    def publish_retry(self) -> dict[str, Any]:
+        """The app's retry policy for a publish (``GpuCelery``; Celery's defaults without one)."""
+        return dict(self.connection.client.transport_options.get(RETRY_KEY) or {})
 
     @property
     def submitter(self) -> Submitter:

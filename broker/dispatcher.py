@@ -181,6 +181,7 @@ class Dispatcher:
             tasks = gangs.singles((task for chunk in head.chunks() for task in queue_order(chunk)), gangs_seen)
             tokens = {name: left for name, (_rate, left) in limits.items()}
             self._plan_and_commit(report, propose(tasks, self._view.index, tokens, self._view.warm))
+            self._express.tokens = tokens  # the starts rate-limited names have left after this cycle
             self._gangs_wait = bool(gangs_seen)  # read once the lazy planner has taken its tasks
             with Timer(report, "4_commit"):
                 self._quarantine(report, head.poisoned)
@@ -214,7 +215,7 @@ class Dispatcher:
         """Place now the submits whose wake-ups ``woken`` are (their payloads, in the order they
         came) when the last cycle left the cluster idle (broker.express); how many it placed."""
         tasks, report, size = self._express.tasks(woken) if self.lazy else [], CycleReport(), self.settings.commit_batch
-        placements = list(propose(tasks, self._view.index, None, self._view.warm)) if tasks else []
+        placements = list(propose(tasks, self._view.index, {**self._express.tokens}, self._view.warm)) if tasks else []
         for batch in (placements[first:first + size] for first in range(0, len(placements), size)):
             self._tally(report, batch, self.scripts.reserve(batch))  # a call each, on the held connection
         record(report, self.settings.pool)

@@ -15,7 +15,8 @@ leaves its task queued for the cycle that follows in any case.
 Anything else among the wake-ups (an attempt ended, a node joined or drained, a cancel, a
 requeue) may have changed the queue or the capacity in a way the dispatcher has not read: then
 its cycle decides, as without express. So does a gang or an elastic task (the full planner's),
-and so does a dispatcher that does not run the spine's scheduling.
+a task whose name's rate limit had no start left after the last cycle, and a dispatcher that
+does not run the spine's scheduling.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Express:
         self.on = on
         self.ready = False  # the last cycle left nothing waiting, and the free view includes its placements
         self._wires: dict[bytes, records.Wire | None] = {}  # request text -> decoded (None: not for express)
+        self.tokens: dict[str, float] = {}  # rate-limited name -> starts left after the last cycle that read them
 
     def tasks(self, woken: Sequence[bytes]) -> list[TaskRequest]:
         """What to place now, in queue order: the tasks ``woken`` (the wake-ups' payloads, in the

@@ -11,15 +11,17 @@ import time
 import pytest
 import redis
 
-from broker.cycle import EXPRESS
+from broker.cycle import EXPRESS, REFUSED
 from broker.dispatcher import Dispatcher
 from broker.models import Resources
 from broker.scheduling.config import SchedulingConfig
 from broker.settings import Settings
 from broker.store.keys import PoolKeys
+from broker.store.records import catalogue_entry
 from broker.store.scripts import Scripts
 from tests.conftest import Clock
 from tests.invariants import (
+    PROBE,
     assert_pool_invariants,
     pending_ids,
     register_node,
@@ -151,6 +153,25 @@ def test_a_place_taken_since_the_last_cycle_is_refused_by_reserve_lua_and_the_ta
     assert dispatcher.place_express(payloads[1:]) == 0  # planned onto GPU 0 as last seen: refused
     assert placed_on(redis_client, keys, task_id) == ("PENDING", "", "")
     assert_pool_invariants(redis_client, keys)
+
+
+def test_a_name_whose_rate_limit_has_no_start_left_waits_for_the_cycle_unrefused(
+        redis_client: redis.Redis, keys: PoolKeys, clock: Clock, wakes: redis.client.PubSub) -> None:
+    dispatcher = Dispatcher(Settings(pool=keys.pool), clock, redis_client)
+    register_node(dispatcher.scripts, "n1", cpus=8, slots=4, tasks={PROBE: catalogue_entry({}, "1/s", 1.0)})
+    dispatcher.run_cycle()
+    woken(wakes)
+    first = submit_task(dispatcher.scripts, resources=Resources(cpus=1))
+    assert dispatcher.place_express(woken(wakes)) == 1  # the one start a second allows
+    assert dispatcher.run_cycle().placed == 0
+    refused = REFUSED.labels(keys.pool, "RATE_LIMITED")._value.get()
+    second = submit_task(dispatcher.scripts, resources=Resources(cpus=1))
+    assert dispatcher.place_express(woken(wakes)) == 0  # none left: not even tried
+    assert REFUSED.labels(keys.pool, "RATE_LIMITED")._value.get() == refused
+    assert dispatcher.run_cycle().placed == 0
+    clock.advance(1)
+    assert dispatcher.run_cycle().placed == 1
+    assert [placed_on(redis_client, keys, t)[0] for t in (first, second)] == ["RESERVED", "RESERVED"]
 
 
 @pytest.mark.parametrize("settings", [dict(express=False), dict(scheduling=SchedulingConfig(ordering="fair"))],

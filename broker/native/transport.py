@@ -163,7 +163,10 @@ class SubmitBatch(kombu_redis.PublishBatch):
         policy = self.channel.publish_retry
         for attempt in itertools.count():
             try:
-                written = self.channel.submitter.submit_admitted(tasks, events=events)
+                submitter = self.channel.submitter
+                # One task (a delay): Client.submit's own call, over the connection scripts are kept on.
+                written = [submitter.submit_one(*tasks[0], events.get(tasks[0][0]))] if len(tasks) == 1 else \
+                    submitter.submit_admitted(tasks, events=events)
                 break
             except (redis.ConnectionError, redis.TimeoutError):
                 if attempt >= int(policy.get("max_retries", 3)):

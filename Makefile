@@ -28,11 +28,12 @@ $(STAMP): pyproject.toml | python-ok
 	touch $(STAMP)
 
 redis-server:
-	@command -v redis-server >/dev/null || { \
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing redis-server with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
-	  else echo "redis-server is missing: run 'sudo apt-get install redis-server' and retry"; exit 1; fi; }
+	    echo "installing redis-server (and redis-cli, for bench.react) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools; \
+	  else echo "redis-server or redis-cli is missing: run 'sudo apt-get install redis-server redis-tools' and retry"; \
+	    exit 1; fi; }
 
 demo: $(STAMP) redis-server
 	$(BIN)/gpubroker demo

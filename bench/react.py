@@ -23,7 +23,6 @@ and finishes it, then waits, so every submit finds the cluster idle. Figures:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -39,19 +38,15 @@ from bench.dispatch import start_redis
 from broker import Client
 from broker.models import Resources
 from broker.store.keys import PoolKeys
-from broker.store.scripts import Scripts, script_source
+from broker.store.scripts import Scripts
 
 POOL = "react"
 TASK = Resources(gpus=1, cpus=1, memory_mb=100)
 
 
-def sha(name: str) -> str:
-    return hashlib.sha1(script_source(name).encode()).hexdigest()
-
-
-def reaction(monitor_log: Path) -> list[float]:
+def reaction(monitor_log: Path, scripts: Scripts) -> list[float]:
     """ms from each submit.lua call to the next reserve.lua call, as MONITOR logged them."""
-    submit, reserve = sha("submit"), sha("reserve")
+    submit, reserve = scripts.sha("submit"), scripts.sha("reserve")
     out, last = [], None
     for line in monitor_log.read_text(errors="replace").splitlines():
         parts = line.split(" ", 4)
@@ -122,7 +117,7 @@ def one_side(port: int, express: bool, tasks: int, nodes: int, workdir: Path) ->
             monitor.wait()
         dispatcher.terminate()
         dispatcher.wait()
-    return reaction(log_path), waits
+    return reaction(log_path, scripts), waits
 
 
 def bare_wake(port: int, samples: int = 300) -> list[float]:

@@ -212,9 +212,9 @@ class Dispatcher:
         return full
 
     def place_express(self, woken: Sequence[bytes]) -> int:
-        """Place now the submits whose wake-ups ``woken`` are (their payloads, in the order they
-        came) when the last cycle left the cluster idle (broker.express); how many it placed."""
-        tasks, report, size = self._express.tasks(woken) if self.lazy else [], CycleReport(), self.settings.commit_batch
+        """Place the submits ``woken`` names (broker.express) if the last cycle left the cluster idle; how many."""
+        tasks = self._express.tasks(woken) if self.lazy else []
+        report, size = CycleReport(), self.settings.commit_batch
         placements = list(propose(tasks, self._view.index, {**self._express.tokens}, self._view.warm)) if tasks else []
         for batch in (placements[first:first + size] for first in range(0, len(placements), size)):
             self._tally(report, batch, self.scripts.reserve(batch))  # a call each, on the held connection
@@ -402,8 +402,7 @@ class Dispatcher:
                         wait = self.settings.reap_interval_s
                         if report.wake_at_ms is not None:
                             wait = max(0.0, min(wait, (report.wake_at_ms - self.clock()) / 1000))
-                        message = pubsub.get_message(timeout=wait)
-                        woken = [message["data"], *drain(pubsub)] if message is not None else []
+                        woken = drain(pubsub, wait)
                     self.place_express(woken)  # before the cycle: submits on an idle cluster, at once
             except redis.RedisError as exc:
                 if not transient(exc):  # refused credentials or permissions, a script's bug

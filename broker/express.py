@@ -72,9 +72,10 @@ class Express:
         return wire
 
 
-def drain(pubsub: redis.client.PubSub) -> list[bytes]:
-    """The payloads of the wake-ups buffered on the dispatcher's subscription, in order."""
-    woken = []
-    while (message := pubsub.get_message(timeout=0)) is not None:
+def drain(pubsub: redis.client.PubSub, wait: float = 0.0) -> list[bytes]:
+    """The payloads of the wake-ups on the dispatcher's subscription, in order: those buffered,
+    after waiting up to ``wait`` seconds for the first."""
+    woken: list[bytes] = []
+    while (message := pubsub.get_message(timeout=0.0 if woken else wait)) is not None:
         woken.append(message["data"])
     return woken

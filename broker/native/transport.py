@@ -25,19 +25,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import itertools
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import redis
 from celery._state import get_current_worker_task
 from kombu.transport import redis as kombu_redis
+from kombu.utils.functional import retry_over_time
 
 from broker.models import SubmitRequest
+from broker.native.events import ROUTING_KEY as SENT_ROUTING_KEY
 from broker.native.messages import BadMessage, TaskMessage, revoke_request, task_message
 from broker.native.submitter import Submitter
 from broker.settings import Settings
@@ -107,7 +107,7 @@ def _own(task: TaskMessage) -> bool:
 
 def _sent_event_of(task_id: str, topic: Any, payload: Any) -> bool:
     """Is ``payload`` (kombu's fanout message on ``topic``) Celery's task-sent event of ``task_id``?"""
-    if not str(topic).endswith("task.sent"):
+    if not str(topic).endswith(SENT_ROUTING_KEY):
         return False
     try:
         message = json.loads(payload)
@@ -160,21 +160,21 @@ class SubmitBatch(kombu_redis.PublishBatch):
         tasks, events, self.tasks, self.events = self.tasks, self.events, [], {}
         if not tasks:
             return
-        policy = self.channel.publish_retry
-        for attempt in itertools.count():
-            try:
-                submitter = self.channel.submitter
-                # One task (a delay): Client.submit's own call, over the connection scripts are kept on.
-                written = [submitter.submit_one(*tasks[0], events.get(tasks[0][0]))] if len(tasks) == 1 else \
-                    submitter.submit_admitted(tasks, events=events)
-                break
-            except (redis.ConnectionError, redis.TimeoutError):
-                if attempt >= int(policy.get("max_retries", 3)):
-                    raise
-                start, step = float(policy.get("interval_start", 0)), float(policy.get("interval_step", 0.2))
-                time.sleep(min(start + attempt * step, float(policy.get("interval_max", 1))))
+        policy = self.channel.publish_retry  # kombu's retry loop, as Celery's publish runs it
+        written = retry_over_time(self._write, (redis.ConnectionError, redis.TimeoutError), (tasks, events),
+                                  max_retries=policy.get("max_retries", 3),
+                                  interval_start=policy.get("interval_start", 0),
+                                  interval_step=policy.get("interval_step", 0.2),
+                                  interval_max=policy.get("interval_max", 1))
         for (task_id, _req, _stored), known in zip(tasks, written, strict=True):
             _results()[task_id] = known
+
+    def _write(self, tasks: list[tuple[str, SubmitRequest, str]],
+               events: dict[str, tuple[str, str]]) -> list[tuple[str, bool]]:
+        submitter: Submitter = self.channel.submitter
+        if len(tasks) == 1:  # a delay: Client.submit's own call, over the connection scripts are kept on
+            return [submitter.submit_one(*tasks[0], events.get(tasks[0][0]))]
+        return submitter.submit_admitted(tasks, events=events)
 
     def flush(self) -> None:
         self._check_usable()
